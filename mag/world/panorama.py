@@ -27,9 +27,8 @@ __all__ = ["DEFAULT_WORLD", "THEMES", "Theme", "WORLD_PRESETS", "WorldConfig", "
 RGB = tuple[int, int, int]
 StripeStyle = Literal["none", "vertical", "horizontal"]
 
-# Background: a slow horizontal brightness wave (whole periods around the cylinder, so no seam) of
-# this many uint8 levels, and a horizon whose height wobbles by this share of the panorama height.
-BACKGROUND_WAVE_LEVELS = 10.0
+# Background: a slow horizontal brightness wave of 1..this many whole periods around the cylinder (so
+# no seam), and a horizon whose height wobbles by this share of the panorama height.
 BACKGROUND_WAVE_MAX_PERIODS = 3
 HORIZON_WOBBLE_FRACTION = 0.08
 # Stripe patches: how many, their width as a share of the panorama width, and the stripe period (px).
@@ -151,6 +150,8 @@ class WorldConfig:
         colors_per_panorama: palette colours one panorama uses for its shapes.
         stripes: draw the theme's stripe patches.
         texture_scale: multiplies the theme's per-pixel noise (0 = perfectly flat colours).
+        background_wave_levels: amplitude (uint8 levels) of the slow horizontal brightness wave of the
+            background; it tells far-apart background views apart, 0 makes the sky a flat gradient.
         speed_range_px: inclusive range of the camera speed in px/frame.
         speed_quantum_px: with integer motion, speeds are multiples of this (4 = patch-aligned for 4x4
             patches).
@@ -172,6 +173,7 @@ class WorldConfig:
     colors_per_panorama: int = 4
     stripes: bool = True
     texture_scale: float = 1.0
+    background_wave_levels: float = 10.0
     speed_range_px: tuple[float, float] = (1.0, 4.0)
     speed_quantum_px: int = 1
     integer_motion: bool = True
@@ -217,8 +219,9 @@ class WorldConfig:
                 f"WorldConfig.speed_range_px={self.speed_range_px} contains no multiple of"
                 f" speed_quantum_px={self.speed_quantum_px}; widen the range or lower the quantum"
             )
-        if self.texture_scale < 0:
-            raise ConfigError(f"WorldConfig.texture_scale must be >= 0, got {self.texture_scale}")
+        for name in ("texture_scale", "background_wave_levels"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         unknown = [name for name in self.themes if name not in THEMES]
         if unknown:
             raise ConfigError(f"unknown theme(s) {unknown}; valid themes: {', '.join(THEMES)}")
@@ -295,7 +298,7 @@ def make_panorama(seed: int | np.random.SeedSequence, theme: Theme, config: Worl
     ys = np.arange(h, dtype=np.float32)[:, None]
     xs = np.arange(w, dtype=np.float32)[None, :]
 
-    image = _background(bg_rng, theme, ys, xs, h, w)
+    image = _background(bg_rng, theme, config.background_wave_levels, ys, xs, h, w)
     if config.stripes and theme.stripes != "none":
         _draw_stripes(stripe_rng, image, theme, ys, xs, h, w)
     _draw_shapes(shape_rng, image, theme, config, ys, xs, h, w)
@@ -305,14 +308,14 @@ def make_panorama(seed: int | np.random.SeedSequence, theme: Theme, config: Worl
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _background(rng: np.random.Generator, theme: Theme, ys: np.ndarray, xs: np.ndarray,
+def _background(rng: np.random.Generator, theme: Theme, wave_levels: float, ys: np.ndarray, xs: np.ndarray,
                 h: int, w: int) -> np.ndarray:
     """Vertical gradient, a seamless brightness wave, and a wavy ground band: float32 [h, w, 3]."""
     t = ys[..., None] / max(h - 1, 1)
     top, bottom = np.asarray(theme.sky_top, np.float32), np.asarray(theme.sky_bottom, np.float32)
     image = np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.float32)
     periods = rng.integers(1, BACKGROUND_WAVE_MAX_PERIODS + 1)
-    wave = BACKGROUND_WAVE_LEVELS * np.sin(2 * np.pi * periods * xs / w + rng.uniform(0, 2 * np.pi))
+    wave = wave_levels * np.sin(2 * np.pi * periods * xs / w + rng.uniform(0, 2 * np.pi))
     image += wave[..., None]
     if theme.ground_fraction > 0:
         periods = rng.integers(1, BACKGROUND_WAVE_MAX_PERIODS + 1)
