@@ -1,0 +1,45 @@
+"""Text encoders behind one interface: ``minilm`` (tiny preset, offline 384-d) and ``umt5`` (Wan, 4096-d),
+plus a prompt-embedding cache. ``get_text_encoder(name, **kw)`` is the one way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mag.errors import ConfigError
+from mag.text.base import TextEncoder
+from mag.text.cache import PromptEmbeddingCache
+from mag.text.minilm import MiniLMEncoder, minilm_path
+from mag.text.umt5 import UMT5_MAX_TOKENS, UMT5Encoder
+
+__all__ = ["TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddingCache", "TextEncoder", "UMT5Encoder",
+           "get_text_encoder", "minilm_path"]
+
+
+def _make_umt5(path: str | Path | None = None, tokenizer_path: str | Path | None = None,
+               max_tokens: int = UMT5_MAX_TOKENS, tiny: bool = False, seed: int = 0) -> TextEncoder:
+    """``path`` -> real weights; ``tiny=True`` -> random tiny UMT5 on ``tokenizer_path`` (or MiniLM's)."""
+    if path is not None:
+        return UMT5Encoder.from_pretrained(path, tokenizer_path=tokenizer_path, max_tokens=max_tokens)
+    if tiny:
+        return UMT5Encoder.tiny_random(tokenizer_path or minilm_path(), seed=seed, max_tokens=max_tokens)
+    raise ConfigError(
+        "text encoder 'umt5' needs weights: path=<Wan diffusers folder or UMT5 encoder folder>"
+        " (tokenizer_path=<umt5-xxl tokenizer folder> if separate), or tiny=True for random test weights"
+    )
+
+
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder, "umt5": _make_umt5}
+
+
+def get_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
+    """Build a text encoder by registry name (``minilm``: mode, max_tokens; ``umt5``: see ``_make_umt5``)."""
+    if name not in TEXT_ENCODERS:
+        valid = ", ".join(sorted(TEXT_ENCODERS))
+        raise ConfigError(f"unknown text encoder {name!r}; valid encoders: {valid}")
+    try:
+        return TEXT_ENCODERS[name](**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad arguments for text encoder {name!r}: {err}") from err
