@@ -31,7 +31,7 @@ NUM_TEST_EPISODES = 176
 MAX_PROMPT_ADJECTIVES = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields explicitly, not with ==
 class Clip:
     """A rendered camera path through one panorama.
 
@@ -64,7 +64,7 @@ class Clip:
         return last_seen_all(self.offsets, period=self.panorama.shape[1])
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Episode(Clip):
     """A benchmark episode: a backtracking clip with a split, an index and a switch time.
 

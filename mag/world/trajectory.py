@@ -24,7 +24,7 @@ __all__ = ["SAME_VIEW_TOLERANCE_PX", "Trajectory", "backtracking_trajectory", "l
 SAME_VIEW_TOLERANCE_PX = 1e-3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trajectory:
     """Camera path of one clip.
 
