@@ -101,13 +101,14 @@ class WanVAECodec(Codec):
         return cls.from_config(config, seed=seed)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAECodec:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        config: dict[str, Any] | None = None) -> WanVAECodec:
         """Load real weights, offline.
 
         ``path`` is either a diffusers folder (``config.json`` + weights, or a pipeline root holding
         ``vae/``) or one original-format checkpoint file such as ``Wan2.1_VAE.pth`` (converted with
         diffusers' ``convert_wan_vae_to_diffusers``; the architecture is AutoencoderKLWan's default, which
-        is the Wan2.1 VAE).
+        is the Wan2.1 VAE; ``config`` overrides it, for single files only).
         """
         from diffusers import AutoencoderKLWan
 
@@ -125,7 +126,7 @@ class WanVAECodec(Codec):
                 raise CheckpointError(f"could not load the Wan VAE from {folder}: {err}") from err
             return cls(vae)
         if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-            return cls(_load_single_file(path, dtype))
+            return cls(_load_single_file(path, dtype, config or {}))
         raise CheckpointError(
             f"Wan VAE weights not found at {path}: expected a diffusers folder or a file ending in"
             f" {', '.join(CHECKPOINT_SUFFIXES)} (e.g. Wan2.1_VAE.pth)"
@@ -213,8 +214,8 @@ class WanStreamDecoder(StreamDecoder):
         return torch.cat(outputs, dim=2).clamp(-1.0, 1.0).transpose(1, 2).float()
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> Any:
-    """Original-format (or diffusers-keyed) single-file checkpoint -> AutoencoderKLWan (default config)."""
+def _load_single_file(path: Path, dtype: torch.dtype, config: dict[str, Any]) -> Any:
+    """Original-format (or diffusers-keyed) single-file checkpoint -> AutoencoderKLWan(**config)."""
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
@@ -235,7 +236,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> Any:
         state = convert_wan_vae_to_diffusers(state)
     meta = torch.device("meta")
     with meta:
-        vae = AutoencoderKLWan()
+        vae = AutoencoderKLWan(**config)
     expected = set(vae.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
