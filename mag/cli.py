@@ -12,6 +12,7 @@ from mag.errors import MagError
 # Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
 COMMAND_MODULES: list[str] = [
     "mag.world.cli",
+    "mag.info",
 ]
 
 

@@ -1,0 +1,143 @@
+"""Small building blocks of the Wan2.1 DiT: fp32 norms, timestep embedding, 3D rotary embedding.
+
+Wan computes every norm, the modulation and the rotary embedding in float32 even when the
+weights run in bf16; these helpers do the same so a bf16 model matches the original numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Base of the sinusoidal timestep embedding (the same constant as Transformer position encodings).
+TIMESTEP_MAX_PERIOD = 10000.0
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis, computed in float32 then cast back (Wan's ``WanRMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm evaluated in float32 (Wan's ``WanLayerNorm``); affine only where Wan has weights."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def sinusoidal_embedding(timestep: Tensor, dim: int) -> Tensor:
+    """Wan's timestep embedding: ``[cos(t w_i), sin(t w_i)]`` with ``w_i = 10000^(-i / (dim/2))``.
+
+    Computed in float64 as the original does (t reaches 1000, so float32 angles lose ~1e-4).
+
+    Args:
+        timestep: any shape ``[...]`` of timesteps in [0, 1000].
+    Returns:
+        ``[..., dim]`` float32.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float64, device=timestep.device) / half
+    freqs = torch.pow(TIMESTEP_MAX_PERIOD, -exponent)
+    angles = timestep.to(torch.float64).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split of the head width between the (time, height, width) rotary axes, as Wan does it."""
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+class RotaryEmbedding3D(nn.Module):
+    """3D RoPE: the head width is split into time / height / width parts, each rotated by its own index.
+
+    The time index is an explicit per-frame position (absolute latent-frame index), so a frame
+    written into the KV cache keeps its position; height and width indices are ``arange``.
+    Channel pairs are interleaved ``(x[2i], x[2i+1])`` as in Wan and diffusers.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        self.axis_pairs = tuple(d // 2 for d in rope_axis_dims(head_dim))
+        # Non-persistent: checkpoints never carry them; init_weights() recomputes after to_empty().
+        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        if self.cos.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        positions = torch.arange(self.max_positions, dtype=torch.float64, device=self.cos.device)
+        angles = []
+        for axis_dim in rope_axis_dims(self.head_dim):
+            inv_freq = 1.0 / self.theta ** (
+                torch.arange(0, axis_dim, 2, dtype=torch.float64, device=self.cos.device) / axis_dim
+            )
+            angles.append(torch.outer(positions, inv_freq))
+        table = torch.cat(angles, dim=1)
+        self.cos.copy_(table.cos())
+        self.sin.copy_(table.sin())
+
+    def forward(self, frame_positions: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Angles for a ``[F, height, width]`` token grid in (frame, row, column) order.
+
+        Args:
+            frame_positions: ``[F]`` long, absolute temporal index of each frame.
+        Returns:
+            ``(cos, sin)``, each ``[F * height * width, head_dim / 2]`` float32.
+        """
+        frames = frame_positions.shape[0]
+        out = []
+        for table in (self.cos, self.sin):
+            t_part, h_part, w_part = table.split(self.axis_pairs, dim=1)
+            grid = torch.cat([
+                t_part[frame_positions].view(frames, 1, 1, -1).expand(frames, height, width, -1),
+                h_part[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
+                w_part[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+            ], dim=-1)
+            out.append(grid.reshape(frames * height * width, -1))
+        return out[0], out[1]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs of ``x: [B, H, N, D]`` by angles ``[N, D/2]`` (float32 math)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``norm(x) * (1 + scale) + shift`` in float32 (shift/scale broadcast per frame)."""
+    return normed.float() * (1 + scale) + shift
+
+
+def init_linear_xavier(module: nn.Module) -> None:
+    """Wan's default init: Xavier-uniform weights and zero biases for every Linear below ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+__all__ = ["FP32LayerNorm", "RMSNorm", "RotaryEmbedding3D", "apply_rotary", "init_linear_xavier", "modulate",
+           "rope_axis_dims", "sinusoidal_embedding"]
