@@ -45,8 +45,10 @@ def _stream_vs_mask(model, policy, frame_mask, num_blocks: int) -> tuple[float, 
     return worst, cache
 
 
-def test_full_cache_streaming_equals_block_causal_forward(make_dit):
+@pytest.mark.parametrize("execution", ["dense", "grouped"])
+def test_full_cache_streaming_equals_block_causal_forward(make_dit, execution):
     model = make_dit()
+    model.mask_execution = execution  # how the full-sequence reference runs its mask
     num_blocks = 4
     mask = block_causal_mask(num_blocks * FRAMES_PER_BLOCK, FRAMES_PER_BLOCK)
     worst, cache = _stream_vs_mask(model, FullPolicy(), mask, num_blocks)
@@ -125,3 +127,27 @@ def test_reset_empties_the_cache(make_dit):
     assert cache.num_valid_frames == 3
     cache.reset()
     assert (cache.num_valid_frames, cache.frames_seen, cache.nbytes) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("execution", ["dense", "grouped"])
+def test_frame_mask_over_cached_frames_matches_full_forward(make_dit, execution):
+    # Block 2 reads a full cache of blocks 0-1 but may not see cached frame 1.
+    model = make_dit()
+    model.mask_execution = execution
+    frames = 3 * FRAMES_PER_BLOCK
+    x = torch.randn(1, frames, model.cfg.in_channels, HEIGHT, WIDTH)
+    ctx = torch.randn(1, 5, model.cfg.text_dim)
+    full_mask = block_causal_mask(frames, FRAMES_PER_BLOCK)
+    full_mask[6:, 1] = False
+    cache = KVCache.for_model(model.cfg, FullPolicy(), tokens_per_frame=6, horizon_frames=frames,
+                              frames_per_block=FRAMES_PER_BLOCK)
+    with torch.no_grad():
+        reference = model(x, torch.zeros(1), ctx, frame_mask=full_mask)[:, 6:]
+        for b in range(2):
+            model(x[:, 3 * b:3 * b + 3], torch.zeros(1), ctx, frame_positions=range(3 * b, 3 * b + 3),
+                  kv_cache=cache, cache_write=True)
+        streamed = model(x[:, 6:], torch.zeros(1), ctx, frame_positions=range(6, 9), kv_cache=cache,
+                         frame_mask=full_mask[6:])
+        unmasked = model(x[:, 6:], torch.zeros(1), ctx, frame_positions=range(6, 9), kv_cache=cache)
+    assert (streamed - reference).abs().max() <= TOLERANCE
+    assert (unmasked - reference).abs().max() > 1e-3

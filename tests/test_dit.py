@@ -103,3 +103,24 @@ def test_bad_inputs_name_what_was_expected(make_dit, tiny_dit_cfg):
         model(torch.randn(1, 3, 4, 4, 4), torch.ones(1), ctx, frame_positions=[1000, 1001, 1002])
     with pytest.raises(ConfigError, match=r"patch_size\[0\] must be 1"):
         WanDiT(dataclasses.replace(tiny_dit_cfg, patch_size=(2, 2, 2)))
+
+
+def test_grouped_and_dense_mask_paths_agree(make_dit):
+    # Rows 0 and 2 are identical, so the grouped path must also restore the query order.
+    model = make_dit()
+    gen = torch.Generator().manual_seed(2)
+    mask = (torch.rand(6, 6, generator=gen) > 0.5) | torch.eye(6, dtype=torch.bool)
+    mask[2] = mask[0] | (torch.arange(6) == 2)
+    mask[0] = mask[2]
+    x, ctx = torch.randn(2, 6, 4, 4, 4, generator=gen), torch.randn(2, 5, model.cfg.text_dim, generator=gen)
+    t = torch.rand(2, 6, generator=gen) * 1000
+    with torch.no_grad():
+        model.mask_execution = "dense"
+        dense = model(x, t, ctx, frame_mask=mask)
+        model.mask_execution = "grouped"
+        grouped = model(x, t, ctx, frame_mask=mask)
+        bidirectional = model(x, t, ctx)
+    assert (dense - grouped).abs().max() <= TOLERANCE
+    assert (dense - bidirectional).abs().max() > 1e-3
+    with pytest.raises(InputError, match="attend to no key frame"):
+        model(x, t, ctx, frame_mask=torch.zeros(6, 6, dtype=torch.bool))

@@ -1,12 +1,20 @@
 """Attention of the Wan DiT: frame-level masks, self-attention with a KV cache, cross-attention to text.
 
-Masks are built at frame level (``[F_query, F_key]`` bool, True = may attend) and expanded to tokens
-inside the model. ``F.scaled_dot_product_attention`` with a boolean token mask is fine at the sizes
-this project trains (48 frames x 64 tokens = 3k tokens, a 9 MB mask) and at streaming time (one
-block against the cache, usually no mask at all). Where it stops paying is long block-sparse
-training sequences at Wan scale (e.g. 21 frames x 1560 tokens = 33k tokens: a 1 GB dense mask and
-no skipping of masked tiles): there ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
-from the same frame mask (``mask_mod = frame_mask[q // T, k // T]``) skips whole masked blocks.
+Masks are built at frame level (``[F_query, F_key]`` bool, True = may attend) and turned into an
+:class:`AttentionMask` once per forward, shared by all layers. Two equivalent execution paths:
+
+- ``dense``: ``F.scaled_dot_product_attention`` with a boolean token mask. On accelerators this
+  runs the fused memory-efficient kernel and is the right choice at the sizes this project
+  trains (48 + 48 frames x 64 tokens = 6k tokens, a 38 MB mask).
+- ``grouped`` (default on CPU): query frames with identical mask rows form a group; each group
+  runs unmasked SDPA against only the key frames it may see (contiguous runs are views, other sets
+  a gather). Masked-out tiles cost nothing, so a block-causal or teacher-forcing mask costs about
+  the fraction of keys it allows instead of the full square plus a mask.
+
+Where neither pays is long block-sparse sequences at Wan scale (e.g. 2 x 21 frames x 1560 tokens
+= 65k tokens: a 4 GB dense mask, or hundreds of small launches per layer): there
+``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the same frame mask
+(``mask_mod = frame_mask[q // T, k // T]``) skips masked tiles inside one fused kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mag.cache import KVCache, PendingWrite
+from mag.errors import InputError
 from mag.models.layers import RMSNorm, apply_rotary
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +69,75 @@ def last_frame_memory_mask(num_frames: int, frames_per_block: int, sink_frames: 
 def expand_frame_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
     """``[Fq, Fk]`` frame mask -> ``[Fq * T, Fk * T]`` token mask (tokens of a frame are contiguous)."""
     return frame_mask.repeat_interleave(tokens_per_frame, dim=0).repeat_interleave(tokens_per_frame, dim=1)
+
+
+# A run of token indices: a slice when contiguous (a view, no copy), else an index tensor (a gather).
+TokenIndex = slice | Tensor
+
+
+def _token_index(frames: list[int], tokens_per_frame: int, device: torch.device) -> TokenIndex:
+    if frames == list(range(frames[0], frames[0] + len(frames))):
+        return slice(frames[0] * tokens_per_frame, (frames[0] + len(frames)) * tokens_per_frame)
+    tokens = torch.arange(tokens_per_frame)
+    return torch.cat([f * tokens_per_frame + tokens for f in frames]).to(device)
+
+
+def _take(x: Tensor, index: TokenIndex) -> Tensor:
+    """Tokens ``index`` of ``x: [B, H, N, D]``."""
+    return x[:, :, index] if isinstance(index, slice) else x.index_select(2, index)
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """A frame mask prepared once per forward for every layer (see the module docstring).
+
+    Attributes:
+        dense: ``[Nq, Nk]`` bool token mask (dense path) or None.
+        groups: (query tokens, key tokens) per group of query frames with identical mask rows.
+        order: permutation putting the concatenated group outputs back in query order (None: already).
+    """
+
+    dense: Tensor | None = None
+    groups: tuple[tuple[TokenIndex, TokenIndex], ...] = ()
+    order: Tensor | None = None
+
+    @classmethod
+    def from_frame_mask(cls, frame_mask: Tensor, tokens_per_frame: int, device: torch.device,
+                        grouped: bool) -> AttentionMask:
+        """Build the dense or grouped form of ``frame_mask: [Fq, Fk]`` (grouped reads it on the host)."""
+        if not grouped:
+            return cls(dense=expand_frame_mask(frame_mask.to(device), tokens_per_frame))
+        rows = frame_mask.cpu().tolist()
+        by_row: dict[tuple[bool, ...], list[int]] = {}
+        for q, row in enumerate(rows):
+            if not any(row):
+                raise InputError(f"frame_mask row {q} lets query frame {q} attend to no key frame")
+            by_row.setdefault(tuple(row), []).append(q)
+        groups, query_frames = [], []
+        for row, queries in by_row.items():
+            keys = [k for k, ok in enumerate(row) if ok]
+            groups.append((_token_index(queries, tokens_per_frame, device),
+                           _token_index(keys, tokens_per_frame, device)))
+            query_frames.extend(queries)
+        order = None
+        if query_frames != sorted(query_frames):
+            position = torch.empty(len(query_frames), dtype=torch.long)
+            position[torch.tensor(query_frames)] = torch.arange(len(query_frames))
+            tokens = torch.arange(tokens_per_frame)
+            order = (position[:, None] * tokens_per_frame + tokens).flatten().to(device)
+        return cls(groups=tuple(groups), order=order)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
+    """Scaled dot-product attention of ``q: [B, H, Nq, D]`` over ``k, v: [B, H, Nk, D]`` under ``mask``."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if mask.dense is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    outs = [F.scaled_dot_product_attention(_take(q, qi), _take(k, ki), _take(v, ki))
+            for qi, ki in mask.groups]
+    out = torch.cat(outs, dim=2)
+    return out if mask.order is None else out.index_select(2, mask.order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +186,7 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        attn_mask: Tensor | None,
+        attn_mask: AttentionMask | None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
         pending: PendingWrite | None = None,
@@ -118,7 +196,7 @@ class SelfAttention(nn.Module):
         Args:
             x: ``[B, N, dim]`` current tokens (frame-major).
             rope: ``(cos, sin)`` ``[N, head_dim / 2]`` for the current tokens.
-            attn_mask: ``[N, N_cached + N]`` bool token mask or None (attend to everything).
+            attn_mask: mask over ``[N_cached + N]`` keys, or None (attend to everything).
             kv_cache: read (and, with ``pending``, written) at index ``layer``.
         Returns:
             ``[B, N, dim]``.
@@ -133,7 +211,7 @@ class SelfAttention(nn.Module):
             if cached_k.shape[2]:
                 keys = torch.cat([cached_k.to(k.dtype), k], dim=2)
                 values = torch.cat([cached_v.to(v.dtype), v], dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+        out = attend(q, keys, values, attn_mask)
         if kv_cache is not None and pending is not None:
             kv_cache.write(layer, k, v, pending)
         return self.o(out.transpose(1, 2).flatten(2))
@@ -163,5 +241,5 @@ class CrossAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-__all__ = ["CrossAttention", "CrossAttentionCache", "SelfAttention", "block_causal_mask", "expand_frame_mask",
-           "last_frame_memory_mask", "sink_window_mask"]
+__all__ = ["AttentionMask", "CrossAttention", "CrossAttentionCache", "SelfAttention", "attend",
+           "block_causal_mask", "expand_frame_mask", "last_frame_memory_mask", "sink_window_mask"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from mag.cache import KVCache, PendingWrite
 from mag.config import DiTConfig
 from mag.errors import ConfigError, InputError
-from mag.models.attention import CrossAttention, CrossAttentionCache, SelfAttention, expand_frame_mask
+from mag.models.attention import AttentionMask, CrossAttention, CrossAttentionCache, SelfAttention
 from mag.models.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -44,6 +45,8 @@ EMBEDDING_INIT_STD = 0.02
 # Modulation tables (6 per block, 2 in the head): shift/scale/gate for self-attention and FFN.
 BLOCK_MODULATIONS = 6
 HEAD_MODULATIONS = 2
+
+MaskExecution = Literal["auto", "dense", "grouped"]
 
 
 class WanBlock(nn.Module):
@@ -67,7 +70,7 @@ class WanBlock(nn.Module):
         x: Tensor,
         e0: Tensor,
         rope: tuple[Tensor, Tensor],
-        attn_mask: Tensor | None,
+        attn_mask: AttentionMask | None,
         cross_kv: tuple[Tensor, Tensor],
         kv_cache: KVCache | None,
         layer: int,
@@ -135,6 +138,8 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
+        # How frame masks run (mag.models.attention): "auto" = grouped on CPU, dense fused SDPA elsewhere.
+        self.mask_execution: MaskExecution = "auto"
         if self.patch_embedding.weight.device.type != "meta":
             self.init_weights()
 
@@ -161,6 +166,12 @@ class WanDiT(nn.Module):
         if self.action_embedding is not None:
             nn.init.zeros_(self.action_embedding.weight)
         self.rope.reset_parameters()
+
+    def grouped_attention(self, device: torch.device) -> bool:
+        """Whether frame masks run block-sparse by query groups (else one dense masked SDPA)."""
+        if self.mask_execution == "auto":
+            return device.type == "cpu"
+        return self.mask_execution == "grouped"
 
     def encode_context(self, context: Tensor) -> CrossAttentionCache:
         """Embed text once and project every layer's cross-attention K/V (reuse for all blocks and steps).
@@ -240,7 +251,8 @@ class WanDiT(nn.Module):
                 raise InputError(f"frame_mask must be bool {list(expected)} (current x [cached ; current]"
                                  " frames),"
                                  f" got {frame_mask.dtype} {list(frame_mask.shape)}")
-            attn_mask = expand_frame_mask(frame_mask.to(x.device), tokens_per_frame)
+            attn_mask = AttentionMask.from_frame_mask(frame_mask, tokens_per_frame, x.device,
+                                                      grouped=self.grouped_attention(x.device))
 
         pending = kv_cache.begin_write(frames) if cache_write and kv_cache is not None else None
         for layer, block in enumerate(self.blocks):
