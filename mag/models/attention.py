@@ -169,8 +169,8 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with RMS qk-norm over the full width and 3D RoPE, optionally over a KV cache."""
+class AttentionProjections(nn.Module):
+    """The q / k / v / o projections and RMS qk-norms (over the full width) both attentions share."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -181,6 +181,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(AttentionProjections):
+    """Self-attention with RMS qk-norm and 3D RoPE, optionally over a KV cache."""
 
     def forward(
         self,
@@ -217,18 +221,8 @@ class SelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Cross-attention from video tokens (queries) to text tokens (keys/values), RMS qk-norm."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, heads, L, head_dim]`` of embedded text ``context: [B, L, dim]``."""
