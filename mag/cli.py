@@ -13,6 +13,7 @@ from mag.errors import MagError
 COMMAND_MODULES: list[str] = [
     "mag.world.cli",
     "mag.info",
+    "mag.train.cli",
 ]
 
 

@@ -159,6 +159,9 @@ class WorldConfig:
             speeds and start offsets, rendered by linear interpolation.
         excursion_frames_range: inclusive range of the frames the camera pans away before turning.
         pause_frames_range: inclusive range of the frames it stands still at the turn.
+        legs_range: inclusive range of the number of legs (straight pans between turns). 2 is the
+            benchmark's backtrack (out, then back past the start); more legs oscillate, each later leg
+            revisiting what the previous one showed, so training clips hold far more revisits.
         episode_frames: length of a benchmark episode.
         block_frames: frames per generation block; the switch time is a multiple of it.
     """
@@ -179,6 +182,7 @@ class WorldConfig:
     integer_motion: bool = True
     excursion_frames_range: tuple[int, int] = (12, 36)
     pause_frames_range: tuple[int, int] = (0, 6)
+    legs_range: tuple[int, int] = (2, 2)
     episode_frames: int = 96
     block_frames: int = 3
 
@@ -210,7 +214,8 @@ class WorldConfig:
                 f" {self.pano_height}x{self.pano_width} (height <= panorama height, width < panorama width)"
             )
         for name, minimum in (("num_shapes_range", 0), ("shape_size_range", 1), ("speed_range_px", 0),
-                              ("excursion_frames_range", 1), ("pause_frames_range", 0)):
+                              ("excursion_frames_range", 1), ("pause_frames_range", 0),
+                              ("legs_range", 2)):
             _check_range(self, name, minimum)
         if self.speed_range_px[0] <= 0:
             raise ConfigError(f"WorldConfig.speed_range_px must be > 0, got {self.speed_range_px}")

@@ -73,6 +73,9 @@ def backtracking_trajectory(rng: np.random.Generator, num_frames: int, config: W
     turn = excursion + pause + 1
     steps = np.where(frame <= excursion, frame, excursion)
     steps = np.where(frame >= turn, excursion - (frame - excursion - pause), steps)
+    legs = int(rng.integers(config.legs_range[0], config.legs_range[1] + 1))
+    if legs > 2:  # drawn after the two-leg path, so benchmark episodes are unchanged
+        steps = _oscillating_steps(rng, num_frames, excursion, pause, legs, config)
     offsets = np.mod(start + direction * speed * steps.astype(np.float64), config.pano_width)
     moves = np.diff(steps, prepend=-1)  # frame 0: already moving outwards
     velocities = direction * speed * moves
@@ -85,6 +88,24 @@ def backtracking_trajectory(rng: np.random.Generator, num_frames: int, config: W
         excursion_frames=excursion,
         pause_frames=pause,
     )
+
+
+def _oscillating_steps(rng: np.random.Generator, num_frames: int, first_leg: int, first_pause: int,
+                       legs: int, config: WorldConfig) -> np.ndarray:
+    """Step counts (in units of the speed) of a path with ``legs`` straight pans of alternating direction.
+
+    Leg 1 and its pause are the backtrack's; legs 2..legs-1 draw their length from the excursion range
+    and a pause; the last leg runs to the end of the clip.
+    """
+    moves = [1] * first_leg + [0] * first_pause
+    direction = -1
+    for _ in range(legs - 2):
+        length = int(rng.integers(config.excursion_frames_range[0], config.excursion_frames_range[1] + 1))
+        pause = int(rng.integers(config.pause_frames_range[0], config.pause_frames_range[1] + 1))
+        moves += [direction] * length + [0] * pause
+        direction = -direction
+    moves += [direction] * max(0, num_frames - 1 - len(moves))
+    return np.concatenate([[0], np.cumsum(moves[: num_frames - 1])]).astype(np.int64)
 
 
 def switch_frame_for(turn_frame: int, block_frames: int) -> int:

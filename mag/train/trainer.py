@@ -1,0 +1,262 @@
+"""The training loop: AdamW, warm-up, clipping, accumulation, EMA, logging, atomic checkpoints, resume.
+
+Exact resume holds by construction: every step's data and noise come from generators seeded by
+``(seed, step, micro_batch)``, and the checkpoint restores weights, EMA, optimiser state and the
+global RNG. Training N steps in one go or N/2 + resume + N/2 gives bitwise-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mag.errors import CheckpointError
+from mag.models import WanDiT
+from mag.objectives.flow_matching import (
+    LossOutput,
+    apply_cfg_dropout,
+    causal_flow_matching_loss,
+    teacher_flow_matching_loss,
+)
+from mag.schedulers import FlowMatchScheduler
+from mag.text import PromptEmbeddingCache, get_text_encoder
+from mag.train.checkpoint import (
+    TrainingState,
+    capture_rng,
+    git_commit,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from mag.train.data import WorldClipSource
+from mag.train.ema import EMA
+from mag.train.recall import CATEGORY_NAMES, category_losses, view_categories
+from mag.train.recipe import Recipe, recipe_differences
+
+Parallelize = Callable[[nn.Module], nn.Module]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    last_loss: float
+    checkpoint: Path | None
+    metrics_path: Path
+
+
+def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> WanDiT:
+    """Build on the meta device, materialise on ``device``, initialise from the recipe seed."""
+    preset = recipe.build_preset()
+    with torch.device("meta"):
+        model = WanDiT(preset.dit)
+    model.to_empty(device=device)
+    torch.manual_seed(recipe.loop.seed)
+    model.init_weights()
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
+    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
+    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
+
+
+def _step_generator(seed: int, step: int, micro: int, device: torch.device | str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) % (2**63 - 1))
+    return gen
+
+
+class Trainer:
+    """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``)."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
+                 device: torch.device | str = "cpu", progress: bool = True,
+                 parallelize: Parallelize | None = None, is_main_process: bool = True) -> None:
+        self.recipe = recipe.validate()
+        self.preset = recipe.build_preset()
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.device = torch.device(device)
+        self.progress = progress
+        self.is_main = is_main_process
+        self.scheduler = FlowMatchScheduler(self.preset.scheduler, self.preset.dit.prediction)
+
+        existing = latest_checkpoint(self.ckpt_dir)
+        if existing is not None and not resume:
+            raise CheckpointError(
+                f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass --resume to"
+                " continue that run or choose another output directory"
+            )
+        resume_state = self._load_resume_state(existing) if resume and existing is not None else None
+
+        self.model = build_model(recipe, self.device)
+        self.ema = EMA(self.model, recipe.optim.ema_decay)
+        if parallelize is not None:
+            self.model = parallelize(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=recipe.optim.lr, betas=recipe.optim.betas,
+            weight_decay=recipe.optim.weight_decay,
+        )
+        self.step = 0
+        if resume_state is not None:
+            self._restore(resume_state)
+
+        self.data = WorldClipSource(self.preset, recipe.data, recipe.loop.seed)
+        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
+        self.empty_context = self.text.get([""]).to(self.device)
+
+    # ------------------------------------------------------------------ resume
+    def _load_resume_state(self, path: Path) -> TrainingState:
+        state = load_checkpoint(path)
+        stored = state.metadata.get("recipe")
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"{path} has no recipe metadata; cannot check it matches this run")
+        diffs = recipe_differences(stored, self.recipe)
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {path}: its recipe differs from this one in " + "; ".join(diffs[:5])
+            )
+        return state
+
+    def _restore(self, state: TrainingState) -> None:
+        missing, unexpected = self.model.load_state_dict(state.model, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if state.ema is not None:
+            self.ema.load_state_dict(state.ema)
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        restore_rng(state.rng)
+        self.step = state.step
+
+    def save(self) -> Path:
+        metadata = {
+            "recipe": self.recipe.to_dict(),
+            "preset": self.preset.to_dict(),
+            "commit": git_commit(),
+            "kind": "training",
+        }
+        state = TrainingState(
+            step=self.step,
+            model={k: v for k, v in self.model.state_dict().items()},
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            rng=capture_rng(),
+            metadata=metadata,
+            extra={},
+        )
+        return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
+
+    # ------------------------------------------------------------------ one step
+    def _lr(self, step: int) -> float:
+        warmup = self.recipe.optim.warmup_steps
+        return self.recipe.optim.lr * min(1.0, (step + 1) / warmup) if warmup else self.recipe.optim.lr
+
+    def _loss(self, micro: int, batch_size: int) -> tuple[LossOutput, Tensor]:
+        gen = _step_generator(self.recipe.loop.seed, self.step, micro, self.device)
+        batch = self.data.batch(self.step, micro, batch_size)
+        video = batch.video.to(self.device)
+        context = apply_cfg_dropout(self.text.get(batch.prompts).to(self.device), self.empty_context,
+                                    self.recipe.objective.cfg_dropout, gen)
+        if self.recipe.objective.kind == "teacher_fm":
+            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, gen)
+        else:
+            out = causal_flow_matching_loss(self.model, self.scheduler, video, context,
+                                            self.preset.cache.frames_per_block, gen)
+        categories = view_categories(
+            batch.offsets, self.data.world.frame_width, self.data.world.pano_width,
+            self.preset.cache.frames_per_block, self.recipe.objective.recall_window_frames,
+        ).to(self.device)
+        return out, categories
+
+    def train_step(self) -> dict[str, Tensor]:
+        loop = self.recipe.loop
+        micro_size = loop.batch_size // loop.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        sums = {name: torch.zeros((), device=self.device) for name in CATEGORY_NAMES}
+        for micro in range(loop.grad_accum):
+            out, categories = self._loss(micro, micro_size)
+            (out.loss / loop.grad_accum).backward()
+            total += out.loss.detach() / loop.grad_accum
+            for name, value in category_losses(out.per_element, categories).items():
+                sums[name] += value / loop.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return {"loss": total, "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in sums.items()}}
+
+    # ------------------------------------------------------------------ loop
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train until ``loop.steps`` (or ``max_steps`` more steps, for tests / time-boxed sittings)."""
+        loop = self.recipe.loop
+        target = loop.steps if max_steps is None else min(loop.steps, self.step + max_steps)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
+        tokens_per_step = (loop.batch_size * self.recipe.data.clip_frames * self.preset.tokens_per_frame
+                           * (2 if self.recipe.objective.kind == "causal_fm" else 1))
+        bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.is_main),
+                   desc=self.recipe.name, unit="step", dynamic_ncols=True)
+        last_loss, ckpt = math.nan, None
+        window_start, window_steps = time.perf_counter(), 0
+        with open(self.metrics_path, "a") if self.is_main else _NullFile() as log:
+            while self.step < target:
+                stats = self.train_step()
+                window_steps += 1
+                if self.step % loop.log_every == 0 or self.step == target:
+                    elapsed = time.perf_counter() - window_start
+                    record = _to_host(stats)  # the only host sync: once per log interval
+                    record.update(step=self.step, lr=self._lr(self.step - 1),
+                                  steps_per_s=window_steps / elapsed,
+                                  tokens_per_s=window_steps * tokens_per_step / elapsed, time=time.time())
+                    recall, new = record.get("loss_recall"), record.get("loss_new")
+                    if recall is not None and new and not math.isnan(recall) and not math.isnan(new):
+                        record["recall_ratio"] = recall / new
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    last_loss = record["loss"]
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    recall=f"{record.get('recall_ratio', math.nan):.2f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                if self.is_main and (self.step % loop.ckpt_every == 0 or self.step == target):
+                    ckpt = self.save()
+        bar.close()
+        return TrainResult(self.step, last_loss, ckpt, self.metrics_path)
+
+
+def _to_host(stats: dict[str, Tensor]) -> dict[str, Any]:
+    return {k: float(v) for k, v in stats.items()}
+
+
+class _NullFile:
+    def __enter__(self) -> _NullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, _: str) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
