@@ -14,6 +14,7 @@ COMMAND_MODULES: list[str] = [
     "mag.world.cli",
     "mag.info",
     "mag.train.cli",
+    "mag.registry",
 ]
 
 

@@ -191,3 +191,29 @@ def test_cli_train_then_plot(tmp_path, capsys):
     assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "run")
+
+
+def test_export_registry_round_trip_and_errors(tmp_path, capsys):
+    from mag.cli import main
+    from mag.registry import load_model, model_info
+
+    Trainer(_recipe(steps=2), tmp_path / "run", progress=False).run()
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--name", "t", "--stage", "causal"]) == 0
+    info = model_info(out)
+    assert (info.name, info.stage, info.preset, info.train_steps) == ("t", "causal", "tiny", 2)
+    model, preset, meta = load_model(out)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), state.ema[name]), name  # the EMA weights are what ships
+    assert preset.dit.dim == 32 and meta["world"]["pano_width"] == 64
+    # A training checkpoint loads the same way.
+    model2, _, _ = load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    with pytest.raises(CheckpointError, match="shipped models"):
+        load_model("no-such-model")
+    out.write_bytes(out.read_bytes()[:100])
+    assert main(["models", "--json"]) == 0
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(out)
+    capsys.readouterr()

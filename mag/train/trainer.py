@@ -111,6 +111,7 @@ class Trainer:
             weight_decay=recipe.optim.weight_decay,
         )
         self.step = 0
+        self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -143,6 +144,7 @@ class Trainer:
             self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         self.step = state.step
+        self.train_seconds = float(state.metadata.get("train_seconds", 0.0))
 
     def save(self) -> Path:
         metadata = {
@@ -150,6 +152,9 @@ class Trainer:
             "preset": self.preset.to_dict(),
             "commit": git_commit(),
             "kind": "training",
+            "train_seconds": self.train_seconds,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
         }
         state = TrainingState(
             step=self.step,
@@ -220,7 +225,9 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         with open(self.metrics_path, "a") if self.is_main else _NullFile() as log:
             while self.step < target:
+                step_start = time.perf_counter()
                 stats = self.train_step()
+                self.train_seconds += time.perf_counter() - step_start
                 window_steps += 1
                 if self.step % loop.log_every == 0 or self.step == target:
                     elapsed = time.perf_counter() - window_start

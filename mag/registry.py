@@ -1,0 +1,228 @@
+"""Model files: exporting a trained generator, and the registry of models shipped with the package.
+
+A *model file* is one safetensors file holding inference weights (the EMA weights of a training run)
+and, as metadata, everything needed to use and reproduce it: the preset, the recipe, the world it was
+trained on, the git commit and the training cost. Shipped models live in ``mag/checkpoints/`` and are
+listed by ``mag models``; anywhere a command takes ``--model`` it accepts a registry name, a model
+file or a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from mag.config import Preset, preset_from_dict
+from mag.errors import CheckpointError
+from mag.models import WanDiT
+
+MODEL_FORMAT = "mag-model-v1"
+SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
+STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One entry of ``mag models``: what the file is and what it cost to make."""
+
+    name: str
+    stage: str
+    preset: str
+    path: Path
+    size_bytes: int
+    params: int
+    train_steps: int
+    train_cpu_minutes: float
+    train_device: str
+    recipe: str
+    commit: str
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["path"] = str(self.path)
+        return out
+
+
+def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: str,
+                 use_ema: bool = True) -> Path:
+    """Write the inference weights of training ``checkpoint`` as a model file (atomic)."""
+    from mag.train.checkpoint import load_checkpoint
+
+    if stage not in STAGES:
+        raise CheckpointError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    state = load_checkpoint(checkpoint)
+    weights = state.ema if use_ema and state.ema is not None else state.model
+    meta = state.metadata
+    recipe = meta.get("recipe", {})
+    metadata = {
+        "format": MODEL_FORMAT,
+        "name": name,
+        "stage": stage,
+        "preset": json.dumps(meta.get("preset")),
+        "recipe": json.dumps(recipe),
+        "world": json.dumps(recipe.get("data", {}).get("world", {})),
+        "commit": str(meta.get("commit", "unknown")),
+        "train_steps": str(state.step),
+        "train_seconds": str(meta.get("train_seconds", 0.0)),
+        "train_device": f"{meta.get('device', 'cpu')} x{meta.get('threads', '?')} threads",
+        "weights": "ema" if use_ema and state.ema is not None else "raw",
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write model file {out}: {err}") from err
+    return out
+
+
+def _read_model_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({err})") from err
+
+
+def model_info(path: str | Path) -> ModelInfo:
+    path = Path(path)
+    meta = _read_model_metadata(path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is not a mag model file (format {meta.get('format')!r})")
+    preset = json.loads(meta["preset"])
+    with safe_open(str(path), framework="pt") as f:
+        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    recipe = json.loads(meta.get("recipe", "{}"))
+    return ModelInfo(
+        name=meta["name"], stage=meta["stage"], preset=preset["name"], path=path,
+        size_bytes=path.stat().st_size, params=params, train_steps=int(meta.get("train_steps", 0)),
+        train_cpu_minutes=round(float(meta.get("train_seconds", 0.0)) / 60, 1),
+        train_device=meta.get("train_device", "?"), recipe=recipe.get("name", "?"),
+        commit=meta.get("commit", "unknown"),
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def shipped_models() -> dict[str, ModelInfo]:
+    """Models that ship with the package, by name."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    infos = [model_info(p) for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
+    return {info.name: info for info in infos}
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A registry name or a file path -> an existing file; unknown names list the shipped ones."""
+    shipped = shipped_models()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)].path
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    names = ", ".join(sorted(shipped)) or "none"
+    raise CheckpointError(f"no model named or at {str(name_or_path)!r}; shipped models: {names}")
+
+
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[WanDiT, Preset,
+                                                                                     dict[str, Any]]:
+    """Load a generator from a registry name, a model file or a training checkpoint (EMA weights).
+
+    Returns the model (eval mode), its preset and the decoded metadata.
+    """
+    path = resolve_model(name_or_path)
+    meta = _read_model_metadata(path)
+    if meta.get("format") == MODEL_FORMAT:
+        weights = load_file(str(path))
+        decoded = {k: _maybe_json(v) for k, v in meta.items()}
+    else:
+        from mag.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        weights = state.ema if state.ema is not None else state.model
+        decoded = dict(state.metadata)
+    if not isinstance(decoded.get("preset"), dict):
+        raise CheckpointError(f"{path} carries no preset metadata; cannot build its model")
+    preset = preset_from_dict(decoded["preset"])
+    with torch.device("meta"):
+        model = WanDiT(preset.dit)
+    model.to_empty(device=device)
+    model.init_weights()  # non-persistent buffers (RoPE tables); parameters are overwritten below
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit a {preset.name} model: missing {sorted(missing)[:5]}"
+            f" ({len(missing)}), unexpected {sorted(unexpected)[:5]} ({len(unexpected)})"
+        )
+    return model.eval(), preset, decoded
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    models = subparsers.add_parser("models", help="list the models shipped with the package",
+                                   description="List shipped models: name, stage, preset, size, cost.")
+    models.add_argument("--json", action="store_true", help="print one JSON object")
+    models.set_defaults(func=_cmd_models)
+
+    export = subparsers.add_parser("export", help="turn a training checkpoint into a model file",
+                                   description="Write the EMA weights of a training checkpoint, with its"
+                                               " preset, recipe, commit and training cost, as one file.")
+    export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors) or run folder")
+    export.add_argument("-o", "--out", required=True, help="output .safetensors")
+    export.add_argument("--name", required=True, help="model name (e.g. tiny-causal)")
+    export.add_argument("--stage", required=True, choices=STAGES)
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(func=_cmd_export)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    infos = shipped_models()
+    if args.json:
+        print(json.dumps({name: info.to_json() for name, info in infos.items()}, indent=2))
+        return 0
+    if not infos:
+        print("no models ship with this package yet")
+        return 0
+    print(f"{'name':<22}{'stage':<14}{'preset':<10}{'params':>10}{'size':>10}{'steps':>8}{'cpu min':>9}")
+    for info in infos.values():
+        print(f"{info.name:<22}{info.stage:<14}{info.preset:<10}{info.params:>10,}"
+              f"{info.size_bytes / 1e6:>9.1f}M{info.train_steps:>8}{info.train_cpu_minutes:>9}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mag.train.checkpoint import latest_checkpoint
+
+    source = Path(args.checkpoint)
+    if source.is_dir():
+        found = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+        if found is None:
+            raise CheckpointError(f"no checkpoints in {source}")
+        source = found
+    out = export_model(source, args.out, name=args.name, stage=args.stage, use_ema=not args.raw)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) from {source}")
+    return 0
