@@ -44,12 +44,8 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int,
     return mask
 
 
-def apply_cfg_dropout(context: Tensor, empty_context: Tensor, probability: float,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """Replace each sample's prompt by the empty prompt with ``probability`` (classifier-free guidance)."""
-    if probability <= 0:
-        return context
-    drop = torch.rand(context.shape[0], generator=generator, device=context.device) < probability
+def apply_cfg_dropout(context: Tensor, empty_context: Tensor, drop: Tensor) -> Tensor:
+    """Use the empty prompt where ``drop: [B] bool`` is set (classifier-free guidance dropout)."""
     return torch.where(drop[:, None, None], empty_context.expand_as(context), context)
 
 
@@ -58,29 +54,32 @@ def _target(scheduler: FlowMatchScheduler, x0: Tensor, noise: Tensor) -> Tensor:
 
 
 def teacher_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, x0: Tensor,
-                               context: Tensor, generator: torch.Generator | None = None) -> LossOutput:
-    """Bidirectional flow matching on whole clips ``x0: [B, F, C, H, W]``, one noise level per clip."""
-    batch = x0.shape[0]
-    t = scheduler.sample_training_timesteps((batch,), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = scheduler.add_noise(x0, noise, t)
-    out = model(x_t, t, context)
+                               context: Tensor, noise: Tensor, timestep: Tensor) -> LossOutput:
+    """Bidirectional flow matching on whole clips ``x0: [B, F, C, H, W]``, one noise level per clip.
+
+    ``noise`` is like ``x0``; ``timestep: [B]`` (drawn by the caller, e.g. ``sample_training_timesteps``).
+    """
+    _check_draws(x0, noise)
+    x_t = scheduler.add_noise(x0, noise, timestep)
+    out = model(x_t, timestep, context)
     per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
 
 
 def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, x0: Tensor,
-                              context: Tensor, frames_per_block: int,
-                              generator: torch.Generator | None = None) -> LossOutput:
-    """Teacher-forced block-causal flow matching; each block draws its own noise level.
+                              context: Tensor, frames_per_block: int, noise: Tensor,
+                              block_timestep: Tensor) -> LossOutput:
+    """Teacher-forced block-causal flow matching; each block has its own noise level.
 
-    ``x0: [B, F, C, H, W]`` clean latents; the loss is taken on the noisy half only.
+    ``x0: [B, F, C, H, W]`` clean latents, ``noise`` like it, ``block_timestep: [B, F / frames_per_block]``.
+    The loss is taken on the noisy half only.
     """
-    batch, num_frames = x0.shape[:2]
-    num_blocks = num_frames // frames_per_block
-    t_block = scheduler.sample_training_timesteps((batch, num_blocks), generator=generator, device=x0.device)
-    t_frame = t_block.repeat_interleave(frames_per_block, dim=1)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    _check_draws(x0, noise)
+    num_frames = x0.shape[1]
+    t_frame = block_timestep.repeat_interleave(frames_per_block, dim=1)
+    if t_frame.shape != x0.shape[:2]:
+        raise InputError(f"block_timestep {tuple(block_timestep.shape)} does not cover {num_frames} frames"
+                         f" in blocks of {frames_per_block}")
     x_t = scheduler.add_noise(x0, noise, t_frame)
     sequence = torch.cat([x0, x_t], dim=1)
     timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
@@ -89,3 +88,8 @@ def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSchedu
     out = model(sequence, timesteps, context, frame_positions=positions, frame_mask=mask)[:, num_frames:]
     per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
+
+
+def _check_draws(x0: Tensor, noise: Tensor) -> None:
+    if noise.shape != x0.shape:
+        raise InputError(f"noise {tuple(noise.shape)} must have the shape of x0 {tuple(x0.shape)}")

@@ -43,9 +43,11 @@ class WorldClipSource:
         self.num_frames = data.clip_frames
         self.seed = seed
 
-    def batch(self, step: int, micro: int, batch_size: int) -> ClipBatch:
-        rng = np.random.default_rng([self.seed, step, micro])
-        clips = [sample_clip(rng, self.num_frames, self.world) for _ in range(batch_size)]
+    def batch(self, step: int, micro: int, indices: range) -> ClipBatch:
+        """Clips ``indices`` of micro-batch ``micro`` of ``step``; each clip depends only on its own index,
+        so data-parallel ranks can take disjoint slices of the same global batch."""
+        clips = [sample_clip(np.random.default_rng([self.seed, step, micro, i]), self.num_frames, self.world)
+                 for i in indices]
         video = torch.stack([frames_to_tensor(c.frames) for c in clips])
         offsets = torch.from_numpy(np.stack([c.offsets for c in clips]).astype(np.float32))
         return ClipBatch(video=video, offsets=offsets, prompts=[c.prompt for c in clips])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -72,10 +73,21 @@ def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
     return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
 
 
-def _step_generator(seed: int, step: int, micro: int, device: torch.device | str) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) % (2**63 - 1))
-    return gen
+def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
+    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so resuming,
+    or splitting the batch across data-parallel ranks, reproduces them exactly."""
+    state = np.random.SeedSequence([seed, step, micro, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+@dataclass
+class SampleDraws:
+    """Random draws of a micro-batch: ``noise`` like the clips, ``timestep`` ``[B]`` (teacher) or
+    ``[B, blocks]`` (causal), ``drop_text`` ``[B]`` bool (CFG dropout)."""
+
+    noise: Tensor
+    timestep: Tensor
+    drop_text: Tensor
 
 
 class Trainer:
@@ -172,17 +184,30 @@ class Trainer:
         warmup = self.recipe.optim.warmup_steps
         return self.recipe.optim.lr * min(1.0, (step + 1) / warmup) if warmup else self.recipe.optim.lr
 
-    def _loss(self, micro: int, batch_size: int) -> tuple[LossOutput, Tensor]:
-        gen = _step_generator(self.recipe.loop.seed, self.step, micro, self.device)
-        batch = self.data.batch(self.step, micro, batch_size)
-        video = batch.video.to(self.device)
+    def _draws(self, micro: int, indices: range, clip_shape: tuple[int, ...]) -> SampleDraws:
+        frames_per_block = self.preset.cache.frames_per_block
+        causal = self.recipe.objective.kind == "causal_fm"
+        per_sample_t = (1, clip_shape[0] // frames_per_block) if causal else (1,)
+        noise, timestep, drop = [], [], []
+        for i in indices:
+            gen = sample_generator(self.recipe.loop.seed, self.step, micro, i)
+            timestep.append(self.scheduler.sample_training_timesteps(per_sample_t, generator=gen))
+            drop.append(torch.rand(1, generator=gen) < self.recipe.objective.cfg_dropout)
+            noise.append(torch.randn(clip_shape, generator=gen))
+        return SampleDraws(torch.stack(noise), torch.cat(timestep), torch.cat(drop))
+
+    def _loss(self, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
+        batch = self.data.batch(self.step, micro, indices)
+        draws = self._draws(micro, indices, tuple(batch.video.shape[1:]))
+        video, noise = batch.video.to(self.device), draws.noise.to(self.device)
         context = apply_cfg_dropout(self.text.get(batch.prompts).to(self.device), self.empty_context,
-                                    self.recipe.objective.cfg_dropout, gen)
+                                    draws.drop_text.to(self.device))
+        timestep = draws.timestep.to(self.device)
         if self.recipe.objective.kind == "teacher_fm":
-            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, gen)
+            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, noise, timestep)
         else:
             out = causal_flow_matching_loss(self.model, self.scheduler, video, context,
-                                            self.preset.cache.frames_per_block, gen)
+                                            self.preset.cache.frames_per_block, noise, timestep)
         categories = view_categories(
             batch.offsets, self.data.world.frame_width, self.data.world.pano_width,
             self.preset.cache.frames_per_block, self.recipe.objective.recall_window_frames,
@@ -198,7 +223,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         sums = {name: torch.zeros((), device=self.device) for name in CATEGORY_NAMES}
         for micro in range(loop.grad_accum):
-            out, categories = self._loss(micro, micro_size)
+            out, categories = self._loss(micro, range(micro_size))
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
             for name, value in category_losses(out.per_element, categories).items():

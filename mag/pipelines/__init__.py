@@ -1,0 +1,14 @@
+"""Pipelines: model + scheduler + cache combined into generation loops (streaming, benchmark feeding)."""
+
+from mag.pipelines.streaming import (
+    AVAILABLE_POLICIES,
+    CacheWriter,
+    GeneratorWriter,
+    SamplerConfig,
+    StreamingGenerator,
+    load_generator,
+    policy_from_name,
+)
+
+__all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "StreamingGenerator",
+           "load_generator", "policy_from_name"]

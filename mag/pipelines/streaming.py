@@ -1,0 +1,407 @@
+"""Block-causal streaming generation over a KV cache (Self-Forcing protocol, DESIGN §1).
+
+One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the cross-attention K/V of
+the current prompt (computed once by :meth:`~mag.models.dit.WanDiT.encode_context`). A stream is a
+sequence of blocks of ``F = preset.cache.frames_per_block`` latent frames at absolute RoPE positions
+``0, 1, 2, ...``. Every block goes through the same two phases:
+
+1. *denoise* (``generate_block`` / ``predict_block_teacher_forced``): K sampler steps; each step runs
+   the generator on the noisy block, reading (never writing) the cache;
+2. *memorise*: one clean pass at t=0 with ``cache_write=True``. Who runs it is a :class:`CacheWriter`:
+   by default the generator itself (:class:`GeneratorWriter`); the MAG memory model will be another
+   writer running on the same cache with its own weights and the empty prompt.
+
+``feed`` runs phase 2 alone on known clean frames (teacher forcing the history, as the benchmark
+does); ``predict_block_teacher_forced`` runs phase 1 and then memorises the TRUE block, so each
+block is predicted from the true past (recall measured apart from drift).
+
+Samplers (:class:`SamplerConfig`): ``few_step`` walks the preset's shifted few-step list, predicting
+x0 and re-noising it to the next level with fresh noise (Self-Forcing; the last step returns x0);
+``euler`` integrates the probability-flow ODE over ``sampling_timesteps(N)`` down to 0 (for causal
+models that were not distilled). Optional classifier-free guidance runs the unconditional branch as a
+second stream: its own cache, written by the same writer with the empty prompt, so guided streaming
+equals guided full forwards over the sequence (history K/V depend on the text through cross-attention).
+
+The block loop keeps everything on the device: timesteps are ``[B]`` tensors built once per stream,
+cache bookkeeping is host-side Python ints, and nothing calls ``.item()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, WindowPolicy
+from mag.config import Preset, preset_from_dict
+from mag.errors import CheckpointError, ConfigError, InputError
+from mag.models.attention import CrossAttentionCache
+from mag.models.dit import WanDiT
+from mag.schedulers import FlowMatchScheduler
+
+__all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
+           "StreamingGenerator", "load_generator", "policy_from_name"]
+
+SamplerKind = Literal["few_step", "euler"]
+SAMPLERS: tuple[str, ...] = ("few_step", "euler")
+# Guidance scale at which classifier-free guidance is off (the conditional prediction alone).
+NO_GUIDANCE = 1.0
+# Policies that need the trained memory model, which does not exist yet.
+MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a block is denoised.
+
+    Attributes:
+        kind: ``few_step`` (Self-Forcing: the preset's shifted few-step list, x0 + re-noise) or
+            ``euler`` (probability-flow ODE with ``steps`` Euler steps).
+        steps: number of Euler steps (``euler`` only; ``few_step`` takes its count from the preset).
+        guidance_scale: classifier-free guidance; ``1.0`` = off (one conditional pass per step).
+    """
+
+    kind: SamplerKind = "few_step"
+    steps: int = 0
+    guidance_scale: float = NO_GUIDANCE
+
+    def validate(self) -> SamplerConfig:
+        if self.kind not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.kind!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if self.kind == "euler" and self.steps < 1:
+            raise ConfigError(f"the euler sampler needs steps >= 1, got {self.steps}")
+        if self.guidance_scale <= 0:
+            raise ConfigError(f"guidance_scale must be > 0 (1 = off), got {self.guidance_scale}")
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale != NO_GUIDANCE
+
+
+AVAILABLE_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
+
+
+def policy_from_name(name: str, preset: Preset) -> CachePolicy:
+    """The cache policy called ``name``, sized by ``preset.cache``.
+
+    ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps the sinks plus the
+    last frame of every block (unbounded). ``mag`` / ``bounded`` need the trained memory model.
+    """
+    cache = preset.cache
+    if name == "full":
+        return FullPolicy()
+    if name == "window":
+        return WindowPolicy(cache.sink_frames, cache.window_frames)
+    if name == "downsample":
+        return DownsamplePolicy(cache.sink_frames)
+    if name in MEMORY_MODEL_POLICIES:
+        raise ConfigError(
+            f"policy {name!r} needs the trained MAG memory model, which is not available yet;"
+            f" available policies: {', '.join(AVAILABLE_POLICIES)}"
+        )
+    raise ConfigError(f"unknown cache policy {name!r}; available policies: {', '.join(AVAILABLE_POLICIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Who writes the cache
+
+
+class CacheWriter(Protocol):
+    """Runs the clean write pass of one finished block on ``cache`` (phase 2 in the module docstring).
+
+    Args of :meth:`write`:
+        cache: the stream's cache; the pass must use ``cache_write=True`` on it exactly once.
+        clean_block: ``[B, F, C, H, W]`` clean latents of the block.
+        frame_positions: ``[F]`` long absolute RoPE positions of the block.
+        context: the generator's prompt cross-attention cache (a memory model ignores it and uses
+            its own empty-text context).
+    """
+
+    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
+              context: CrossAttentionCache) -> None:
+        ...
+
+
+class GeneratorWriter:
+    """Default writer: the generator itself runs the clean block at t=0 with the prompt (Self-Forcing)."""
+
+    def __init__(self, model: WanDiT) -> None:
+        self.model = model
+
+    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
+              context: CrossAttentionCache) -> None:
+        zero = torch.zeros(clean_block.shape[0], device=clean_block.device)
+        self.model(clean_block, zero, context, frame_positions=frame_positions, kv_cache=cache,
+                   cache_write=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+
+class StreamingGenerator:
+    """Block-by-block generation with one KV cache under ``policy`` (see the module docstring).
+
+    Usage::
+
+        gen = StreamingGenerator(model, scheduler, preset, policy)
+        gen.reset(batch_size=B, horizon_frames=N)
+        gen.set_prompt(context)              # [B, L, text_dim] text-encoder output
+        gen.feed(history)                    # optional: [B, n*F, C, H, W] clean frames
+        block = gen.generate_block(generator)  # [B, F, C, H, W]
+    """
+
+    def __init__(self, model: WanDiT, scheduler: FlowMatchScheduler, preset: Preset, policy: CachePolicy,
+                 *, sampler: SamplerConfig | None = None, writer: CacheWriter | None = None) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.preset = preset
+        self.policy = policy
+        self.sampler = (sampler or SamplerConfig()).validate()
+        self.writer: CacheWriter = writer or GeneratorWriter(model)
+        self.frames_per_block = preset.cache.frames_per_block
+        self.cache: KVCache | None = None
+        self.uncond_cache: KVCache | None = None
+        self.context: CrossAttentionCache | None = None
+        self.uncond_context: CrossAttentionCache | None = None
+        self.position = 0
+        self.horizon_frames = 0
+        self._steps: list[tuple[Tensor, Tensor | None]] = []
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.patch_embedding.weight.device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one latent frame at the preset's resolution."""
+        video = self.preset.video
+        return video.latent_channels, video.latent_height, video.latent_width
+
+    @property
+    def batch_size(self) -> int:
+        return self._require_cache().batch_size
+
+    def _require_cache(self) -> KVCache:
+        if self.cache is None:
+            raise InputError("the stream is not started; call reset(batch_size, horizon_frames) first")
+        return self.cache
+
+    def _require_context(self) -> CrossAttentionCache:
+        if self.context is None:
+            raise InputError("no prompt set; call set_prompt(context) after reset()")
+        return self.context
+
+    # -- stream control ------------------------------------------------------------------------
+
+    def reset(self, batch_size: int, horizon_frames: int) -> None:
+        """Start a new stream of up to ``horizon_frames`` latent frames for ``batch_size`` samples."""
+        if batch_size <= 0 or horizon_frames <= 0:
+            raise InputError(f"reset needs batch_size > 0 and horizon_frames > 0, got {batch_size},"
+                             f" {horizon_frames}")
+        if horizon_frames > self.model.cfg.rope_max_positions:
+            raise InputError(f"horizon of {horizon_frames} frames exceeds dit.rope_max_positions="
+                             f"{self.model.cfg.rope_max_positions}")
+        _, ph, pw = self.model.cfg.patch_size
+        _, height, width = self.latent_shape
+        tokens = (height // ph) * (width // pw)
+        param = self.model.patch_embedding.weight
+
+        def new_cache() -> KVCache:
+            return KVCache.for_model(self.model.cfg, self.policy, tokens_per_frame=tokens,
+                                     horizon_frames=horizon_frames, frames_per_block=self.frames_per_block,
+                                     batch_size=batch_size, dtype=param.dtype, device=param.device)
+
+        self.cache = new_cache()
+        self.uncond_cache = new_cache() if self.sampler.uses_guidance else None
+        self.context = None
+        self.uncond_context = None
+        self.position = 0
+        self.horizon_frames = horizon_frames
+        self._steps = self._timestep_pairs(batch_size)
+
+    def set_prompt(self, context: Tensor | CrossAttentionCache,
+                   uncond_context: Tensor | CrossAttentionCache | None = None) -> None:
+        """Encode the prompt's cross-attention K/V once for the whole stream.
+
+        Args:
+            context: ``[B, L, text_dim]`` text embeddings (or an already encoded cache).
+            uncond_context: the empty prompt's embeddings, needed only when guidance is on.
+        """
+        cache = self._require_cache()
+        with torch.no_grad():
+            self.context = self._encode(context, cache.batch_size, "context")
+            self.uncond_context = None
+            if self.sampler.uses_guidance:
+                if uncond_context is None:
+                    raise InputError(f"guidance_scale={self.sampler.guidance_scale} needs uncond_context"
+                                     " (the empty prompt's embeddings)")
+                self.uncond_context = self._encode(uncond_context, cache.batch_size, "uncond_context")
+
+    def _encode(self, context: Tensor | CrossAttentionCache, batch: int, name: str) -> CrossAttentionCache:
+        encoded = context if isinstance(context, CrossAttentionCache) else self.model.encode_context(
+            context.to(self.device))
+        if encoded.batch_size != batch:
+            raise InputError(f"{name} has batch {encoded.batch_size}, the stream was reset for {batch}")
+        return encoded
+
+    # -- the three block operations ------------------------------------------------------------
+
+    @torch.no_grad()
+    def feed(self, latents: Tensor) -> None:
+        """Teacher-force clean frames into the cache block by block (write pass at t=0 only).
+
+        Args:
+            latents: ``[B, n*F, C, H, W]`` clean latents continuing the stream at :attr:`position`.
+        """
+        self._check_frames(latents, "latents", whole_blocks=True)
+        latents = latents.to(self.device)
+        for start in range(0, latents.shape[1], self.frames_per_block):
+            self._memorise(latents[:, start:start + self.frames_per_block])
+
+    @torch.no_grad()
+    def generate_block(self, generator: torch.Generator | None = None) -> Tensor:
+        """Denoise the next block from noise, memorise it, and return it: ``[B, F, C, H, W]``."""
+        block = self._denoise(generator)
+        self._memorise(block)
+        return block
+
+    @torch.no_grad()
+    def predict_block_teacher_forced(self, true_block: Tensor,
+                                     generator: torch.Generator | None = None) -> Tensor:
+        """Denoise the next block like :meth:`generate_block`, then memorise ``true_block`` instead.
+
+        Args:
+            true_block: ``[B, F, C, H, W]`` the real clean latents of this block.
+        Returns:
+            ``[B, F, C, H, W]`` the prediction made from the true past.
+        """
+        self._check_frames(true_block, "true_block", whole_blocks=True)
+        if true_block.shape[1] != self.frames_per_block:
+            raise InputError(f"true_block must hold one block of {self.frames_per_block} frames, got"
+                             f" {true_block.shape[1]}")
+        prediction = self._denoise(generator)
+        self._memorise(true_block.to(self.device))
+        return prediction
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _positions(self) -> Tensor:
+        return torch.arange(self.position, self.position + self.frames_per_block, device=self.device)
+
+    def _check_frames(self, latents: Tensor, name: str, whole_blocks: bool) -> None:
+        cache = self._require_cache()
+        expected = (cache.batch_size, *self.latent_shape)
+        found = (latents.shape[0], *latents.shape[2:]) if latents.ndim == 5 else tuple(latents.shape)
+        if latents.ndim != 5 or found != expected:
+            raise InputError(f"{name} must be [{expected[0]}, n*{self.frames_per_block}, {expected[1]},"
+                             f" {expected[2]}, {expected[3]}], got {list(latents.shape)}")
+        if whole_blocks and (latents.shape[1] == 0 or latents.shape[1] % self.frames_per_block):
+            raise InputError(f"{name} must hold whole blocks of {self.frames_per_block} frames, got"
+                             f" {latents.shape[1]}")
+        if self.position + latents.shape[1] > self.horizon_frames:
+            raise InputError(f"the stream was reset for {self.horizon_frames} frames; {self.position} are"
+                             f" done and {latents.shape[1]} more do not fit")
+
+    def _memorise(self, clean_block: Tensor) -> None:
+        """Phase 2: the writer runs the clean block at t=0 into the cache; the stream advances."""
+        cache, positions = self._require_cache(), self._positions()
+        self.writer.write(cache, clean_block, positions, self._require_context())
+        if self.uncond_cache is not None and self.uncond_context is not None:
+            self.writer.write(self.uncond_cache, clean_block, positions, self.uncond_context)
+        self.position += self.frames_per_block
+
+    def _timestep_pairs(self, batch: int) -> list[tuple[Tensor, Tensor | None]]:
+        """``(t, t_next)`` per sampler step as ``[B]`` device tensors; ``t_next`` None on the last step."""
+        if self.sampler.kind == "few_step":
+            levels = self.scheduler.few_step_timesteps()
+        else:
+            levels = torch.cat([self.scheduler.sampling_timesteps(self.sampler.steps), torch.zeros(1)])
+        levels = levels.to(self.device)
+        per_sample = [level.expand(batch).contiguous() for level in levels]
+        if self.sampler.kind == "few_step":
+            return [(t, per_sample[i + 1] if i + 1 < len(per_sample) else None)
+                    for i, t in enumerate(per_sample)]
+        return list(zip(per_sample[:-1], per_sample[1:], strict=True))
+
+    def _predict(self, x: Tensor, t: Tensor, positions: Tensor) -> Tensor:
+        """Raw network output for the noisy block, with classifier-free guidance when enabled."""
+        cache = self._require_cache()
+        out = self.model(x, t, self._require_context(), frame_positions=positions, kv_cache=cache)
+        if self.uncond_context is not None:
+            uncond = self.model(x, t, self.uncond_context, frame_positions=positions,
+                                kv_cache=self.uncond_cache)
+            out = uncond + self.sampler.guidance_scale * (out - uncond)
+        return out
+
+    def _denoise(self, generator: torch.Generator | None) -> Tensor:
+        """Phase 1: sample one block from noise, reading the cache; ``[B, F, C, H, W]``."""
+        cache = self._require_cache()
+        if self.position + self.frames_per_block > self.horizon_frames:
+            raise InputError(f"the stream was reset for {self.horizon_frames} frames and is full")
+        shape = (cache.batch_size, self.frames_per_block, *self.latent_shape)
+        dtype = self.model.patch_embedding.weight.dtype
+        x = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+        positions = self._positions()
+        for t, t_next in self._steps:
+            out = self._predict(x, t, positions)
+            if self.sampler.kind == "few_step":
+                x0 = self.scheduler.to_x0(out, x, t)
+                x = x0 if t_next is None else self.scheduler.renoise(x0, t_next, generator)
+            else:
+                x = self.scheduler.step_euler(self.scheduler.to_velocity(out, x, t), x, t, t_next)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained generator
+
+
+def load_generator(path: str | Path, *, device: torch.device | str = "cpu",
+                   use_ema: bool = True) -> tuple[WanDiT, Preset, dict[str, Any]]:
+    """Build the DiT stored in a training checkpoint (EMA weights when present), in eval mode.
+
+    Returns:
+        ``(model, preset, metadata)``; the preset comes from the checkpoint's ``preset`` metadata.
+    Raises:
+        CheckpointError: missing, corrupt or foreign file, no preset metadata, or weights that do not fit.
+    """
+    from mag.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    stored = state.metadata.get("preset")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} has no 'preset' metadata; cannot tell which model it holds")
+    try:
+        preset = preset_from_dict(stored)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path} holds an invalid preset: {err}") from err
+    model = WanDiT(preset.dit)
+    try:
+        model.load_state_dict(state.model, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"weights in {path} do not fit preset {preset.name!r}: {first}") from err
+    if use_ema and state.ema is not None:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(state.ema) - set(params))
+        if unknown:
+            raise CheckpointError(f"EMA weights in {path} name unknown parameters {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.ema.items():
+                if params[name].shape != value.shape:
+                    raise CheckpointError(f"EMA weight {name} in {path} has shape {list(value.shape)},"
+                                          f" the model expects {list(params[name].shape)}")
+                params[name].copy_(value.to(params[name].dtype))
+    metadata = dict(state.metadata, step=state.step, ema=use_ema and state.ema is not None)
+    return model.to(device).eval(), preset, metadata
