@@ -220,17 +220,16 @@ def test_load_generator_prefers_ema_weights(tmp_path):
     preset = _preset()
     model = _random_model(preset, seed=1)
     ema = {name: torch.full_like(p, 0.5) for name, p in model.named_parameters()}
-    path = _save(tmp_path, preset, model, ema)
-    loaded, loaded_preset, metadata = load_generator(path)
+    loaded, loaded_preset, metadata = load_generator(_save(tmp_path / "ema", preset, model, ema))
     assert loaded_preset == preset
-    assert metadata["step"] == 5 and metadata["ema"] is True
+    assert metadata["kind"] == "training"
     assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in loaded.parameters())
-    raw, _, _ = load_generator(path, use_ema=False)
+    raw, _, _ = load_generator(_save(tmp_path / "raw", preset, model))
     assert torch.equal(raw.head.head.weight, model.head.head.weight)
 
 
 def test_load_generator_rejects_missing_corrupt_and_mismatched_files(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="none.safetensors"):
         load_generator(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
@@ -239,5 +238,5 @@ def test_load_generator_rejects_missing_corrupt_and_mismatched_files(tmp_path):
     preset = _preset()
     other = _preset(**{"dit.num_layers": 1})
     path = _save(tmp_path / "mismatch", other, _random_model(preset))
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="does not fit"):
         load_generator(path)

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, WindowPolicy
-from mag.config import Preset, preset_from_dict
-from mag.errors import CheckpointError, ConfigError, InputError
+from mag.config import Preset
+from mag.errors import ConfigError, InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
 from mag.schedulers import FlowMatchScheduler
@@ -367,41 +367,19 @@ class StreamingGenerator:
 # Loading a trained generator
 
 
-def load_generator(path: str | Path, *, device: torch.device | str = "cpu",
-                   use_ema: bool = True) -> tuple[WanDiT, Preset, dict[str, Any]]:
-    """Build the DiT stored in a training checkpoint (EMA weights when present), in eval mode.
+def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[WanDiT, Preset,
+                                                                                  dict[str, Any]]:
+    """The generator stored in a training checkpoint or model file (EMA weights when present).
+
+    One loading path for the whole package: this is :func:`mag.registry.load_model`, which also takes
+    the names of shipped models.
 
     Returns:
-        ``(model, preset, metadata)``; the preset comes from the checkpoint's ``preset`` metadata.
+        ``(model, preset, metadata)`` with the model in eval mode and the preset from the ``preset``
+        metadata; ``metadata`` keeps the recipe (``recipe.data.world`` is the training world).
     Raises:
         CheckpointError: missing, corrupt or foreign file, no preset metadata, or weights that do not fit.
     """
-    from mag.train.checkpoint import load_checkpoint
+    from mag.registry import load_model
 
-    state = load_checkpoint(path)
-    stored = state.metadata.get("preset")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{path} has no 'preset' metadata; cannot tell which model it holds")
-    try:
-        preset = preset_from_dict(stored)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{path} holds an invalid preset: {err}") from err
-    model = WanDiT(preset.dit)
-    try:
-        model.load_state_dict(state.model, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"weights in {path} do not fit preset {preset.name!r}: {first}") from err
-    if use_ema and state.ema is not None:
-        params = dict(model.named_parameters())
-        unknown = sorted(set(state.ema) - set(params))
-        if unknown:
-            raise CheckpointError(f"EMA weights in {path} name unknown parameters {unknown[:3]}")
-        with torch.no_grad():
-            for name, value in state.ema.items():
-                if params[name].shape != value.shape:
-                    raise CheckpointError(f"EMA weight {name} in {path} has shape {list(value.shape)},"
-                                          f" the model expects {list(params[name].shape)}")
-                params[name].copy_(value.to(params[name].dtype))
-    metadata = dict(state.metadata, step=state.step, ema=use_ema and state.ema is not None)
-    return model.to(device).eval(), preset, metadata
+    return load_model(path, device=device)
