@@ -269,15 +269,29 @@ def _wan_1_3b() -> Preset:
 PRESETS = {"tiny": _tiny, "wan-1.3b": _wan_1_3b}
 
 
+def lookup(kind: str, registry: dict[str, Any], name: str) -> Any:
+    """``registry[name]``, or a ConfigError naming the valid choices of this ``kind`` (codec, preset, ...)."""
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_registered(kind: str, registry: dict[str, Any], name: str, **kwargs: Any) -> Any:
+    """Call the factory ``registry[name](**kwargs)``; bad names or arguments raise ConfigError."""
+    factory = lookup(kind, registry, name)
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad arguments for {kind} {name!r}: {err}") from err
+
+
 def get_preset(name: str, **overrides: Any) -> Preset:
     """Return a validated preset, optionally with top-level fields replaced.
 
     Raises:
         ConfigError: unknown name (the message lists the valid ones) or an invalid value.
     """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    preset = PRESETS[name]()
+    preset = lookup("preset", PRESETS, name)()
     if overrides:
         preset = replace_nested(preset, overrides)
     return preset.validate()

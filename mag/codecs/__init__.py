@@ -13,7 +13,7 @@ from typing import Any
 from mag.codecs.base import Codec, StreamDecoder, frames_to_tensor, tensor_to_frames
 from mag.codecs.pixel import PixelCodec
 from mag.codecs.wan_vae import WanStreamDecoder, WanVAECodec
-from mag.config import VideoConfig
+from mag.config import VideoConfig, build_registered
 from mag.errors import ConfigError
 
 __all__ = ["CODECS", "Codec", "PixelCodec", "StreamDecoder", "WanStreamDecoder", "WanVAECodec",
@@ -44,12 +44,7 @@ CODECS: dict[str, Callable[..., Codec]] = {"pixel": _make_pixel, "wan-vae": _mak
 
 def get_codec(name: str, **kwargs: Any) -> Codec:
     """Build a codec by registry name (``pixel``: no arguments; ``wan-vae``: see ``_make_wan_vae``)."""
-    if name not in CODECS:
-        raise ConfigError(f"unknown codec {name!r}; valid codecs: {', '.join(sorted(CODECS))}")
-    try:
-        return CODECS[name](**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"bad arguments for codec {name!r}: {err}") from err
+    return build_registered("codec", CODECS, name, **kwargs)
 
 
 def get_codec_for(video: VideoConfig, **kwargs: Any) -> Codec:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mag.config import build_registered
 from mag.errors import ConfigError
 from mag.text.base import TextEncoder
 from mag.text.cache import PromptEmbeddingCache
@@ -36,10 +37,4 @@ TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder,
 
 def get_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
     """Build a text encoder by registry name (``minilm``: mode, max_tokens; ``umt5``: see ``_make_umt5``)."""
-    if name not in TEXT_ENCODERS:
-        valid = ", ".join(sorted(TEXT_ENCODERS))
-        raise ConfigError(f"unknown text encoder {name!r}; valid encoders: {valid}")
-    try:
-        return TEXT_ENCODERS[name](**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"bad arguments for text encoder {name!r}: {err}") from err
+    return build_registered("text encoder", TEXT_ENCODERS, name, **kwargs)
