@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many more steps (a time-boxed sitting); resume later")
-    train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    train.add_argument("--device", default="cpu",
+                       help="torch device (cpu, cuda); under torchrun each worker uses cuda:LOCAL_RANK")
     train.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(func=_train)
@@ -33,18 +34,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group first."""
     import torch
 
+    from mag.train.distributed import destroy, init_distributed
     from mag.train.recipe import load_recipe
     from mag.train.trainer import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
-    trainer = Trainer(recipe, args.out, resume=args.resume, device=args.device,
-                      progress=not args.no_progress)
-    result = trainer.run(max_steps=args.max_steps)
-    print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
+    ctx = init_distributed(args.device)
+    try:
+        trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress, dist=ctx)
+        result = trainer.run(max_steps=args.max_steps)
+    finally:
+        destroy(ctx)
+    if ctx.is_main:
+        print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
     return 0
 
 

@@ -3,6 +3,13 @@
 Exact resume holds by construction: every step's data and noise come from generators seeded by
 ``(seed, step, micro_batch)``, and the checkpoint restores weights, EMA, optimiser state and the
 global RNG. Training N steps in one go or N/2 + resume + N/2 gives bitwise-identical weights on CPU.
+
+Data parallelism (``torchrun``, see ``mag.train.distributed``): rank ``r`` of ``W`` trains on samples
+``[r*b/W, (r+1)*b/W)`` of every micro-batch of size ``b`` -- a disjoint slice of the *same* global batch,
+since every sample's draws depend only on its index -- with the model sharded by FSDP2
+(``mag.train.parallelize``). FSDP averages gradients over ranks, so the update equals the
+single-process update up to float reduction order. Only the main rank writes files; logged numbers
+are reduced over ranks at log time; checkpoints hold full tensors in the single-process format.
 """
 
 from __future__ import annotations
@@ -41,7 +48,19 @@ from mag.train.checkpoint import (
     save_checkpoint,
 )
 from mag.train.data import WorldClipSource
+from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
 from mag.train.ema import EMA
+from mag.train.parallelize import (
+    full_model_state,
+    full_optimizer_state,
+    gather_full,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_value,
+    parallelize_dit,
+    shard_like,
+)
 from mag.train.recall import CATEGORY_NAMES, category_losses, view_categories
 from mag.train.recipe import Recipe, recipe_differences
 
@@ -91,19 +110,26 @@ class SampleDraws:
 
 
 class Trainer:
-    """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``)."""
+    """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``).
+
+    ``dist`` places this process in a data-parallel group (its device then replaces ``device``); with
+    ``world_size > 1`` the model is sharded by ``parallelize`` (default :func:`parallelize_dit`).
+    """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
                  device: torch.device | str = "cpu", progress: bool = True,
-                 parallelize: Parallelize | None = None, is_main_process: bool = True) -> None:
+                 dist: DistributedContext | None = None, parallelize: Parallelize | None = None) -> None:
         self.recipe = recipe.validate()
         self.preset = recipe.build_preset()
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.device = torch.device(device)
+        self.dist = dist if dist is not None else DistributedContext(device=torch.device(device))
+        self.device = self.dist.device
         self.progress = progress
-        self.is_main = is_main_process
+        self.is_main = self.dist.is_main
+        loop = recipe.loop
+        self.sample_indices = self.dist.batch_slice(loop.batch_size // loop.grad_accum)
         self.scheduler = FlowMatchScheduler(self.preset.scheduler, self.preset.dit.prediction)
 
         existing = latest_checkpoint(self.ckpt_dir)
@@ -114,10 +140,15 @@ class Trainer:
             )
         resume_state = self._load_resume_state(existing) if resume and existing is not None else None
 
+        # Every rank builds the full model from the recipe seed, then shards it: all start from the
+        # single-process weights. The EMA shadow is built after sharding, so it is sharded like the
+        # parameters (elementwise, hence the same math) and gathered only when saved.
         self.model = build_model(recipe, self.device)
-        self.ema = EMA(self.model, recipe.optim.ema_decay)
+        if parallelize is None and self.dist.is_distributed:
+            parallelize = functools.partial(parallelize_dit, mesh_or_ctx=self.dist)
         if parallelize is not None:
             self.model = parallelize(self.model)
+        self.ema = EMA(self.model, recipe.optim.ema_decay)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=recipe.optim.lr, betas=recipe.optim.betas,
             weight_decay=recipe.optim.weight_decay,
@@ -145,20 +176,43 @@ class Trainer:
         return state
 
     def _restore(self, state: TrainingState) -> None:
-        missing, unexpected = self.model.load_state_dict(state.model, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        """Load a full checkpoint (from any world size); a sharded model keeps only its own shards."""
+        sharded = is_sharded(self.model)
+        if sharded:
+            load_full_model_state(self.model, state.model)
+        else:
+            missing, unexpected = self.model.load_state_dict(state.model, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         if state.ema is not None:
-            self.ema.load_state_dict(state.ema)
+            self.ema.load_state_dict(shard_like(state.ema, self.ema.state_dict()) if sharded else state.ema)
         if state.optimizer is not None:
-            self.optimizer.load_state_dict(state.optimizer)
+            if sharded:
+                load_full_optimizer_state(self.model, self.optimizer, state.optimizer)
+            else:
+                self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         self.step = state.step
         self.train_seconds = float(state.metadata.get("train_seconds", 0.0))
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint of full tensors; the path on the main rank, None elsewhere.
+
+        Under FSDP this gathers the shards (a collective: every rank calls it) and only the main rank
+        writes; the others wait at a barrier, so the file exists when any rank returns.
+        """
+        if is_sharded(self.model):
+            model = full_model_state(self.model)
+            ema = gather_full(self.ema.state_dict(), self.dist)
+            optimizer = full_optimizer_state(self.model, self.optimizer)
+        else:
+            model, ema = self.model.state_dict(), self.ema.state_dict()
+            optimizer = self.optimizer.state_dict()
+        if not self.is_main:
+            barrier(self.dist)
+            return None
         metadata = {
             "recipe": self.recipe.to_dict(),
             "preset": self.preset.to_dict(),
@@ -167,17 +221,14 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "world_size": self.dist.world_size,
         }
-        state = TrainingState(
-            step=self.step,
-            model={k: v for k, v in self.model.state_dict().items()},
-            ema=self.ema.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            rng=capture_rng(),
-            metadata=metadata,
-            extra={},
-        )
-        return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
+        state = TrainingState(step=self.step, model=dict(model), ema=ema, optimizer=optimizer,
+                              rng=capture_rng(), metadata=metadata, extra={})
+        try:
+            return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
+        finally:
+            barrier(self.dist)
 
     # ------------------------------------------------------------------ one step
     def _lr(self, step: int) -> float:
@@ -215,24 +266,46 @@ class Trainer:
         return out, categories
 
     def train_step(self) -> dict[str, Tensor]:
+        """One optimiser step on this rank's slice of every micro-batch; device tensors, no host sync.
+
+        Returns ``loss`` (mean over this rank's samples), ``grad_norm`` (global) and, per micro-batch and
+        view category, ``category_mean`` / ``category_count`` ``[grad_accum, categories]`` -- the counts
+        let :meth:`_log_record` weight ranks' category means exactly.
+        """
         loop = self.recipe.loop
-        micro_size = loop.batch_size // loop.grad_accum
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        sums = {name: torch.zeros((), device=self.device) for name in CATEGORY_NAMES}
+        category_mean = torch.zeros(loop.grad_accum, len(CATEGORY_NAMES), device=self.device)
+        category_count = torch.zeros_like(category_mean)
         for micro in range(loop.grad_accum):
-            out, categories = self._loss(micro, range(micro_size))
+            out, categories = self._loss(micro, self.sample_indices)
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
-            for name, value in category_losses(out.per_element, categories).items():
-                sums[name] += value / loop.grad_accum
+            means = category_losses(out.per_element, categories)
+            category_mean[micro] = torch.stack([means[name] for name in CATEGORY_NAMES]).to(self.device)
+            category_count[micro] = torch.stack([(categories == index).sum()
+                                                 for index in range(len(CATEGORY_NAMES))])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        return {"loss": total, "grad_norm": grad_norm, **{f"loss_{k}": v for k, v in sums.items()}}
+        return {"loss": total, "grad_norm": grad_norm, "category_mean": category_mean,
+                "category_count": category_count}
+
+    def _log_record(self, stats: dict[str, Tensor]) -> dict[str, Any]:
+        """Host numbers of one step, reduced over ranks: the mean loss over the global batch, and per
+        category the count-weighted mean (what one process on the whole batch would log)."""
+        loss = all_reduce_mean({"loss": stats["loss"]}, self.dist)["loss"]
+        means = stats["category_mean"]
+        if self.dist.is_distributed:
+            counts = stats["category_count"]
+            summed = all_reduce_sum(torch.stack([torch.nan_to_num(means) * counts, counts]), self.dist)
+            means = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), math.nan)
+        per_category = (means / self.recipe.loop.grad_accum).sum(0)
+        return _to_host({"loss": loss, "grad_norm": local_value(stats["grad_norm"]),
+                         **{f"loss_{name}": per_category[i] for i, name in enumerate(CATEGORY_NAMES)}})
 
     # ------------------------------------------------------------------ loop
     def run(self, max_steps: int | None = None) -> TrainResult:
@@ -256,7 +329,7 @@ class Trainer:
                 window_steps += 1
                 if self.step % loop.log_every == 0 or self.step == target:
                     elapsed = time.perf_counter() - window_start
-                    record = _to_host(stats)  # the only host sync: once per log interval
+                    record = self._log_record(stats)  # the only host sync: once per log interval
                     record.update(step=self.step, lr=self._lr(self.step - 1),
                                   steps_per_s=window_steps / elapsed,
                                   tokens_per_s=window_steps * tokens_per_step / elapsed, time=time.time())
@@ -270,8 +343,8 @@ class Trainer:
                                     recall=f"{record.get('recall_ratio', math.nan):.2f}")
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                if self.is_main and (self.step % loop.ckpt_every == 0 or self.step == target):
-                    ckpt = self.save()
+                if self.step % loop.ckpt_every == 0 or self.step == target:
+                    ckpt = self.save()  # every rank: gathering shards is a collective
         bar.close()
         return TrainResult(self.step, last_loss, ckpt, self.metrics_path)
 

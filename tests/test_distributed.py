@@ -1,0 +1,180 @@
+"""Data-parallel FSDP2 training on CPU (gloo, 2 processes via torchrun) follows the single-process run.
+
+The 2-process runs go through the real entry point, ``python -m torch.distributed.run ... -m mag.train``,
+on 127.0.0.1 only, one thread per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mag.errors import ConfigError
+from mag.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
+from mag.train.distributed import DistributedContext, init_distributed
+from mag.train.recipe import load_recipe
+from mag.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+                  "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
+# Micro-batches of 2 clips (batch 4, accumulation 2): one clip per rank, and accumulation under FSDP.
+RECIPE = (
+    'name = "dist"\npreset = "tiny"\n[preset_overrides]\n'
+    + "".join(f'"{k}" = {v}\n' for k, v in TINY_OVERRIDES.items())
+    + "[loop]\nsteps = 4\nbatch_size = 4\ngrad_accum = 2\nlog_every = 1\nckpt_every = 2\nkeep_last = 5\n"
+    + "seed = 7\n[optim]\nlr = 1e-3\nwarmup_steps = 2\nema_decay = 0.9\n"
+    + "[data]\nclip_frames = 6\n[data.world]\npano_width = 64\n"
+)
+WORLD_SIZE = 2
+TOLERANCE = 1e-5
+TORCHRUN_TIMEOUT_S = 300
+LOGGED = ("loss", "grad_norm", "loss_new", "loss_recent", "loss_recall")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
+    """``torchrun --nproc_per_node=2 -m mag.train`` on 127.0.0.1, one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress", "--threads", "1",
+           *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    tail = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{tail}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 4-step single-process run, and a 2-process run of its first 2 steps."""
+    root = tmp_path_factory.mktemp("dist")
+    recipe = root / "dist.toml"
+    recipe.write_text(RECIPE)
+    Trainer(load_recipe(recipe), root / "single", progress=False).run()
+    _torchrun_train(recipe, root / "fsdp", "--max-steps", "2")
+    return {"root": root, "recipe": recipe, "single": root / "single", "fsdp": root / "fsdp"}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ckpt(run: Path, step: int) -> TrainingState:
+    return load_checkpoint(run / "checkpoints" / f"step_{step:08d}.safetensors")
+
+
+def _assert_states_close(a: TrainingState, b: TrainingState) -> None:
+    assert a.step == b.step
+    for section in ("model", "ema"):
+        ta, tb = getattr(a, section), getattr(b, section)
+        assert ta.keys() == tb.keys(), section
+        for key in ta:
+            assert ta[key].shape == tb[key].shape, (section, key)
+            assert (ta[key] - tb[key]).abs().max() <= TOLERANCE, (section, key)
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+    for pid, slots in a.optimizer["state"].items():
+        for name, value in slots.items():
+            assert (value - b.optimizer["state"][pid][name]).abs().max() <= TOLERANCE, (pid, name)
+
+
+def _assert_logs_close(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in LOGGED:
+            if math.isnan(ra[key]):
+                assert math.isnan(rb[key]), (ra["step"], key)
+            else:
+                assert abs(ra[key] - rb[key]) <= TOLERANCE, (ra["step"], key, ra[key], rb[key])
+
+
+def test_two_ranks_log_the_single_process_losses(runs):
+    fsdp = _records(runs["fsdp"])
+    assert len(fsdp) == 2, "only the main rank writes metrics"
+    _assert_logs_close(_records(runs["single"])[:2], fsdp)
+
+
+def test_two_ranks_end_with_the_single_process_weights_ema_and_optimizer(runs):
+    fsdp = _ckpt(runs["fsdp"], 2)
+    assert fsdp.metadata["world_size"] == WORLD_SIZE
+    assert [p.name for p in (runs["fsdp"] / "checkpoints").iterdir()] == ["step_00000002.safetensors"]
+    single = _ckpt(runs["single"], 2)
+    _assert_states_close(single, fsdp)
+    # The comparison is not vacuous: training moved the weights away from the initialisation.
+    fresh = Trainer(load_recipe(runs["recipe"]), runs["root"] / "fresh", progress=False)
+    assert any((fsdp.model[k] - v).abs().max() > 100 * TOLERANCE for k, v in fresh.model.state_dict().items())
+
+
+def test_two_rank_checkpoint_resumes_in_a_single_process(runs):
+    out = runs["root"] / "fsdp_then_single"
+    shutil.copytree(runs["fsdp"], out)
+    trainer = Trainer(load_recipe(runs["recipe"]), out, resume=True, progress=False)
+    assert trainer.step == 2
+    trainer.run()
+    _assert_states_close(_ckpt(runs["single"], 4), load_checkpoint(latest_checkpoint(out / "checkpoints")))
+    _assert_logs_close(_records(runs["single"]), _records(out))
+
+
+def test_two_ranks_resume_from_a_single_process_checkpoint(runs):
+    out = runs["root"] / "single_then_fsdp"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(runs["single"] / "checkpoints" / "step_00000002.safetensors", out / "checkpoints")
+    _torchrun_train(runs["recipe"], out, "--resume")
+    _assert_states_close(_ckpt(runs["single"], 4), _ckpt(out, 4))
+    _assert_logs_close(_records(runs["single"])[2:], _records(out))
+
+
+def test_models_and_cache_never_import_torch_distributed():
+    """Parallelism is applied from outside: only mag/train/{distributed,parallelize}.py may use it."""
+    files = sorted((REPO / "mag" / "models").rglob("*.py")) + [REPO / "mag" / "cache.py"]
+    assert len(files) > 1
+    pattern = re.compile(r"torch\.distributed|from torch import .*\bdistributed\b")
+    offenders = [str(f.relative_to(REPO)) for f in files if pattern.search(f.read_text())]
+    assert offenders == []
+
+
+def test_batch_slices_split_each_micro_batch_into_disjoint_equal_parts():
+    slices = [DistributedContext(rank=r, world_size=4).batch_slice(8) for r in range(4)]
+    assert [list(s) for s in slices] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert DistributedContext().batch_slice(3) == range(3)
+    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+        DistributedContext(rank=1, world_size=3).batch_slice(4)
+
+
+def test_trainer_refuses_a_micro_batch_the_ranks_cannot_share(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)  # micro-batch of 2 clips
+    with pytest.raises(ConfigError, match=r"micro-batch .* = 2\) must be divisible .* \(3\)"):
+        Trainer(load_recipe(recipe), tmp_path / "out", dist=DistributedContext(rank=0, world_size=3))
+
+
+def test_torchrun_environment_is_read_or_refused_clearly():
+    single = init_distributed("cpu", env={})
+    assert (single.world_size, single.rank, single.is_main, single.is_distributed) == (1, 0, True, False)
+    assert init_distributed("cpu", env={"WORLD_SIZE": "1", "RANK": "0"}).world_size == 1
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ConfigError, match="RANK must be an integer"):
+        init_distributed("cpu", env={"WORLD_SIZE": "2", "RANK": "one"})
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT not set"):
+        init_distributed("cpu", env={"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ConfigError, match=r"RANK=2 must lie in \[0, WORLD_SIZE=2\)"):
+        init_distributed("cpu", env={"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1",
+                                     "MASTER_PORT": "1"})
+    with pytest.raises(ConfigError, match="device mesh needs a process group"):
+        single.mesh()
