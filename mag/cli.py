@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "mag.info",
     "mag.train.cli",
     "mag.registry",
+    "mag.bench.cli",
 ]
 
 

@@ -1,0 +1,162 @@
+"""``mag bench consistency``: the MAG-Bench-style consistency benchmark from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mag.errors import ConfigError
+
+# Default text-encoder mode when a checkpoint does not say (the tiny recipes use pooled MiniLM).
+DEFAULT_TEXT_MODE = "pooled"
+# Seed of the untrained model used when no --model is given (a floor, not a result).
+RANDOM_MODEL_SEED = 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks (consistency)",
+                                  description="Benchmarks of memory and consistency.")
+    commands = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    c = commands.add_parser(
+        "consistency", help="MAG-Bench-style revisit consistency per cache policy",
+        description="Feed each episode's history into the KV cache under each policy, generate the rest,"
+                    " and score the frames vs ground truth and vs the history frame of the same view,"
+                    " within and beyond the window policy's attention.")
+    c.add_argument("--policies", default="full,window,downsample",
+                   help="comma-separated cache policies (full, window, downsample)")
+    c.add_argument("--split", default="test", help="world split (train, val, test)")
+    c.add_argument("--episodes", type=int, default=None, help="number of episodes (default: all 176)")
+    c.add_argument("--seed-base", type=int, default=None,
+                   help="episode seeds start here instead of the split's range")
+    c.add_argument("--excursion-scale", type=float, default=1.0,
+                   help="multiply the world's excursion lengths (longer = more beyond-window revisits)")
+    c.add_argument("--frames-after", type=int, default=None,
+                   help="frames to generate after the switch (whole blocks; default: to the episode end)")
+    c.add_argument("--teacher-forced", action="store_true",
+                   help="predict each block from the TRUE earlier frames (recall apart from drift)")
+    c.add_argument("--model", default=None,
+                   help="training checkpoint, model file or shipped model name (default: an untrained"
+                        " model of --preset, a floor)")
+    c.add_argument("--preset", default=None, help="preset of the untrained model (default tiny); with"
+                                                  " --model it must match the checkpoint's")
+    c.add_argument("--world", default=None,
+                   help="named world config (default: the checkpoint's training world, else 'default')")
+    c.add_argument("--videos", default=None,
+                   help="folder of mp4 files + switch_times.json: run the protocol on real videos")
+    c.add_argument("--sampler", choices=("few_step", "euler"), default="few_step")
+    c.add_argument("--steps", type=int, default=0, help="Euler steps (--sampler euler)")
+    c.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    c.add_argument("--batch-size", type=int, default=32, help="episodes streamed together at most")
+    c.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every policy)")
+    c.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    c.add_argument("--device", default="cpu", help="torch device")
+    c.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, help="output folder (summary.json, summary.md, plots, episodes/)")
+    c.set_defaults(func=_consistency)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, preset, model metadata)`` from --model, or an untrained model of --preset."""
+    import torch
+
+    from mag.config import get_preset
+    from mag.models import WanDiT
+    from mag.pipelines import load_generator
+
+    if args.model is None:
+        preset = get_preset(args.preset or "tiny")
+        torch.manual_seed(RANDOM_MODEL_SEED)
+        model = WanDiT(preset.dit).to(args.device).eval()
+        return model, preset, {"model": None, "note": f"untrained model (seed {RANDOM_MODEL_SEED})"}
+    model, preset, metadata = load_generator(args.model, device=args.device)
+    if args.preset is not None and args.preset != preset.name:
+        raise ConfigError(f"--preset {args.preset} does not match the checkpoint's preset {preset.name!r};"
+                          " drop --preset (the checkpoint defines the model)")
+    return model, preset, metadata
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    return {"node": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "threads": torch.get_num_threads()}
+
+
+def _consistency(args: argparse.Namespace) -> int:
+    import torch
+
+    from mag.bench.consistency import (
+        ConsistencyConfig,
+        bench_world,
+        run_consistency,
+        video_episodes,
+        world_episodes,
+        write_results,
+    )
+    from mag.pipelines import SamplerConfig, policy_from_name
+    from mag.train.checkpoint import git_commit
+    from mag.train.trainer import prompt_cache
+    from mag.world import NUM_TEST_EPISODES
+
+    started = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if not policies:
+        raise ConfigError("--policies is empty; give e.g. full,window,downsample")
+    config = ConsistencyConfig(
+        policies=policies, teacher_forced=args.teacher_forced,
+        sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
+        batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips)
+    model, preset, model_meta = _load(args)
+    for name in policies:  # fail before any episode is built
+        policy_from_name(name, preset)
+    recipe = model_meta.get("recipe") if isinstance(model_meta.get("recipe"), dict) else {}
+    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+
+    world_info: dict[str, Any]
+    if args.videos is not None:
+        episodes = video_episodes(args.videos, preset, frames_after=args.frames_after)
+        world_info = {"videos": str(Path(args.videos).resolve())}
+    else:
+        world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None,
+                                    excursion_scale=args.excursion_scale, frames_after=args.frames_after)
+        count = args.episodes if args.episodes is not None else NUM_TEST_EPISODES
+        episodes = world_episodes(world, split=args.split, count=count, seed_base=args.seed_base,
+                                  frames_after=args.frames_after)
+        world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
+                      "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
+    text = prompt_cache(preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE))
+    result = run_consistency(model, preset, episodes, text.get, config, progress=not args.no_progress)
+    metadata = {
+        "command": shlex.join(["mag", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "machine": _machine(args.device),
+        "preset": preset.to_dict(),
+        "model": {"path": args.model, "name": model_meta.get("name"), "stage": model_meta.get("stage"),
+                  "recipe": recipe.get("name"), "train_steps": model_meta.get("train_steps"),
+                  "commit": model_meta.get("commit"), "note": model_meta.get("note")},
+        "world": world_info,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    summary = write_results(args.out, result, config, preset, metadata)
+    for name, row in {**summary["policies"], **summary["references"]}.items():
+        gt, hist = row["vs_gt"], row["vs_history"]
+        print(f"{name:>12}: vs GT PSNR {_db(gt['psnr'])} (beyond {_db(gt['beyond']['psnr'])}),"
+              f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])})")
+    print(f"wrote {Path(args.out) / 'summary.json'} ({config.mode}, {len(episodes)} episodes,"
+          f" {metadata['seconds']} s)")
+    return 0
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} dB"

@@ -1,0 +1,217 @@
+"""The consistency benchmark: protocol pieces, the CLI contract end to end, real-video input, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mag.bench.consistency import (
+    PSNR_CAP_DB,
+    bench_world,
+    score_pairs,
+    video_episodes,
+    within_window,
+    world_episodes,
+)
+from mag.cli import main
+from mag.config import get_preset
+from mag.errors import InputError
+from mag.io.video import write_mp4
+from mag.models import WanDiT
+from mag.train.checkpoint import TrainingState, save_checkpoint
+from mag.world import make_episode
+
+# 16x16 frames (4 x 4 patches = 16 tokens), a 2-layer 32-wide DiT; MiniLM pooled text (384-d).
+SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+         "video.height": 16, "video.width": 16}
+# The training world stored in the checkpoint: short excursions so two episodes stream in seconds.
+TRAIN_WORLD = {"pano_width": 96, "speed_range_px": [4, 4], "speed_quantum_px": 4,
+               "excursion_frames_range": [6, 9], "pause_frames_range": [0, 1], "legs_range": [3, 5],
+               "episode_frames": 30}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return get_preset("tiny", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, preset):
+    torch.manual_seed(0)
+    model = WanDiT(preset.dit)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    recipe = {"name": "test-recipe", "data": {"world": TRAIN_WORLD, "text_mode": "pooled"}}
+    state = TrainingState(step=3, model=model.state_dict(), ema=None, optimizer=None, rng={},
+                          metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training"},
+                          extra={})
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), state)
+
+
+def _run(*args: str) -> int:
+    return main(["bench", "consistency", "--no-progress", *args])
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol pieces
+
+
+def test_within_window_is_the_window_policy_visibility(preset):
+    cache = preset.cache  # sink 3, window 9, blocks of 3
+    frames = np.array([30, 30, 31, 32, 30, 30])
+    seen = np.array([21, 20, 20, 20, 1, -1])
+    # frame 30's block starts at 30: window covers 21..29; frames 31/32 share the block; sinks 0..2.
+    assert within_window(frames, seen, cache).tolist() == [True, False, False, False, True, False]
+
+
+def test_bench_world_follows_the_training_world_with_two_leg_backtracks(preset):
+    world, source = bench_world(preset, training_world=TRAIN_WORLD, excursion_scale=2.0, frames_after=30)
+    assert source == "checkpoint recipe.data.world"
+    assert (world.frame_height, world.frame_width, world.pano_height) == (16, 16, 16)
+    assert world.legs_range == (2, 2)
+    assert world.excursion_frames_range == (12, 18)
+    assert world.pano_width == 96
+    assert world.episode_frames >= 18 + 1 + 1 + 2 * 3 + 30  # longest switch + 30 generated frames
+    named, named_source = bench_world(preset, name="recall-easy", training_world=TRAIN_WORLD)
+    assert named_source == "--world recall-easy" and named.excursion_frames_range == (3, 12)
+
+
+def test_world_episode_history_matches_show_the_same_view(preset):
+    world, _ = bench_world(preset, training_world=TRAIN_WORLD)
+    for ep in world_episodes(world, count=3):
+        s = ep.switch_frame
+        assert s % 3 == 0 and ep.num_generate % 3 == 0
+        revisited = np.flatnonzero(ep.history_match >= 0)
+        assert revisited.size > 0
+        assert (ep.history_match[revisited] < s).all()
+        # Exact revisits: the matched history frame equals the ground-truth frame.
+        assert np.array_equal(ep.frames[s + revisited], ep.frames[ep.history_match[revisited]])
+        assert (ep.gaps[revisited] > 0).all()
+
+
+def test_identical_frames_score_the_psnr_cap_and_zero_lpips():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    b = a.copy()
+    b[1] = 255 - b[1]
+    scores = score_pairs(a, b)
+    assert scores["psnr"][0] == PSNR_CAP_DB and scores["psnr"][1] < 20
+    assert scores["lpips"][0] == 0.0 and scores["lpips"][1] > 0.05  # LPIPS ran on 16 px (upsampled)
+    assert scores["ssim"][0] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_cli_writes_the_summary_contract(tmp_path, checkpoint, capsys):
+    out = tmp_path / "bench"
+    assert _run("--model", str(checkpoint), "--episodes", "2", "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "autoregressive" and summary["episodes"] == 2
+    assert set(summary["policies"]) == {"full", "window", "downsample"}
+    assert set(summary["references"]) == {"repeat-last", "oracle-copy"}
+    for row in (*summary["policies"].values(), *summary["references"].values()):
+        for target in ("vs_gt", "vs_history"):
+            for key in ("psnr", "ssim", "lpips"):
+                assert row[target][key] is not None
+                assert key in row[target]["within"] and key in row[target]["beyond"]
+    oracle = summary["references"]["oracle-copy"]["vs_history"]
+    assert oracle["psnr"] == PSNR_CAP_DB and oracle["lpips"] == 0.0
+    for policy in summary["policies"].values():
+        assert policy["vs_history"]["psnr"] < 60  # a random model does not copy
+    assert summary["references"]["repeat-last"]["vs_gt"]["psnr"] < PSNR_CAP_DB
+    record = json.loads((out / "episodes" / "window" / "0.json").read_text())
+    assert len(record["scores"]["vs_gt"]["psnr"]) == record["num_generated"] == len(record["gap"])
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["world"]["source"] == "checkpoint recipe.data.world"
+    assert meta["world"]["config"]["frame_height"] == 16 and meta["world"]["config"]["legs_range"] == [2, 2]
+    assert meta["preset"]["video"]["height"] == 16 and meta["model"]["recipe"] == "test-recipe"
+    assert {"commit", "machine", "command"} <= set(meta)
+    for name in ("summary.md", "psnr_vs_gap.png", "revisit_strip.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| oracle-copy |" in (out / "summary.md").read_text()
+    assert "oracle-copy: vs GT PSNR 100.00 dB" in capsys.readouterr().out
+
+
+def test_teacher_forced_mode_runs_and_is_recorded(tmp_path, checkpoint):
+    out = tmp_path / "tf"
+    args = ("--model", str(checkpoint), "--episodes", "2", "--policies", "full,window", "--frames-after", "6",
+            "--no-lpips", "--sampler", "euler", "--steps", "2")
+    assert _run(*args, "--teacher-forced", "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "teacher-forced"
+    assert summary["config"]["sampler"] == {"kind": "euler", "steps": 2, "guidance_scale": 1.0}
+    assert summary["policies"]["full"]["vs_gt"]["lpips"] is None  # --no-lpips
+    assert summary["policies"]["full"]["vs_gt"]["frames"] == 2 * 6
+    # Teacher forcing changes what the later blocks are conditioned on.
+    assert _run(*args, "--out", str(tmp_path / "ar")) == 0
+    ar = json.loads((tmp_path / "ar" / "summary.json").read_text())
+    assert ar["mode"] == "autoregressive"
+    assert ar["policies"]["full"]["vs_gt"]["psnr"] != summary["policies"]["full"]["vs_gt"]["psnr"]
+
+
+def _video_folder(tmp_path, table):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    world, _ = bench_world(get_preset("tiny", **SMALL), training_world=TRAIN_WORLD)
+    for index, name in enumerate(("a.mp4", "b.mp4")):
+        ep = make_episode("test", index, config=world)
+        write_mp4(folder / name, ep.frames[:24], fps=8)
+    (folder / "switch_times.json").write_text(table if isinstance(table, str) else json.dumps(table))
+    return folder
+
+
+def test_real_video_mode_scores_mirror_and_explicit_pairs(tmp_path, checkpoint):
+    table = {"a.mp4": 12, "b.mp4": {"switch_frame": 13, "prompt": "a desert", "pairs": [[12, 2], [14, 0]]}}
+    folder = _video_folder(tmp_path, table)
+    episodes = {ep.name: ep for ep in video_episodes(folder, get_preset("tiny", **SMALL))}
+    assert episodes["a"].frames.shape[1:] == (16, 16, 3)
+    assert episodes["a"].history_match.tolist() == [11 - k for k in range(12)]  # mirror 2s-1-i
+    assert episodes["b"].switch_frame == 12  # rounded down to a whole block
+    assert episodes["b"].history_match[:3].tolist() == [2, -1, 0]
+    out = tmp_path / "real"
+    assert _run("--model", str(checkpoint), "--videos", str(folder), "--policies", "window", "--no-lpips",
+                "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["references"]["oracle-copy"]["vs_history"]["psnr"] == PSNR_CAP_DB
+    assert (out / "episodes" / "window" / "b.json").is_file()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("{not json", "not valid JSON"),
+    ({"a.mp4": 40}, "shorter than its switch frame 40"),
+    ({"missing.mp4": 6}, "not a file"),
+    ({"a.mp4": "six"}, "must be a switch frame"),
+    ({"a.mp4": {"switch_frame": 12, "pairs": [[12, 20]]}}, "history frame in"),
+])
+def test_bad_video_folders_are_one_input_error(tmp_path, table, message):
+    folder = _video_folder(tmp_path, table)
+    with pytest.raises(InputError, match=message):
+        video_episodes(folder, get_preset("tiny", **SMALL))
+
+
+def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
+    assert _run("--videos", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
+    assert _run("--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")) == 2
+    assert _run("--model", str(checkpoint), "--policies", "mag", "--out", str(tmp_path / "o")) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run("--model", str(checkpoint), "--videos", str(empty), "--out", str(tmp_path / "o")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("mag: error: ") for line in lines)
+    assert "not a folder" in lines[0] and "missing.safetensors" in lines[1]
+    assert "memory model" in lines[2] and "switch_times.json" in lines[3]
