@@ -42,6 +42,10 @@ class DiTConfig:
         rope_theta: base of the 3D rotary embedding.
         rope_max_positions: table length of the rotary embedding along each axis.
         action_dim: width of an optional per-frame conditioning vector (camera action); 0 = off.
+        camera_rope: camera-anchored RoPE: every forward takes each frame's horizontal camera position
+            (``width_offsets``, in patches) and adds it to the RoPE column index, so positions are
+            world columns and a revisited view sits at the same width position however long ago it
+            was seen. Off for Wan (real video has no camera track); see docs/recall.md.
         prediction: what the network output means. ``velocity`` is Wan's ``v = eps - x0``;
             ``x0`` predicts the clean latent and converts (tiny models learn this far better).
     """
@@ -61,6 +65,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
     rope_max_positions: int = 1024
     action_dim: int = 0
+    camera_rope: bool = False
     prediction: PredictionType = "velocity"
 
     @property

@@ -197,6 +197,7 @@ class WanDiT(nn.Module):
         kv_cache: KVCache | None = None,
         cache_write: bool = False,
         actions: Tensor | None = None,
+        width_offsets: Tensor | None = None,
     ) -> Tensor:
         """Denoise (or, with ``cache_write``, memorise) a run of latent frames.
 
@@ -210,6 +211,8 @@ class WanDiT(nn.Module):
             kv_cache: read in every layer; written when ``cache_write`` (then committed once).
             cache_write: store the policy's retained frames of this pass (the clean pass at t=0).
             actions: ``[B, F, action_dim]`` camera actions; None = zero action.
+            width_offsets: ``[B, F]`` horizontal camera position of each frame in patches; required
+                when ``cfg.camera_rope`` (camera-anchored RoPE), refused otherwise.
         Returns:
             ``[B, F, C_out, H, W]`` raw network output.
         """
@@ -236,7 +239,8 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(-1, (BLOCK_MODULATIONS, cfg.dim)).float()
 
         tokens = self.patch_embedding(x.transpose(1, 2).to(param_dtype)).flatten(2).transpose(1, 2)
-        rope = self.rope(positions, grid_h, grid_w)
+        offsets = self._width_offsets(width_offsets, batch, frames, x.device)
+        rope = self.rope(positions, grid_h, grid_w, offsets)
 
         cached_frames = 0
         if kv_cache is not None:
@@ -279,6 +283,18 @@ class WanDiT(nn.Module):
         if frame_positions.shape != (frames,):
             raise InputError(f"frame_positions must be [{frames}], got {list(frame_positions.shape)}")
         return frame_positions.to(device=device, dtype=torch.long)
+
+    def _width_offsets(self, width_offsets: Tensor | None, batch: int, frames: int,
+                       device: torch.device) -> Tensor | None:
+        if not self.cfg.camera_rope:
+            if width_offsets is not None:
+                raise InputError("width_offsets given but the model has dit.camera_rope=False")
+            return None
+        if width_offsets is None or tuple(width_offsets.shape) != (batch, frames):
+            found = None if width_offsets is None else list(width_offsets.shape)
+            raise InputError(f"a camera-anchored model (dit.camera_rope) needs width_offsets"
+                             f" [{batch}, {frames}] (camera position per frame, in patches), got {found}")
+        return width_offsets.to(device)
 
     @staticmethod
     def _per_frame_timestep(timestep: Tensor, batch: int, frames: int) -> Tensor:

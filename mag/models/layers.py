@@ -96,29 +96,54 @@ class RotaryEmbedding3D(nn.Module):
         self.cos.copy_(table.cos())
         self.sin.copy_(table.sin())
 
-    def forward(self, frame_positions: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    def forward(self, frame_positions: Tensor, height: int, width: int,
+                width_offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Angles for a ``[F, height, width]`` token grid in (frame, row, column) order.
 
         Args:
             frame_positions: ``[F]`` long, absolute temporal index of each frame.
+            width_offsets: optional ``[B, F]`` float, added to each frame's column indices (in patches).
+                Camera-anchored RoPE: with the camera's horizontal position here, a column's width
+                index is its *world* column, so a view seen long ago sits at the same position when
+                revisited. Fractional offsets are exact (angles are computed, not looked up).
         Returns:
-            ``(cos, sin)``, each ``[F * height * width, head_dim / 2]`` float32.
+            ``(cos, sin)``, each ``[F * height * width, head_dim / 2]`` float32, or
+            ``[B, F * height * width, head_dim / 2]`` with ``width_offsets``.
         """
         frames = frame_positions.shape[0]
+        grid_shape = (frames, height, width, -1)
+        t_cos, h_cos, w_cos = self.cos.split(self.axis_pairs, dim=1)
+        t_sin, h_sin, w_sin = self.sin.split(self.axis_pairs, dim=1)
+        if width_offsets is None:
+            w_cos_grid = w_cos[:width].view(1, 1, width, -1).expand(grid_shape)
+            w_sin_grid = w_sin[:width].view(1, 1, width, -1).expand(grid_shape)
+        else:
+            batch = width_offsets.shape[0]
+            columns = width_offsets.double()[:, :, None] + torch.arange(width, device=width_offsets.device)
+            angles = columns[..., None] * self.width_inv_freq().to(columns.device)      # [B, F, W, pairs]
+            grid_shape = (batch, frames, height, width, -1)
+            w_cos_grid = angles.cos().float()[:, :, None].expand(grid_shape)
+            w_sin_grid = angles.sin().float()[:, :, None].expand(grid_shape)
         out = []
-        for table in (self.cos, self.sin):
-            t_part, h_part, w_part = table.split(self.axis_pairs, dim=1)
+        for t_part, h_part, w_grid in ((t_cos, h_cos, w_cos_grid), (t_sin, h_sin, w_sin_grid)):
             grid = torch.cat([
-                t_part[frame_positions].view(frames, 1, 1, -1).expand(frames, height, width, -1),
-                h_part[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
-                w_part[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+                t_part[frame_positions].view(frames, 1, 1, -1).expand(grid_shape),
+                h_part[:height].view(1, height, 1, -1).expand(grid_shape),
+                w_grid,
             ], dim=-1)
-            out.append(grid.reshape(frames * height * width, -1))
+            out.append(grid.reshape(*grid_shape[:-4], frames * height * width, -1))
         return out[0], out[1]
+
+    def width_inv_freq(self) -> Tensor:
+        """Inverse frequencies of the width axis (float64), as in the tables."""
+        axis_dim = rope_axis_dims(self.head_dim)[2]
+        return 1.0 / self.theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of ``x: [B, H, N, D]`` by angles ``[N, D/2]`` (float32 math)."""
+    """Rotate interleaved channel pairs of ``x: [B, H, N, D]`` by angles ``[N, D/2]`` or ``[B, N, D/2]``."""
+    if cos.dim() == 3:  # per-sample angles (camera-anchored RoPE): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

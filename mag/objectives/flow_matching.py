@@ -54,21 +54,23 @@ def _target(scheduler: FlowMatchScheduler, x0: Tensor, noise: Tensor) -> Tensor:
 
 
 def teacher_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, x0: Tensor,
-                               context: Tensor, noise: Tensor, timestep: Tensor) -> LossOutput:
+                               context: Tensor, noise: Tensor, timestep: Tensor,
+                               width_offsets: Tensor | None = None) -> LossOutput:
     """Bidirectional flow matching on whole clips ``x0: [B, F, C, H, W]``, one noise level per clip.
 
-    ``noise`` is like ``x0``; ``timestep: [B]`` (drawn by the caller, e.g. ``sample_training_timesteps``).
+    ``noise`` is like ``x0``; ``timestep: [B]`` (drawn by the caller, e.g. ``sample_training_timesteps``);
+    ``width_offsets: [B, F]`` camera positions in patches for camera-anchored models.
     """
     _check_draws(x0, noise)
     x_t = scheduler.add_noise(x0, noise, timestep)
-    out = model(x_t, timestep, context)
+    out = model(x_t, timestep, context, width_offsets=width_offsets)
     per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
 
 
 def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, x0: Tensor,
                               context: Tensor, frames_per_block: int, noise: Tensor,
-                              block_timestep: Tensor) -> LossOutput:
+                              block_timestep: Tensor, width_offsets: Tensor | None = None) -> LossOutput:
     """Teacher-forced block-causal flow matching; each block has its own noise level.
 
     ``x0: [B, F, C, H, W]`` clean latents, ``noise`` like it, ``block_timestep: [B, F / frames_per_block]``.
@@ -85,7 +87,9 @@ def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSchedu
     timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
     positions = torch.arange(num_frames, device=x0.device).repeat(2)
     mask = teacher_forcing_mask(num_frames, frames_per_block, device=x0.device)
-    out = model(sequence, timesteps, context, frame_positions=positions, frame_mask=mask)[:, num_frames:]
+    offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
+    out = model(sequence, timesteps, context, frame_positions=positions, frame_mask=mask,
+                width_offsets=offsets)[:, num_frames:]
     per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
 

@@ -15,15 +15,17 @@ from torch import Tensor
 from mag.codecs.base import frames_to_tensor
 from mag.config import Preset
 from mag.train.recipe import DataConfig
-from mag.world import WorldConfig, get_world_config, sample_clip
+from mag.world import WorldConfig, camera_track, get_world_config, sample_clip
 
 
 @dataclass
 class ClipBatch:
-    """``video``: float ``[B, F, 3, H, W]`` in [-1, 1]; ``offsets``: float ``[B, F]`` camera positions."""
+    """``video``: float ``[B, F, 3, H, W]`` in [-1, 1]; ``offsets``: float ``[B, F]`` camera positions on the
+    cylinder (wrapping); ``camera_px``: float ``[B, F]`` unwrapped camera track relative to frame 0."""
 
     video: Tensor
     offsets: Tensor
+    camera_px: Tensor
     prompts: list[str]
 
 
@@ -50,4 +52,5 @@ class WorldClipSource:
                  for i in indices]
         video = torch.stack([frames_to_tensor(c.frames) for c in clips])
         offsets = torch.from_numpy(np.stack([c.offsets for c in clips]).astype(np.float32))
-        return ClipBatch(video=video, offsets=offsets, prompts=[c.prompt for c in clips])
+        camera = torch.from_numpy(np.stack([camera_track(c.velocities) for c in clips]))
+        return ClipBatch(video=video, offsets=offsets, camera_px=camera, prompts=[c.prompt for c in clips])

@@ -254,11 +254,14 @@ class Trainer:
         context = apply_cfg_dropout(self.text.get(batch.prompts).to(self.device), self.empty_context,
                                     draws.drop_text.to(self.device))
         timestep = draws.timestep.to(self.device)
+        offsets = (batch.camera_px / self.preset.dit.patch_size[2]).to(self.device) \
+            if self.preset.dit.camera_rope else None
         if self.recipe.objective.kind == "teacher_fm":
-            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, noise, timestep)
+            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, noise, timestep,
+                                             offsets)
         else:
             out = causal_flow_matching_loss(self.model, self.scheduler, video, context,
-                                            self.preset.cache.frames_per_block, noise, timestep)
+                                            self.preset.cache.frames_per_block, noise, timestep, offsets)
         categories = view_categories(
             batch.offsets, self.data.world.frame_width, self.data.world.pano_width,
             self.preset.cache.frames_per_block, self.recipe.objective.recall_window_frames,

@@ -29,6 +29,7 @@ from mag.world.trajectory import (
     SAME_VIEW_TOLERANCE_PX,
     Trajectory,
     backtracking_trajectory,
+    camera_track,
     last_seen,
     last_seen_all,
     switch_frame_for,
@@ -36,7 +37,8 @@ from mag.world.trajectory import (
 
 __all__ = [
     "DEFAULT_WORLD", "NUM_TEST_EPISODES", "SAME_VIEW_TOLERANCE_PX", "SPLIT_SEEDS", "THEMES", "WORLD_PRESETS",
-    "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory", "episode_seed",
+    "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory", "camera_track",
+    "episode_seed",
     "get_world_config", "last_seen", "last_seen_all", "make_clip", "make_episode", "make_panorama",
     "make_prompt", "render_frames", "sample_clip", "switch_frame_for",
 ]

@@ -17,8 +17,8 @@ import numpy as np
 from mag.errors import InputError
 from mag.world.panorama import WorldConfig
 
-__all__ = ["SAME_VIEW_TOLERANCE_PX", "Trajectory", "backtracking_trajectory", "last_seen", "last_seen_all",
-           "switch_frame_for"]
+__all__ = ["SAME_VIEW_TOLERANCE_PX", "Trajectory", "backtracking_trajectory", "camera_track", "last_seen",
+           "last_seen_all", "switch_frame_for"]
 
 # Two offsets closer than this (px, around the cylinder) show the same view.
 SAME_VIEW_TOLERANCE_PX = 1e-3
@@ -106,6 +106,15 @@ def _oscillating_steps(rng: np.random.Generator, num_frames: int, first_leg: int
         direction = -direction
     moves += [direction] * max(0, num_frames - 1 - len(moves))
     return np.concatenate([[0], np.cumsum(moves[: num_frames - 1])]).astype(np.int64)
+
+
+def camera_track(velocities: np.ndarray) -> np.ndarray:
+    """Unwrapped horizontal camera position (px) of every frame relative to frame 0: ``[T]`` float32.
+
+    ``offsets`` wrap around the cylinder; this track does not, so equal values mean the same view
+    (within one turn of the panorama). It is what camera-anchored RoPE uses as width positions.
+    """
+    return np.concatenate([[0.0], np.cumsum(velocities[1:], dtype=np.float64)]).astype(np.float32)
 
 
 def switch_frame_for(turn_frame: int, block_frames: int) -> int:
