@@ -37,8 +37,11 @@ RECIPE = (
     + "[data]\nclip_frames = 6\n[data.world]\npano_width = 64\n"
 )
 WORLD_SIZE = 2
+# Measured worst differences after 4 steps: ~2e-6, always in cross_attn.k.bias, whose true gradient is
+# zero (softmax ignores a per-query constant): AdamW scales its float-noise gradient by lr / eps.
 TOLERANCE = 1e-5
 TORCHRUN_TIMEOUT_S = 300
+PORT_ATTEMPTS = 3
 LOGGED = ("loss", "grad_norm", "loss_new", "loss_recent", "loss_recall")
 
 
@@ -49,15 +52,23 @@ def _free_port() -> int:
 
 
 def _torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
-    """``torchrun --nproc_per_node=2 -m mag.train`` on 127.0.0.1, one thread per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress", "--threads", "1",
-           *extra]
+    """``torchrun --nproc_per_node=2 -m mag.train`` on 127.0.0.1, one thread per process.
+
+    The free port is probed, then bound by torchrun a moment later; if another process took it in
+    between, the launch is retried on a new port.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
-    tail = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{tail}"
+    for _ in range(PORT_ATTEMPTS):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress",
+               "--threads", "1", *extra]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=TORCHRUN_TIMEOUT_S)
+        output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        if done.returncode == 0 or "address already in use" not in output.lower():
+            break
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{output}"
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +97,14 @@ def _assert_states_close(a: TrainingState, b: TrainingState) -> None:
         assert ta.keys() == tb.keys(), section
         for key in ta:
             assert ta[key].shape == tb[key].shape, (section, key)
-            assert (ta[key] - tb[key]).abs().max() <= TOLERANCE, (section, key)
+            diff = (ta[key] - tb[key]).abs().max().item()
+            assert diff <= TOLERANCE, f"{section} {key} differs by {diff:.3g}"
     assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
     for pid, slots in a.optimizer["state"].items():
         for name, value in slots.items():
-            assert (value - b.optimizer["state"][pid][name]).abs().max() <= TOLERANCE, (pid, name)
+            diff = (value - b.optimizer["state"][pid][name]).abs().max().item()
+            assert diff <= TOLERANCE, f"optimizer state {pid}.{name} differs by {diff:.3g}"
 
 
 def _assert_logs_close(a: list[dict], b: list[dict]) -> None:
