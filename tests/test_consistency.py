@@ -10,7 +10,9 @@ import torch
 
 from mag.bench.consistency import (
     PSNR_CAP_DB,
+    BenchEpisode,
     bench_world,
+    episode_summary,
     score_pairs,
     video_episodes,
     within_window,
@@ -111,6 +113,25 @@ def test_identical_frames_score_the_psnr_cap_and_zero_lpips():
     assert scores["psnr"][0] == PSNR_CAP_DB and scores["psnr"][1] < 20
     assert scores["lpips"][0] == 0.0 and scores["lpips"][1] > 0.05  # LPIPS ran on 16 px (upsampled)
     assert scores["ssim"][0] == pytest.approx(1.0)
+
+
+def test_episode_psnr_averages_mse_so_identical_frames_do_not_dominate():
+    frames = np.zeros((6, 16, 16, 3), dtype=np.uint8)
+    ep = BenchEpisode(name="0", frames=frames, switch_frame=3, num_generate=3, prompt="",
+                      history_match=np.array([2, 1, -1]))
+    psnr_db = np.array([PSNR_CAP_DB, 20.0, 30.0])  # identical, MSE 0.01, MSE 0.001
+    scores = {t: {"psnr": psnr_db, "ssim": np.array([1.0, 0.5, 0.2]), "lpips": np.zeros(3)}
+              for t in ("vs_gt", "vs_history")}
+    within = np.array([True, False, False])
+    summary = episode_summary(scores, ep, within)
+    # PSNR of the mean MSE of (0, 0.01): 10 log10(1 / 0.005) = 23.01 dB, not the mean of 100 and 20.
+    assert summary["vs_history"]["psnr"] == pytest.approx(-10 * np.log10(0.005), abs=1e-6)
+    assert summary["vs_history"]["frames"] == 2  # only revisited frames are scored vs history
+    assert summary["vs_history"]["within"]["psnr"] == PSNR_CAP_DB  # all identical: the cap
+    assert summary["vs_history"]["beyond"]["psnr"] == pytest.approx(20.0)
+    assert summary["vs_gt"]["unseen"]["psnr"] == pytest.approx(30.0)
+    assert summary["vs_gt"]["ssim"] == pytest.approx((1.0 + 0.5 + 0.2) / 3)  # SSIM: plain frame mean
+    assert summary["vs_history"]["by_gap"]["1-6"]["frames"] == 2  # gaps 1 and 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,11 @@ Revisited frames are split by whether ``m(i)`` is **within** the window policy's
 rows are comparable: ``beyond`` is exactly where a sliding window has forgotten the view. Revisited
 frames are also binned by gap ``i - m(i)`` (:data:`GAP_BIN_EDGES`).
 
-Aggregation: mean over the frames of an episode (per category), then mean over the episodes that have
-frames in that category. PSNR of identical frames is capped at :data:`PSNR_CAP_DB`.
+Aggregation: per episode and category, SSIM / LPIPS are the mean over its frames and PSNR is the PSNR
+of the mean MSE over its frames (identical frames -- frequent in the world: pauses, the camera coming
+round the cylinder -- then count as MSE 0 rather than as a capped dB value dominating a mean of dB);
+then the mean over the episodes that have frames in that category. Per-frame PSNR, and a category whose
+frames are all identical, is capped at :data:`PSNR_CAP_DB`.
 
 Reference rows (policy-free): ``repeat-last`` repeats the last history frame for every generated frame;
 ``oracle-copy`` copies ``m(i)`` and is scored only on revisited frames (it has nothing to copy elsewhere).
@@ -510,8 +513,23 @@ def _mean(values: np.ndarray, mask: np.ndarray) -> float | None:
     return float(chosen.mean()) if chosen.size else None
 
 
+def _psnr_of_mean_mse(psnr_db: np.ndarray, mask: np.ndarray) -> float | None:
+    """PSNR of the mean MSE of the chosen frames (frames on [0, 1], so MSE = 10^(-PSNR/10)).
+
+    Averaging MSE, not dB, lets identical frames count as MSE 0 instead of a cap that would dominate a
+    mean of dB values; the result is capped only when every chosen frame is identical.
+    """
+    chosen = psnr_db[mask & ~np.isnan(psnr_db)]
+    if not chosen.size:
+        return None
+    mse = float(np.mean(10.0 ** (-chosen / 10.0)))
+    return min(PSNR_CAP_DB, -10.0 * math.log10(mse)) if mse > 0 else PSNR_CAP_DB
+
+
 def _category_means(scores: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, Any]:
-    return {**{m: _mean(scores[m], mask) for m in METRICS}, "frames": int(mask.sum())}
+    means: dict[str, Any] = {m: _mean(scores[m], mask) for m in METRICS}
+    means["psnr"] = _psnr_of_mean_mse(scores["psnr"], mask)
+    return {**means, "frames": int(mask.sum())}
 
 
 def episode_summary(frame_scores: dict[str, dict[str, np.ndarray]], episode: BenchEpisode,
@@ -522,7 +540,7 @@ def episode_summary(frame_scores: dict[str, dict[str, np.ndarray]], episode: Ben
     out: dict[str, Any] = {}
     for target in TARGETS:
         scores = frame_scores[target]
-        scored = ~np.isnan(scores["psnr"])
+        scored = ~np.isnan(scores["psnr"]) & (revisited if target == "vs_history" else True)
         entry = _category_means(scores, scored)
         entry["within"] = _category_means(scores, scored & revisited & within)
         entry["beyond"] = _category_means(scores, scored & revisited & ~within)
