@@ -20,13 +20,13 @@ slots as a ring, sinks are never overwritten). It also says how many slots a str
 length needs. A policy is stateless: everything it needs (frames seen, frames retained,
 capacity) is read from the cache.
 
-``MemoryPolicy`` (the trained MAG memory model, a later piece of work) needs nothing new here: its
-plan is :class:`DownsamplePolicy`'s (retain the last frame of each block, optional sinks, optional
+:class:`MagPolicy` (the trained MAG memory model, :mod:`mag.memory`) needs nothing new in the plan:
+it is :class:`DownsamplePolicy`'s (retain the last frame of each block, optional sinks, optional
 ring of ``memory_slots``). The difference is *who* runs the write pass: the frozen memory model
 (same architecture, its own weights, empty text) runs the clean block at t=0 with
 ``cache_write=True`` on the same ``KVCache`` the generator reads, so the retained frame's K/V
-carry the whole block's information. A ``MemoryPolicy`` therefore only has to hold a reference
-to the memory model and its empty-text cross-attention cache, and drive that write pass.
+carry the whole block's information. A ``MagPolicy`` therefore only holds that writer
+(:class:`mag.memory.MemoryWriter`) and says which cached frames the memory model may read.
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from mag.config import DiTConfig
 from mag.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from mag.pipelines.streaming import CacheWriter
 
 # K and V are both cached.
 KV_TENSORS = 2
@@ -169,6 +172,40 @@ class DownsamplePolicy:
                 " capacity_frames(horizon) slots or set memory_slots for a bounded ring"
             )
         return WritePlan(frames=frames, slots=slots)
+
+
+class MagPolicy(DownsamplePolicy):
+    """MAG's compressed memory: :class:`DownsamplePolicy`'s plan, written by the memory model.
+
+    The plan is unchanged (sinks in full, then each block's last frame at its own RoPE position; with
+    ``memory_slots`` a ring of that many compressed frames whose oldest is evicted: the ``bounded``
+    variant). What the policy adds:
+
+    - ``writer``: the :class:`~mag.pipelines.streaming.CacheWriter` that runs the write pass
+      (:class:`mag.memory.MemoryWriter`); a streaming generator uses it when given no writer, so a
+      ``mag`` stream cannot silently fall back to the generator compressing its own blocks.
+    - :meth:`memory_view`: the cached frames the memory model may read. Uncompressed sink frames exist
+      for the generator; the memory model was trained to see only compressed frames (a block's last
+      frame), so the others are hidden from its write pass.
+    """
+
+    def __init__(self, sink_frames: int = 0, memory_slots: int | None = None,
+                 writer: CacheWriter | None = None) -> None:
+        super().__init__(sink_frames, memory_slots)
+        self.name = "mag" if memory_slots is None else "bounded"
+        self.writer = writer
+
+    def memory_view(self, cache: KVCache, frames_per_block: int) -> tuple[bool, ...] | None:
+        """Per valid cached frame (read order): may the memory model attend to it? None: to all.
+
+        Sinks occupy slots ``0..sink_frames-1`` and hold stream frames ``0..sink_frames-1`` (the first
+        retained frames); a sink that is not a block's last frame is hidden. Every other slot holds a
+        block's last frame.
+        """
+        hidden = {s for s in range(self.sink_frames) if s % frames_per_block != frames_per_block - 1}
+        if hidden.isdisjoint(cache.valid_slots):
+            return None
+        return tuple(slot not in hidden for slot in cache.valid_slots)
 
 
 @dataclass(frozen=True)
@@ -358,5 +395,5 @@ def valid_slot_positions(cache: KVCache) -> Sequence[int]:
     return cache.cached_positions().tolist()
 
 
-__all__ = ["CachePolicy", "DownsamplePolicy", "FullPolicy", "KVCache", "PendingWrite", "WindowPolicy",
-           "WritePlan", "valid_slot_positions"]
+__all__ = ["CachePolicy", "DownsamplePolicy", "FullPolicy", "KVCache", "MagPolicy", "PendingWrite",
+           "WindowPolicy", "WritePlan", "valid_slot_positions"]

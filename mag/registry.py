@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ from mag.models import WanDiT
 MODEL_FORMAT = "mag-model-v1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
 STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
+# Stages whose model can sit in a generator slot (stream, benchmark); "memory" only writes compressed K/V.
+GENERATOR_STAGES = ("teacher", "causal", "dmd", "mag-generator")
+# Stage of a training checkpoint without "stage" metadata, from its recipe's objective kind.
+STAGE_OF_OBJECTIVE = {"teacher_fm": "teacher", "causal_fm": "causal", "ode": "causal", "dmd": "dmd",
+                      "memory": "memory"}
 
 
 @dataclass(frozen=True)
@@ -140,9 +146,14 @@ def resolve_model(name_or_path: str | Path) -> Path:
     raise CheckpointError(f"no model named or at {str(name_or_path)!r}; shipped models: {names}")
 
 
-def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> tuple[WanDiT, Preset,
-                                                                                     dict[str, Any]]:
-    """Load a generator from a registry name, a model file or a training checkpoint (EMA weights).
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", *,
+               expect_stage: Sequence[str] | None = None) -> tuple[WanDiT, Preset, dict[str, Any]]:
+    """Load a model from a registry name, a model file or a training checkpoint (EMA weights).
+
+    ``expect_stage`` guards against a file in the wrong slot (a memory model and a generator share one
+    architecture, so the wrong one would load and run silently): a file whose stage is known and not in
+    ``expect_stage`` is refused. A file with no stage information (a training checkpoint from before
+    stages were recorded) passes unless a memory model is expected, which must say that it is one.
 
     Returns the model (eval mode), its preset and the decoded metadata.
     """
@@ -159,6 +170,8 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> 
         decoded = dict(state.metadata)
     if not isinstance(decoded.get("preset"), dict):
         raise CheckpointError(f"{path} carries no preset metadata; cannot build its model")
+    if expect_stage is not None:
+        _check_stage(path, model_stage(decoded), tuple(expect_stage))
     preset = preset_from_dict(decoded["preset"])
     with torch.device("meta"):
         model = WanDiT(preset.dit)
@@ -171,6 +184,35 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu") -> 
             f" ({len(missing)}), unexpected {sorted(unexpected)[:5]} ({len(unexpected)})"
         )
     return model.eval(), preset, decoded
+
+
+def model_stage(metadata: dict[str, Any]) -> str | None:
+    """The training stage recorded in decoded metadata (``stage``, else the recipe's objective), or None."""
+    stage = metadata.get("stage")
+    if isinstance(stage, str):
+        return stage
+    recipe = metadata.get("recipe")
+    objective = recipe.get("objective") if isinstance(recipe, dict) else None
+    kind = objective.get("kind") if isinstance(objective, dict) else None
+    return STAGE_OF_OBJECTIVE.get(kind) if isinstance(kind, str) else None
+
+
+def _check_stage(path: Path, stage: str | None, expected: tuple[str, ...]) -> None:
+    wanted = " / ".join(expected)
+    if stage is None:
+        if "memory" in expected:
+            raise CheckpointError(f"{path} does not say which stage it is; a {wanted} model is expected here."
+                                  " Export it with `mag export --stage memory`")
+        return
+    if stage in expected:
+        return
+    if stage == "memory":
+        hint = "; pass it as the memory model (mag.memory.load_memory_model) and load a generator here"
+    elif "memory" in expected:
+        hint = "; a generator cannot compress memory: load the stage-1 memory model file here"
+    else:
+        hint = ""
+    raise CheckpointError(f"{path} holds a {stage!r} model but a {wanted} model is expected here{hint}")
 
 
 def _maybe_json(value: str) -> Any:

@@ -8,7 +8,8 @@ sequence of blocks of ``F = preset.cache.frames_per_block`` latent frames at abs
 1. *denoise* (``generate_block`` / ``predict_block_teacher_forced``): K sampler steps; each step runs
    the generator on the noisy block, reading (never writing) the cache;
 2. *memorise*: one clean pass at t=0 with ``cache_write=True``. Who runs it is a :class:`CacheWriter`:
-   by default the generator itself (:class:`GeneratorWriter`); the MAG memory model will be another
+   by default the generator itself (:class:`GeneratorWriter`); under the ``mag`` / ``bounded``
+   policies the MAG memory model (:class:`mag.memory.MemoryWriter`, carried by the policy) is another
    writer running on the same cache with its own weights and the empty prompt.
 
 ``feed`` runs phase 2 alone on known clean frames (teacher forcing the history, as the benchmark
@@ -35,9 +36,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, WindowPolicy
+from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, MagPolicy, WindowPolicy
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.memory import MemoryWriter
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
 from mag.schedulers import FlowMatchScheduler
@@ -49,7 +51,7 @@ SamplerKind = Literal["few_step", "euler"]
 SAMPLERS: tuple[str, ...] = ("few_step", "euler")
 # Guidance scale at which classifier-free guidance is off (the conditional prediction alone).
 NO_GUIDANCE = 1.0
-# Policies that need the trained memory model, which does not exist yet.
+# Policies whose cache is written by the trained memory model (mag.memory), which must be passed in.
 MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded")
 
 
@@ -86,14 +88,20 @@ class SamplerConfig:
         return self.guidance_scale != NO_GUIDANCE
 
 
-AVAILABLE_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
+# Policies that need nothing but the generator.
+GENERATOR_ONLY_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
+AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POLICIES
 
 
-def policy_from_name(name: str, preset: Preset) -> CachePolicy:
+def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None = None,
+                     empty_context: Tensor | CrossAttentionCache | None = None) -> CachePolicy:
     """The cache policy called ``name``, sized by ``preset.cache``.
 
     ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps the sinks plus the
-    last frame of every block (unbounded). ``mag`` / ``bounded`` need the trained memory model.
+    last frame of every block (unbounded). ``mag`` keeps the same frames but their K/V are written by
+    the memory model (``memory_model``, run with ``empty_context``: the empty prompt's
+    ``[1, L, text_dim]`` embeddings); ``bounded`` is ``mag`` with a ring of ``cache.memory_slots``
+    compressed frames, so KV size and per-block cost stop growing.
     """
     cache = preset.cache
     if name == "full":
@@ -103,10 +111,16 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
     if name == "downsample":
         return DownsamplePolicy(cache.sink_frames)
     if name in MEMORY_MODEL_POLICIES:
-        raise ConfigError(
-            f"policy {name!r} needs the trained MAG memory model, which is not available yet;"
-            f" available policies: {', '.join(AVAILABLE_POLICIES)}"
-        )
+        if memory_model is None or empty_context is None:
+            missing = "memory_model" if memory_model is None else "empty_context"
+            raise ConfigError(
+                f"policy {name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
+                f" given): policy_from_name({name!r}, preset, memory_model=load_memory_model(path)[0],"
+                " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
+                f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
+            )
+        slots = cache.memory_slots if name == "bounded" else None
+        return MagPolicy(cache.sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
     raise ConfigError(f"unknown cache policy {name!r}; available policies: {', '.join(AVAILABLE_POLICIES)}")
 
 
@@ -143,6 +157,17 @@ class GeneratorWriter:
                    cache_write=True)
 
 
+def _policy_writer(policy: CachePolicy) -> CacheWriter | None:
+    """The writer a memory policy carries; a memory policy without one is refused (it would downsample)."""
+    if not isinstance(policy, MagPolicy):
+        return None
+    if policy.writer is None:
+        raise ConfigError(f"policy {policy.name!r} has no memory-model writer; build it with"
+                          f" policy_from_name({policy.name!r}, preset, memory_model=..., empty_context=...)"
+                          " or pass writer=MemoryWriter(memory_model, empty_context)")
+    return policy.writer
+
+
 # ---------------------------------------------------------------------------------------------
 # The generator
 
@@ -166,7 +191,7 @@ class StreamingGenerator:
         self.preset = preset
         self.policy = policy
         self.sampler = (sampler or SamplerConfig()).validate()
-        self.writer: CacheWriter = writer or GeneratorWriter(model)
+        self.writer: CacheWriter = writer or _policy_writer(policy) or GeneratorWriter(model)
         self.frames_per_block = preset.cache.frames_per_block
         self.cache: KVCache | None = None
         self.uncond_cache: KVCache | None = None
@@ -378,8 +403,9 @@ def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> t
         ``(model, preset, metadata)`` with the model in eval mode and the preset from the ``preset``
         metadata; ``metadata`` keeps the recipe (``recipe.data.world`` is the training world).
     Raises:
-        CheckpointError: missing, corrupt or foreign file, no preset metadata, or weights that do not fit.
+        CheckpointError: missing, corrupt or foreign file, no preset metadata, weights that do not fit, or
+            a memory model (stage ``memory``) where a generator is expected.
     """
-    from mag.registry import load_model
+    from mag.registry import GENERATOR_STAGES, load_model
 
-    return load_model(path, device=device)
+    return load_model(path, device=device, expect_stage=GENERATOR_STAGES)
