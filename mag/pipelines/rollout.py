@@ -94,6 +94,7 @@ def self_forcing_rollout(
     context_per_block: BlockContexts | None = None,
     grad_last_frames: int | None = None,
     writer: CacheWriter | None = None,
+    width_offsets: Tensor | None = None,
 ) -> Tensor:
     """Generate ``num_blocks`` blocks autoregressively with a fresh KV cache (see the module docstring).
 
@@ -115,6 +116,9 @@ def self_forcing_rollout(
             gradient of their exit step (Self-Forcing keeps the last 21 frames on long rollouts);
             None keeps every block's.
         writer: runs the clean write pass; default the generator itself (Self-Forcing).
+        width_offsets: ``[B, num_blocks * frames_per_block]`` camera position of every frame in patches,
+            for camera-anchored generators (``dit.camera_rope``); each block's denoising steps and its
+            default write pass get their frames' slice. A custom ``writer`` cannot take them.
 
     Returns:
         ``[B, num_blocks * frames_per_block, C, H, W]`` the exit-step x0 predictions of all blocks.
@@ -132,7 +136,16 @@ def self_forcing_rollout(
     cache = KVCache.for_model(generator_model.cfg, policy, tokens_per_frame=(frame_shape[1] // ph)
                               * (frame_shape[2] // pw), horizon_frames=num_frames,
                               frames_per_block=frames_per_block, batch_size=batch, dtype=dtype, device=device)
-    cache_writer: CacheWriter = writer or GeneratorWriter(generator_model)
+    if width_offsets is not None:
+        if writer is not None:
+            raise InputError("width_offsets need the default (generator) cache writer; a custom writer"
+                             " has no camera offsets")
+        if tuple(width_offsets.shape) != (batch, num_frames):
+            raise InputError(f"width_offsets must be [{batch}, {num_frames}], got"
+                             f" {list(width_offsets.shape)}")
+        width_offsets = width_offsets.to(device)
+    cache_writer: CacheWriter = writer or (GeneratorWriter(generator_model) if width_offsets is None
+                                           else _CameraGeneratorWriter(generator_model, width_offsets))
     levels = scheduler.few_step_timesteps().to(device)
     timesteps = [level.expand(batch).contiguous() for level in levels[:exit_step]]
     first_grad_frame = 0 if grad_last_frames is None else num_frames - grad_last_frames
@@ -143,24 +156,41 @@ def self_forcing_rollout(
         for block in range(num_blocks):
             frames = slice(block * frames_per_block, (block + 1) * frames_per_block)
             positions = torch.arange(frames.start, frames.stop, device=device)
+            offsets = None if width_offsets is None else width_offsets[:, frames]
             source = context if context_per_block is None else _block_context(context_per_block, block)
             block_context = _encode(generator_model, source, batch, encoded)
             x = noise_draws[_INITIAL_DRAW, :, frames].to(device=device, dtype=dtype)
             with torch.no_grad():
                 for step in range(exit_step - 1):
                     out = generator_model(x, timesteps[step], block_context, frame_positions=positions,
-                                          kv_cache=cache)
+                                          kv_cache=cache, width_offsets=offsets)
                     x0 = scheduler.to_x0(out, x, timesteps[step])
                     fresh = noise_draws[step + 1, :, frames].to(device=device, dtype=dtype)
                     x = scheduler.add_noise(x0, fresh, timesteps[step + 1])
             t_exit = timesteps[exit_step - 1]
             with torch.set_grad_enabled(torch.is_grad_enabled() and frames.start >= first_grad_frame):
-                out = generator_model(x, t_exit, block_context, frame_positions=positions, kv_cache=cache)
+                out = generator_model(x, t_exit, block_context, frame_positions=positions, kv_cache=cache,
+                                      width_offsets=offsets)
                 x0 = scheduler.to_x0(out, x, t_exit)
             with torch.no_grad():
                 cache_writer.write(cache, x0.detach(), positions, block_context)
             outputs.append(x0)
     return torch.cat(outputs, dim=1)
+
+
+class _CameraGeneratorWriter:
+    """The generator's write pass for a camera-anchored rollout: the block's frames keep their camera
+    positions (``width_offsets`` ``[B, N]`` of the whole rollout, indexed by the block's frame positions)."""
+
+    def __init__(self, model: WanDiT, width_offsets: Tensor) -> None:
+        self.model = model
+        self.width_offsets = width_offsets
+
+    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
+              context: CrossAttentionCache) -> None:
+        zero = torch.zeros(clean_block.shape[0], device=clean_block.device)
+        self.model(clean_block, zero, context, frame_positions=frame_positions, kv_cache=cache,
+                   cache_write=True, width_offsets=self.width_offsets[:, frame_positions])
 
 
 def _block_context(context_per_block: BlockContexts, block: int) -> ContextSource:

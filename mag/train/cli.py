@@ -8,14 +8,20 @@ import math
 from pathlib import Path
 
 from mag.errors import InputError
+from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
+
+# Euler steps of the teacher's ODE in `mag train ode-pairs` (Self-Forcing samples its teacher with 48;
+# 48 puts the levels 1000, 750, 500, 250 on the grid).
+DEFAULT_ODE_STEPS = 48
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
-        "train", help="train a recipe (teacher, causal init, ...)",
-        description="Train one recipe into an output folder with resumable checkpoints.")
-    train.add_argument("--recipe", required=True, help="TOML recipe file (see recipes/)")
-    train.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, recipe.json")
+        "train", help="train a recipe (teacher, causal init, DMD, ...); ode-pairs for the ODE init",
+        description="Train one recipe into an output folder with resumable checkpoints, or (ode-pairs)"
+                    " write the teacher trajectories the 'ode' objective regresses.")
+    train.add_argument("--recipe", help="TOML recipe file (see recipes/); required unless a subcommand")
+    train.add_argument("--out", help="run folder: checkpoints/, metrics.jsonl, recipe.json")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many more steps (a time-boxed sitting); resume later")
@@ -24,6 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(func=_train)
+
+    tools = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=False)
+    pairs = tools.add_parser(
+        "ode-pairs", help="sample teacher ODE trajectories for the 'ode' objective",
+        description="Integrate the teacher's guided ODE (many Euler steps) on world clips' prompts and store"
+                    " its state at the few-step levels and its endpoint in one safetensors file.")
+    pairs.add_argument("--teacher", required=True, help="teacher model file, checkpoint or registry name")
+    pairs.add_argument("--out", dest="pairs_out", required=True, help="output .safetensors")
+    pairs.add_argument("--clips", type=int, required=True, help="number of clips (trajectories)")
+    pairs.add_argument("--steps", type=int, default=DEFAULT_ODE_STEPS,
+                       help="Euler steps; the few-step levels must fall on the grid (default %(default)s)")
+    pairs.add_argument("--guidance-scale", type=float, default=SELF_FORCING_GUIDANCE_SCALE,
+                       help="CFG scale x0_u + s (x0_c - x0_u), 1 = off (default %(default)s)")
+    pairs.add_argument("--frames", type=int, default=None,
+                       help="latent frames per clip (default: the teacher recipe's data.clip_frames)")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the clips' prompts and noise")
+    pairs.add_argument("--batch", type=int, default=8, help="clips sampled together")
+    pairs.add_argument("--device", dest="pairs_device", default="cpu", help="torch device")
+    pairs.add_argument("--no-progress", dest="pairs_no_progress", action="store_true", help="no progress bar")
+    pairs.set_defaults(func=_ode_pairs)
 
     plot = subparsers.add_parser("plot", help="plot training curves from metrics.jsonl",
                                  description="Draw loss and recall-signal curves of one or more runs.")
@@ -41,6 +67,8 @@ def _train(args: argparse.Namespace) -> int:
     from mag.train.recipe import load_recipe
     from mag.train.trainer import Trainer
 
+    if not args.recipe or not args.out:
+        raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
@@ -52,6 +80,24 @@ def _train(args: argparse.Namespace) -> int:
         destroy(ctx)
     if ctx.is_main:
         print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _ode_pairs(args: argparse.Namespace) -> int:
+    """Write the ODE-regression pairs of a teacher (``mag train ode-pairs``)."""
+    import time
+
+    from mag.objectives.ode import save_ode_pairs
+    from mag.train.stages import make_ode_pairs
+
+    start = time.perf_counter()
+    pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,
+                           guidance_scale=args.guidance_scale, seed=args.seed, frames=args.frames,
+                           batch_size=args.batch, device=args.pairs_device,
+                           progress=not args.pairs_no_progress)
+    out = save_ode_pairs(args.pairs_out, pairs)
+    print(f"wrote {out}: {len(pairs)} trajectories of {pairs.x0.shape[1]} frames at levels"
+          f" {[round(t, 1) for t in pairs.timesteps.tolist()]} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

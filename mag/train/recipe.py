@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mag.config import Preset, get_preset, replace_nested
-from mag.errors import ConfigError
+from mag.errors import ConfigError, InputError
+from mag.objectives.dmd import (
+    HISTORY_MODES,
+    SELF_FORCING_CRITIC_STEPS,
+    SELF_FORCING_GUIDANCE_SCALE,
+    DMDStepConfig,
+    HistoryMode,
+    num_score_windows,
+)
 
-ObjectiveKind = Literal["teacher_fm", "causal_fm"]
-OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm")
+# Self-Forcing's AdamW betas for the critic (and the generator) in the DMD stage.
+SELF_FORCING_DMD_BETAS = (0.0, 0.999)
+
+ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd"]
+OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd")
+# Objectives whose student is block-causal (the others train the bidirectional teacher).
+CAUSAL_OBJECTIVES: tuple[str, ...] = ("causal_fm", "ode", "dmd")
 
 
 @dataclass(frozen=True)
@@ -89,10 +102,12 @@ class ObjectiveConfig:
     """Which loss, and its knobs.
 
     Attributes:
-        kind: ``teacher_fm`` (bidirectional flow matching) or ``causal_fm`` (teacher-forced
-            block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init).
+        kind: ``teacher_fm`` (bidirectional flow matching), ``causal_fm`` (teacher-forced
+            block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init), ``ode``
+            (the causal student regresses the teacher's ODE endpoint from its trajectory, Self-Forcing's
+            init; needs ``ode.pairs``) or ``dmd`` (Self-Forcing DMD with a critic; needs ``dmd.teacher``).
         cfg_dropout: probability of replacing the prompt with the empty prompt (enables CFG and
-            teaches the model to draw from history alone).
+            teaches the model to draw from history alone); flow-matching kinds only.
         recall_window_frames: frames counted as "recent" for the recall-signal log: a pixel whose
             view was last seen more than this many frames ago is a recall pixel.
     """
@@ -109,6 +124,102 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Where the trained model's initial weights come from.
+
+    Attributes:
+        model: a model file, training checkpoint (its EMA weights) or registry name, loaded with
+            :func:`mag.registry.load_model`; its ``dit`` config must equal the recipe's. Empty: random
+            initialisation from ``loop.seed``. Read once at the start of a run, not on resume.
+    """
+
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class ODEConfig:
+    """The ``ode`` objective's data: a file written by ``mag train ode-pairs``.
+
+    Attributes:
+        pairs: safetensors file of teacher trajectories (:mod:`mag.objectives.ode`).
+    """
+
+    pairs: str = ""
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    """Self-Forcing DMD (``objective.kind = "dmd"``): frozen teacher, trained critic, student rollouts.
+
+    Attributes:
+        teacher: the frozen real score (model file, checkpoint or registry name).
+        critic: initial weights of the fake score; empty: a trainable copy of the teacher.
+        critic_lr: the critic's AdamW learning rate (warmed up like ``optim.lr``).
+        critic_betas: the critic's AdamW betas (Self-Forcing: (0, 0.999)).
+        critic_steps_per_generator_step: the critic updates every optimizer step, the generator every
+            n-th (Self-Forcing: 5).
+        guidance_scale: CFG of the real score, ``x0_u + s (x0_c - x0_u)`` (1 = off; Self-Forcing's 3.0
+            is 4.0 here).
+        rollout_blocks: blocks the student generates per rollout; the rollout's frames
+            (``rollout_blocks * frames_per_block``) must tile into teacher windows and fit
+            ``data.clip_frames`` (the clips give prompts and camera tracks).
+        teacher_frames: clip length the teacher and critic score (windows of the rollout).
+        window_overlap_frames: frames a window shares with the previous one.
+        history_lambda: λ of ``(1-λ) L_DMD + λ L_history`` (0: plain Self-Forcing DMD).
+        history_mode: ``weight`` or ``probability`` (see :func:`mag.objectives.dmd.combine`).
+    """
+
+    teacher: str = ""
+    critic: str = ""
+    critic_lr: float = 1e-4
+    critic_betas: tuple[float, float] = SELF_FORCING_DMD_BETAS
+    critic_steps_per_generator_step: int = SELF_FORCING_CRITIC_STEPS
+    guidance_scale: float = SELF_FORCING_GUIDANCE_SCALE
+    rollout_blocks: int = 2
+    teacher_frames: int = 6
+    window_overlap_frames: int = 0
+    history_lambda: float = 0.0
+    history_mode: HistoryMode = "weight"
+
+    def step_config(self, preset: Preset) -> DMDStepConfig:
+        """The objective-level config (timestep clamp from the preset's scheduler); validates it."""
+        return DMDStepConfig.for_scheduler(
+            preset.scheduler, guidance_scale=self.guidance_scale,
+            critic_steps_per_generator_step=self.critic_steps_per_generator_step,
+            history_lambda=self.history_lambda, history_mode=self.history_mode,
+            teacher_frames=self.teacher_frames, window_overlap_frames=self.window_overlap_frames)
+
+    def validate(self, preset: Preset, clip_frames: int) -> None:
+        if not self.teacher:
+            raise ConfigError("objective.kind = 'dmd' needs dmd.teacher (a model file or registry name)")
+        if self.critic_lr <= 0:
+            raise ConfigError(f"dmd.critic_lr must be > 0, got {self.critic_lr}")
+        if len(self.critic_betas) != 2 or not all(0 <= b < 1 for b in self.critic_betas):
+            raise ConfigError(f"dmd.critic_betas must be two values in [0, 1), got {self.critic_betas}")
+        if self.rollout_blocks < 1:
+            raise ConfigError(f"dmd.rollout_blocks must be >= 1, got {self.rollout_blocks}")
+        if self.history_mode not in HISTORY_MODES:
+            raise ConfigError(f"dmd.history_mode must be one of {', '.join(HISTORY_MODES)}, got"
+                              f" {self.history_mode!r}")
+        self.step_config(preset)
+        fpb = preset.cache.frames_per_block
+        frames = self.rollout_blocks * fpb
+        if frames > clip_frames:
+            raise ConfigError(f"dmd.rollout_blocks={self.rollout_blocks} makes {frames} frames, more than"
+                              f" data.clip_frames={clip_frames} (the clips give prompts and camera tracks)")
+        if self.teacher_frames % fpb:
+            raise ConfigError(f"dmd.teacher_frames={self.teacher_frames} must be a multiple of the block"
+                              f" size {fpb}")
+        try:
+            windows = num_score_windows(frames, self.teacher_frames, self.window_overlap_frames)
+        except InputError as err:
+            raise ConfigError(f"dmd.rollout_blocks / dmd.teacher_frames: {err}") from err
+        if self.history_lambda > 0 and windows < 2:
+            raise ConfigError(f"dmd.history_lambda > 0 needs a rollout of >= 2 teacher windows; "
+                              f"{frames} frames hold {windows} of dmd.teacher_frames={self.teacher_frames}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     preset: str = "tiny"
@@ -117,6 +228,14 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the trained model is the block-causal student (not the bidirectional teacher)."""
+        return self.objective.kind in CAUSAL_OBJECTIVES
 
     def build_preset(self) -> Preset:
         return get_preset(self.preset, **self.preset_overrides)
@@ -127,6 +246,10 @@ class Recipe:
         self.optim.validate()
         self.loop.validate()
         self.data.validate(preset.cache.frames_per_block)
+        if self.objective.kind == "ode" and not self.ode.pairs:
+            raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
+        if self.objective.kind == "dmd":
+            self.dmd.validate(preset, self.data.clip_frames)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,8 +283,16 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_differences(stored: dict[str, Any], current: Recipe) -> list[str]:
-    """Fields whose values differ, except those in RESUMABLE_CHANGES; ``[]`` means resume is safe."""
+    """Fields whose values differ, except those in RESUMABLE_CHANGES; ``[]`` means resume is safe.
+
+    Sections and fields a stored recipe lacks (written before they existed) count as their defaults,
+    so older checkpoints resume under recipes that leave the new fields at their defaults.
+    """
     now = current.to_dict()
+    defaults = Recipe(name=current.name).to_dict()
+    stored = {section: {**defaults[section], **value}
+              if isinstance(value, dict) and isinstance(defaults.get(section), dict) else value
+              for section, value in {**defaults, **stored}.items()}
     diffs: list[str] = []
     for section in sorted(set(stored) | set(now)):
         a, b = stored.get(section), now.get(section)

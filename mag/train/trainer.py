@@ -23,21 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mag.errors import CheckpointError
-from mag.models import WanDiT
-from mag.objectives.flow_matching import (
-    LossOutput,
-    apply_cfg_dropout,
-    causal_flow_matching_loss,
-    teacher_flow_matching_loss,
-)
 from mag.schedulers import FlowMatchScheduler
-from mag.text import PromptEmbeddingCache, get_text_encoder
 from mag.train.checkpoint import (
     TrainingState,
     capture_rng,
@@ -61,10 +52,26 @@ from mag.train.parallelize import (
     parallelize_dit,
     shard_like,
 )
-from mag.train.recall import CATEGORY_NAMES, category_losses, view_categories
+from mag.train.recall import CATEGORY_NAMES, category_losses
 from mag.train.recipe import Recipe, recipe_differences
+from mag.train.stages import (
+    DMDStage,
+    FlowMatchingStage,
+    ODEStage,
+    SampleDraws,
+    StageContext,
+    SupervisedStage,
+    build_model,
+    prompt_cache,
+    sample_generator,
+)
+
+__all__ = ["Parallelize", "SampleDraws", "TrainResult", "Trainer", "build_model", "prompt_cache",
+           "sample_generator"]
 
 Parallelize = Callable[[nn.Module], nn.Module]
+# Per-step statistics that are not averaged over ranks when logged.
+_CATEGORY_STATS = ("category_mean", "category_count")
 
 
 @dataclass
@@ -75,42 +82,13 @@ class TrainResult:
     metrics_path: Path
 
 
-def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> WanDiT:
-    """Build on the meta device, materialise on ``device``, initialise from the recipe seed."""
-    preset = recipe.build_preset()
-    with torch.device("meta"):
-        model = WanDiT(preset.dit)
-    model.to_empty(device=device)
-    torch.manual_seed(recipe.loop.seed)
-    model.init_weights()
-    return model
-
-
-@functools.lru_cache(maxsize=4)
-def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
-    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
-    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
-
-
-def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
-    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so resuming,
-    or splitting the batch across data-parallel ranks, reproduces them exactly."""
-    state = np.random.SeedSequence([seed, step, micro, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
-
-
-@dataclass
-class SampleDraws:
-    """Random draws of a micro-batch: ``noise`` like the clips, ``timestep`` ``[B]`` (teacher) or
-    ``[B, blocks]`` (causal), ``drop_text`` ``[B]`` bool (CFG dropout)."""
-
-    noise: Tensor
-    timestep: Tensor
-    drop_text: Tensor
-
-
 class Trainer:
     """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``).
+
+    The objective kind picks the stage (:mod:`mag.train.stages`): flow matching and ODE regression
+    give one loss per micro-batch and run in :meth:`train_step`'s loop; DMD runs its own
+    generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
+    EMA is what ``mag export`` ships.
 
     ``dist`` places this process in a data-parallel group (its device then replaces ``device``); with
     ``world_size > 1`` the model is sharded by ``parallelize`` (default :func:`parallelize_dit`).
@@ -140,10 +118,11 @@ class Trainer:
             )
         resume_state = self._load_resume_state(existing) if resume and existing is not None else None
 
-        # Every rank builds the full model from the recipe seed, then shards it: all start from the
-        # single-process weights. The EMA shadow is built after sharding, so it is sharded like the
-        # parameters (elementwise, hence the same math) and gathered only when saved.
-        self.model = build_model(recipe, self.device)
+        # Every rank builds the full model from the recipe seed (or init.model), then shards it: all start
+        # from the single-process weights. The EMA shadow is built after sharding, so it is sharded like
+        # the parameters (elementwise, hence the same math) and gathered only when saved. A resumed run
+        # takes its weights from the checkpoint and does not read init.model.
+        self.model = build_model(recipe, self.device, init=resume_state is None)
         if parallelize is None and self.dist.is_distributed:
             parallelize = functools.partial(parallelize_dit, mesh_or_ctx=self.dist)
         if parallelize is not None:
@@ -155,12 +134,19 @@ class Trainer:
         )
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
-        if resume_state is not None:
-            self._restore(resume_state)
 
         self.data = WorldClipSource(self.preset, recipe.data, recipe.loop.seed)
         self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
         self.empty_context = self.text.get([""]).to(self.device)
+        ctx = StageContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
+                           self.device)
+        kind = recipe.objective.kind
+        self.dmd: DMDStage | None = (DMDStage(ctx, self.model, self.dist, parallelize) if kind == "dmd"
+                                     else None)
+        self.stage: SupervisedStage | DMDStage = (
+            self.dmd if self.dmd is not None else ODEStage(ctx) if kind == "ode" else FlowMatchingStage(ctx))
+        if resume_state is not None:
+            self._restore(resume_state)
 
     # ------------------------------------------------------------------ resume
     def _load_resume_state(self, path: Path) -> TrainingState:
@@ -193,6 +179,8 @@ class Trainer:
                 load_full_optimizer_state(self.model, self.optimizer, state.optimizer)
             else:
                 self.optimizer.load_state_dict(state.optimizer)
+        if self.dmd is not None:
+            self.dmd.load_state(state.extra, state.metadata)
         restore_rng(state.rng)
         self.step = state.step
         self.train_seconds = float(state.metadata.get("train_seconds", 0.0))
@@ -210,6 +198,7 @@ class Trainer:
         else:
             model, ema = self.model.state_dict(), self.ema.state_dict()
             optimizer = self.optimizer.state_dict()
+        extra, extra_metadata = self.dmd.state() if self.dmd is not None else ({}, {})
         if not self.is_main:
             barrier(self.dist)
             return None
@@ -222,59 +211,37 @@ class Trainer:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "world_size": self.dist.world_size,
+            **extra_metadata,
         }
         state = TrainingState(step=self.step, model=dict(model), ema=ema, optimizer=optimizer,
-                              rng=capture_rng(), metadata=metadata, extra={})
+                              rng=capture_rng(), metadata=metadata, extra=extra)
         try:
             return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
         finally:
             barrier(self.dist)
 
     # ------------------------------------------------------------------ one step
-    def _lr(self, step: int) -> float:
+    def _lr_scale(self, step: int) -> float:
+        """Linear warm-up factor of every learning rate at ``step``."""
         warmup = self.recipe.optim.warmup_steps
-        return self.recipe.optim.lr * min(1.0, (step + 1) / warmup) if warmup else self.recipe.optim.lr
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
-    def _draws(self, micro: int, indices: range, clip_shape: tuple[int, ...]) -> SampleDraws:
-        frames_per_block = self.preset.cache.frames_per_block
-        causal = self.recipe.objective.kind == "causal_fm"
-        per_sample_t = (1, clip_shape[0] // frames_per_block) if causal else (1,)
-        noise, timestep, drop = [], [], []
-        for i in indices:
-            gen = sample_generator(self.recipe.loop.seed, self.step, micro, i)
-            timestep.append(self.scheduler.sample_training_timesteps(per_sample_t, generator=gen))
-            drop.append(torch.rand(1, generator=gen) < self.recipe.objective.cfg_dropout)
-            noise.append(torch.randn(clip_shape, generator=gen))
-        return SampleDraws(torch.stack(noise), torch.cat(timestep), torch.cat(drop))
-
-    def _loss(self, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
-        batch = self.data.batch(self.step, micro, indices)
-        draws = self._draws(micro, indices, tuple(batch.video.shape[1:]))
-        video, noise = batch.video.to(self.device), draws.noise.to(self.device)
-        context = apply_cfg_dropout(self.text.get(batch.prompts).to(self.device), self.empty_context,
-                                    draws.drop_text.to(self.device))
-        timestep = draws.timestep.to(self.device)
-        offsets = (batch.camera_px / self.preset.dit.patch_size[2]).to(self.device) \
-            if self.preset.dit.camera_rope else None
-        if self.recipe.objective.kind == "teacher_fm":
-            out = teacher_flow_matching_loss(self.model, self.scheduler, video, context, noise, timestep,
-                                             offsets)
-        else:
-            out = causal_flow_matching_loss(self.model, self.scheduler, video, context,
-                                            self.preset.cache.frames_per_block, noise, timestep, offsets)
-        categories = view_categories(
-            batch.offsets, self.data.world.frame_width, self.data.world.pano_width,
-            self.preset.cache.frames_per_block, self.recipe.objective.recall_window_frames,
-        ).to(self.device)
-        return out, categories
+    def _lr(self, step: int) -> float:
+        return self.recipe.optim.lr * self._lr_scale(step)
 
     def train_step(self) -> dict[str, Tensor]:
         """One optimiser step on this rank's slice of every micro-batch; device tensors, no host sync.
 
         Returns ``loss`` (mean over this rank's samples), ``grad_norm`` (global) and, per micro-batch and
         view category, ``category_mean`` / ``category_count`` ``[grad_accum, categories]`` -- the counts
-        let :meth:`_log_record` weight ranks' category means exactly.
+        let :meth:`_log_record` weight ranks' category means exactly. A DMD step returns the stage's
+        statistics instead (:meth:`DMDStage.train_step`).
         """
+        if self.dmd is not None:
+            stats = self.dmd.train_step(self.step, self.optimizer, self.ema, self._lr_scale(self.step),
+                                        self.sample_indices)
+            self.step += 1
+            return stats
         loop = self.recipe.loop
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
@@ -283,7 +250,7 @@ class Trainer:
         category_mean = torch.zeros(loop.grad_accum, len(CATEGORY_NAMES), device=self.device)
         category_count = torch.zeros_like(category_mean)
         for micro in range(loop.grad_accum):
-            out, categories = self._loss(micro, self.sample_indices)
+            out, categories = self.stage.loss(self.model, self.step, micro, self.sample_indices)
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
             means = category_losses(out.per_element, categories)
@@ -298,16 +265,22 @@ class Trainer:
                 "category_count": category_count}
 
     def _log_record(self, stats: dict[str, Tensor]) -> dict[str, Any]:
-        """Host numbers of one step, reduced over ranks: the mean loss over the global batch, and per
-        category the count-weighted mean (what one process on the whole batch would log)."""
-        loss = all_reduce_mean({"loss": stats["loss"]}, self.dist)["loss"]
-        means = stats["category_mean"]
+        """Host numbers of one step, reduced over ranks: losses averaged over the global batch, gradient
+        norms as they are (already global), and per category the count-weighted mean (what one process
+        on the whole batch would log)."""
+        norms = {k: local_value(v) for k, v in stats.items() if k.endswith("grad_norm")}
+        means = all_reduce_mean({k: v for k, v in stats.items()
+                                 if k not in norms and k not in _CATEGORY_STATS}, self.dist)
+        if "category_mean" not in stats:
+            return _to_host({**means, **norms})
+        means_by_category = stats["category_mean"]
         if self.dist.is_distributed:
             counts = stats["category_count"]
-            summed = all_reduce_sum(torch.stack([torch.nan_to_num(means) * counts, counts]), self.dist)
-            means = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), math.nan)
-        per_category = (means / self.recipe.loop.grad_accum).sum(0)
-        return _to_host({"loss": loss, "grad_norm": local_value(stats["grad_norm"]),
+            summed = all_reduce_sum(torch.stack([torch.nan_to_num(means_by_category) * counts, counts]),
+                                    self.dist)
+            means_by_category = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), math.nan)
+        per_category = (means_by_category / self.recipe.loop.grad_accum).sum(0)
+        return _to_host({**means, **norms,
                          **{f"loss_{name}": per_category[i] for i, name in enumerate(CATEGORY_NAMES)}})
 
     # ------------------------------------------------------------------ loop
@@ -318,8 +291,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
-        tokens_per_step = (loop.batch_size * self.recipe.data.clip_frames * self.preset.tokens_per_frame
-                           * (2 if self.recipe.objective.kind == "causal_fm" else 1))
+        tokens_per_step = loop.batch_size * self.stage.tokens_per_sample
         bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.is_main),
                    desc=self.recipe.name, unit="step", dynamic_ncols=True)
         last_loss, ckpt = math.nan, None
