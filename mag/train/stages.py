@@ -301,6 +301,9 @@ class DMDStage:
             weight_decay=recipe.optim.weight_decay)
         if is_sharded(generator):
             _register_rollout_methods(generator)
+        # Camera tracks go to whichever of the three networks is camera-anchored (each gets its own
+        # frames' positions; a plain network gets none).
+        self.camera_anchored = any(_camera_anchored(m) for m in (generator, self.teacher, self.critic))
         fpb = preset.cache.frames_per_block
         self.frames_per_block = fpb
         self.num_frames = self.dmd.rollout_blocks * fpb
@@ -368,7 +371,8 @@ class DMDStage:
         ctx = self.ctx
         batch = ctx.data.batch(step, micro, indices)
         context = ctx.text.get(batch.prompts).to(ctx.device)
-        offsets = ctx.width_offsets(batch.camera_px[:, :self.num_frames])
+        camera = batch.camera_px[:, :self.num_frames]
+        offsets = (camera / ctx.preset.dit.patch_size[2]).to(ctx.device) if self.camera_anchored else None
         return _Clips(context, ctx.empty_context.expand_as(context), offsets)
 
     def _rollout(self, clips: _Clips, exit_step: int, noise_draws: Tensor, *, grad: bool,
@@ -498,9 +502,14 @@ class DMDStage:
         self.critic_optimizer.load_state_dict(optim)
 
 
+def _camera_anchored(model: nn.Module) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return bool(cfg is not None and cfg.camera_rope)
+
+
 def _for(model: nn.Module, width_offsets: Tensor | None) -> Tensor | None:
     """Camera positions for ``model`` if it is camera-anchored, else None (it refuses them)."""
-    return width_offsets if getattr(model, "cfg", None) is not None and model.cfg.camera_rope else None
+    return width_offsets if _camera_anchored(model) else None
 
 
 def _x0_score(model: nn.Module, scheduler: FlowMatchScheduler,
