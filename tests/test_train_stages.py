@@ -301,6 +301,28 @@ def test_dmd_kill_and_resume_is_bitwise_identical(teacher, tmp_path):
     assert any(k.startswith("critic.model.") for k in saved.extra) and "critic_optimizer" in saved.metadata
 
 
+def test_window_by_window_dmd_loss_is_the_windowed_dmd_generator_loss(teacher, tmp_path):
+    from mag.objectives.dmd import dmd_generator_loss, x0_predictor
+    from mag.train.stages import _Clips
+
+    trainer = Trainer(_dmd(teacher, dmd={"guidance_scale": 2.5}), tmp_path, progress=False)
+    stage, gen = trainer.dmd, torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 3, 16, 16, generator=gen, requires_grad=True)
+    t, noise = torch.tensor([[300.0, 700.0], [500.0, 900.0]]), torch.randn(2, 2, 3, 3, 16, 16, generator=gen)
+    context = torch.randn(2, 1, 384, generator=gen)
+    clips = _Clips(context, trainer.empty_context.expand_as(context), None)
+    ours, _ = stage._dmd_loss(*stage._windows(x, None), t, noise, clips)
+    (grad_ours,) = torch.autograd.grad(ours, x)
+    reference = dmd_generator_loss(x, x0_predictor(stage.teacher, trainer.scheduler),
+                                   x0_predictor(stage.critic, trainer.scheduler), trainer.scheduler, t, noise,
+                                   context=context, uncond_context=clips.uncond, guidance_scale=2.5,
+                                   window_frames=3).loss
+    (grad_reference,) = torch.autograd.grad(reference, x)
+    assert ours > 0
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=1e-6, atol=1e-12)
+
+
 def test_resume_with_a_changed_dmd_field_is_refused(teacher, tmp_path):
     Trainer(_dmd(teacher, steps=2), tmp_path, progress=False).run()
     with pytest.raises(CheckpointError, match="dmd.guidance_scale"):

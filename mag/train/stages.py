@@ -65,6 +65,7 @@ from mag.text import PromptEmbeddingCache, get_text_encoder
 from mag.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
 from mag.train.data import WorldClipSource
 from mag.train.distributed import DistributedContext
+from mag.train.ema import EMA
 from mag.train.parallelize import (
     full_model_state,
     full_optimizer_state,
@@ -328,7 +329,7 @@ class DMDStage:
         return model
 
     # -------------------------------------------------------------------------- one step
-    def train_step(self, step: int, optimizer: torch.optim.Optimizer, ema: Any, lr_scale: float,
+    def train_step(self, step: int, optimizer: torch.optim.Optimizer, ema: EMA, lr_scale: float,
                    indices: range) -> dict[str, Tensor]:
         """One optimiser step: maybe the generator (schedule), then the critic; device tensors.
 
