@@ -172,9 +172,9 @@ def test_rollout_gradient_flows_only_through_the_exit_step(make_dit, scheduler):
     caches = []
 
     class SpyWriter(GeneratorWriter):
-        def write(self, cache, clean_block, frame_positions, ctx):
+        def write(self, cache, clean_block, frame_positions, ctx, *, width_offsets=None):
             caches.append(cache)
-            super().write(cache, clean_block, frame_positions, ctx)
+            super().write(cache, clean_block, frame_positions, ctx, width_offsets=width_offsets)
 
     x = _rollout(model, scheduler, context, exit_step=exit_step, draws=draws, writer=SpyWriter(model))
     (x * weights).sum().backward()

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="episode seeds start here instead of the split's range")
     c.add_argument("--excursion-scale", type=float, default=1.0,
                    help="multiply the world's excursion lengths (longer = more beyond-window revisits)")
+    c.add_argument("--episode-frames", type=int, default=None,
+                   help="episode length in frames (default: the world's, made long enough for the return"
+                        " leg); keep it within the model's training clip length to stay in distribution")
     c.add_argument("--frames-after", type=int, default=None,
                    help="frames to generate after the switch (whole blocks; default: to the episode end)")
     c.add_argument("--teacher-forced", action="store_true",
@@ -128,7 +131,8 @@ def _consistency(args: argparse.Namespace) -> int:
         world_info = {"videos": str(Path(args.videos).resolve())}
     else:
         world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None,
-                                    excursion_scale=args.excursion_scale, frames_after=args.frames_after)
+                                    excursion_scale=args.excursion_scale, frames_after=args.frames_after,
+                                    episode_frames=args.episode_frames)
         count = args.episodes if args.episodes is not None else NUM_TEST_EPISODES
         episodes = world_episodes(world, split=args.split, count=count, seed_base=args.seed_base,
                                   frames_after=args.frames_after)

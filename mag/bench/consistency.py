@@ -59,7 +59,7 @@ from mag.errors import ConfigError, InputError
 from mag.models.dit import WanDiT
 from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, policy_from_name
 from mag.schedulers import FlowMatchScheduler
-from mag.world import WorldConfig, get_world_config, last_seen, make_episode
+from mag.world import WorldConfig, camera_track, get_world_config, last_seen, make_episode
 
 __all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
            "ConsistencyResult", "RowScores", "bench_world", "gap_bin_labels", "run_consistency",
@@ -93,6 +93,8 @@ class BenchEpisode:
         num_generate: generated frames after the switch (whole blocks).
         prompt: text prompt of the stream.
         history_match: int64 ``[num_generate]``: history frame showing the same view, -1 where none.
+        camera_px: float32 ``[T]`` unwrapped horizontal camera track (px, relative to frame 0), or None
+            when unknown (real videos). Camera-anchored models (``dit.camera_rope``) need it.
     """
 
     name: str
@@ -101,6 +103,7 @@ class BenchEpisode:
     num_generate: int
     prompt: str
     history_match: np.ndarray
+    camera_px: np.ndarray | None = None
 
     @property
     def frame_indices(self) -> np.ndarray:
@@ -122,7 +125,8 @@ def within_window(frame_index: np.ndarray, seen_index: np.ndarray, cache: CacheC
 
 
 def bench_world(preset: Preset, *, name: str | None = None, training_world: dict[str, Any] | None = None,
-                excursion_scale: float = 1.0, frames_after: int | None = None) -> tuple[WorldConfig, str]:
+                excursion_scale: float = 1.0, frames_after: int | None = None,
+                episode_frames: int | None = None) -> tuple[WorldConfig, str]:
     """The benchmark's world at the model's frame size, and where it came from.
 
     ``name`` (``--world``) wins; else the training world of the checkpoint (``recipe.data.world``, so
@@ -130,6 +134,7 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
     preset's video size (panorama as high as the frame unless the world says otherwise, as in
     training), trajectories are the benchmark's 2-leg backtracks, excursions are scaled by
     ``excursion_scale``, and episodes are long enough for the return leg and ``frames_after``.
+    ``episode_frames`` fixes the episode length instead (it must still fit the return leg).
     """
     if not excursion_scale > 0:
         raise ConfigError(f"excursion scale must be > 0, got {excursion_scale}")
@@ -148,8 +153,11 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
     # Longest path to the switch: excursion + pause + 1 (turn) + up to two blocks (switch_frame_for).
     latest_switch = excursion[1] + pause + 1 + 2 * block
     needed = max(2 * excursion[1] + pause + 2 * block, latest_switch + (frames_after or 0))
+    if episode_frames is not None and episode_frames < needed:
+        raise ConfigError(f"--episode-frames {episode_frames} is too short: this world's longest excursion,"
+                          f" its return and the switch need {needed} frames")
     world = world.replace(legs_range=(2, 2), excursion_frames_range=excursion,
-                          episode_frames=max(world.episode_frames, needed))
+                          episode_frames=episode_frames or max(world.episode_frames, needed))
     return world, source
 
 
@@ -173,7 +181,8 @@ def world_episodes(world: WorldConfig, *, split: str = "test", count: int, seed_
             seen, _ = last_seen(np.concatenate([ep.offsets[:s], ep.offsets[i:i + 1]]), s, period=period)
             matches.append(seen)
         out.append(BenchEpisode(name=str(index), frames=ep.frames[:s + n], switch_frame=s, num_generate=n,
-                                prompt=ep.prompt, history_match=np.asarray(matches, dtype=np.int64)))
+                                prompt=ep.prompt, history_match=np.asarray(matches, dtype=np.int64),
+                                camera_px=camera_track(ep.velocities)[:s + n]))
     return out
 
 
@@ -423,17 +432,35 @@ def _stream_chunk(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Benc
     block = gen.frames_per_block
     video = torch.stack([frames_to_tensor(ep.frames[:s + n]) for ep in episodes])
     latents = codec.encode(video.to(gen.device))
+    offsets = _width_offsets(gen.model, episodes, s + n)
     gen.reset(len(episodes), s + n)
     gen.set_prompt(context)
-    gen.feed(latents[:, :s])
+    gen.feed(latents[:, :s], None if offsets is None else offsets[:, :s])
     blocks = []
     for start in range(s, s + n, block):
+        frames = slice(start, start + block)
+        block_offsets = None if offsets is None else offsets[:, frames]
         if teacher_forced:
-            blocks.append(gen.predict_block_teacher_forced(latents[:, start:start + block], noise))
+            blocks.append(gen.predict_block_teacher_forced(latents[:, frames], noise, block_offsets))
         else:
-            blocks.append(gen.generate_block(noise))
+            blocks.append(gen.generate_block(noise, block_offsets))
     decoded = codec.decode(torch.cat(blocks, 1))
     return np.stack([tensor_to_frames(v) for v in decoded])
+
+
+def _width_offsets(model: WanDiT, episodes: Sequence[BenchEpisode], frames: int) -> Tensor | None:
+    """Camera positions in patches ``[B, frames]`` for camera-anchored models, else None.
+
+    The benchmark gives a camera-anchored model the ground-truth camera path (it is a camera-controlled
+    world model); the frames themselves are still generated from memory alone.
+    """
+    if not model.cfg.camera_rope:
+        return None
+    if any(ep.camera_px is None for ep in episodes):
+        raise ConfigError("this model is camera-anchored (dit.camera_rope) and needs a camera track per"
+                          " episode; real-video folders have none")
+    track = torch.from_numpy(np.stack([ep.camera_px[:frames] for ep in episodes]))
+    return (track / model.cfg.patch_size[2]).to(model.patch_embedding.weight.device)
 
 
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],

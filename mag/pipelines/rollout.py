@@ -35,7 +35,7 @@ from mag.cache import CachePolicy, KVCache
 from mag.errors import InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import CacheWriter, GeneratorWriter
+from mag.pipelines.streaming import CacheWriter, GeneratorWriter, policy_writer
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["BlockContexts", "ContextSource", "draw_exit_step", "draw_rollout_noise", "self_forcing_rollout"]
@@ -137,15 +137,12 @@ def self_forcing_rollout(
                               * (frame_shape[2] // pw), horizon_frames=num_frames,
                               frames_per_block=frames_per_block, batch_size=batch, dtype=dtype, device=device)
     if width_offsets is not None:
-        if writer is not None:
-            raise InputError("width_offsets need the default (generator) cache writer; a custom writer"
-                             " has no camera offsets")
         if tuple(width_offsets.shape) != (batch, num_frames):
             raise InputError(f"width_offsets must be [{batch}, {num_frames}], got"
                              f" {list(width_offsets.shape)}")
         width_offsets = width_offsets.to(device)
-    cache_writer: CacheWriter = writer or (GeneratorWriter(generator_model) if width_offsets is None
-                                           else _CameraGeneratorWriter(generator_model, width_offsets))
+    # Under the mag / bounded policies the memory model (carried by the policy) writes the cache.
+    cache_writer: CacheWriter = writer or policy_writer(policy) or GeneratorWriter(generator_model)
     levels = scheduler.few_step_timesteps().to(device)
     timesteps = [level.expand(batch).contiguous() for level in levels[:exit_step]]
     first_grad_frame = 0 if grad_last_frames is None else num_frames - grad_last_frames
@@ -173,24 +170,9 @@ def self_forcing_rollout(
                                       width_offsets=offsets)
                 x0 = scheduler.to_x0(out, x, t_exit)
             with torch.no_grad():
-                cache_writer.write(cache, x0.detach(), positions, block_context)
+                cache_writer.write(cache, x0.detach(), positions, block_context, width_offsets=offsets)
             outputs.append(x0)
     return torch.cat(outputs, dim=1)
-
-
-class _CameraGeneratorWriter:
-    """The generator's write pass for a camera-anchored rollout: the block's frames keep their camera
-    positions (``width_offsets`` ``[B, N]`` of the whole rollout, indexed by the block's frame positions)."""
-
-    def __init__(self, model: WanDiT, width_offsets: Tensor) -> None:
-        self.model = model
-        self.width_offsets = width_offsets
-
-    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
-              context: CrossAttentionCache) -> None:
-        zero = torch.zeros(clean_block.shape[0], device=clean_block.device)
-        self.model(clean_block, zero, context, frame_positions=frame_positions, kv_cache=cache,
-                   cache_write=True, width_offsets=self.width_offsets[:, frame_positions])
 
 
 def _block_context(context_per_block: BlockContexts, block: int) -> ContextSource:

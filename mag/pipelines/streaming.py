@@ -45,7 +45,7 @@ from mag.models.dit import WanDiT
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
-           "StreamingGenerator", "load_generator", "policy_from_name"]
+           "StreamingGenerator", "load_generator", "policy_from_name", "policy_writer"]
 
 SamplerKind = Literal["few_step", "euler"]
 SAMPLERS: tuple[str, ...] = ("few_step", "euler")
@@ -137,10 +137,11 @@ class CacheWriter(Protocol):
         frame_positions: ``[F]`` long absolute RoPE positions of the block.
         context: the generator's prompt cross-attention cache (a memory model ignores it and uses
             its own empty-text context).
+        width_offsets: ``[B, F]`` camera positions (patches) for camera-anchored models, else None.
     """
 
     def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
-              context: CrossAttentionCache) -> None:
+              context: CrossAttentionCache, *, width_offsets: Tensor | None = None) -> None:
         ...
 
 
@@ -151,13 +152,13 @@ class GeneratorWriter:
         self.model = model
 
     def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
-              context: CrossAttentionCache) -> None:
+              context: CrossAttentionCache, *, width_offsets: Tensor | None = None) -> None:
         zero = torch.zeros(clean_block.shape[0], device=clean_block.device)
         self.model(clean_block, zero, context, frame_positions=frame_positions, kv_cache=cache,
-                   cache_write=True)
+                   cache_write=True, width_offsets=width_offsets)
 
 
-def _policy_writer(policy: CachePolicy) -> CacheWriter | None:
+def policy_writer(policy: CachePolicy) -> CacheWriter | None:
     """The writer a memory policy carries; a memory policy without one is refused (it would downsample)."""
     if not isinstance(policy, MagPolicy):
         return None
@@ -191,7 +192,7 @@ class StreamingGenerator:
         self.preset = preset
         self.policy = policy
         self.sampler = (sampler or SamplerConfig()).validate()
-        self.writer: CacheWriter = writer or _policy_writer(policy) or GeneratorWriter(model)
+        self.writer: CacheWriter = writer or policy_writer(policy) or GeneratorWriter(model)
         self.frames_per_block = preset.cache.frames_per_block
         self.cache: KVCache | None = None
         self.uncond_cache: KVCache | None = None
@@ -283,31 +284,38 @@ class StreamingGenerator:
     # -- the three block operations ------------------------------------------------------------
 
     @torch.no_grad()
-    def feed(self, latents: Tensor) -> None:
+    def feed(self, latents: Tensor, width_offsets: Tensor | None = None) -> None:
         """Teacher-force clean frames into the cache block by block (write pass at t=0 only).
 
         Args:
             latents: ``[B, n*F, C, H, W]`` clean latents continuing the stream at :attr:`position`.
+            width_offsets: ``[B, n*F]`` camera positions in patches (camera-anchored models only).
         """
         self._check_frames(latents, "latents", whole_blocks=True)
         latents = latents.to(self.device)
         for start in range(0, latents.shape[1], self.frames_per_block):
-            self._memorise(latents[:, start:start + self.frames_per_block])
+            frames = slice(start, start + self.frames_per_block)
+            self._memorise(latents[:, frames], _frames(width_offsets, frames))
 
     @torch.no_grad()
-    def generate_block(self, generator: torch.Generator | None = None) -> Tensor:
-        """Denoise the next block from noise, memorise it, and return it: ``[B, F, C, H, W]``."""
-        block = self._denoise(generator)
-        self._memorise(block)
+    def generate_block(self, generator: torch.Generator | None = None,
+                       width_offsets: Tensor | None = None) -> Tensor:
+        """Denoise the next block from noise, memorise it, and return it: ``[B, F, C, H, W]``.
+
+        ``width_offsets: [B, F]``: where the camera looks in this block (camera-anchored models only).
+        """
+        block = self._denoise(generator, width_offsets)
+        self._memorise(block, width_offsets)
         return block
 
     @torch.no_grad()
-    def predict_block_teacher_forced(self, true_block: Tensor,
-                                     generator: torch.Generator | None = None) -> Tensor:
+    def predict_block_teacher_forced(self, true_block: Tensor, generator: torch.Generator | None = None,
+                                     width_offsets: Tensor | None = None) -> Tensor:
         """Denoise the next block like :meth:`generate_block`, then memorise ``true_block`` instead.
 
         Args:
             true_block: ``[B, F, C, H, W]`` the real clean latents of this block.
+            width_offsets: ``[B, F]`` camera positions in patches (camera-anchored models only).
         Returns:
             ``[B, F, C, H, W]`` the prediction made from the true past.
         """
@@ -315,8 +323,8 @@ class StreamingGenerator:
         if true_block.shape[1] != self.frames_per_block:
             raise InputError(f"true_block must hold one block of {self.frames_per_block} frames, got"
                              f" {true_block.shape[1]}")
-        prediction = self._denoise(generator)
-        self._memorise(true_block.to(self.device))
+        prediction = self._denoise(generator, width_offsets)
+        self._memorise(true_block.to(self.device), width_offsets)
         return prediction
 
     # -- internals -----------------------------------------------------------------------------
@@ -338,12 +346,14 @@ class StreamingGenerator:
             raise InputError(f"the stream was reset for {self.horizon_frames} frames; {self.position} are"
                              f" done and {latents.shape[1]} more do not fit")
 
-    def _memorise(self, clean_block: Tensor) -> None:
+    def _memorise(self, clean_block: Tensor, width_offsets: Tensor | None) -> None:
         """Phase 2: the writer runs the clean block at t=0 into the cache; the stream advances."""
         cache, positions = self._require_cache(), self._positions()
-        self.writer.write(cache, clean_block, positions, self._require_context())
+        offsets = self._offsets(width_offsets)
+        self.writer.write(cache, clean_block, positions, self._require_context(), width_offsets=offsets)
         if self.uncond_cache is not None and self.uncond_context is not None:
-            self.writer.write(self.uncond_cache, clean_block, positions, self.uncond_context)
+            self.writer.write(self.uncond_cache, clean_block, positions, self.uncond_context,
+                              width_offsets=offsets)
         self.position += self.frames_per_block
 
     def _timestep_pairs(self, batch: int) -> list[tuple[Tensor, Tensor | None]]:
@@ -359,17 +369,21 @@ class StreamingGenerator:
                     for i, t in enumerate(per_sample)]
         return list(zip(per_sample[:-1], per_sample[1:], strict=True))
 
-    def _predict(self, x: Tensor, t: Tensor, positions: Tensor) -> Tensor:
+    def _offsets(self, width_offsets: Tensor | None) -> Tensor | None:
+        return None if width_offsets is None else width_offsets.to(self.device)
+
+    def _predict(self, x: Tensor, t: Tensor, positions: Tensor, offsets: Tensor | None) -> Tensor:
         """Raw network output for the noisy block, with classifier-free guidance when enabled."""
         cache = self._require_cache()
-        out = self.model(x, t, self._require_context(), frame_positions=positions, kv_cache=cache)
+        out = self.model(x, t, self._require_context(), frame_positions=positions, kv_cache=cache,
+                         width_offsets=offsets)
         if self.uncond_context is not None:
             uncond = self.model(x, t, self.uncond_context, frame_positions=positions,
-                                kv_cache=self.uncond_cache)
+                                kv_cache=self.uncond_cache, width_offsets=offsets)
             out = uncond + self.sampler.guidance_scale * (out - uncond)
         return out
 
-    def _denoise(self, generator: torch.Generator | None) -> Tensor:
+    def _denoise(self, generator: torch.Generator | None, width_offsets: Tensor | None) -> Tensor:
         """Phase 1: sample one block from noise, reading the cache; ``[B, F, C, H, W]``."""
         cache = self._require_cache()
         if self.position + self.frames_per_block > self.horizon_frames:
@@ -377,15 +391,19 @@ class StreamingGenerator:
         shape = (cache.batch_size, self.frames_per_block, *self.latent_shape)
         dtype = self.model.patch_embedding.weight.dtype
         x = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
-        positions = self._positions()
+        positions, offsets = self._positions(), self._offsets(width_offsets)
         for t, t_next in self._steps:
-            out = self._predict(x, t, positions)
+            out = self._predict(x, t, positions, offsets)
             if self.sampler.kind == "few_step":
                 x0 = self.scheduler.to_x0(out, x, t)
                 x = x0 if t_next is None else self.scheduler.renoise(x0, t_next, generator)
             else:
                 x = self.scheduler.step_euler(self.scheduler.to_velocity(out, x, t), x, t, t_next)
         return x
+
+
+def _frames(width_offsets: Tensor | None, frames: slice) -> Tensor | None:
+    return None if width_offsets is None else width_offsets[:, frames]
 
 
 # ---------------------------------------------------------------------------------------------
