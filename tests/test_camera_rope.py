@@ -69,7 +69,7 @@ def test_offsets_are_required_exactly_when_anchored(make_dit):
 
 
 def test_streaming_generator_passes_camera_positions_to_both_phases(make_dit):
-    """feed + teacher-forced prediction on a camera-anchored model == the [clean ; noisy] pass with offsets."""
+    """feed + teacher-forced prediction on a camera-anchored model == the [clean ; noisy] pass."""
     from mag.config import get_preset
     from mag.objectives.flow_matching import teacher_forcing_mask
     from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, policy_from_name
@@ -93,6 +93,6 @@ def test_streaming_generator_passes_camera_positions_to_both_phases(make_dit):
     seq = torch.cat([x, torch.cat([x[:, :3], start], 1)], 1)
     t = torch.tensor([[0.0] * 9 + [1000.0] * 3])
     with torch.no_grad():
-        v = model(seq, t, ctx, frame_positions=torch.arange(6).repeat(2), frame_mask=teacher_forcing_mask(6, 3),
-                  width_offsets=offsets.repeat(1, 2))[:, 9:]
+        v = model(seq, t, ctx, frame_positions=torch.arange(6).repeat(2),
+                  frame_mask=teacher_forcing_mask(6, 3), width_offsets=offsets.repeat(1, 2))[:, 9:]
     assert (predicted - (start - v)).abs().max() <= 1e-5
