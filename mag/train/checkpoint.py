@@ -56,7 +56,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors (for safetensors) and a JSON skeleton."""
     tensors: dict[str, Tensor] = {}
     per_param: dict[str, dict[str, Any]] = {}
@@ -72,7 +72,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[s
     return tensors, {"state": per_param, "param_groups": state["param_groups"]}
 
 
-def _unflatten_optimizer(tensors: dict[str, Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for pid, entry in skeleton["state"].items():
         state[int(pid)] = {
@@ -111,7 +111,7 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
         tensors.update({_EMA + k: v.detach().contiguous().cpu() for k, v in state.ema.items()})
     optim_skeleton = None
     if state.optimizer is not None:
-        optim_tensors, optim_skeleton = _flatten_optimizer(state.optimizer)
+        optim_tensors, optim_skeleton = flatten_optimizer_state(state.optimizer)
         tensors.update(optim_tensors)
     tensors.update({_RNG + k: v for k, v in state.rng.items()})
     tensors.update({_EXTRA + k: v.detach().contiguous().cpu() for k, v in state.extra.items()})
@@ -189,7 +189,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         step=int(metadata.pop("step")),
         model=section(_MODEL),
         ema=ema or None,
-        optimizer=_unflatten_optimizer(tensors, skeleton) if skeleton else None,
+        optimizer=unflatten_optimizer_state(tensors, skeleton) if skeleton else None,
         rng=section(_RNG),
         metadata=metadata,
         extra=section(_EXTRA),

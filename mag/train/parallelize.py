@@ -83,6 +83,10 @@ def parallelize_dit(model: nn.Module, mesh_or_ctx: DeviceMesh | DistributedConte
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # The root's weights (embeddings, head) are needed again at the start of backward: keep them.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    # Rollouts project prompts with ``encode_context`` outside ``forward``; it must gather the root's
+    # parameters like a forward does.
+    if hasattr(model, "encode_context"):
+        register_fsdp_forward_method(model, "encode_context")
     return model
 
 

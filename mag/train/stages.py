@@ -62,7 +62,7 @@ from mag.objectives.ode import (
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache, get_text_encoder
-from mag.train.checkpoint import _flatten_optimizer, _unflatten_optimizer
+from mag.train.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from mag.train.data import WorldClipSource
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
@@ -282,7 +282,7 @@ class DMDStage:
 
     def __init__(self, ctx: StageContext, generator: nn.Module, dist: DistributedContext,
                  parallelize: Parallelize | None = None) -> None:
-        from mag.registry import load_model
+        from mag.registry import GENERATOR_STAGES, load_model
 
         self.ctx = ctx
         recipe, preset = ctx.recipe, ctx.preset
@@ -291,17 +291,17 @@ class DMDStage:
         self.schedule = DMDUpdateSchedule.from_config(self.config)
         self.generator = generator
         self.dist = dist
-        self.teacher = self._check(load_model(self.dmd.teacher, ctx.device)[0], "dmd.teacher",
-                                   self.dmd.teacher)
+        # Teacher and critic are score networks: any generator stage, never a memory model.
+        teacher = load_model(self.dmd.teacher, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        self.teacher = self._check(teacher, "dmd.teacher", self.dmd.teacher)
         self.teacher.requires_grad_(False)
         critic_source = self.dmd.critic or self.dmd.teacher
-        critic = self._check(load_model(critic_source, ctx.device)[0], "dmd.critic", critic_source).train()
+        critic = load_model(critic_source, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        critic = self._check(critic, "dmd.critic", critic_source).train()
         self.critic = parallelize(critic) if parallelize is not None else critic
         self.critic_optimizer = torch.optim.AdamW(
             self.critic.parameters(), lr=self.dmd.critic_lr, betas=self.dmd.critic_betas,
             weight_decay=recipe.optim.weight_decay)
-        if is_sharded(generator):
-            _register_rollout_methods(generator)
         # Camera tracks go to whichever of the three networks is camera-anchored (each gets its own
         # frames' positions; a plain network gets none).
         self.camera_anchored = any(_camera_anchored(m) for m in (generator, self.teacher, self.critic))
@@ -478,7 +478,7 @@ class DMDStage:
             weights, optim = self.critic.state_dict(), self.critic_optimizer.state_dict()
         if not optim:
             return {}, {}
-        optim_tensors, skeleton = _flatten_optimizer(optim)
+        optim_tensors, skeleton = flatten_optimizer_state(optim)
         extra = {CRITIC_MODEL_PREFIX + k: v for k, v in weights.items()}
         extra.update({CRITIC_OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
         return extra, {CRITIC_OPTIM_METADATA: skeleton}
@@ -489,7 +489,7 @@ class DMDStage:
                    if k.startswith(CRITIC_MODEL_PREFIX)}
         if not weights or not isinstance(skeleton, dict):
             raise CheckpointError("the checkpoint holds no critic state; it was not written by a dmd run")
-        optim = _unflatten_optimizer({k[len(CRITIC_OPTIM_PREFIX):]: v for k, v in extra.items()
+        optim = unflatten_optimizer_state({k[len(CRITIC_OPTIM_PREFIX):]: v for k, v in extra.items()
                                       if k.startswith(CRITIC_OPTIM_PREFIX)
                                       and not k.startswith(CRITIC_MODEL_PREFIX)}, skeleton)
         if is_sharded(self.critic):
@@ -523,14 +523,6 @@ def _x0_score(model: nn.Module, scheduler: FlowMatchScheduler,
         return scheduler.to_x0(model(x_t, t, context, width_offsets=offsets), x_t, t)
 
     return predict
-
-
-def _register_rollout_methods(model: nn.Module) -> None:
-    """The rollout projects prompts with ``model.encode_context`` outside ``forward``; under FSDP2 that
-    method must gather the root's parameters like a forward does."""
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    register_fsdp_forward_method(model, "encode_context")
 
 
 # ------------------------------------------------------------------------------ ODE pairs
