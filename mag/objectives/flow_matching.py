@@ -10,6 +10,7 @@ sees when it is denoised while streaming with a full cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,15 +84,29 @@ def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSchedu
         raise InputError(f"block_timestep {tuple(block_timestep.shape)} does not cover {num_frames} frames"
                          f" in blocks of {frames_per_block}")
     x_t = scheduler.add_noise(x0, noise, t_frame)
-    sequence = torch.cat([x0, x_t], dim=1)
-    timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
-    positions = torch.arange(num_frames, device=x0.device).repeat(2)
     mask = teacher_forcing_mask(num_frames, frames_per_block, device=x0.device)
-    offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
-    out = model(sequence, timesteps, context, frame_positions=positions, frame_mask=mask,
-                width_offsets=offsets)[:, num_frames:]
+    out = clean_noisy_forward(model, x0, x_t, t_frame, context, mask, width_offsets=width_offsets)
     per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
+
+
+def clean_noisy_forward(model: torch.nn.Module, x0: Tensor, x_t: Tensor, t_frame: Tensor, context: Any,
+                        frame_mask: Tensor, *, start_position: int = 0,
+                        width_offsets: Tensor | None = None) -> Tensor:
+    """One parallel pass over ``[clean ; noisy]``; returns the raw output for the noisy half.
+
+    The clean frames (t=0) stand in for the KV cache; both halves share RoPE positions
+    ``start_position + arange(F)`` and camera positions. ``frame_mask`` ``[2F, 2F]`` says who sees whom
+    (teacher forcing, the memory model's compressed view, ...). ``x0, x_t: [B, F, C, H, W]``,
+    ``t_frame: [B, F]``.
+    """
+    num_frames = x0.shape[1]
+    sequence = torch.cat([x0, x_t], dim=1)
+    timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
+    positions = torch.arange(start_position, start_position + num_frames, device=x0.device).repeat(2)
+    offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
+    return model(sequence, timesteps, context, frame_positions=positions, frame_mask=frame_mask,
+                 width_offsets=offsets)[:, num_frames:]
 
 
 def _check_draws(x0: Tensor, noise: Tensor) -> None:

@@ -10,14 +10,13 @@ position) come in as arguments, as in :mod:`mag.objectives.flow_matching`.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mag.errors import InputError
 from mag.memory import memory_training_mask
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
-from mag.objectives.flow_matching import LossOutput
+from mag.objectives.flow_matching import LossOutput, clean_noisy_forward
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["memory_reconstruction_loss"]
@@ -62,13 +61,9 @@ def memory_reconstruction_loss(model: WanDiT, scheduler: FlowMatchScheduler, x0:
 
     t_frame = timestep_per_block.to(x0.device).repeat_interleave(frames_per_block, dim=1)
     x_t = scheduler.add_noise(x0, noise, t_frame)
-    sequence = torch.cat([x0, x_t], dim=1)
-    timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
-    positions = torch.arange(start_position, start_position + num_frames, device=x0.device).repeat(2)
     mask = memory_training_mask(num_frames, frames_per_block, device=x0.device)
-    offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
-    out = model(sequence, timesteps, empty_context, frame_positions=positions, frame_mask=mask,
-                width_offsets=offsets)[:, num_frames:]
+    out = clean_noisy_forward(model, x0, x_t, t_frame, empty_context, mask, start_position=start_position,
+                              width_offsets=width_offsets)
     prediction = scheduler.to_x0(out, x_t, t_frame)
     per_element = (prediction.float() - x0.float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())

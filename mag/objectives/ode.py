@@ -33,7 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from mag.errors import CheckpointError, InputError
-from mag.objectives.flow_matching import LossOutput, teacher_forcing_mask
+from mag.objectives.flow_matching import LossOutput, clean_noisy_forward, teacher_forcing_mask
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["ODE_PAIRS_FORMAT", "ODEPairs", "few_step_indices", "load_ode_pairs", "ode_regression_loss",
@@ -206,13 +206,8 @@ def ode_regression_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, t
     gather = frame_level[:, None, :, None, None, None].expand(batch, 1, *trajectory.shape[2:])
     x_t = trajectory.gather(1, gather)[:, 0]
     t_frame = scheduler.few_step_timesteps().to(trajectory.device)[frame_level]
-    sequence = torch.cat([x0, x_t], dim=1)
-    timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
-    positions = torch.arange(num_frames, device=x0.device).repeat(2)
     mask = teacher_forcing_mask(num_frames, frames_per_block, device=x0.device)
-    offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
-    out = model(sequence, timesteps, context, frame_positions=positions, frame_mask=mask,
-                width_offsets=offsets)[:, num_frames:]
+    out = clean_noisy_forward(model, x0, x_t, t_frame, context, mask, width_offsets=width_offsets)
     prediction = scheduler.to_x0(out, x_t, t_frame)
     per_element = (prediction.float() - x0.float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
