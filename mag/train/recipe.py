@@ -27,9 +27,10 @@ from mag.objectives.dmd import (
 # Self-Forcing's AdamW betas for the critic (and the generator) in the DMD stage.
 SELF_FORCING_DMD_BETAS = (0.0, 0.999)
 
-ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd"]
-OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd")
-# Objectives whose student is block-causal (the others train the bidirectional teacher).
+ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
+OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
+# Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional teacher,
+# ``memory`` the stage-1 memory model).
 CAUSAL_OBJECTIVES: tuple[str, ...] = ("causal_fm", "ode", "dmd")
 
 
@@ -105,9 +106,12 @@ class ObjectiveConfig:
         kind: ``teacher_fm`` (bidirectional flow matching), ``causal_fm`` (teacher-forced
             block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init), ``ode``
             (the causal student regresses the teacher's ODE endpoint from its trajectory, Self-Forcing's
-            init; needs ``ode.pairs``) or ``dmd`` (Self-Forcing DMD with a critic; needs ``dmd.teacher``).
+            init; needs ``ode.pairs``), ``dmd`` (Self-Forcing DMD with a critic; needs ``dmd.teacher``)
+            or ``memory`` (the stage-1 memory model: reconstruct whole blocks from their compressed
+            last frames, always with the empty prompt; ``init.model`` should be the generator).
         cfg_dropout: probability of replacing the prompt with the empty prompt (enables CFG and
-            teaches the model to draw from history alone); flow-matching kinds only.
+            teaches the model to draw from history alone); flow-matching kinds only (``memory``
+            always reads the empty prompt and ignores it).
         recall_window_frames: frames counted as "recent" for the recall-signal log: a pixel whose
             view was last seen more than this many frames ago is a recall pixel.
     """
@@ -130,7 +134,9 @@ class InitConfig:
     Attributes:
         model: a model file, training checkpoint (its EMA weights) or registry name, loaded with
             :func:`mag.registry.load_model`; its ``dit`` config must equal the recipe's. Empty: random
-            initialisation from ``loop.seed``. Read once at the start of a run, not on resume.
+            initialisation from ``loop.seed``. Read once at the start of a run, not on resume. A
+            ``memory`` run should start from the generator whose blocks it will compress (DESIGN §1);
+            without one it trains from scratch and warns.
     """
 
     model: str = ""
@@ -250,6 +256,10 @@ class Recipe:
             raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
         if self.objective.kind == "dmd":
             self.dmd.validate(preset, self.data.clip_frames)
+        if self.objective.kind == "memory" and self.data.clip_frames > preset.dit.rope_max_positions:
+            raise ConfigError(f"objective.kind = 'memory' trains on whole clips at random RoPE positions:"
+                              f" data.clip_frames={self.data.clip_frames} must fit in"
+                              f" dit.rope_max_positions={preset.dit.rope_max_positions}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

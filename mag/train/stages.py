@@ -7,25 +7,28 @@ The chain of DESIGN §1 at any scale:
   data, CausVid-style) or ``ode`` (regression onto the teacher's ODE trajectories, Self-Forcing-style;
   pairs written by ``mag train ode-pairs``);
 - ``dmd`` -- Self-Forcing DMD: the student rolls out autoregressively, the frozen teacher (real score,
-  CFG) and a trained critic (fake score) score it.
+  CFG) and a trained critic (fake score) score it;
+- ``memory`` -- the stage-1 memory model (initialised from the generator, own weights): reconstruct
+  whole blocks from their compressed last frames, with the empty prompt.
 
-:class:`FlowMatchingStage` and :class:`ODEStage` produce one loss per micro-batch; the trainer owns
-the optimiser loop around them. :class:`DMDStage` owns its own step, because it updates two networks
-on a schedule: the critic every optimiser step, the generator every
+:class:`FlowMatchingStage`, :class:`ODEStage` and :class:`MemoryStage` produce one loss per
+micro-batch; the trainer owns the optimiser loop around them. :class:`DMDStage` owns its own step,
+because it updates two networks on a schedule: the critic every optimiser step, the generator every
 ``dmd.critic_steps_per_generator_step``-th (:class:`~mag.objectives.dmd.DMDUpdateSchedule`; generator
 first, then the critic on a fresh rollout of the updated generator, as Self-Forcing does).
 
 Every random draw comes from a generator keyed by ``(seed, step, micro, index, role)``
 (:func:`draw_generator`): per sample for noise and timesteps, and ``index = 0`` of a shared role for
-what all samples of a micro-batch share (the DMD exit step, the history choice). Nothing random lives
-outside the checkpointed step, so resuming is exact and data-parallel ranks draw the single-process
-batch.
+what all samples of a micro-batch share (the DMD exit step, the history choice, the memory stage's
+first RoPE position). Nothing random lives outside the checkpointed step, so resuming is exact and
+data-parallel ranks draw the single-process batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from mag.cache import FullPolicy
 from mag.config import Preset
 from mag.errors import CheckpointError, ConfigError, InputError
+from mag.memory import sample_memory_timesteps, sample_start_position
 from mag.models import WanDiT
 from mag.objectives.dmd import (
     DMDUpdateSchedule,
@@ -52,6 +56,7 @@ from mag.objectives.flow_matching import (
     causal_flow_matching_loss,
     teacher_flow_matching_loss,
 )
+from mag.objectives.memory import memory_reconstruction_loss
 from mag.objectives.ode import (
     ODEPairs,
     few_step_indices,
@@ -85,6 +90,7 @@ ROLE_CRITIC = 2            # DMD critic step: rollout noise, critic timesteps an
 ROLE_HISTORY = 3           # DMD history rollout's draws
 ROLE_SHARED_GENERATOR = 4  # index 0: exit step and history choice of a generator micro-batch
 ROLE_SHARED_CRITIC = 5     # index 0: exit step of a critic micro-batch
+ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batch
 # Checkpoint keys of the DMD stage's own state (inside the checkpoint's ``extra.`` section).
 CRITIC_MODEL_PREFIX, CRITIC_OPTIM_PREFIX = "critic.model.", "critic."
 CRITIC_OPTIM_METADATA = "critic_optimizer"
@@ -258,7 +264,68 @@ class ODEStage:
         return out, ctx.categories(pairs.offsets[chosen])
 
 
-SupervisedStage = FlowMatchingStage | ODEStage
+@dataclass
+class MemoryDraws:
+    """Random draws of a memory micro-batch: ``noise`` like the clips ``[B, N, C, H, W]``, ``timestep``
+    ``[B, N / F]`` (few-step levels, one per block) and the shared first RoPE position."""
+
+    noise: Tensor
+    timestep: Tensor
+    start_position: int
+
+
+class MemoryStage:
+    """``memory``: the stage-1 memory model rebuilds whole clips from their compressed memory.
+
+    One parallel pass over ``[clean ; noisy]`` of each clip under :func:`mag.memory.memory_training_mask`
+    with the empty prompt (``""`` of the prompt cache; ``objective.cfg_dropout`` does not apply), x0-MSE
+    on the noisy half (:func:`mag.objectives.memory.memory_reconstruction_loss`). Each sample draws, from
+    its own keyed stream, one few-step level per block and then its noise; the first RoPE position (a
+    multiple of the block size, the clip inside ``dit.rope_max_positions``) is one per micro-batch, from
+    index 0 of ``ROLE_SHARED_MEMORY``, since the parallel pass takes one. Camera-anchored presets get the
+    clips' camera tracks. Recall-signal categories are logged as for flow matching: ``recall`` pixels are
+    views last seen more than ``recall_window_frames`` earlier, which only earlier blocks' retained
+    frames can bring back.
+    """
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        frames = ctx.recipe.data.clip_frames
+        self.num_blocks = frames // ctx.preset.cache.frames_per_block
+        self.tokens_per_sample = 2 * frames * ctx.preset.tokens_per_frame
+        if not ctx.recipe.init.model:
+            warnings.warn(f"recipe {ctx.recipe.name!r} trains a memory model without init.model: it starts"
+                          " from random weights, not from the generator whose blocks it will compress"
+                          " (DESIGN §1); set init.model to the generator's model file or registry name",
+                          UserWarning, stacklevel=2)
+
+    def draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int, ...]) -> MemoryDraws:
+        """The draws of samples ``indices`` of one micro-batch of clips ``clip_shape = (N, C, H, W)``."""
+        ctx = self.ctx
+        seed = ctx.recipe.loop.seed
+        noise, timestep = [], []
+        for i in indices:
+            gen = draw_generator(seed, step, micro, i, ROLE_SAMPLE)
+            timestep.append(sample_memory_timesteps(ctx.scheduler, 1, self.num_blocks, generator=gen))
+            noise.append(torch.randn(clip_shape, generator=gen))
+        start = sample_start_position(clip_shape[0], ctx.preset.cache.frames_per_block,
+                                      ctx.preset.dit.rope_max_positions,
+                                      generator=draw_generator(seed, step, micro, 0, ROLE_SHARED_MEMORY))
+        return MemoryDraws(torch.stack(noise), torch.cat(timestep), start)
+
+    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
+        """The reconstruction loss of this rank's samples of one micro-batch, and their recall categories
+        ``[B, N, W]``."""
+        ctx = self.ctx
+        batch = ctx.data.batch(step, micro, indices)
+        draws = self.draws(step, micro, indices, tuple(batch.video.shape[1:]))
+        out = memory_reconstruction_loss(model, ctx.scheduler, batch.video.to(ctx.device), ctx.empty_context,
+                                         draws.noise.to(ctx.device), draws.timestep.to(ctx.device),
+                                         draws.start_position, ctx.width_offsets(batch.camera_px))
+        return out, ctx.categories(batch.offsets)
+
+
+SupervisedStage = FlowMatchingStage | ODEStage | MemoryStage
 
 
 # ------------------------------------------------------------------------------ DMD

@@ -57,6 +57,7 @@ from mag.train.recipe import Recipe, recipe_differences
 from mag.train.stages import (
     DMDStage,
     FlowMatchingStage,
+    MemoryStage,
     ODEStage,
     SampleDraws,
     StageContext,
@@ -85,8 +86,8 @@ class TrainResult:
 class Trainer:
     """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``).
 
-    The objective kind picks the stage (:mod:`mag.train.stages`): flow matching and ODE regression
-    give one loss per micro-batch and run in :meth:`train_step`'s loop; DMD runs its own
+    The objective kind picks the stage (:mod:`mag.train.stages`): flow matching, ODE regression and
+    memory reconstruction give one loss per micro-batch and run in :meth:`train_step`'s loop; DMD runs its own
     generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
     EMA is what ``mag export`` ships.
 
@@ -144,7 +145,8 @@ class Trainer:
         self.dmd: DMDStage | None = (DMDStage(ctx, self.model, self.dist, parallelize) if kind == "dmd"
                                      else None)
         self.stage: SupervisedStage | DMDStage = (
-            self.dmd if self.dmd is not None else ODEStage(ctx) if kind == "ode" else FlowMatchingStage(ctx))
+            self.dmd if self.dmd is not None else ODEStage(ctx) if kind == "ode"
+            else MemoryStage(ctx) if kind == "memory" else FlowMatchingStage(ctx))
         if resume_state is not None:
             self._restore(resume_state)
 
