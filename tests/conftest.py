@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import random_dit
 
 from mag.config import DiTConfig
 from mag.models import WanDiT
@@ -27,12 +28,7 @@ def make_dit() -> Callable[..., WanDiT]:
     which would make output comparisons vacuous)."""
 
     def build(seed: int = 0, **overrides: Any) -> WanDiT:
-        torch.manual_seed(seed)
-        model = WanDiT(dataclasses.replace(TINY_DIT, **overrides))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
-        return model.eval()
+        return random_dit(dataclasses.replace(TINY_DIT, **overrides), seed)
 
     return build
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_dit
 
 from mag.cache import FullPolicy, KVCache, MagPolicy, valid_slot_positions
 from mag.config import get_preset
@@ -64,14 +65,8 @@ def _preset(**extra):
     return get_preset("tiny", **{**SMALL, **extra})
 
 
-def _random_model(preset, seed: int) -> WanDiT:
-    """Every parameter random (Wan's init zeroes the head, which would make comparisons vacuous)."""
-    torch.manual_seed(seed)
-    model = WanDiT(preset.dit)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+def _random_model(preset, seed: int = 0) -> WanDiT:
+    return random_dit(preset.dit, seed)
 
 
 def _frame_shape(preset):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CAMERA, SEED, TINY_OVERRIDES, recipe_dict, trained_model_file
 
 from mag.errors import CheckpointError, ConfigError
 from mag.memory import load_memory_model, sample_memory_timesteps, sample_start_position
@@ -27,10 +28,6 @@ from mag.train.stages import ROLE_SHARED_MEMORY, MemoryStage, draw_generator, sa
 from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
-                  "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
-CAMERA = {"dit.camera_rope": True}
-SEED = 7
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,31 +39,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **sections) -> dict:
-    data = {
-        "name": f"test-{kind}", "preset": "tiny", "preset_overrides": {**TINY_OVERRIDES, **(overrides or {})},
-        "objective": {"kind": kind},
-        "loop": {"steps": steps, "batch_size": 2, "grad_accum": 2, "log_every": 1, "ckpt_every": 2,
-                 "keep_last": 5, "seed": SEED},
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
-        "data": {"clip_frames": 6, "world": {"pano_width": 64}},
-    }
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return data
-
-
 def _memory(generator: Path | None, **kwargs) -> Recipe:
     init = {"init": {"model": str(generator)}} if generator is not None else {}
-    return recipe_from_dict(_recipe_dict("memory", **init, **kwargs))
+    return recipe_from_dict(recipe_dict("memory", **init, **kwargs))
 
 
 def _generator(root: Path, overrides: dict | None = None) -> Path:
-    """A causal generator model file after 2 steps of causal flow matching (exported like a shipped one)."""
-    recipe = recipe_from_dict(_recipe_dict("causal_fm", overrides=overrides))
-    Trainer(recipe, root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / "causal.safetensors",
-                        name="causal", stage="causal")
+    return trained_model_file(root, "causal_fm", "causal", "causal", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +87,11 @@ def test_tiny_memory_recipe_matches_the_camera_causal_world_and_runs_two_steps(c
 
 def test_memory_recipe_checks_the_clip_length():
     with pytest.raises(ConfigError, match="clip_frames=7"):
-        recipe_from_dict(_recipe_dict("memory", data={"clip_frames": 7}))
+        recipe_from_dict(recipe_dict("memory", data={"clip_frames": 7}))
     with pytest.raises(ConfigError, match="rope_max_positions=3"):
-        recipe_from_dict(_recipe_dict("memory", overrides={"dit.rope_max_positions": 3}))
+        recipe_from_dict(recipe_dict("memory", overrides={"dit.rope_max_positions": 3}))
     with pytest.raises(ConfigError, match="memory"):  # the kinds listed by the error include memory
-        recipe_from_dict(_recipe_dict("memroy"))
+        recipe_from_dict(recipe_dict("memroy"))
 
 
 # ------------------------------------------------------------------------------ the loss

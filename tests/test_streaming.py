@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_dit
 
 from mag.cache import DownsamplePolicy, FullPolicy, WindowPolicy
 from mag.config import get_preset
@@ -27,13 +28,7 @@ def _preset(**extra):
 
 
 def _random_model(preset, seed: int = 0) -> WanDiT:
-    """Every parameter random (Wan's init zeroes the head, which would make comparisons vacuous)."""
-    torch.manual_seed(seed)
-    model = WanDiT(preset.dit)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return random_dit(preset.dit, seed)
 
 
 def _setup(preset, policy, sampler=None, horizon=12):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CAMERA, TINY_OVERRIDES, recipe_dict, trained_model_file
 
 from mag.cache import FullPolicy
 from mag.config import SchedulerConfig
@@ -26,7 +27,7 @@ from mag.objectives.ode import (
     save_ode_pairs,
 )
 from mag.pipelines.rollout import draw_rollout_noise, self_forcing_rollout
-from mag.registry import export_model, load_model
+from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
 from mag.train.checkpoint import latest_checkpoint, load_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_differences, recipe_from_dict
@@ -34,9 +35,6 @@ from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_RECIPES = ("tiny-teacher.toml", "tiny-ode-init.toml", "tiny-dmd.toml")
-TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
-                  "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
-CAMERA = {"dit.camera_rope": True}
 # 2 blocks of 3 frames scored in 2 teacher windows of 3 frames; the generator updates every 2nd step.
 DMD = {"critic_steps_per_generator_step": 2, "rollout_blocks": 2, "teacher_frames": 3, "critic_lr": 2e-3}
 ODE_STEPS = 4  # Euler steps of the test pairs: the tiny preset's levels 1000/750/500/250 land on them
@@ -52,29 +50,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **sections) -> dict:
-    data = {
-        "name": f"test-{kind}", "preset": "tiny", "preset_overrides": {**TINY_OVERRIDES, **(overrides or {})},
-        "objective": {"kind": kind},
-        "loop": {"steps": steps, "batch_size": 2, "grad_accum": 2, "log_every": 1, "ckpt_every": 2,
-                 "keep_last": 5, "seed": 7},
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
-        "data": {"clip_frames": 6, "world": {"pano_width": 64}},
-    }
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return data
-
-
 def _recipe(kind: str, **kwargs) -> Recipe:
-    return recipe_from_dict(_recipe_dict(kind, **kwargs))
+    return recipe_from_dict(recipe_dict(kind, **kwargs))
 
 
 def _teacher(root: Path, overrides: dict | None = None) -> Path:
-    """A teacher model file after 2 steps of teacher_fm (exported like a shipped model)."""
-    Trainer(_recipe("teacher_fm", overrides=overrides), root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / "teacher.safetensors",
-                        name="teacher", stage="teacher")
+    return trained_model_file(root, "teacher_fm", "teacher", "teacher", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +125,7 @@ def test_a_checkpoint_recipe_from_before_the_new_sections_still_resumes():
     for section in ("init", "ode", "dmd"):
         del stored[section]
     assert recipe_differences(stored, current) == []
-    changed = recipe_from_dict({**_recipe_dict("causal_fm"), "init": {"model": "x.safetensors"}})
+    changed = recipe_from_dict({**recipe_dict("causal_fm"), "init": {"model": "x.safetensors"}})
     assert recipe_differences(stored, changed) == ["init.model: checkpoint '' vs now 'x.safetensors'"]
 
 

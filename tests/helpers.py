@@ -1,0 +1,56 @@
+"""Builders shared by several test modules (import as ``from helpers import ...``; pytest puts tests/ on
+the path). Fixtures live in conftest.py; plain functions that build tiny models, recipes and model files
+live here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mag.config import DiTConfig
+from mag.models import WanDiT
+from mag.registry import export_model
+from mag.train.checkpoint import latest_checkpoint
+from mag.train.recipe import recipe_from_dict
+from mag.train.trainer import Trainer
+
+# A tiny network on 16x16 frames: trains a step in well under a second on one CPU thread.
+TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+                  "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
+CAMERA = {"dit.camera_rope": True}
+SEED = 7
+
+
+def random_dit(cfg: DiTConfig, seed: int = 0) -> WanDiT:
+    """A WanDiT whose every parameter is random (Wan's init zeroes the head, which would make output
+    comparisons vacuous), in eval mode."""
+    torch.manual_seed(seed)
+    model = WanDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **sections: Any) -> dict:
+    """A tiny recipe of objective ``kind`` as a dict; ``sections`` update whole sections."""
+    data: dict[str, Any] = {
+        "name": f"test-{kind}", "preset": "tiny", "preset_overrides": {**TINY_OVERRIDES, **(overrides or {})},
+        "objective": {"kind": kind},
+        "loop": {"steps": steps, "batch_size": 2, "grad_accum": 2, "log_every": 1, "ckpt_every": 2,
+                 "keep_last": 5, "seed": SEED},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
+        "data": {"clip_frames": 6, "world": {"pano_width": 64}},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
+def trained_model_file(root: Path, kind: str, name: str, stage: str, overrides: dict | None = None) -> Path:
+    """A model file after 2 steps of objective ``kind`` (exported like a shipped model)."""
+    Trainer(recipe_from_dict(recipe_dict(kind, overrides=overrides)), root / "run", progress=False).run()
+    return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / f"{name}.safetensors",
+                        name=name, stage=stage)
