@@ -59,7 +59,8 @@ from mag.errors import ConfigError, InputError
 from mag.models.dit import WanDiT
 from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, policy_from_name
 from mag.schedulers import FlowMatchScheduler
-from mag.world import WorldConfig, camera_track, get_world_config, last_seen, make_episode
+from mag.train.data import preset_world
+from mag.world import WorldConfig, camera_track, last_seen, make_episode
 
 __all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
            "ConsistencyResult", "RowScores", "bench_world", "gap_bin_labels", "run_consistency",
@@ -139,14 +140,12 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
     if not excursion_scale > 0:
         raise ConfigError(f"excursion scale must be > 0, got {excursion_scale}")
     block = preset.cache.frames_per_block
-    overrides: dict[str, Any] = {"frame_height": preset.video.height, "frame_width": preset.video.width,
-                                 "block_frames": block}
     source = f"--world {name}" if name else "default"
+    overrides = None
     if name is None and training_world:
-        overrides.update(training_world)
+        overrides = training_world
         source = "checkpoint recipe.data.world"
-    overrides.setdefault("pano_height", overrides["frame_height"])
-    world = get_world_config(name or "default", **overrides)
+    world = preset_world(preset, overrides, name or "default")
     low, high = world.excursion_frames_range
     excursion = (max(1, round(low * excursion_scale)), max(1, round(high * excursion_scale)))
     pause = world.pause_frames_range[1]

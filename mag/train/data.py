@@ -7,6 +7,7 @@ to be checkpointed, and a resumed run sees exactly the clips the uninterrupted r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,19 +30,22 @@ class ClipBatch:
     prompts: list[str]
 
 
-def world_config_for(preset: Preset, data: DataConfig) -> WorldConfig:
-    """The recipe's world, with frames at the preset's video size unless the recipe says otherwise."""
-    overrides = {"frame_height": preset.video.height, "frame_width": preset.video.width,
-                 "block_frames": preset.cache.frames_per_block, **data.world}
-    overrides.setdefault("pano_height", overrides["frame_height"])
-    return get_world_config("default", **overrides)
+def preset_world(preset: Preset, overrides: dict[str, Any] | None = None,
+                 name: str = "default") -> WorldConfig:
+    """World ``name`` with frames at the preset's video size and blocks of its block size; ``overrides``
+    (e.g. a recipe's ``data.world``) win. The panorama is as high as the frame unless they say otherwise.
+    Training and the benchmark both build their worlds here, so they agree on the geometry."""
+    merged = {"frame_height": preset.video.height, "frame_width": preset.video.width,
+              "block_frames": preset.cache.frames_per_block, **(overrides or {})}
+    merged.setdefault("pano_height", merged["frame_height"])
+    return get_world_config(name, **merged)
 
 
 class WorldClipSource:
     """Draws ``ClipBatch``es of ``data.clip_frames`` frames from train-split worlds."""
 
     def __init__(self, preset: Preset, data: DataConfig, seed: int) -> None:
-        self.world = world_config_for(preset, data)
+        self.world = preset_world(preset, data.world)
         self.num_frames = data.clip_frames
         self.seed = seed
 
