@@ -23,6 +23,7 @@ from mag.config import get_preset
 from mag.errors import InputError
 from mag.io.video import write_mp4
 from mag.models import WanDiT
+from mag.registry import export_model
 from mag.train.checkpoint import TrainingState, save_checkpoint
 from mag.world import make_episode
 
@@ -61,6 +62,27 @@ def checkpoint(tmp_path_factory, preset):
                           metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training"},
                           extra={})
     return save_checkpoint(tmp_path_factory.mktemp("ckpt"), state)
+
+
+def _model_file(root, preset, seed: int, stage: str, recipe: dict | None = None):
+    """A random-weights model file of ``stage`` (exported like a shipped model)."""
+    torch.manual_seed(seed)
+    model = WanDiT(preset.dit)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    recipe = recipe or {"name": f"test-{stage}", "data": {"world": TRAIN_WORLD, "text_mode": "pooled"}}
+    state = TrainingState(step=5, model=model.state_dict(), ema=None, optimizer=None, rng={},
+                          metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training",
+                                    "commit": "abc123"}, extra={})
+    checkpoint = save_checkpoint(root / f"ckpt-{stage}", state)
+    return export_model(checkpoint, root / f"{stage}.safetensors", name=f"test-{stage}", stage=stage)
+
+
+@pytest.fixture(scope="module")
+def memory_file(tmp_path_factory, preset):
+    """A stage-1 memory model file of the generator's preset, random weights."""
+    return _model_file(tmp_path_factory.mktemp("memory"), preset, seed=1, stage="memory")
 
 
 def _run(*args: str) -> int:
@@ -236,3 +258,43 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
     assert len(lines) == 4 and all(line.startswith("mag: error: ") for line in lines)
     assert "not a folder" in lines[0] and "missing.safetensors" in lines[1]
     assert "memory model" in lines[2] and "switch_times.json" in lines[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-model policies
+
+
+@pytest.mark.parametrize("mode", [(), ("--teacher-forced",)], ids=["autoregressive", "teacher-forced"])
+def test_memory_model_enables_mag_and_bounded(tmp_path, checkpoint, memory_file, mode):
+    out = tmp_path / "mem"
+    assert _run("--model", str(checkpoint), "--memory-model", str(memory_file), "--episodes", "2",
+                "--policies", "full,window,downsample,mag,bounded", "--frames-after", "6", "--no-lpips",
+                *mode, "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == ("teacher-forced" if mode else "autoregressive")
+    assert set(summary["policies"]) == {"full", "window", "downsample", "mag", "bounded"}
+    rows = summary["policies"]
+    for name in ("mag", "bounded"):
+        assert rows[name]["vs_gt"]["frames"] == 2 * 6 and rows[name]["vs_gt"]["psnr"] is not None
+    # mag keeps downsample's frames but the memory model writes them: other K/V, other frames.
+    assert rows["mag"]["vs_gt"]["psnr"] != rows["downsample"]["vs_gt"]["psnr"]
+    memory = summary["metadata"]["memory_model"]
+    assert memory == {"path": str(memory_file), "name": "test-memory", "stage": "memory",
+                      "recipe": "test-memory", "train_steps": 5, "commit": "abc123", "note": None}
+
+
+def test_memory_model_errors_are_clear(tmp_path, checkpoint, memory_file, preset, capsys):
+    smaller = get_preset("tiny", **{**SMALL, "dit.num_layers": 1})
+    other = _model_file(tmp_path, smaller, seed=2, stage="memory")
+    causal = _model_file(tmp_path, preset, seed=3, stage="causal")
+    common = ("--episodes", "1", "--no-lpips", "--out", str(tmp_path / "o"))
+    assert _run("--model", str(checkpoint), "--memory-model", str(causal), "--policies", "mag", *common) == 2
+    assert _run("--model", str(memory_file), "--policies", "full", *common) == 2
+    assert _run("--model", str(checkpoint), "--memory-model", str(other), "--policies", "mag", *common) == 2
+    assert _run("--model", str(checkpoint), "--policies", "window,bounded", *common) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("mag: error: ") for line in lines)
+    assert "holds a 'causal' model but a memory model is expected" in lines[0]
+    assert "holds a 'memory' model but a teacher / causal / dmd / mag-generator model" in lines[1]
+    assert "does not match the generator" in lines[2] and "num_layers: 2 vs 1" in lines[2]
+    assert "policy 'bounded' needs a trained MAG memory model: pass --memory-model" in lines[3]

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     " and score the frames vs ground truth and vs the history frame of the same view,"
                     " within and beyond the window policy's attention.")
     c.add_argument("--policies", default="full,window,downsample",
-                   help="comma-separated cache policies (full, window, downsample)")
+                   help="comma-separated cache policies (full, window, downsample; mag and bounded with"
+                        " --memory-model)")
     c.add_argument("--split", default="test", help="world split (train, val, test)")
     c.add_argument("--episodes", type=int, default=None, help="number of episodes (default: all 176)")
     c.add_argument("--seed-base", type=int, default=None,
@@ -46,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default=None,
                    help="training checkpoint, model file or shipped model name (default: an untrained"
                         " model of --preset, a floor)")
+    c.add_argument("--memory-model", default=None,
+                   help="stage-1 memory model (model file, training checkpoint or shipped name) that writes"
+                        " the cache under the mag and bounded policies; same preset as --model")
     c.add_argument("--preset", default=None, help="preset of the untrained model (default tiny); with"
                                                   " --model it must match the checkpoint's")
     c.add_argument("--world", default=None,
@@ -85,6 +89,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return model, preset, metadata
 
 
+def _load_memory(path: str, preset: Any, device: str) -> tuple[Any, dict[str, Any], Any]:
+    """``(memory model, its metadata, [1, L, text_dim] empty-prompt embeddings)`` for the generator's
+    ``preset``; a generator file or a memory model of another preset is a clear error."""
+    from mag.bench.consistency import check_memory_model
+    from mag.memory import load_memory_model
+    from mag.train.trainer import prompt_cache
+
+    memory, memory_preset, meta = load_memory_model(path, device=device)
+    check_memory_model(preset, memory_preset)
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+    text = prompt_cache(memory_preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE))
+    return memory, meta, text.get([""])
+
+
+def _model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a result file says about a model: its source, stage, recipe, training steps and commit."""
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    return {"path": path, "name": meta.get("name"), "stage": meta.get("stage"), "recipe": recipe.get("name"),
+            "train_steps": meta.get("train_steps"), "commit": meta.get("commit"), "note": meta.get("note")}
+
+
 def _machine(device: str) -> dict[str, Any]:
     import torch
 
@@ -99,12 +125,13 @@ def _consistency(args: argparse.Namespace) -> int:
     from mag.bench.consistency import (
         ConsistencyConfig,
         bench_world,
+        build_policies,
         run_consistency,
         video_episodes,
         world_episodes,
         write_results,
     )
-    from mag.pipelines import SamplerConfig, policy_from_name
+    from mag.pipelines import SamplerConfig
     from mag.train.checkpoint import git_commit
     from mag.train.trainer import prompt_cache
     from mag.world import NUM_TEST_EPISODES
@@ -120,8 +147,12 @@ def _consistency(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
         batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips)
     model, preset, model_meta = _load(args)
-    for name in policies:  # fail before any episode is built
-        policy_from_name(name, preset)
+    memory_model = empty_context = None
+    memory_meta: dict[str, Any] | None = None
+    if args.memory_model is not None:
+        memory_model, memory_meta, empty_context = _load_memory(args.memory_model, preset, args.device)
+    build_policies(policies, preset, memory_model=memory_model,  # fail before any episode is built
+                   empty_context=empty_context)
     recipe = model_meta.get("recipe") if isinstance(model_meta.get("recipe"), dict) else {}
     data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
 
@@ -139,15 +170,15 @@ def _consistency(args: argparse.Namespace) -> int:
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
     text = prompt_cache(preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE))
-    result = run_consistency(model, preset, episodes, text.get, config, progress=not args.no_progress)
+    result = run_consistency(model, preset, episodes, text.get, config, progress=not args.no_progress,
+                             memory_model=memory_model, empty_context=empty_context)
     metadata = {
         "command": shlex.join(["mag", *sys.argv[1:]]),
         "commit": git_commit(),
         "machine": _machine(args.device),
         "preset": preset.to_dict(),
-        "model": {"path": args.model, "name": model_meta.get("name"), "stage": model_meta.get("stage"),
-                  "recipe": recipe.get("name"), "train_steps": model_meta.get("train_steps"),
-                  "commit": model_meta.get("commit"), "note": model_meta.get("note")},
+        "model": _model_record(args.model, model_meta),
+        "memory_model": None if memory_meta is None else _model_record(args.memory_model, memory_meta),
         "world": world_info,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -53,18 +53,20 @@ from torch import Tensor
 
 from mag.bench.lpips import MIN_IMAGE_SIDE
 from mag.bench.metrics import lpips, psnr, ssim
+from mag.cache import CachePolicy
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import CacheConfig, Preset
 from mag.errors import ConfigError, InputError
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, policy_from_name
+from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, SamplerConfig, StreamingGenerator, policy_from_name
 from mag.schedulers import FlowMatchScheduler
 from mag.train.data import preset_world
 from mag.world import WorldConfig, camera_track, last_seen, make_episode
 
 __all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
-           "ConsistencyResult", "RowScores", "bench_world", "gap_bin_labels", "run_consistency",
-           "summarize_row", "video_episodes", "within_window", "world_episodes"]
+           "ConsistencyResult", "RowScores", "bench_world", "build_policies", "check_memory_model",
+           "gap_bin_labels", "run_consistency", "summarize_row", "video_episodes", "within_window",
+           "world_episodes"]
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips")
 TARGETS: tuple[str, ...] = ("vs_gt", "vs_history")
@@ -462,13 +464,54 @@ def _width_offsets(model: WanDiT, episodes: Sequence[BenchEpisode], frames: int)
     return (track / model.cfg.patch_size[2]).to(model.patch_embedding.weight.device)
 
 
+def check_memory_model(preset: Preset, memory_preset: Preset) -> None:
+    """Refuse a memory model whose architecture, latent geometry, block size or text encoder differs from
+    the generator's: its K/V go into the generator's cache, one retained frame per generator block."""
+    checks = (("dit", preset.dit, memory_preset.dit), ("video", preset.video, memory_preset.video),
+              ("cache.frames_per_block", preset.cache.frames_per_block, memory_preset.cache.frames_per_block),
+              ("text_encoder", preset.text_encoder, memory_preset.text_encoder))
+    for key, want, found in checks:
+        if want != found:
+            detail = ""
+            if dataclasses.is_dataclass(want) and dataclasses.is_dataclass(found):
+                left, right = dataclasses.asdict(want), dataclasses.asdict(found)
+                diff = sorted(k for k in left if left[k] != right.get(k))
+                detail = " (" + ", ".join(f"{k}: {left[k]} vs {right.get(k)}" for k in diff[:4]) + ")"
+            else:
+                detail = f" ({want} vs {found})"
+            raise ConfigError(
+                f"the memory model (preset {memory_preset.name!r}) does not match the generator (preset"
+                f" {preset.name!r}) in {key}{detail}; a memory model writes into the generator's KV cache and"
+                " must be trained on the generator's preset: pass the memory model of this generator")
+
+
+def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT | None = None,
+                   empty_context: Tensor | None = None) -> dict[str, CachePolicy]:
+    """Cache policies by name; ``mag`` / ``bounded`` get ``memory_model`` run with ``empty_context``
+    (``[1, L, text_dim]``, the empty prompt), which must then be given."""
+    policies = {}
+    for name in names:
+        if name in MEMORY_MODEL_POLICIES and memory_model is None:
+            raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model"
+                              " PATH|NAME (a stage 'memory' model file, e.g. from"
+                              " `mag export --stage memory`) or drop it from --policies (full, window,"
+                              " downsample need none)")
+        policies[name] = policy_from_name(name, preset, memory_model=memory_model,
+                                          empty_context=empty_context)
+    return policies
+
+
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],
                     encode_prompts: Callable[[list[str]], Tensor], config: ConsistencyConfig, *,
-                    progress: bool = True) -> ConsistencyResult:
+                    progress: bool = True, memory_model: WanDiT | None = None,
+                    empty_context: Tensor | None = None) -> ConsistencyResult:
     """Run every policy and the reference rows on ``episodes``; see the module docstring.
 
     Args:
         encode_prompts: prompts -> ``[B, L, text_dim]`` text embeddings (e.g. a PromptEmbeddingCache.get).
+        memory_model: the stage-1 memory model that writes the cache under ``mag`` / ``bounded``
+            (same preset as the generator, see :func:`check_memory_model`).
+        empty_context: ``[1, L, text_dim]`` embeddings of the empty prompt that the memory model reads.
     """
     from tqdm.auto import tqdm
 
@@ -476,7 +519,7 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
         raise ConfigError("the benchmark needs at least one episode")
     if config.batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
-    policies = {name: policy_from_name(name, preset) for name in config.policies}
+    policies = build_policies(config.policies, preset, memory_model=memory_model, empty_context=empty_context)
     codec = get_codec_for(preset.video)
     _check_codec(codec)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
