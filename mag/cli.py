@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "mag.train.cli",
     "mag.registry",
     "mag.bench.cli",
+    "mag.text.cli",
 ]
 
 

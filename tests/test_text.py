@@ -250,3 +250,36 @@ def test_corrupt_cache_file_warns_reencodes_and_repairs(tiny_umt5, tmp_path):
 def test_cache_rejects_bad_size(tiny_umt5):
     with pytest.raises(ConfigError, match="max_entries"):
         PromptEmbeddingCache(tiny_umt5, max_entries=0)
+
+
+def test_prompt_table_stands_in_for_its_encoder(minilm_pooled, tmp_path, monkeypatch):
+    """MAG_PROMPT_TABLE serves the encoder's own outputs for the table's prompts and refuses others."""
+    from mag.errors import CheckpointError, ConfigError, InputError
+    from mag.text import PROMPT_TABLE_ENV, PromptTableEncoder, write_prompt_table
+
+    prompts = ["", "a red square", "a camera panning slowly across a quiet desert"]
+    path = write_prompt_table(minilm_pooled, prompts + ["a red square"], tmp_path / "t.safetensors")
+    monkeypatch.setenv(PROMPT_TABLE_ENV, str(path))
+    table = get_text_encoder("minilm", mode="pooled")
+    assert isinstance(table, PromptTableEncoder) and table.fingerprint == minilm_pooled.fingerprint
+    want, want_n = minilm_pooled.encode_with_lengths(prompts[::-1])
+    got, got_n = table.encode_with_lengths(prompts[::-1])
+    assert torch.equal(got, want) and torch.equal(got_n, want_n)
+    with pytest.raises(InputError, match="not in the prompt table"):
+        table.encode(["a prompt nobody wrote down"])
+    with pytest.raises(ConfigError, match="built with text encoder"):
+        get_text_encoder("minilm", mode="tokens")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable prompt table"):
+        get_text_encoder("minilm", mode="pooled")
+
+
+def test_theme_prompts_cover_every_prompt_the_world_writes():
+    import numpy as np
+
+    from mag.world import THEMES, make_prompt, theme_prompts
+
+    for theme in THEMES.values():
+        possible = set(theme_prompts(theme))
+        rng = np.random.default_rng(0)
+        assert {make_prompt(rng, theme) for _ in range(200)} <= possible

@@ -217,3 +217,20 @@ def test_export_registry_round_trip_and_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(out)
     capsys.readouterr()
+
+
+def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    """A lent machine's lease ends: the run stops cleanly, and resuming reaches the uninterrupted weights."""
+    straight = Trainer(_recipe(steps=4), tmp_path / "a", progress=False)
+    straight.run()
+    first = Trainer(_recipe(steps=4), tmp_path / "b", progress=False)
+    result = first.run(time_limit_s=1e-9)  # already past the deadline after the first step
+    assert result.stopped_early and result.step == 1
+    assert result.checkpoint is not None and result.checkpoint.name == "step_00000001.safetensors"
+    resumed = Trainer(_recipe(steps=4), tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == 1
+    assert not resumed.run(time_limit_s=3600).stopped_early
+    for key, value in _params(straight).items():
+        assert torch.equal(value, _params(resumed)[key]), key
+    with pytest.raises(ConfigError, match="time limit"):
+        resumed.run(time_limit_s=0)

@@ -4,6 +4,7 @@ plus a prompt-embedding cache. ``get_text_encoder(name, **kw)`` is the one way i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from mag.errors import ConfigError
 from mag.text.base import TextEncoder
 from mag.text.cache import PromptEmbeddingCache
 from mag.text.minilm import MiniLMEncoder, minilm_path
+from mag.text.table import PROMPT_TABLE_ENV, PromptTableEncoder, write_prompt_table
 from mag.text.umt5 import UMT5_MAX_TOKENS, UMT5Encoder
 
-__all__ = ["TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddingCache", "TextEncoder", "UMT5Encoder",
-           "get_text_encoder", "minilm_path"]
+__all__ = ["PROMPT_TABLE_ENV", "TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddingCache", "PromptTableEncoder",
+           "TextEncoder", "UMT5Encoder", "get_text_encoder", "minilm_path", "write_prompt_table"]
 
 
 def _make_umt5(path: str | Path | None = None, tokenizer_path: str | Path | None = None,
@@ -36,5 +38,13 @@ TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder,
 
 
 def get_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
-    """Build a text encoder by registry name (``minilm``: mode, max_tokens; ``umt5``: see ``_make_umt5``)."""
+    """Build a text encoder by registry name (``minilm``: mode, max_tokens; ``umt5``: see ``_make_umt5``).
+
+    With ``MAG_PROMPT_TABLE=FILE`` set, the prompt table in FILE (``mag text table``) stands in for the
+    encoder it was built from, so machines without the encoder's weights run on known prompts.
+    """
+    table = os.environ.get(PROMPT_TABLE_ENV)
+    if table:
+        return PromptTableEncoder(table).check_matches(name, mode=kwargs.get("mode"),
+                                                       max_tokens=kwargs.get("max_tokens"))
     return build_registered("text encoder", TEXT_ENCODERS, name, **kwargs)

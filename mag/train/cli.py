@@ -13,6 +13,7 @@ from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
 # Euler steps of the teacher's ODE in `mag train ode-pairs` (Self-Forcing samples its teacher with 48;
 # 48 puts the levels 1000, 750, 500, 250 on the grid).
 DEFAULT_ODE_STEPS = 48
+SECONDS_PER_MINUTE = 60.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many more steps (a time-boxed sitting); resume later")
+    train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                       help="stop with a checkpoint at the first log step after this many minutes; resume"
+                            " later with --resume")
     train.add_argument("--device", default="cpu",
                        help="torch device (cpu, cuda); under torchrun each worker uses cuda:LOCAL_RANK")
     train.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
@@ -75,11 +79,14 @@ def _train(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
     try:
         trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress, dist=ctx)
-        result = trainer.run(max_steps=args.max_steps)
+        limit_s = None if args.time_limit is None else args.time_limit * SECONDS_PER_MINUTE
+        result = trainer.run(max_steps=args.max_steps, time_limit_s=limit_s)
     finally:
         destroy(ctx)
     if ctx.is_main:
-        print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
+        stopped = (f" (time limit of {args.time_limit} min; resume with --resume)"
+                   if result.stopped_early else "")
+        print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}{stopped}")
     return 0
 
 

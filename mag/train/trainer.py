@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mag.errors import CheckpointError
+from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.train.checkpoint import (
     TrainingState,
@@ -81,6 +81,7 @@ class TrainResult:
     last_loss: float
     checkpoint: Path | None
     metrics_path: Path
+    stopped_early: bool = False  # the time limit ended the run before its target step
 
 
 class Trainer:
@@ -286,8 +287,15 @@ class Trainer:
                          **{f"loss_{name}": per_category[i] for i, name in enumerate(CATEGORY_NAMES)}})
 
     # ------------------------------------------------------------------ loop
-    def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train until ``loop.steps`` (or ``max_steps`` more steps, for tests / time-boxed sittings)."""
+    def run(self, max_steps: int | None = None, time_limit_s: float | None = None) -> TrainResult:
+        """Train until ``loop.steps`` (or ``max_steps`` more steps, for tests / time-boxed sittings).
+
+        ``time_limit_s``: stop at the first log step after this many seconds of wall time, with a
+        checkpoint, so a run on a lent machine ends cleanly and resumes later (all ranks decide together).
+        """
+        if time_limit_s is not None and time_limit_s <= 0:
+            raise ConfigError(f"time limit must be positive, got {time_limit_s} s")
+        deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
         loop = self.recipe.loop
         target = loop.steps if max_steps is None else min(loop.steps, self.step + max_steps)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,10 +328,19 @@ class Trainer:
                                     recall=f"{record.get('recall_ratio', math.nan):.2f}")
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                if self.step % loop.ckpt_every == 0 or self.step == target:
+                out_of_time = (deadline is not None and self.step % loop.log_every == 0
+                               and self._past(deadline))
+                if self.step % loop.ckpt_every == 0 or self.step == target or out_of_time:
                     ckpt = self.save()  # every rank: gathering shards is a collective
+                if out_of_time:
+                    break
         bar.close()
-        return TrainResult(self.step, last_loss, ckpt, self.metrics_path)
+        return TrainResult(self.step, last_loss, ckpt, self.metrics_path, stopped_early=self.step < target)
+
+    def _past(self, deadline: float) -> bool:
+        """Whether any rank is past ``deadline`` (one tiny all-reduce, at log steps only)."""
+        late = torch.tensor(float(time.perf_counter() > deadline), device=self.device)
+        return bool(all_reduce_sum(late, self.dist) > 0)
 
 
 def _to_host(stats: dict[str, Tensor]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from mag.world.episodes import (
     make_episode,
     make_prompt,
     sample_clip,
+    theme_prompts,
 )
 from mag.world.panorama import (
     DEFAULT_WORLD,
@@ -40,5 +41,5 @@ __all__ = [
     "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory", "camera_track",
     "episode_seed",
     "get_world_config", "last_seen", "last_seen_all", "make_clip", "make_episode", "make_panorama",
-    "make_prompt", "render_frames", "sample_clip", "switch_frame_for",
+    "make_prompt", "render_frames", "sample_clip", "switch_frame_for", "theme_prompts",
 ]

@@ -8,6 +8,7 @@ child seeds. The MAG-Bench-style test set is the first :data:`NUM_TEST_EPISODES`
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from mag.world.panorama import DEFAULT_WORLD, THEMES, Theme, WorldConfig, make_p
 from mag.world.trajectory import Trajectory, backtracking_trajectory, last_seen_all, switch_frame_for
 
 __all__ = ["NUM_TEST_EPISODES", "SPLIT_SEEDS", "Clip", "Episode", "episode_seed", "make_clip", "make_episode",
-           "make_prompt", "sample_clip"]
+           "make_prompt", "sample_clip", "theme_prompts"]
 
 # Disjoint seed ranges. Training draws from a billion panoramas; val and test are fixed, small sets.
 SPLIT_SEEDS: dict[str, range] = {
@@ -100,7 +101,17 @@ def make_prompt(rng: np.random.Generator, theme: Theme) -> str:
     """A text description of the theme with one or two seeded adjectives (no layout information)."""
     count = int(rng.integers(1, MAX_PROMPT_ADJECTIVES + 1))
     chosen = sorted(rng.choice(len(theme.adjectives), size=count, replace=False))
-    words = [theme.adjectives[i] for i in chosen]
+    return _prompt_text([theme.adjectives[i] for i in chosen], theme)
+
+
+def theme_prompts(theme: Theme) -> list[str]:
+    """Every prompt :func:`make_prompt` can write for ``theme`` (adjectives in theme order)."""
+    return [_prompt_text([theme.adjectives[i] for i in chosen], theme)
+            for count in range(1, MAX_PROMPT_ADJECTIVES + 1)
+            for chosen in itertools.combinations(range(len(theme.adjectives)), count)]
+
+
+def _prompt_text(words: list[str], theme: Theme) -> str:
     return f"a camera panning slowly across a {', '.join(words)} {theme.scene}"
 
 
