@@ -67,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="output folder (summary.json, summary.md, plots, episodes/)")
     c.set_defaults(func=_consistency)
+    _register_memory(commands)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -94,14 +95,10 @@ def _load_memory(path: str, preset: Any, device: str) -> tuple[Any, dict[str, An
     ``preset``; a generator file or a memory model of another preset is a clear error."""
     from mag.bench.consistency import check_memory_model
     from mag.memory import load_memory_model
-    from mag.train.trainer import prompt_cache
 
     memory, memory_preset, meta = load_memory_model(path, device=device)
     check_memory_model(preset, memory_preset)
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
-    text = prompt_cache(memory_preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE))
-    return memory, meta, text.get([""])
+    return memory, meta, _empty_context(memory_preset, meta)
 
 
 def _model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +186,103 @@ def _consistency(args: argparse.Namespace) -> int:
         print(f"{name:>12}: vs GT PSNR {_db(gt['psnr'])} (beyond {_db(gt['beyond']['psnr'])}),"
               f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])})")
     print(f"wrote {Path(args.out) / 'summary.json'} ({config.mode}, {len(episodes)} episodes,"
+          f" {metadata['seconds']} s)")
+    return 0
+
+
+def _register_memory(commands: argparse._SubParsersAction) -> None:
+    m = commands.add_parser(
+        "memory", help="memory reconstruction: PSNR/SSIM of blocks sampled from compressed memory",
+        description="Reconstruct every block of held-out world clips from the memory model's compressed"
+                    " memory (the last frame of each block) with the empty prompt, one step per few-step"
+                    " level and with the full few-step sampler, and score them against the input blocks.")
+    m.add_argument("--memory-model", required=True,
+                   help="stage-1 memory model (model file, training checkpoint or shipped name)")
+    m.add_argument("--baseline-model", default=None,
+                   help="a generator run through the same pass untrained as a memory model (e.g. the"
+                        " model the memory model was initialised from): what stage-1 training buys")
+    m.add_argument("--split", choices=("val", "test"), default="val", help="held-out world split")
+    m.add_argument("--episodes", type=int, default=16, help="number of clips")
+    m.add_argument("--seed-base", type=int, default=None,
+                   help="episode seeds start here instead of the split's range")
+    m.add_argument("--world", default=None,
+                   help="named world config (default: the memory model's training world, else 'default')")
+    m.add_argument("--clip-frames", type=int, default=None,
+                   help="frames per clip (default: the memory model's training clip length, else the"
+                        " shortest episode), whole blocks")
+    m.add_argument("--batch-size", type=int, default=8, help="clips run together at most")
+    m.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every model)")
+    m.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    m.add_argument("--device", default="cpu", help="torch device")
+    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.add_argument("--out", required=True, help="output folder (summary.json, summary.md, strip.png)")
+    m.set_defaults(func=_memory)
+
+
+def _empty_context(preset: Any, meta: dict[str, Any]) -> Any:
+    """``[1, L, text_dim]`` embeddings of the empty prompt in the text mode the model was trained with."""
+    from mag.train.trainer import prompt_cache
+
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+    return prompt_cache(preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE)).get([""])
+
+
+def _memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from mag.bench.consistency import bench_world, check_memory_model, world_episodes
+    from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon, write_results
+    from mag.memory import load_memory_model
+    from mag.registry import GENERATOR_STAGES, load_model
+    from mag.train.checkpoint import git_commit
+
+    started = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.episodes <= 0:
+        raise ConfigError(f"--episodes must be positive, got {args.episodes}")
+    memory, preset, memory_meta = load_memory_model(args.memory_model, device=args.device)
+    models = {"memory": memory}
+    contexts = {"memory": _empty_context(preset, memory_meta)}
+    records = {"memory": _model_record(args.memory_model, memory_meta)}
+    if args.baseline_model is not None:
+        baseline, baseline_preset, baseline_meta = load_model(args.baseline_model, device=args.device,
+                                                              expect_stage=GENERATOR_STAGES)
+        check_memory_model(baseline_preset, preset)
+        models["baseline"] = baseline
+        contexts["baseline"] = _empty_context(baseline_preset, baseline_meta)
+        records["baseline"] = _model_record(args.baseline_model, baseline_meta)
+    recipe = memory_meta.get("recipe") if isinstance(memory_meta.get("recipe"), dict) else {}
+    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+    world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None)
+    episodes = world_episodes(world, split=args.split, count=args.episodes, seed_base=args.seed_base)
+    requested = args.clip_frames if args.clip_frames is not None else data.get("clip_frames")
+    if args.clip_frames is None and isinstance(requested, int):
+        requested = min(requested, min(ep.frames.shape[0] for ep in episodes))
+    frames = clip_length(episodes, preset.cache.frames_per_block, preset.dit.rope_max_positions,
+                         requested if isinstance(requested, int) else None)
+    config = ReconConfig(seed=args.seed, batch_size=args.batch_size, lpips=not args.no_lpips)
+    result = run_memory_recon(models, preset, episodes, contexts, frames, config,
+                              progress=not args.no_progress)
+    metadata = {
+        "command": shlex.join(["mag", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "machine": _machine(args.device),
+        "preset": preset.to_dict(),
+        "models": records,
+        "world": {"source": source, "split": args.split, "seed_base": args.seed_base,
+                  "config": dataclasses.asdict(world)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    summary = write_results(args.out, result, config, metadata)
+    for name, rows in summary["models"].items():
+        label, row = (FEW_STEP, rows[FEW_STEP]) if FEW_STEP in rows else next(iter(rows.items()))
+        print(f"{name:>9} {label}: PSNR {_db(row['psnr'])} (non-retained {_db(row['non_retained']['psnr'])}),"
+              f" SSIM {row['ssim']:.3f}")
+    print(f"wrote {Path(args.out) / 'summary.json'} ({len(episodes)} {args.split} clips of {frames} frames,"
           f" {metadata['seconds']} s)")
     return 0
 
