@@ -68,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="output folder (summary.json, summary.md, plots, episodes/)")
     c.set_defaults(func=_consistency)
     _register_memory(commands)
+    speed = commands.add_parser(
+        "speed", help="frames/s, per-block latency, peak memory and KV bytes of streaming, per cache policy",
+        description="Stream --frames video frames under each cache policy (random weights unless --model)"
+                    " and report fps, p50/p95 block latency, peak memory and KV bytes up to 10,000 frames.")
+    from mag.bench.speed import add_speed_arguments
+
+    add_speed_arguments(speed)
+    speed.set_defaults(func=_speed)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -289,3 +297,9 @@ def _memory(args: argparse.Namespace) -> int:
 
 def _db(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} dB"
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from mag.bench.speed import run_speed_cli
+
+    return run_speed_cli(args)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared speed benchmark for a lent GPU (H100/H200), issue 8: Wan-1.3B shape, 480x832, 4 steps, bf16,
+# random weights; policies full, window, mag, each without and with torch.compile. Finishes within 8 minutes:
+# every run is guarded by `timeout` (SIGINT first, so the JSON keeps the policies that finished).
+#
+# Usage (from the repository root; the package need not be installed, no network needed):
+#   bash scripts/gpu_bench.sh [OUT_DIR]          # default bench/results/speed/gpu
+# Environment: FRAMES (video frames per stream, default 237 = 60 latent frames = 20 blocks),
+#              EAGER_S / COMPILE_S (timeouts in seconds, default 140 / 280), PYTHON (default python3).
+# Writes OUT_DIR/wan-1.3b-eager.{json,png,log}, OUT_DIR/wan-1.3b-compile.{json,png,log}, OUT_DIR/machine.txt.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/results/speed/gpu}
+FRAMES=${FRAMES:-237}
+EAGER_S=${EAGER_S:-140}
+COMPILE_S=${COMPILE_S:-280}
+PYTHON=${PYTHON:-python3}
+# Grace period after SIGINT before SIGKILL (the JSON is written after each policy, so little is lost).
+KILL_AFTER_S=15
+mkdir -p "$OUT"
+
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+log "gpu_bench: output in $OUT, $FRAMES video frames per stream"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  PYTHONPATH=. "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+ torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" 2>&1
+  git rev-parse HEAD 2>/dev/null || true
+} | tee "$OUT/machine.txt"
+
+# The wan-vae codec needs diffusers; without it the decode is left out (and says so in the JSON).
+DECODE=(--no-decode)
+if PYTHONPATH=. "$PYTHON" -c "import diffusers" 2>/dev/null; then DECODE=(); fi
+log "decode: ${DECODE[*]:-wan-vae (random weights)}"
+
+COMMON=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --steps 4 --random-weights
+        --frames "$FRAMES" --warmup-blocks 2 --policies full,window,mag "${DECODE[@]}")
+
+run() {  # run NAME TIMEOUT_S [extra args...]
+  local name=$1 limit=$2
+  shift 2
+  log "start $name (timeout ${limit}s)"
+  timeout --signal=INT --kill-after="$KILL_AFTER_S" "$limit" \
+    env PYTHONPATH=. "$PYTHON" -m mag bench speed "${COMMON[@]}" "$@" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 12 "$OUT/$name.log"
+  log "end $name: exit $rc$([ "$rc" = 124 ] || [ "$rc" = 130 ] && echo ' (timed out; JSON keeps finished policies)')"
+}
+
+run wan-1.3b-eager "$EAGER_S"
+run wan-1.3b-compile "$COMPILE_S" --compile
+
+# A run cut by its timeout has a JSON without its plot: draw it from what finished.
+for json in "$OUT"/wan-1.3b-*.json; do
+  [ -f "$json" ] || continue
+  PYTHONPATH=. "$PYTHON" - "$json" <<'PY' || log "plot failed for $json"
+import json, sys
+from pathlib import Path
+from mag.bench.speed import write_plot
+path = Path(sys.argv[1])
+report = json.loads(path.read_text())
+if report.get("policies") and not report.get("plot"):
+    write_plot(report, path.with_suffix(".png"))
+    print(f"plotted {path.with_suffix('.png')}")
+PY
+done
+log "gpu_bench: done; results in $OUT"
