@@ -49,7 +49,8 @@ def test_cli_writes_json_table_and_strip(tmp_path, models, capsys):
     assert summary["levels"] == pytest.approx(levels) and summary["target_psnr_db"] == TARGET_PSNR_DB
     assert summary["clip_frames"] == 6 and summary["frames_per_block"] == 3  # the recipe's clip length
     assert len(summary["episodes"]) == EPISODES
-    assert set(summary["models"]) == {"memory", "baseline", "codec"}
+    assert set(summary["models"]) == {"memory", "baseline"}
+    assert set(summary["references"]) == {"codec", "copy-retained"}
     for name in ("memory", "baseline"):
         rows = summary["models"][name]
         assert list(rows) == [one_step_label(level) for level in levels] + [FEW_STEP]
@@ -57,16 +58,21 @@ def test_cli_writes_json_table_and_strip(tmp_path, models, capsys):
             assert 0 < row["psnr"] < 60 and row["ssim"] is not None and row["lpips"] is None  # --no-lpips
             assert row["frames"] == EPISODES * 6 and row["non_retained"]["frames"] == EPISODES * 4
             assert row["retained"]["frames"] == EPISODES * 2 and len(row["per_episode_psnr"]) == EPISODES
-    # Different weights, same noise: different reconstructions. The pixel codec's round trip is exact.
+    # Different weights, same noise: different reconstructions. The pixel codec's round trip is exact;
+    # copying the retained frame is exact on retained frames only.
     assert summary["models"]["memory"][FEW_STEP]["psnr"] != summary["models"]["baseline"][FEW_STEP]["psnr"]
-    assert summary["models"]["codec"]["round trip"]["psnr"] == 100.0
+    assert summary["references"]["codec"]["round trip"]["psnr"] == 100.0
+    copy = summary["references"]["copy-retained"]["retained frame"]
+    assert copy["retained"]["psnr"] == 100.0 and copy["non_retained"]["psnr"] < 60
     meta = summary["metadata"]
     assert meta["models"]["memory"]["stage"] == "memory" and meta["models"]["baseline"]["stage"] == "causal"
     assert meta["models"]["memory"]["train_steps"] == 2 and meta["world"]["split"] == "val"
-    assert "| memory | few-step |" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "| memory | few-step |" in table and "| copy-retained | retained frame |" in table
     assert (out / "strip.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "memory few-step: PSNR" in printed and "baseline few-step: PSNR" in printed
+    assert "copy-retained retained frame: PSNR" in printed
 
 
 def test_reconstruction_does_not_depend_on_the_batch(models):

@@ -286,9 +286,10 @@ def _memory(args: argparse.Namespace) -> int:
         "seconds": round(time.time() - started, 1),
     }
     summary = write_results(args.out, result, config, metadata)
-    for name, rows in summary["models"].items():
+    for name, rows in {**summary["models"], **summary["references"]}.items():
         label, row = (FEW_STEP, rows[FEW_STEP]) if FEW_STEP in rows else next(iter(rows.items()))
-        print(f"{name:>9} {label}: PSNR {_db(row['psnr'])} (non-retained {_db(row['non_retained']['psnr'])}),"
+        rest = row["non_retained"]
+        print(f"{name:>13} {label}: PSNR {_db(row['psnr'])} (non-retained {_db(rest['psnr'])}),"
               f" SSIM {row['ssim']:.3f}")
     print(f"wrote {Path(args.out) / 'summary.json'} ({len(episodes)} {args.split} clips of {frames} frames,"
           f" {metadata['seconds']} s)")

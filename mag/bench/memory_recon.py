@@ -20,8 +20,10 @@ on uint8 frames, :func:`mag.bench.consistency.score_pairs`):
 Rows are split into ``retained`` frames (the block's last frame, whose own K/V are in memory) and
 ``non_retained`` frames (the other ``F - 1``, which must come back from one frame's K/V): the second is
 the compression's real test. A ``baseline`` model (the generator the memory model was initialised from,
-untrained as a memory model) run through the same pass shows what stage-1 training buys. ``codec`` is the
-input's codec round trip: the ceiling of any reconstruction in pixel space.
+untrained as a memory model) run through the same pass shows what stage-1 training buys. Two reference
+rows need no model: ``codec`` is the input's codec round trip (the ceiling of any reconstruction in pixel
+space) and ``copy-retained`` repeats each block's retained frame over the block (the floor: what keeping
+one frame per block gives without any reconstruction).
 
 Noise is drawn on the CPU from a generator seeded by ``(seed, episode index)`` and moved to the device, so
 results do not depend on the device, the batch size, or which model runs.
@@ -29,7 +31,6 @@ results do not depend on the device, the batch size, or which model runs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +55,9 @@ from mag.models.dit import WanDiT
 from mag.objectives.flow_matching import clean_noisy_forward
 from mag.schedulers import FlowMatchScheduler
 
-__all__ = ["FEW_STEP", "TARGET_PSNR_DB", "ReconConfig", "ReconResult", "clip_length", "markdown_summary",
-           "few_step_psnr", "one_step_label", "reconstruct", "run_memory_recon", "write_results"]
+__all__ = ["FEW_STEP", "REFERENCE_ROWS", "TARGET_PSNR_DB", "ReconConfig", "ReconResult", "clip_length",
+           "markdown_summary", "one_step_label", "reconstruct", "run_memory_recon", "summarize",
+           "write_results"]
 
 # Row of the full few-step sampler from pure noise.
 FEW_STEP = "few-step"
@@ -67,6 +69,8 @@ NOISE_SEED_STRIDE = 1_000_003
 STRIP_FRAMES = 12
 STRIP_SCALE = 4
 DEFAULT_BATCH_EPISODES = 8
+# Reference rows (no model): the codec round trip (ceiling) and the retained frame copied over its block.
+REFERENCE_ROWS: tuple[str, ...] = ("codec", "copy-retained")
 # Frame subsets every row is scored on (retained: a block's last frame, kept in memory).
 SUBSETS: tuple[str, ...] = ("all", "retained", "non_retained")
 
@@ -199,7 +203,9 @@ def run_memory_recon(models: dict[str, WanDiT], preset: Preset, episodes: Sequen
     levels = scheduler.few_step_timesteps().tolist()
     row_names = [one_step_label(level) for level in levels] + [FEW_STEP]
     per_frame: dict[str, dict[str, list[dict[str, np.ndarray]]]] = {
-        "codec": {"round trip": []}, **{name: {row: [] for row in row_names} for name in models}}
+        **{name: {row: [] for row in row_names} for name in models}, "codec": {"round trip": []},
+        "copy-retained": {"retained frame": []}}
+    retained = np.arange(clip_frames) // block * block + block - 1  # [N] each frame's retained frame
     strip: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(episodes) * len(models), desc="memory reconstruction", unit="clip",
                disable=not progress)
@@ -211,6 +217,8 @@ def run_memory_recon(models: dict[str, WanDiT], preset: Preset, episodes: Sequen
         x0 = codec.encode(torch.stack([frames_to_tensor(f) for f in truth]).to(device))
         for frames, target in zip(_decode(codec, x0), truth, strict=True):
             per_frame["codec"]["round trip"].append(score_pairs(frames, target, with_lpips=config.lpips))
+            per_frame["copy-retained"]["retained frame"].append(
+                score_pairs(target[retained], target, with_lpips=config.lpips))
         offsets = _width_offsets(preset, [episodes[i] for i in chunk], clip_frames, device)
         if start == 0:
             strip["input"] = truth[0][:STRIP_FRAMES]
@@ -273,15 +281,18 @@ def _row_summary(scores: dict[str, np.ndarray], frames_per_block: int) -> dict[s
 
 
 def summarize(result: ReconResult) -> dict[str, Any]:
-    """The JSON summary: per model (``codec`` included) and row, PSNR / SSIM / LPIPS per frame subset."""
+    """The JSON summary: per model (``models``) or reference (``references``) and row, PSNR / SSIM / LPIPS
+    over all frames and per frame subset (``retained``, ``non_retained``)."""
+    rows = {name: {row: _row_summary(scores, result.frames_per_block) for row, scores in rows_.items()}
+            for name, rows_ in result.scores.items()}
     return {
         "episodes": [ep.name for ep in result.episodes],
         "clip_frames": result.clip_frames,
         "frames_per_block": result.frames_per_block,
         "levels": result.levels,
         "target_psnr_db": TARGET_PSNR_DB,
-        "models": {name: {row: _row_summary(scores, result.frames_per_block) for row, scores in rows.items()}
-                   for name, rows in result.scores.items()},
+        "models": {name: entry for name, entry in rows.items() if name not in REFERENCE_ROWS},
+        "references": {name: entry for name, entry in rows.items() if name in REFERENCE_ROWS},
     }
 
 
@@ -296,11 +307,12 @@ def markdown_summary(summary: dict[str, Any]) -> str:
              "Each block is reconstructed from the compressed memory (the last frame of every block up to its"
              " own) with the empty prompt. non-retained: the block's other frames, which only the memory"
              f" model's compression can bring back. Target: few-step PSNR >= {TARGET_PSNR_DB:g} dB on tiny."
-             " codec: the input's codec round trip (the ceiling).", "",
+             " codec: the input's codec round trip (the ceiling); copy-retained: each block's retained"
+             " frame repeated over the block (no reconstruction).", "",
              "| model | reconstruction | PSNR | SSIM | LPIPS | PSNR non-retained | SSIM non-retained"
              " | LPIPS non-retained |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, rows in summary["models"].items():
+    for name, rows in {**summary["models"], **summary["references"]}.items():
         for row, entry in rows.items():
             rest = entry["non_retained"]
             cells = [_fmt(entry["psnr"], 2), _fmt(entry["ssim"], 3), _fmt(entry["lpips"], 3),
@@ -328,10 +340,4 @@ def write_results(out_dir: str | Path, result: ReconResult, config: ReconConfig,
     labels += [f"{name}: {FEW_STEP} from compressed memory" for name in result.strip if name != "input"]
     write_png_strip(out / "strip.png", list(result.strip.values()), labels, scale=STRIP_SCALE)
     return summary
-
-
-def few_step_psnr(summary: dict[str, Any], model: str) -> float | None:
-    """The headline number: ``model``'s few-step PSNR over all frames."""
-    value = summary["models"][model][FEW_STEP]["psnr"]
-    return None if value is None or math.isnan(value) else value
 
