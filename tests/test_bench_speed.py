@@ -1,0 +1,151 @@
+"""``mag bench speed``: the JSON contract, KV accounting against the real cache, and clear errors.
+
+The tiny preset streams 3 blocks per policy on the CPU; the Wan-1.3B path is checked for geometry and
+argument handling only (on the meta device), since CI has no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mag.bench import speed
+from mag.cache import FullPolicy, MagPolicy
+from mag.cli import main
+from mag.config import get_preset
+from mag.info import KV_DTYPE, preset_info
+from mag.models import count_parameters
+
+ALL_POLICIES = "full,window,downsample,mag,bounded"
+# 9 video frames = 9 latent frames of the pixel codec = 3 blocks.
+TINY_FRAMES = 9
+POLICY_KEYS = {"fps", "latency_ms_p50", "latency_ms_p95", "peak_memory_bytes", "kv_bytes",
+               "kv_bytes_streamed", "video_frames", "blocks"}
+META_KEYS = {"machine", "preset", "device", "dtype", "commit", "command", "text", "compile", "models"}
+
+
+def run_cli(*args: str) -> int:
+    return main(["bench", "speed", "--threads", "1", "--no-progress", *args])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    assert run_cli("--preset", "tiny", "--policies", ALL_POLICIES, "--frames", str(TINY_FRAMES),
+                   "--warmup-blocks", "0", "--json", str(out)) == 0
+    data = json.loads(out.read_text())
+    data["_path"] = str(out)
+    return data
+
+
+def test_json_contract_and_plot(report):
+    assert META_KEYS <= report.keys()
+    assert report["preset"] == "tiny" and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["cpu"]
+    assert report["text"]["encoder"] is None
+    assert list(report["policies"]) == ALL_POLICIES.split(",")
+    for row in report["policies"].values():
+        assert POLICY_KEYS <= row.keys()
+        assert row["fps"] > 0 and 0 < row["latency_ms_p50"] <= row["latency_ms_p95"]
+        assert row["video_frames"] == TINY_FRAMES and row["blocks"] == TINY_FRAMES // 3
+        horizons = [h for h, _ in row["kv_bytes"]]
+        assert set(speed.KV_HORIZONS) <= set(horizons) and horizons == sorted(horizons)
+    png = Path(report["_path"]).with_suffix(".png")
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replayed_kv_bytes_equal_the_streamed_cache(report):
+    for name, row in report["policies"].items():
+        at_stream = dict(row["kv_bytes"])[row["video_frames"]]
+        assert at_stream == row["kv_bytes_streamed"], name
+
+
+def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report):
+    cache = get_preset("tiny").cache
+    rows = report["policies"]
+    per_frame = rows["full"]["kv_bytes_per_frame"]
+    full, mag = dict(rows["full"]["kv_bytes"]), dict(rows["mag"]["kv_bytes"])
+    for horizon in speed.KV_HORIZONS:
+        assert full[horizon] / 3 <= mag[horizon] <= full[horizon] / 3 + cache.sink_frames * per_frame
+    assert dict(rows["downsample"]["kv_bytes"]) == mag
+    budget = (cache.sink_frames + cache.memory_slots) * per_frame
+    bounded = [b for _, b in rows["bounded"]["kv_bytes"]]
+    assert max(bounded) <= budget and bounded[-1] == budget
+    window = {b for h, b in rows["window"]["kv_bytes"] if h in speed.KV_HORIZONS}
+    assert window == {(cache.sink_frames + cache.window_frames) * per_frame}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--policies", "full,nope"], "unknown cache policy 'nope'"),
+    (["--policies", ","], "--policies is empty"),
+    (["--frames", "0"], "--frames must be a positive"),
+    (["--warmup-blocks", "-1"], "--warmup-blocks must be >= 0"),
+    (["--preset", "wan-1.3b"], "benchmarked on a GPU only"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
+    assert run_cli(*args, "--json", str(tmp_path / "s.json")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_unwritable_json_path_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for path in (blocker / "out.json", tmp_path, tmp_path / "out.txt"):
+        assert run_cli("--frames", "3", "--json", str(path)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--json" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    assert run_cli("--preset", "wan-1.3b", "--device", "cuda", "--json", str(tmp_path / "s.json")) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_wan_geometry_and_kv_accounting_without_allocating():
+    preset = speed.speed_preset("wan-1.3b", steps=4, height=480, width=832)
+    assert preset.scheduler.denoising_steps == get_preset("wan-1.3b").scheduler.denoising_steps
+    assert speed.latent_frames_for(preset, 237) == 60 and speed.video_frames_for(preset, 60) == 237
+    assert speed.latent_frames_for(preset, 240) == 63  # rounded up to whole blocks of 3
+    per_frame = speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    assert per_frame == preset_info(preset)["kv_bytes_per_frame_bf16"]
+    curve = speed.kv_bytes_curve(FullPolicy(), preset, KV_DTYPE, [237, 10000])
+    assert curve == [[237, 60 * per_frame], [10000, speed.latent_frames_for(preset, 10000) * per_frame]]
+    bounded = speed.kv_bytes_curve(MagPolicy(preset.cache.sink_frames, preset.cache.memory_slots), preset,
+                                   KV_DTYPE, list(speed.KV_HORIZONS))
+    assert bounded[-1][1] == (preset.cache.sink_frames + preset.cache.memory_slots) * per_frame
+    model = speed.random_model(preset, "meta", torch.bfloat16, seed=0)
+    assert model.patch_embedding.weight.is_meta and model.patch_embedding.weight.dtype == torch.bfloat16
+    assert count_parameters(model) == preset_info(preset)["params"]
+
+
+def test_steps_override_spaces_the_few_step_list():
+    assert speed.speed_preset("tiny", steps=2).scheduler.denoising_steps == (1000, 500)
+
+
+class _Broken(nn.Module):
+    def forward(self, *args: object) -> None:
+        raise RuntimeError("backend compiler failed (simulated)")
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch, capsys):
+    def broken_compile(model):
+        original = model.head
+        model.head = _Broken()
+        return speed.CompiledModules([(model, "head", original)])
+
+    monkeypatch.setattr(speed, "compile_model", broken_compile)
+    out = tmp_path / "c.json"
+    assert run_cli("--policies", "full", "--frames", "3", "--compile", "--json", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert data["compile"]["requested"] and not data["compile"]["used"]
+    assert "simulated" in data["compile"]["error"]
+    assert data["policies"]["full"]["fps"] > 0
+    assert "torch.compile failed" in capsys.readouterr().err
