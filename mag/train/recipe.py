@@ -26,6 +26,10 @@ from mag.objectives.dmd import (
 
 # Self-Forcing's AdamW betas for the critic (and the generator) in the DMD stage.
 SELF_FORCING_DMD_BETAS = (0.0, 0.999)
+# KV-cache policies of DMD rollouts: Self-Forcing's full cache, MAG's memory-model-written compressed
+# cache, and the same frames written by the generator (MAG's "w/o stage 1" ablation).
+RolloutPolicy = Literal["full", "mag", "downsample"]
+ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
 
 ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
 OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
@@ -173,6 +177,16 @@ class DMDConfig:
         window_overlap_frames: frames a window shares with the previous one.
         history_lambda: λ of ``(1-λ) L_DMD + λ L_history`` (0: plain Self-Forcing DMD).
         history_mode: ``weight`` or ``probability`` (see :func:`mag.objectives.dmd.combine`).
+        rollout_policy: KV-cache policy of every rollout (generator, history and critic rollouts):
+            ``full`` keeps every frame (Self-Forcing); ``mag`` is MAG stage 2: the frozen
+            ``memory_model`` writes each finished block's compressed K/V (sinks + each block's last
+            frame) and the generator only reads them; ``downsample`` keeps the same frames written by
+            the generator itself (the paper's "w/o stage 1" ablation).
+        memory_model: the stage-1 memory model (a ``memory`` model file, checkpoint or registry name;
+            its ``dit`` config must equal the recipe's). Required by, and only allowed with, ``mag``.
+        grad_last_frames: 0: every block's exit step carries gradient; ``n > 0``: only blocks starting in
+            the last ``n`` frames do (Self-Forcing-style detaching of earlier chunks, which bounds the
+            activation memory of long rollouts), and windows with no such frame are not scored.
     """
 
     teacher: str = ""
@@ -186,6 +200,9 @@ class DMDConfig:
     window_overlap_frames: int = 0
     history_lambda: float = 0.0
     history_mode: HistoryMode = "weight"
+    rollout_policy: RolloutPolicy = "full"
+    memory_model: str = ""
+    grad_last_frames: int = 0
 
     def step_config(self, preset: Preset) -> DMDStepConfig:
         """The objective-level config (timestep clamp from the preset's scheduler); validates it."""
@@ -223,6 +240,25 @@ class DMDConfig:
         if self.history_lambda > 0 and windows < 2:
             raise ConfigError(f"dmd.history_lambda > 0 needs a rollout of >= 2 teacher windows; "
                               f"{frames} frames hold {windows} of dmd.teacher_frames={self.teacher_frames}")
+        self._validate_memory(frames, fpb)
+
+    def _validate_memory(self, frames: int, frames_per_block: int) -> None:
+        """The rollout policy, its memory model and the gradient horizon (MAG stage 2)."""
+        if self.rollout_policy not in ROLLOUT_POLICIES:
+            raise ConfigError(f"dmd.rollout_policy must be one of {', '.join(ROLLOUT_POLICIES)}, got"
+                              f" {self.rollout_policy!r}")
+        if self.rollout_policy == "mag" and not self.memory_model:
+            raise ConfigError("dmd.rollout_policy = 'mag' needs dmd.memory_model (the stage-1 memory model"
+                              " file or registry name, e.g. models/tiny-memory.safetensors); for the 'w/o"
+                              " stage 1' ablation use rollout_policy = 'downsample'")
+        if self.memory_model and self.rollout_policy != "mag":
+            raise ConfigError(f"dmd.memory_model is set but dmd.rollout_policy is {self.rollout_policy!r}:"
+                              " only 'mag' lets the memory model write the cache; set rollout_policy ="
+                              " 'mag' or remove memory_model")
+        if not 0 <= self.grad_last_frames <= frames or self.grad_last_frames % frames_per_block:
+            raise ConfigError(f"dmd.grad_last_frames must be 0 (every block) or a multiple of the block size"
+                              f" {frames_per_block} up to the rollout's {frames} frames, got"
+                              f" {self.grad_last_frames}")
 
 
 @dataclass(frozen=True)

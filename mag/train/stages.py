@@ -7,7 +7,8 @@ The chain of DESIGN §1 at any scale:
   data, CausVid-style) or ``ode`` (regression onto the teacher's ODE trajectories, Self-Forcing-style;
   pairs written by ``mag train ode-pairs``);
 - ``dmd`` -- Self-Forcing DMD: the student rolls out autoregressively, the frozen teacher (real score,
-  CFG) and a trained critic (fake score) score it;
+  CFG) and a trained critic (fake score) score it; with ``dmd.rollout_policy = "mag"`` this is MAG's
+  stage 2: the frozen memory model writes the rollout's compressed cache, the generator only reads it;
 - ``memory`` -- the stage-1 memory model (initialised from the generator, own weights): reconstruct
   whole blocks from their compressed last frames, with the empty prompt.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mag.cache import FullPolicy
+from mag.cache import CachePolicy
 from mag.config import Preset
 from mag.errors import CheckpointError, ConfigError, InputError
-from mag.memory import sample_memory_timesteps, sample_start_position
+from mag.memory import load_memory_model, sample_memory_timesteps, sample_start_position
 from mag.models import WanDiT
 from mag.objectives.dmd import (
     DMDUpdateSchedule,
@@ -65,6 +67,7 @@ from mag.objectives.ode import (
     sample_ode_trajectory,
 )
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
+from mag.pipelines.streaming import policy_from_name
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache, get_text_encoder
 from mag.train.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
@@ -94,6 +97,8 @@ ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batc
 # Checkpoint keys of the DMD stage's own state (inside the checkpoint's ``extra.`` section).
 CRITIC_MODEL_PREFIX, CRITIC_OPTIM_PREFIX = "critic.model.", "critic."
 CRITIC_OPTIM_METADATA = "critic_optimizer"
+# Checkpoint metadata key of the memory model a ``mag`` rollout ran with (source, name, weights digest).
+MEMORY_MODEL_METADATA = "memory_model"
 
 
 def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
@@ -344,7 +349,20 @@ class DMDStage:
     The teacher is loaded with :func:`mag.registry.load_model` (eval, no gradient, never sharded); the
     critic starts from ``dmd.critic`` or a copy of the teacher, is sharded like the generator and has
     its own AdamW (``dmd.critic_lr``, ``dmd.critic_betas``; ``optim.weight_decay``, ``optim.grad_clip``
-    and the warm-up are shared). The KV cache of the rollout keeps every frame (``full`` policy).
+    and the warm-up are shared).
+
+    Every rollout (generator, history, critic) runs under ``dmd.rollout_policy``: ``full`` keeps every
+    frame (Self-Forcing); ``mag`` is MAG stage 2 (DESIGN §1): after each block the frozen memory model
+    (``dmd.memory_model``: a ``memory`` file whose ``dit`` config equals the generator's; loaded once,
+    eval, no gradient, never sharded) runs the clean block at t=0 with the empty prompt and writes the
+    compressed K/V (sinks + each block's last frame), which the generator only reads; ``downsample``
+    keeps the same frames but the generator writes them (the "w/o stage 1" ablation). Rollouts may be
+    longer than the teacher: they are scored window by window (``dmd.teacher_frames``), and the history
+    loss generates every window after the first with the empty text under the same policy.
+
+    Gradient reaches the generator through each block's exit step; ``dmd.grad_last_frames > 0`` keeps it
+    only for blocks in the last frames (earlier chunks are generated, and shape the cache, without
+    gradient) and skips scoring the windows that hold none of them.
     """
 
     def __init__(self, ctx: StageContext, generator: nn.Module, dist: DistributedContext,
@@ -369,6 +387,10 @@ class DMDStage:
         self.critic_optimizer = torch.optim.AdamW(
             self.critic.parameters(), lr=self.dmd.critic_lr, betas=self.dmd.critic_betas,
             weight_decay=recipe.optim.weight_decay)
+        self.memory_model, self.memory_record = self._load_memory_model()
+        self.policy: CachePolicy = policy_from_name(self.dmd.rollout_policy, preset,
+                                                    memory_model=self.memory_model,
+                                                    empty_context=ctx.empty_context)
         # Camera tracks go to whichever of the three networks is camera-anchored (each gets its own
         # frames' positions; a plain network gets none).
         self.camera_anchored = any(_camera_anchored(m) for m in (generator, self.teacher, self.critic))
@@ -380,10 +402,37 @@ class DMDStage:
         windows = score_windows(torch.zeros(1, self.num_frames), self.dmd.teacher_frames,
                                 self.dmd.window_overlap_frames)
         self.num_windows = windows.shape[0]
-        # Per sample: the rollout's forwards (up to K steps + the write pass) and the scored windows
-        # (teacher with CFG, critic, critic training), in tokens.
+        # Windows holding a frame with gradient (all unless dmd.grad_last_frames): the ones DMD scores.
+        first_grad_frame = self.num_frames - (self.dmd.grad_last_frames or self.num_frames)
+        stride = self.dmd.teacher_frames - self.dmd.window_overlap_frames
+        self.scored_windows = tuple(i for i in range(self.num_windows)
+                                    if i * stride + self.dmd.teacher_frames > first_grad_frame)
+        # Per sample: the rollout's forwards (up to K steps + the write pass), the scored windows (teacher
+        # with CFG and critic) and the critic's training windows, in tokens.
         self.tokens_per_sample = preset.tokens_per_frame * (
-            self.num_frames * (self.num_steps + 1) + self.num_windows * self.dmd.teacher_frames * 4)
+            self.num_frames * (self.num_steps + 1)
+            + (3 * len(self.scored_windows) + self.num_windows) * self.dmd.teacher_frames)
+
+    def _load_memory_model(self) -> tuple[WanDiT | None, dict[str, str]]:
+        """The frozen memory model of a ``mag`` rollout and its checkpoint record (None, {} otherwise).
+
+        :func:`mag.memory.load_memory_model` refuses generator files (CheckpointError); a memory model of
+        another network than the generator is a ConfigError.
+        """
+        if self.dmd.rollout_policy != "mag":
+            return None, {}
+        from mag.registry import model_stage
+
+        source, preset = self.dmd.memory_model, self.ctx.preset
+        memory, memory_preset, meta = load_memory_model(source, self.ctx.device)
+        if memory_preset.dit != preset.dit:
+            raise ConfigError(f"dmd.memory_model {source!r} is a different network from the generator: its"
+                              f" dit config {_dit_diff(memory_preset, preset)} differs from the recipe's;"
+                              " train the memory model from this generator (objective.kind = 'memory')")
+        memory.requires_grad_(False)
+        record = {"source": str(source), "name": str(meta.get("name", "")),
+                  "stage": str(model_stage(meta)), "weights_sha256": _weights_digest(memory)}
+        return memory, record
 
     def _check(self, model: WanDiT, field: str, source: str) -> WanDiT:
         cfg, dit = model.cfg, self.ctx.preset.dit
@@ -449,9 +498,10 @@ class DMDStage:
         model = self.generator
         return self_forcing_rollout(
             model, self.ctx.scheduler, clips.context, num_blocks=self.dmd.rollout_blocks,
-            frames_per_block=self.frames_per_block, frame_shape=self.frame_shape, policy=FullPolicy(),
+            frames_per_block=self.frames_per_block, frame_shape=self.frame_shape, policy=self.policy,
             exit_step=exit_step, noise_draws=noise_draws.to(self.ctx.device), grad=grad,
-            context_per_block=context_per_block, width_offsets=_for(model, clips.width_offsets))
+            context_per_block=context_per_block, grad_last_frames=self.dmd.grad_last_frames or None,
+            width_offsets=_for(model, clips.width_offsets))
 
     def _sample_draws(self, step: int, micro: int, indices: range, role: int,
                       windows: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -474,6 +524,16 @@ class DMDStage:
         if offsets is None:
             return windows, [None] * windows.shape[0]
         return windows, list(score_windows(offsets, self.dmd.teacher_frames, self.dmd.window_overlap_frames))
+
+    def _scored_dmd_loss(self, x: Tensor, clips: _Clips, t: Tensor, noise: Tensor,
+                         first_window: int = 0) -> tuple[Tensor, Tensor]:
+        """:meth:`_dmd_loss` on the windows from ``first_window`` on that carry gradient
+        (``self.scored_windows``); ``t: [W', B]`` and ``noise: [W', B, Fw, ...]`` hold one draw per window
+        from ``first_window`` on (scored or not, so the draws do not depend on ``dmd.grad_last_frames``)."""
+        windows, offsets = self._windows(x, clips.width_offsets)
+        chosen = [i for i in self.scored_windows if i >= first_window]
+        draws = [i - first_window for i in chosen]
+        return self._dmd_loss(windows[chosen], [offsets[i] for i in chosen], t[draws], noise[draws], clips)
 
     def _dmd_loss(self, windows: Tensor, offsets: list[Tensor | None], t: Tensor, noise: Tensor,
                   clips: _Clips) -> tuple[Tensor, Tensor]:
@@ -501,8 +561,7 @@ class DMDStage:
         if lam == 0 or mode == "weight" or not use_history:
             noise_draws, t, noise = self._sample_draws(step, micro, indices, ROLE_GENERATOR, self.num_windows)
             x = self._rollout(clips, exit_step, noise_draws, grad=True)
-            windows, offsets = self._windows(x, clips.width_offsets)
-            l_dmd, g = self._dmd_loss(windows, offsets, t, noise, clips)
+            l_dmd, g = self._scored_dmd_loss(x, clips, t, noise)
             g_abs.append(g)
         if lam > 0 and (mode == "weight" or use_history):
             l_hist, g = self._history_loss(step, micro, indices, clips, exit_step)
@@ -518,8 +577,7 @@ class DMDStage:
         contexts = history_block_contexts(clips.context, clips.uncond, frames_per_block=self.frames_per_block,
                                           first_chunk_frames=self.dmd.teacher_frames)
         x = self._rollout(clips, exit_step, noise_draws, grad=True, context_per_block=contexts)
-        windows, offsets = self._windows(x, clips.width_offsets)
-        return self._dmd_loss(windows[1:], offsets[1:], t, noise, clips)
+        return self._scored_dmd_loss(x, clips, t, noise, first_window=1)
 
     def _critic_loss(self, step: int, micro: int, indices: range) -> Tensor:
         """Flow matching of the critic on a fresh no-grad rollout, window by window (mean over windows)."""
@@ -543,14 +601,22 @@ class DMDStage:
             optim = full_optimizer_state(self.critic, self.critic_optimizer)
         else:
             weights, optim = self.critic.state_dict(), self.critic_optimizer.state_dict()
+        memory = {MEMORY_MODEL_METADATA: self.memory_record} if self.memory_record else {}
         if not optim:
-            return {}, {}
+            return {}, memory
         optim_tensors, skeleton = flatten_optimizer_state(optim)
         extra = {CRITIC_MODEL_PREFIX + k: v for k, v in weights.items()}
         extra.update({CRITIC_OPTIM_PREFIX + k: v for k, v in optim_tensors.items()})
-        return extra, {CRITIC_OPTIM_METADATA: skeleton}
+        return extra, {CRITIC_OPTIM_METADATA: skeleton, **memory}
 
     def load_state(self, extra: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+        """Restore the critic; refuse a memory model whose weights differ from the checkpoint's run."""
+        stored = metadata.get(MEMORY_MODEL_METADATA)
+        if isinstance(stored, dict) and self.memory_record and (
+                stored.get("weights_sha256") != self.memory_record["weights_sha256"]):
+            raise CheckpointError(f"dmd.memory_model {self.memory_record['source']!r} has other weights than"
+                                  f" the memory model this run started with ({stored.get('source')!r});"
+                                  " resume with the same memory model file, or start a new run")
         skeleton = metadata.get(CRITIC_OPTIM_METADATA)
         weights = {k[len(CRITIC_MODEL_PREFIX):]: v for k, v in extra.items()
                    if k.startswith(CRITIC_MODEL_PREFIX)}
@@ -568,6 +634,17 @@ class DMDStage:
             raise CheckpointError(f"the checkpoint's critic does not fit dmd.critic: missing {missing[:5]},"
                                   f" unexpected {unexpected[:5]}")
         self.critic_optimizer.load_state_dict(optim)
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, bytes), in name order: names the
+    exact weights a run used, whatever file or registry name they came from."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _camera_anchored(model: nn.Module) -> bool:
