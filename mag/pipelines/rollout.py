@@ -10,7 +10,9 @@ For every block of ``frames_per_block`` frames at absolute RoPE positions ``b*F 
    it to the next level with the next noise draw;
 2. step ``exit_step`` runs WITH gradient; its x0 prediction is the block's output;
 3. the clean write pass: the block's output, detached, is run at t=0 with ``cache_write=True`` under
-   ``no_grad`` (by default by the generator; a MAG memory model can be passed as ``writer``).
+   ``no_grad``: by the generator under ``full`` / ``downsample``, by the frozen memory model that a
+   ``mag`` / ``bounded`` policy carries (MAG stage 2: the generator only reads the compressed cache),
+   or by an explicit ``writer``.
 
 ``exit_step`` (1-based, in ``1..K``) is random but SHARED by all blocks of a rollout: the caller draws
 it (:func:`draw_exit_step`; Self-Forcing's ``same_step_across_blocks``). Because the cache stores
@@ -118,7 +120,7 @@ def self_forcing_rollout(
         writer: runs the clean write pass; default the generator itself (Self-Forcing).
         width_offsets: ``[B, num_blocks * frames_per_block]`` camera position of every frame in patches,
             for camera-anchored generators (``dit.camera_rope``); each block's denoising steps and its
-            default write pass get their frames' slice. A custom ``writer`` cannot take them.
+            write pass (whichever writer runs it, e.g. the memory model) get their frames' slice.
 
     Returns:
         ``[B, num_blocks * frames_per_block, C, H, W]`` the exit-step x0 predictions of all blocks.
