@@ -70,7 +70,9 @@ def memory_run(generator: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_tiny_memory_recipe_matches_the_camera_causal_world_and_runs_two_steps(camera_generator, tmp_path):
     recipe = load_recipe(REPO / "recipes" / "tiny-memory.toml")
     causal = load_recipe(REPO / "recipes" / "tiny-causal-camera.toml")
-    assert recipe.objective.kind == "memory" and recipe.init.model == "tiny-causal"
+    long = load_recipe(REPO / "recipes" / "tiny-causal-camera-long.toml")
+    assert recipe.objective.kind == "memory" and recipe.init.model == "tiny-causal-long"
+    assert recipe.build_preset().dit == long.build_preset().dit   # the generator it starts from
     assert recipe.preset == causal.preset and recipe.preset_overrides == causal.preset_overrides
     assert recipe.build_preset().dit == causal.build_preset().dit   # so the causal model can initialise it
     assert recipe.data == causal.data and recipe.loop.seed == causal.loop.seed

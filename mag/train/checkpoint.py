@@ -43,8 +43,16 @@ class TrainingState:
     extra: dict[str, Tensor]
 
 
+GIT_COMMIT_ENV = "MAG_GIT_COMMIT"
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
-    """Current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
+    """Current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git.
+
+    ``MAG_GIT_COMMIT`` names it for copies of the tree without ``.git`` (e.g. a lent GPU machine).
+    """
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
