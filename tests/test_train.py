@@ -234,3 +234,19 @@ def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resumes_exactly(tm
         assert torch.equal(value, _params(resumed)[key]), key
     with pytest.raises(ConfigError, match="time limit"):
         resumed.run(time_limit_s=0)
+
+
+def test_log_records_average_the_interval_not_its_last_step():
+    """A DMD generator loss exists on one step in five: the record must carry it, not the last step's NaN."""
+    from mag.train.trainer import interval_mean
+
+    nan = float("nan")
+    steps = [{"loss": torch.tensor(1.0), "generator_loss": torch.tensor(2.0),
+              "category_mean": torch.tensor([[1.0, nan]]), "category_count": torch.tensor([[3.0, 0.0]])},
+             {"loss": torch.tensor(3.0), "generator_loss": torch.tensor(nan),
+              "category_mean": torch.tensor([[5.0, 4.0]]), "category_count": torch.tensor([[1.0, 2.0]])}]
+    out = interval_mean(steps)
+    assert out["loss"].item() == 2.0 and out["generator_loss"].item() == 2.0
+    assert torch.allclose(out["category_mean"], torch.tensor([[(3 * 1.0 + 5.0) / 4, 4.0]]))
+    assert torch.equal(out["category_count"], torch.tensor([[4.0, 2.0]]))
+    assert interval_mean(steps[1:])["generator_loss"].isnan()

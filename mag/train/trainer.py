@@ -306,15 +306,18 @@ class Trainer:
                    desc=self.recipe.name, unit="step", dynamic_ncols=True)
         last_loss, ckpt = math.nan, None
         window_start, window_steps = time.perf_counter(), 0
+        interval: list[dict[str, Tensor]] = []
         with open(self.metrics_path, "a") if self.is_main else _NullFile() as log:
             while self.step < target:
                 step_start = time.perf_counter()
-                stats = self.train_step()
+                interval.append(self.train_step())
                 self.train_seconds += time.perf_counter() - step_start
                 window_steps += 1
                 if self.step % loop.log_every == 0 or self.step == target:
                     elapsed = time.perf_counter() - window_start
-                    record = self._log_record(stats)  # the only host sync: once per log interval
+                    # the only host sync: once per log interval, of the interval's mean
+                    record = self._log_record(interval_mean(interval))
+                    interval = []
                     record.update(step=self.step, lr=self._lr(self.step - 1),
                                   steps_per_s=window_steps / elapsed,
                                   tokens_per_s=window_steps * tokens_per_step / elapsed, time=time.time())
@@ -341,6 +344,27 @@ class Trainer:
         """Whether any rank is past ``deadline`` (one tiny all-reduce, at log steps only)."""
         late = torch.tensor(float(time.perf_counter() > deadline), device=self.device)
         return bool(all_reduce_sum(late, self.dist) > 0)
+
+
+def interval_mean(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One log record's statistics from the steps since the last record (device tensors, no sync).
+
+    Scalars are averaged ignoring NaN (a DMD generator loss exists only on generator steps, so it is the
+    mean over the interval's generator steps, NaN if there was none); per-category losses are weighted
+    by their element counts, as :meth:`Trainer._log_record` weights ranks.
+    """
+    out: dict[str, Tensor] = {}
+    for key in steps[0]:
+        if key in _CATEGORY_STATS:
+            continue
+        out[key] = torch.nanmean(torch.stack([step[key].float() for step in steps]))
+    if "category_mean" in steps[0]:
+        counts = torch.stack([step["category_count"] for step in steps])
+        sums = (torch.stack([torch.nan_to_num(step["category_mean"]) for step in steps]) * counts).sum(0)
+        total = counts.sum(0)
+        out["category_mean"] = torch.where(total > 0, sums / total.clamp_min(1), math.nan)
+        out["category_count"] = total
+    return out
 
 
 def _to_host(stats: dict[str, Tensor]) -> dict[str, Any]:
