@@ -68,14 +68,23 @@ def camera_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _teacher(tmp_path_factory.mktemp("camera_teacher"), CAMERA)
 
 
-@pytest.fixture(scope="module")
-def pairs_file(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _pairs(teacher: Path, folder: Path) -> Path:
     from mag.cli import main
 
-    out = tmp_path_factory.mktemp("pairs") / "pairs.safetensors"
+    out = folder / "pairs.safetensors"
     assert main(["train", "ode-pairs", "--teacher", str(teacher), "--out", str(out), "--clips", "3",
                  "--steps", str(ODE_STEPS), "--batch", "2", "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def pairs_file(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pairs(teacher, tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def camera_pairs_file(camera_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pairs(camera_teacher, tmp_path_factory.mktemp("camera_pairs"))
 
 
 def _dmd(teacher: Path, **changes) -> Recipe:
@@ -84,8 +93,12 @@ def _dmd(teacher: Path, **changes) -> Recipe:
 
 # ------------------------------------------------------------------------------ recipes
 @pytest.mark.parametrize("name", CHAIN_RECIPES)
-def test_chain_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, teacher, pairs_file, tmp_path):
+def test_chain_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, camera_teacher, camera_pairs_file,
+                                                                  tmp_path):
+    """The shipped chain is camera-anchored (like the recall model), so its stand-ins are too."""
     recipe = load_recipe(REPO / "recipes" / name)
+    assert recipe.build_preset().dit.camera_rope
+    teacher, pairs_file = camera_teacher, camera_pairs_file
     data = recipe.to_dict()
     data.update(preset_overrides={**data["preset_overrides"], **TINY_OVERRIDES},
                 loop={**data["loop"], "steps": 2, "batch_size": 1, "log_every": 1, "ckpt_every": 2})
