@@ -298,3 +298,22 @@ def test_memory_model_errors_are_clear(tmp_path, checkpoint, memory_file, preset
     assert "holds a 'memory' model but a teacher / causal / dmd / mag-generator model" in lines[1]
     assert "does not match the generator" in lines[2] and "num_layers: 2 vs 1" in lines[2]
     assert "policy 'bounded' needs a trained MAG memory model: pass --memory-model" in lines[3]
+
+
+def test_memory_slots_make_bounded_forget_and_empty_prompt_changes_generation(tmp_path, checkpoint,
+                                                                              memory_file):
+    """--memory-slots 1: the bounded ring keeps one compressed frame, so it differs from unbounded mag;
+    --empty-prompt-after-switch: generation reads the empty prompt, so frames change (history does not)."""
+    common = ("--model", str(checkpoint), "--memory-model", str(memory_file), "--episodes", "2",
+              "--frames-after", "9", "--no-lpips")
+    runs = {}
+    for name, extra in {"base": (), "slots": ("--memory-slots", "1"),
+                        "empty": ("--empty-prompt-after-switch",)}.items():
+        assert _run(*common, "--policies", "mag,bounded", *extra, "--out", str(tmp_path / name)) == 0
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())["policies"]
+    psnr = {name: {p: rows[p]["vs_gt"]["psnr"] for p in rows} for name, rows in runs.items()}
+    assert psnr["base"]["mag"] == psnr["base"]["bounded"]        # 64 slots: nothing evicted yet
+    assert psnr["slots"]["mag"] == psnr["base"]["mag"]           # mag is unbounded whatever the slots
+    assert psnr["slots"]["bounded"] != psnr["slots"]["mag"]      # one slot: older blocks are gone
+    assert psnr["empty"]["mag"] != psnr["base"]["mag"]
+    assert _run(*common, "--policies", "bounded", "--memory-slots", "0", "--out", str(tmp_path / "bad")) == 2

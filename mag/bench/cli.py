@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=int, default=32, help="episodes streamed together at most")
     c.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every policy)")
     c.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    c.add_argument("--empty-prompt-after-switch", action="store_true",
+                   help="generate with the empty prompt after the switch (history fed with the real one):"
+                        " what comes back can only come from memory")
+    c.add_argument("--memory-slots", type=int, default=None,
+                   help="compressed frames the bounded policy keeps (default: the preset's"
+                        " cache.memory_slots)")
     c.add_argument("--device", default="cpu", help="torch device")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -150,8 +156,12 @@ def _consistency(args: argparse.Namespace) -> int:
     config = ConsistencyConfig(
         policies=policies, teacher_forced=args.teacher_forced,
         sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
-        batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips)
+        batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips,
+        empty_prompt_after_switch=args.empty_prompt_after_switch)
     model, preset, model_meta = _load(args)
+    if args.memory_slots is not None:
+        preset = dataclasses.replace(
+            preset, cache=dataclasses.replace(preset.cache, memory_slots=args.memory_slots)).validate()
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None
     if args.memory_model is not None:

@@ -320,6 +320,9 @@ class ConsistencyConfig:
         batch_size: episodes streamed together at most.
         seed: noise seed (the same noise for every policy).
         lpips: compute LPIPS (the slowest metric on CPU); off -> reported as null.
+        empty_prompt_after_switch: generate with the EMPTY prompt after the switch (the history is fed
+            with the real one), so what the model draws can come only from its memory -- the setting of
+            MAG's history loss (DESIGN §1, "Generator (stage 2)").
     """
 
     policies: tuple[str, ...] = ("full", "window", "downsample")
@@ -328,6 +331,7 @@ class ConsistencyConfig:
     batch_size: int = DEFAULT_BATCH_EPISODES
     seed: int = 0
     lpips: bool = True
+    empty_prompt_after_switch: bool = False
 
     @property
     def mode(self) -> str:
@@ -427,8 +431,12 @@ def _check_codec(codec: Codec) -> None:
 
 
 def _stream_chunk(gen: StreamingGenerator, codec: Codec, episodes: Sequence[BenchEpisode],
-                  context: Tensor, teacher_forced: bool, noise: torch.Generator) -> np.ndarray:
-    """Feed the history of a chunk of same-shape episodes and generate; uint8 ``[B, n, H, W, 3]``."""
+                  context: Tensor, teacher_forced: bool, noise: torch.Generator,
+                  generation_context: Tensor | None = None) -> np.ndarray:
+    """Feed the history of a chunk of same-shape episodes and generate; uint8 ``[B, n, H, W, 3]``.
+
+    ``generation_context`` (default ``context``): the prompt embeddings after the switch.
+    """
     s, n = episodes[0].switch_frame, episodes[0].num_generate
     block = gen.frames_per_block
     video = torch.stack([frames_to_tensor(ep.frames[:s + n]) for ep in episodes])
@@ -437,6 +445,8 @@ def _stream_chunk(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Benc
     gen.reset(len(episodes), s + n)
     gen.set_prompt(context)
     gen.feed(latents[:, :s], None if offsets is None else offsets[:, :s])
+    if generation_context is not None:
+        gen.set_prompt(generation_context)
     blocks = []
     for start in range(s, s + n, block):
         frames = slice(start, start + block)
@@ -550,7 +560,9 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
             members = [episodes[i] for i in chunk]
             noise = torch.Generator(device=gen.device).manual_seed(config.seed * 1_000_003 + chunk[0])
             context = encode_prompts([ep.prompt for ep in members]).to(gen.device)
-            frames = _stream_chunk(gen, codec, members, context, config.teacher_forced, noise)
+            after = (encode_prompts([""] * len(members)).to(gen.device) if config.empty_prompt_after_switch
+                     else None)
+            frames = _stream_chunk(gen, codec, members, context, config.teacher_forced, noise, after)
             for i, pred in zip(chunk, frames, strict=True):
                 per_episode[i] = _score_episode(pred, episodes[i], with_lpips=config.lpips)
                 if i == strip:
