@@ -31,8 +31,9 @@ carry the whole block's information. A ``MagPolicy`` therefore only holds that w
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -291,6 +292,7 @@ class KVCache:
         self.frames_seen = 0
         self.frames_retained = 0
         self._read_index: Tensor | None = None
+        self._hidden_prefix = 0
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -312,7 +314,25 @@ class KVCache:
 
     @property
     def num_valid_frames(self) -> int:
-        return len(self.valid_slots)
+        """Cached frames a forward pass reads (all valid ones, minus a hidden prefix, see below)."""
+        return len(self.valid_slots) - self._hidden_prefix
+
+    @contextlib.contextmanager
+    def hiding_prefix(self, frames: int) -> Iterator[KVCache]:
+        """Within the block, reads skip the first ``frames`` cached frames (read order).
+
+        Why: a frame mask that hides cached frames forces masked attention (no flash kernel on GPU, the
+        grouped path on CPU). When the hidden frames are a prefix of the read order -- the uncompressed
+        sinks that :meth:`MagPolicy.memory_view` hides from the memory model -- reading past them gives
+        the same attention with no mask at all.
+        """
+        if not 0 <= frames <= len(self.valid_slots):
+            raise InputError(f"cannot hide {frames} of {len(self.valid_slots)} cached frames")
+        self._hidden_prefix = frames
+        try:
+            yield self
+        finally:
+            self._hidden_prefix = 0
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -322,15 +342,16 @@ class KVCache:
         Frames come in ``valid_slots`` order (a contiguous run is a view, otherwise a gather);
         a frame mask over cached frames must use that order.
         """
+        start = self._hidden_prefix * self.tokens_per_frame
         if self._read_index is None:
             end = len(self.valid_slots) * self.tokens_per_frame
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return (self.k[layer].index_select(2, self._read_index),
-                self.v[layer].index_select(2, self._read_index))
+            return self.k[layer, :, :, start:end], self.v[layer, :, :, start:end]
+        index = self._read_index[start:]
+        return self.k[layer].index_select(2, index), self.v[layer].index_select(2, index)
 
     def cached_positions(self) -> Tensor:
         """``[valid_frames]`` RoPE temporal index of each cached frame, in read order (device tensor)."""
-        return self.slot_positions[list(self.valid_slots)]
+        return self.slot_positions[list(self.valid_slots)[self._hidden_prefix:]]
 
     # -- write ---------------------------------------------------------------------------------
 

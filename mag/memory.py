@@ -138,13 +138,17 @@ class MemoryWriter:
                               " model must share the generator's architecture")
         batch, frames = clean_block.shape[:2]
         view = policy.memory_view(cache, frames)
+        # Hidden frames that lead the read order are skipped, not masked (unmasked attention is the fast
+        # path); a mask is needed only if a hidden frame comes after a visible one.
+        prefix = 0 if view is None else next((i for i, seen in enumerate(view) if seen), len(view))
         frame_mask = None
-        if view is not None:
+        if view is not None and not all(view[prefix:]):
             device = clean_block.device
-            cached = torch.tensor(view, dtype=torch.bool, device=device).expand(frames, len(view))
+            readable = view[prefix:]
+            cached = torch.tensor(readable, dtype=torch.bool, device=device).expand(frames, len(readable))
             frame_mask = torch.cat([cached, torch.ones(frames, frames, dtype=torch.bool, device=device)], 1)
         zero = torch.zeros(batch, device=clean_block.device)
-        with torch.no_grad():
+        with torch.no_grad(), cache.hiding_prefix(prefix):
             self.model(clean_block, zero, self._context(batch), frame_positions=frame_positions,
                        frame_mask=frame_mask, kv_cache=cache, cache_write=True, width_offsets=width_offsets)
 

@@ -151,3 +151,25 @@ def test_frame_mask_over_cached_frames_matches_full_forward(make_dit, execution)
         unmasked = model(x[:, 6:], torch.zeros(1), ctx, frame_positions=range(6, 9), kv_cache=cache)
     assert (streamed - reference).abs().max() <= TOLERANCE
     assert (unmasked - reference).abs().max() > 1e-3
+
+
+def test_hiding_a_prefix_equals_masking_it(make_dit):
+    """Reading past the first cached frames gives the attention a frame mask hiding them gives."""
+    model = make_dit()
+    cache = KVCache.for_model(model.cfg, FullPolicy(), tokens_per_frame=6, horizon_frames=9,
+                              frames_per_block=3)
+    ctx = torch.randn(1, 5, model.cfg.text_dim)
+    block = torch.randn(1, 3, 4, HEIGHT, WIDTH)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, HEIGHT, WIDTH), torch.zeros(1), ctx, kv_cache=cache, cache_write=True)
+        mask = torch.ones(3, 6, dtype=torch.bool)
+        mask[:, :2] = False
+        masked = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6), kv_cache=cache,
+                       frame_mask=mask)
+        with cache.hiding_prefix(2):
+            assert cache.num_valid_frames == 1 and cache.cached_positions().tolist() == [2]
+            skipped = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6), kv_cache=cache)
+        assert cache.num_valid_frames == 3
+    assert (masked - skipped).abs().max() <= 1e-5
+    with pytest.raises(InputError, match="cannot hide 4 of 3"), cache.hiding_prefix(4):
+        pass
