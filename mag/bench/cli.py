@@ -82,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_speed_arguments(speed)
     speed.set_defaults(func=_speed)
+    quality = commands.add_parser(
+        "quality", help="sample quality: Fréchet AlexNet distance of samples vs held-out real clips",
+        description="Sample one clip per held-out world clip (its prompt and camera track) with each model"
+                    " and report the Fréchet distance of AlexNet features to the real frames, PSNR / SSIM vs"
+                    " the real clips for reference, and a real-vs-real floor.")
+    from mag.bench.quality import add_quality_arguments
+
+    add_quality_arguments(quality)
+    quality.set_defaults(func=_quality)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -314,3 +323,9 @@ def _speed(args: argparse.Namespace) -> int:
     from mag.bench.speed import run_speed_cli
 
     return run_speed_cli(args)
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from mag.bench.quality import run_quality_cli
+
+    return run_quality_cli(args)

@@ -1,0 +1,483 @@
+"""``mag bench quality``: how close are a model's samples to real panorama-world clips?
+
+For each model (a shipped name, model file or training checkpoint of a generator stage) this samples one
+clip per held-out real clip -- same prompt, same camera track, ``--frames`` frames -- and scores the set:
+
+- ``fd``: Fréchet distance between AlexNet features (global-average-pooled conv5 of the LPIPS AlexNet,
+  :func:`mag.bench.metrics.frechet_alexnet_distance`) of all generated frames and all real frames. This is
+  the quality figure: it compares distributions, so a model is not asked to redraw the real clip. Frames
+  smaller than AlexNet's useful input are upscaled by an integer nearest-neighbour factor to at least
+  :data:`FEATURE_MIN_SIDE` pixels (the same for both sets), so the numbers are comparable between models
+  but not to FID or to other resolutions.
+- ``psnr`` / ``ssim``: mean over frames of generated clip ``i`` vs real clip ``i``. These measure copying
+  the real clip (the prompt and camera do not determine the world's layout), so they are a reference,
+  not a quality score.
+
+Reference row ``real vs real``: a second, disjoint set of real clips of the same split (indices
+``[N, 2N)``) scored like a model against the first (``[0, N)``): its FD is the noise floor of a set of
+this size, its PSNR / SSIM what two unrelated real clips share.
+
+Samplers, by the model's stage:
+
+- ``teacher``: bidirectional, the whole clip at once: the teacher's guided probability-flow ODE with Euler
+  steps (:func:`mag.objectives.ode.sample_ode_trajectory`, the ODE-pairs sampler; its step count must land
+  on the few-step levels, e.g. 48), classifier-free guidance ``--guidance-scale`` (default the DMD
+  recipe's 4.0). Noise is drawn per clip, so a clip's sample does not depend on the batch.
+- ``causal`` / ``dmd`` / ``mag-generator``: block-causal streaming with a full KV cache
+  (:class:`mag.pipelines.StreamingGenerator`), the few-step sampler by default or Euler ``K`` steps.
+  Noise is drawn per chunk of clips from ``(seed, first clip)``.
+
+Real clips come from the world the first model was trained in (its recipe's ``data.world`` at its
+preset's frame size, :func:`mag.train.data.preset_world`, the distribution of its training clips) unless
+``--world`` names one; clip ``i`` of a split is world seed ``SPLIT_SEEDS[split][i]``, never a training seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mag.bench.lpips import alexnet_pooled_features
+from mag.bench.metrics import frechet_distance, psnr, ssim, summarize_psnr
+from mag.codecs import get_codec_for, tensor_to_frames
+from mag.config import Preset
+from mag.errors import ConfigError, InputError
+from mag.models.dit import WanDiT
+from mag.objectives.ode import sample_ode_trajectory
+from mag.pipelines.streaming import SAMPLERS, SamplerConfig, StreamingGenerator, policy_from_name
+from mag.schedulers import FlowMatchScheduler
+from mag.world import WorldConfig, camera_track, episode_seed, make_clip
+
+__all__ = ["DEFAULT_FRAMES", "FEATURE_MIN_SIDE", "REAL_VS_REAL", "ModelRun", "RealClips",
+           "add_quality_arguments", "feature_images", "markdown_summary", "parse_sampler_spec", "real_clips",
+           "run_quality_cli", "sample_model", "sampler_for_stage", "score_set"]
+
+# Frames per clip: the tiny chain's training clip length (recipes' data.clip_frames).
+DEFAULT_FRAMES = 12
+DEFAULT_CLIPS = 64
+# Euler steps of the teacher's ODE (the ODE-pairs recipe's count; a multiple of the few-step grid).
+DEFAULT_TEACHER_STEPS = 48
+# Classifier-free guidance of the teacher: recipes/tiny-dmd.toml dmd.guidance_scale (its real score).
+DMD_GUIDANCE_SCALE = 4.0
+# Guidance of streamed students (1 = off: DMD students are distilled with guidance baked in).
+STREAM_GUIDANCE_SCALE = 1.0
+# Frames are upscaled (nearest, integer factor) to at least this side before AlexNet: 16-px frames are
+# below its minimum input (31 px), 64 px gives a 3x3 conv5 map.
+FEATURE_MIN_SIDE = 64
+DEFAULT_BATCH_CLIPS = 32
+# Noise seeds: clip i (teacher) or the chunk starting at clip i (streaming) draws from seed * stride + i.
+NOISE_SEED_STRIDE = 1_000_003
+REAL_VS_REAL = "real vs real"
+REAL_ROW = "real"
+BIDIRECTIONAL_STAGES: tuple[str, ...] = ("teacher",)
+STREAMING_STAGES: tuple[str, ...] = ("causal", "dmd", "mag-generator")
+DEFAULT_TEXT_MODE = "pooled"
+# samples.png: the first clips, each as a row of real frames then one row per model, upscaled.
+SAMPLE_CLIPS = 3
+SAMPLE_SCALE = 4
+UINT8_MAX = 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Real clips
+
+
+@dataclass(frozen=True, eq=False)
+class RealClips:
+    """Held-out real clips: uint8 ``frames [N, F, H, W, 3]``, float32 ``camera_px [N, F]`` (unwrapped camera
+    track in pixels, relative to frame 0), their ``prompts`` and split ``indices``."""
+
+    frames: np.ndarray
+    camera_px: np.ndarray
+    prompts: list[str]
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def real_clips(world: WorldConfig, split: str, start: int, count: int, frames: int) -> RealClips:
+    """Clips ``start .. start+count-1`` of ``split``: world seed of that index, ``frames`` frames each."""
+    if count < 1:
+        raise ConfigError(f"the quality benchmark needs at least one clip, got {count}")
+    clips = [make_clip(episode_seed(split, i), frames, world) for i in range(start, start + count)]
+    return RealClips(frames=np.stack([c.frames for c in clips]),
+                     camera_px=np.stack([camera_track(c.velocities) for c in clips]).astype(np.float32),
+                     prompts=[c.prompt for c in clips], indices=list(range(start, start + count)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+
+
+def parse_sampler_spec(spec: str) -> SamplerConfig:
+    """``KIND[:STEPS[:GUIDANCE]]`` (e.g. ``euler:8``, ``few_step``, ``euler:48:4``) -> a SamplerConfig."""
+    parts = spec.split(":")
+    if not 1 <= len(parts) <= 3 or parts[0] not in SAMPLERS:
+        raise ConfigError(f"sampler {spec!r} is not KIND[:STEPS[:GUIDANCE]] with KIND one of"
+                          f" {', '.join(SAMPLERS)}; e.g. euler:8 or few_step")
+    try:
+        steps = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+        guidance = float(parts[2]) if len(parts) > 2 else STREAM_GUIDANCE_SCALE
+    except ValueError as err:
+        raise ConfigError(f"sampler {spec!r}: STEPS must be an int and GUIDANCE a number ({err})") from err
+    return SamplerConfig(parts[0], steps, guidance).validate()  # type: ignore[arg-type]
+
+
+def sampler_for_stage(stage: str, override: SamplerConfig | None, teacher: SamplerConfig,
+                      streaming: SamplerConfig) -> SamplerConfig:
+    """The sampler of a model of ``stage``: ``override`` if given, else the teacher's or the streaming
+    default. A teacher integrates its ODE with Euler steps only (it has no few-step list)."""
+    if stage in BIDIRECTIONAL_STAGES:
+        chosen = override or teacher
+        if chosen.kind != "euler":
+            raise ConfigError(f"a {stage} model is sampled bidirectionally with Euler steps, not"
+                              f" {chosen.kind!r}; give it euler:STEPS[:GUIDANCE]")
+        return chosen.validate()
+    if stage in STREAMING_STAGES:
+        return (override or streaming).validate()
+    raise ConfigError(f"stage {stage!r} has no sampler here; the quality benchmark samples"
+                      f" {', '.join(BIDIRECTIONAL_STAGES + STREAMING_STAGES)} models")
+
+
+def _width_offsets(preset: Preset, camera_px: np.ndarray, device: torch.device) -> Tensor | None:
+    """``[B, F]`` camera positions in patches for camera-anchored models, else None."""
+    if not preset.dit.camera_rope:
+        return None
+    return (torch.from_numpy(camera_px) / preset.dit.patch_size[2]).to(device)
+
+
+@torch.no_grad()
+def sample_model(model: WanDiT, preset: Preset, stage: str, sampler: SamplerConfig, clips: RealClips,
+                 encode_prompts: Callable[[list[str]], Tensor], *, seed: int = 0,
+                 batch_size: int = DEFAULT_BATCH_CLIPS, progress: bool = False) -> np.ndarray:
+    """One sample per real clip (its prompt and camera track): uint8 ``[N, F, H, W, 3]``.
+
+    ``encode_prompts``: prompts -> ``[B, L, text_dim]`` embeddings in the model's text mode (the empty
+    prompt gives the unconditional branch). ``stage`` picks bidirectional (teacher) or streaming sampling.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    frames = clips.frames.shape[1]
+    block = preset.cache.frames_per_block
+    if frames % block or frames > preset.dit.rope_max_positions:
+        raise ConfigError(f"clips of {frames} frames: need whole blocks of {block} frames and at most"
+                          f" dit.rope_max_positions={preset.dit.rope_max_positions}")
+    codec = get_codec_for(preset.video)
+    if codec.temporal_compression != 1:
+        raise ConfigError(f"the quality benchmark samples latent frames one per video frame; codec"
+                          f" {codec.name!r} compresses time {codec.temporal_compression}x")
+    scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
+    device = model.patch_embedding.weight.device
+    dtype = model.patch_embedding.weight.dtype
+    latent = (preset.video.latent_channels, preset.video.latent_height, preset.video.latent_width)
+    bidirectional = stage in BIDIRECTIONAL_STAGES
+    gen = None if bidirectional else StreamingGenerator(model, scheduler, preset,
+                                                        policy_from_name("full", preset), sampler=sampler)
+    out = []
+    bar = tqdm(total=len(clips), desc=f"sampling ({stage})", unit="clip", disable=not progress)
+    for start in range(0, len(clips), batch_size):
+        chunk = range(start, min(start + batch_size, len(clips)))
+        context = encode_prompts([clips.prompts[i] for i in chunk]).to(device, dtype)
+        uncond = encode_prompts([""]).to(device, dtype).expand_as(context)
+        offsets = _width_offsets(preset, clips.camera_px[chunk.start:chunk.stop], device)
+        if gen is None:
+            noise = torch.stack([torch.randn((frames, *latent), generator=torch.Generator().manual_seed(
+                seed * NOISE_SEED_STRIDE + i)) for i in chunk]).to(device, dtype)
+            _, x0 = sample_ode_trajectory(model, scheduler, noise, context, uncond, sampler.steps,
+                                          guidance_scale=sampler.guidance_scale, width_offsets=offsets)
+        else:
+            noise_gen = torch.Generator(device=device).manual_seed(seed * NOISE_SEED_STRIDE + chunk.start)
+            gen.reset(batch_size=len(chunk), horizon_frames=frames)
+            gen.set_prompt(context, uncond if sampler.uses_guidance else None)
+            blocks = [gen.generate_block(noise_gen, None if offsets is None else offsets[:, b:b + block])
+                      for b in range(0, frames, block)]
+            x0 = torch.cat(blocks, dim=1)
+        out.extend(tensor_to_frames(video) for video in codec.decode(x0.float()))
+        bar.update(len(chunk))
+    bar.close()
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def feature_images(frames: np.ndarray) -> Tensor:
+    """uint8 ``[N, F, H, W, 3]`` -> float ``[N*F, 3, s*H, s*W]`` in [0, 1], nearest-upscaled by the smallest
+    integer ``s`` with ``s * min(H, W) >= FEATURE_MIN_SIDE`` (AlexNet's input for the Fréchet distance)."""
+    if frames.ndim != 5 or frames.dtype != np.uint8:
+        raise InputError(f"expected uint8 frames [N, F, H, W, 3], found {frames.dtype} {list(frames.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1, *frames.shape[2:]))).permute(0, 3, 1, 2)
+    scale = max(1, math.ceil(FEATURE_MIN_SIDE / min(frames.shape[2:4])))
+    x = x.float() / UINT8_MAX
+    return F.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+
+
+def _pairs(frames: np.ndarray) -> Tensor:
+    """uint8 ``[N, F, H, W, 3]`` -> float ``[N, F, 3, H, W]`` in [0, 1] for the per-frame metrics."""
+    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / UINT8_MAX
+
+
+def score_set(generated: np.ndarray, real: np.ndarray, real_features: Tensor | None = None) -> dict[str, Any]:
+    """FD of ``generated`` vs ``real`` frames (both uint8 ``[N, F, H, W, 3]``, same N, F) and mean PSNR /
+    SSIM of generated clip ``i`` vs real clip ``i``. ``real_features``: ``[N*F, 256]`` AlexNet features of
+    ``real`` if already computed (the same real set scores every model)."""
+    if generated.shape != real.shape:
+        raise InputError(f"generated clips {list(generated.shape)} and real clips {list(real.shape)} must"
+                         " have the same shape (one sample per real clip)")
+    feats = real_features if real_features is not None else alexnet_pooled_features(feature_images(real))
+    fd = float(frechet_distance(alexnet_pooled_features(feature_images(generated)), feats))
+    gen, ref = _pairs(generated), _pairs(real)
+    db = summarize_psnr(psnr(gen, ref))
+    return {"fd": fd, "psnr": db.mean_db if math.isfinite(db.mean_db) else None,
+            "psnr_identical_frames": db.num_identical, "ssim": float(ssim(gen, ref).mean()),
+            "samples": int(generated.shape[0]), "frames": int(generated.shape[0] * generated.shape[1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class ModelRun:
+    """One model row: what was run (``record``: source, stage, recipe, training steps, commit), how, and
+    its scores."""
+
+    name: str
+    stage: str
+    sampler: SamplerConfig
+    record: dict[str, Any]
+    scores: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        mode = "bidirectional" if self.stage in BIDIRECTIONAL_STAGES else "streaming (full KV cache)"
+        return {**self.scores, "stage": self.stage, "mode": mode, "sampler": self.sampler.kind,
+                "steps": self.steps, "guidance_scale": self.sampler.guidance_scale,
+                "seconds": round(self.seconds, 1), "model": self.record}
+
+    @property
+    def steps(self) -> int:
+        """Network evaluations per denoised frame (per branch): Euler steps or the few-step list length."""
+        if self.sampler.kind == "euler":
+            return self.sampler.steps
+        return len(self.record.get("few_step_levels", []))
+
+
+def _row_name(spec: str, meta: dict[str, Any]) -> str:
+    name = meta.get("name")
+    return spec if not Path(spec).suffix else str(name or Path(spec).stem)
+
+
+def _overrides(items: Sequence[str]) -> dict[str, SamplerConfig]:
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--sampler-for {item!r} is not MODEL=KIND[:STEPS[:GUIDANCE]], e.g."
+                              " tiny-causal-long=euler:8")
+        out[name] = parse_sampler_spec(spec)
+    return out
+
+
+def _recipe_data(meta: dict[str, Any]) -> dict[str, Any]:
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    return recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report files
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_summary(summary: dict[str, Any]) -> str:
+    """One table: FD (the quality figure) and, for reference, PSNR / SSIM vs the real clip, per row."""
+    title = f"# Sample quality ({summary['clips']} {summary['split']} clips of {summary['frames']} frames)"
+    lines = [title, "",
+             "FD: Fréchet distance of AlexNet pooled conv5 features (LPIPS AlexNet, frames nearest-upscaled"
+             f" x{summary['feature_scale']}) of all generated vs all real frames; lower is better."
+             " PSNR / SSIM: generated clip i vs real clip i (same prompt and camera track): they measure"
+             " copying the real clip, not quality. real vs real: a disjoint real set of the same size (the"
+             " FD noise floor).", "",
+             "| row | stage | sampler | steps | CFG | samples | FD | PSNR | SSIM | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in {**summary["models"], **summary["references"]}.items():
+        cells = [row.get("stage", "-"), row.get("sampler", "-"), str(row.get("steps", "-")),
+                 _fmt(row.get("guidance_scale"), 1), f"{row['samples']} x {summary['frames']}",
+                 _fmt(row["fd"], 2), _fmt(row["psnr"], 2), _fmt(row["ssim"], 3), _fmt(row.get("seconds"), 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def _write_samples(path: Path, real: RealClips, samples: dict[str, np.ndarray]) -> None:
+    """A grid: for each of the first clips, the real frames then each model's sample, left to right."""
+    from mag.io.video import write_png_strip
+
+    rows, labels = [], []
+    for i in range(min(SAMPLE_CLIPS, len(real))):
+        rows.append(real.frames[i])
+        labels.append(f"real clip {real.indices[i]}: {real.prompts[i]}")
+        for name, frames in samples.items():
+            rows.append(frames[i])
+            labels.append(f"{name}, clip {real.indices[i]}")
+    write_png_strip(path, rows, labels, scale=SAMPLE_SCALE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mag bench quality``."""
+    parser.add_argument("--models", required=True,
+                        help="comma-separated generators (shipped names, model files or checkpoints), e.g."
+                             " tiny-teacher,tiny-ode-init,tiny-dmd")
+    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out world split")
+    parser.add_argument("--clips", type=int, default=DEFAULT_CLIPS,
+                        help="clips per set (real clips 0..N-1 and samples; real vs real also uses N..2N-1)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per clip (whole blocks)")
+    parser.add_argument("--world", default=None,
+                        help="named world config (default: the first model's training world)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_TEACHER_STEPS,
+                        help="Euler steps of the teacher (must land on the few-step levels), and of the"
+                             " streaming models under --sampler euler")
+    parser.add_argument("--guidance-scale", type=float, default=DMD_GUIDANCE_SCALE,
+                        help="classifier-free guidance of the teacher (default: the DMD recipe's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="few_step",
+                        help="sampler of the streaming models (causal, dmd, mag-generator)")
+    parser.add_argument("--stream-guidance-scale", type=float, default=STREAM_GUIDANCE_SCALE,
+                        help="classifier-free guidance of the streaming models (1 = off)")
+    parser.add_argument("--sampler-for", action="append", default=[], metavar="MODEL=KIND[:STEPS[:CFG]]",
+                        help="one model's sampler, e.g. tiny-causal-long=euler:8 (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CLIPS, help="clips sampled together")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (the same for every model)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, help="output folder (summary.json, summary.md, samples.png)")
+
+
+def run_quality_cli(args: argparse.Namespace) -> int:
+    """``mag bench quality``: load and check every model first, then sample and score each."""
+    from mag.bench.cli import _machine, _model_record
+    from mag.registry import GENERATOR_STAGES, load_model, model_stage
+    from mag.train.checkpoint import git_commit
+    from mag.train.data import preset_world
+    from mag.train.trainer import prompt_cache
+
+    started = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clips < 2:
+        raise ConfigError(f"--clips must be at least 2 (a Fréchet distance needs a covariance), got"
+                          f" {args.clips}")
+    specs = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not specs:
+        raise ConfigError("--models is empty; give e.g. tiny-teacher,tiny-ode-init,tiny-dmd")
+    overrides = _overrides(args.sampler_for)
+    unknown = sorted(set(overrides) - set(specs))
+    if unknown:
+        raise ConfigError(f"--sampler-for names {', '.join(unknown)}, which --models does not list"
+                          f" ({', '.join(specs)})")
+    teacher = SamplerConfig("euler", args.steps, args.guidance_scale).validate()
+    streaming = SamplerConfig(args.sampler, args.steps if args.sampler == "euler" else 0,
+                              args.stream_guidance_scale).validate()
+    loaded: list[tuple[ModelRun, WanDiT, Preset, dict[str, Any]]] = []
+    for spec in specs:
+        model, preset, meta = load_model(spec, device=args.device, expect_stage=GENERATOR_STAGES)
+        stage = model_stage(meta) or "causal"
+        name = _row_name(spec, meta)
+        if any(run.name == name for run, *_ in loaded):
+            raise ConfigError(f"model {name!r} is listed twice in --models; list each model once")
+        scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
+        record = {**_model_record(spec, meta), "training_world": _recipe_data(meta).get("world"),
+                  "few_step_levels": scheduler.few_step_timesteps().tolist()}
+        sampler = sampler_for_stage(stage, overrides.get(spec), teacher, streaming)
+        if stage in BIDIRECTIONAL_STAGES:
+            from mag.objectives.ode import few_step_indices
+
+            few_step_indices(scheduler, sampler.steps)  # refuse an off-grid step count before sampling
+        loaded.append((ModelRun(name, stage, sampler, record), model, preset, meta))
+    first_preset, first_meta = loaded[0][2], loaded[0][3]
+    for run, _, preset, _ in loaded[1:]:
+        if preset.video != first_preset.video:
+            raise ConfigError(f"{run.name} makes {preset.video.height}x{preset.video.width} frames,"
+                              f" {loaded[0][0].name} {first_preset.video.height}x{first_preset.video.width};"
+                              " the models of one call share the real clips: run them in separate calls")
+    block = first_preset.cache.frames_per_block
+    if args.frames < block or args.frames % block:
+        raise ConfigError(f"--frames {args.frames} must be a positive multiple of the block size ({block})")
+    training_world = _recipe_data(first_meta).get("world") or None
+    world = preset_world(first_preset, None if args.world else training_world, args.world or "default")
+    source = f"--world {args.world}" if args.world else f"{loaded[0][0].name} recipe.data.world"
+    real = real_clips(world, args.split, 0, args.clips, args.frames)
+    other = real_clips(world, args.split, args.clips, args.clips, args.frames)
+    real_features = alexnet_pooled_features(feature_images(real.frames))
+    references = {REAL_VS_REAL: score_set(other.frames, real.frames, real_features)}
+    samples: dict[str, np.ndarray] = {}
+    for run, model, preset, meta in loaded:
+        text = prompt_cache(preset.text_encoder, _recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
+        run.record["world_matches_training"] = (args.world is None and
+                                                _recipe_data(meta).get("world") == training_world)
+        began = time.time()
+        samples[run.name] = sample_model(model, preset, run.stage, run.sampler, real, text.get,
+                                         seed=args.seed, batch_size=args.batch_size,
+                                         progress=not args.no_progress)
+        run.seconds = time.time() - began
+        run.scores = score_set(samples[run.name], real.frames, real_features)
+        print(f"{run.name:>18}: FD {run.scores['fd']:.2f}, PSNR {_fmt(run.scores['psnr'], 2)} dB,"
+              f" SSIM {run.scores['ssim']:.3f} ({run.sampler.kind} {run.steps} steps, {run.seconds:.0f} s)")
+    print(f"{REAL_VS_REAL:>18}: FD {references[REAL_VS_REAL]['fd']:.2f}")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create output folder {out}: {err.strerror}") from err
+    summary = {
+        "clips": args.clips, "frames": args.frames, "split": args.split,
+        "real_clip_indices": [0, args.clips], "real_vs_real_indices": [args.clips, 2 * args.clips],
+        "feature": "LPIPS AlexNet conv5 relu, global average pooled (256-d)",
+        "feature_scale": max(1, math.ceil(FEATURE_MIN_SIDE / min(real.frames.shape[2:4]))),
+        "models": {run.name: run.to_json() for run, *_ in loaded},
+        "references": references,
+        "metadata": {
+            "command": shlex.join(["mag", *sys.argv[1:]]), "commit": git_commit(),
+            "machine": _machine(args.device), "preset": first_preset.to_dict(), "seed": args.seed,
+            "batch_size": args.batch_size,
+            "world": {"source": source, "config": dataclasses.asdict(world)},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(time.time() - started, 1),
+        },
+    }
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown_summary(summary))
+    _write_samples(out / "samples.png", real, samples)
+    print(f"wrote {out / 'summary.json'} ({args.clips} {args.split} clips,"
+          f" {summary['metadata']['seconds']} s)")
+    return 0
