@@ -65,8 +65,8 @@ from mag.world import WorldConfig, camera_track, last_seen, make_episode
 
 __all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
            "ConsistencyResult", "RowScores", "bench_world", "build_policies", "check_memory_model",
-           "gap_bin_labels", "run_consistency", "summarize_row", "video_episodes", "within_window",
-           "world_episodes"]
+           "episode_summary", "gap_bin_labels", "run_consistency", "score_episode", "stream_episodes",
+           "summarize_row", "video_episodes", "within_window", "world_episodes"]
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips")
 TARGETS: tuple[str, ...] = ("vs_gt", "vs_history")
@@ -375,7 +375,7 @@ def score_pairs(pred: np.ndarray, target: np.ndarray, *, with_lpips: bool = True
     return out
 
 
-def _score_episode(pred: np.ndarray, episode: BenchEpisode, *, with_lpips: bool,
+def score_episode(pred: np.ndarray, episode: BenchEpisode, *, with_lpips: bool,
                    only_revisited: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Scores of generated frames ``pred: [num_generate, H, W, 3]`` vs GT and vs the matched history."""
     n, s = episode.num_generate, episode.switch_frame
@@ -430,12 +430,16 @@ def _check_codec(codec: Codec) -> None:
         )
 
 
-def _stream_chunk(gen: StreamingGenerator, codec: Codec, episodes: Sequence[BenchEpisode],
-                  context: Tensor, teacher_forced: bool, noise: torch.Generator,
-                  generation_context: Tensor | None = None) -> np.ndarray:
-    """Feed the history of a chunk of same-shape episodes and generate; uint8 ``[B, n, H, W, 3]``.
+def stream_episodes(gen: StreamingGenerator, codec: Codec, episodes: Sequence[BenchEpisode],
+                    context: Tensor, teacher_forced: bool, noise: torch.Generator,
+                    generation_context: Tensor | None = None, *,
+                    on_block: Callable[[], None] | None = None) -> np.ndarray:
+    """Feed the history of same-shape episodes and generate the rest; uint8 ``[B, n, H, W, 3]``.
 
-    ``generation_context`` (default ``context``): the prompt embeddings after the switch.
+    The benchmark's per-episode streaming loop, shared with ``mag demo``. ``context``: ``[B, L, text_dim]``
+    prompt embeddings; ``generation_context`` (default ``context``): the prompt embeddings after the
+    switch; ``noise`` seeds every block, so two policies given equal seeds see equal noise; ``on_block``
+    is called after each generated block (a progress bar).
     """
     s, n = episodes[0].switch_frame, episodes[0].num_generate
     block = gen.frames_per_block
@@ -455,6 +459,8 @@ def _stream_chunk(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Benc
             blocks.append(gen.predict_block_teacher_forced(latents[:, frames], noise, block_offsets))
         else:
             blocks.append(gen.generate_block(noise, block_offsets))
+        if on_block is not None:
+            on_block()
     decoded = codec.decode(torch.cat(blocks, 1))
     return np.stack([tensor_to_frames(v) for v in decoded])
 
@@ -542,9 +548,9 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
         s, n = ep.switch_frame, ep.num_generate
         repeat = np.repeat(ep.frames[s - 1:s], n, axis=0)
         oracle = ep.frames[np.maximum(ep.history_match, 0)]
-        references["repeat-last"].frames.append(_score_episode(repeat, ep, with_lpips=config.lpips))
+        references["repeat-last"].frames.append(score_episode(repeat, ep, with_lpips=config.lpips))
         references["oracle-copy"].frames.append(
-            _score_episode(oracle, ep, with_lpips=config.lpips, only_revisited=True))
+            score_episode(oracle, ep, with_lpips=config.lpips, only_revisited=True))
         if i == strip:
             # Frames without a history match have nothing to copy: shown black in the strip.
             strip_frames["repeat-last"] = repeat
@@ -562,9 +568,9 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
             context = encode_prompts([ep.prompt for ep in members]).to(gen.device)
             after = (encode_prompts([""] * len(members)).to(gen.device) if config.empty_prompt_after_switch
                      else None)
-            frames = _stream_chunk(gen, codec, members, context, config.teacher_forced, noise, after)
+            frames = stream_episodes(gen, codec, members, context, config.teacher_forced, noise, after)
             for i, pred in zip(chunk, frames, strict=True):
-                per_episode[i] = _score_episode(pred, episodes[i], with_lpips=config.lpips)
+                per_episode[i] = score_episode(pred, episodes[i], with_lpips=config.lpips)
                 if i == strip:
                     strip_frames[name] = pred
             bar.update(len(chunk))
