@@ -63,6 +63,7 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # Percentiles of the per-block latency in the report.
 P50, P95 = 50.0, 95.0
 MS_PER_S = 1000.0
+PAN_PATCHES_PER_FRAME = 1.0  # camera-anchored models: the steady pan the stream is told about
 # Timestep scale the few-step list is written in (Self-Forcing: 1000, 750, 500, 250 for 4 steps).
 TIMESTEP_SCALE = 1000
 # Seeds: the generator, the memory model and the random text context get their own.
@@ -409,12 +410,16 @@ def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: in
     gen.set_prompt(context)
     decoder = codec.stream_decoder() if codec is not None else None
     device = gen.device
+    # A camera-anchored model is told where the camera looks: a steady pan of one patch per frame.
+    pan = (torch.arange(num_blocks * block, dtype=torch.float32, device=device)[None] * PAN_PATCHES_PER_FRAME
+           if gen.model.cfg.camera_rope else None)
     _sync(device)
     seconds: list[float] = []
     video_frames = 0
-    for _ in range(num_blocks):
+    for index in range(num_blocks):
         start = time.perf_counter()
-        latents = gen.generate_block(generator)
+        offsets = None if pan is None else pan[:, index * block:(index + 1) * block]
+        latents = gen.generate_block(generator, offsets)
         if decoder is not None:
             video_frames += decoder.decode(latents).shape[1]
         _sync(device)
