@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mag world preview --split test --index 0 --frames 96 -o out/preview.mp4
+	$(BIN)/mag demo -o out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

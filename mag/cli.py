@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "mag.registry",
     "mag.bench.cli",
     "mag.text.cli",
+    "mag.demo",
 ]
 
 

@@ -1,0 +1,469 @@
+"""``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and under a
+sliding window from the same switch point and the same noise, side by side with the ground truth.
+
+The episode is a test-split panorama-world episode (:func:`mag.bench.consistency.world_episodes`, in
+the generator's training world): the camera pans away, turns and comes back. Its history (the frames
+before the switch) is fed into each policy's KV cache, then the rest is generated autoregressively with
+the benchmark's own streaming loop (:func:`mag.bench.consistency.stream_episodes`). Under ``mag`` the
+memory model writes the cache (each block compressed to one frame); under ``window`` the generator
+keeps the sinks and the last frames only, so views seen long ago are gone when the camera returns.
+Revisit PSNR compares each generated frame that shows an already-seen view with the history frame of
+that view (the consistency benchmark's ``vs_history``); one episode is an illustration, the benchmark
+over all test episodes is the measurement (``mag bench consistency``).
+
+:class:`DemoConfig` is the one place that names the default generator, memory model and sampler, for
+``mag demo`` and ``mag generate`` alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mag.errors import ConfigError, InputError
+from mag.pipelines.streaming import SamplerKind
+
+__all__ = ["DEFAULTS", "DemoConfig", "LoadedModels", "compose_panels", "load_models", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Which shipped models and sampler the user-facing commands run by default.
+
+    Until the stage-2 generator ``tiny-mag`` ships, the generator is the camera-anchored long-recall
+    causal model sampled with 8 Euler steps; switching is one line here
+    (``DemoConfig(model="tiny-mag", sampler="few_step", steps=0)``).
+
+    Attributes:
+        model: generator (shipped name, model file or training checkpoint).
+        memory_model: stage-1 memory model that writes the cache under the ``mag`` / ``bounded`` policies.
+        sampler: ``euler`` (causal flow-matching models) or ``few_step`` (distilled models).
+        steps: Euler steps (``euler`` only).
+    """
+
+    model: str = "tiny-causal-long"
+    memory_model: str = "tiny-memory"
+    sampler: SamplerKind = "euler"
+    steps: int = 8
+
+
+DEFAULTS = DemoConfig()
+
+# The two policies compared side by side, in panel order after the ground truth.
+DEMO_POLICIES: tuple[str, ...] = ("mag", "window")
+POLICY_LABELS = {"mag": "MAG", "window": "window"}
+GROUND_TRUTH_LABEL = "ground truth"
+# Nearest-neighbour upscale of the 16x16 frames in the video (128x128 panels) and in the strip.
+VIDEO_SCALE = 8
+STRIP_SCALE = 4
+# Playback rate of demo.mp4 (slower than the world's 16 fps so the revisit is easy to follow).
+DEMO_FPS = 8.0
+# Text bands above (labels) and below (frame status) the panels, and the gap between panels (px).
+LABEL_BAND_PX = 16
+STATUS_BAND_PX = 16
+PANEL_GAP_PX = 4
+BAND_BACKGROUND = (0, 0, 0)
+BAND_TEXT = (255, 255, 255)
+REVISIT_TEXT = (255, 220, 80)
+# Columns of revisit.png at most (evenly spaced over the revisited frames).
+MAX_STRIP_FRAMES = 12
+DEFAULT_EPISODE = 0
+DEFAULT_SEED = 0
+# torch intra-op threads unless --threads says otherwise (measured: 12 blocks/s on 1, ~1 on 2 busy cores).
+DEFAULT_THREADS = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Models (shared with mag generate)
+
+
+@dataclass
+class LoadedModels:
+    """A generator, optionally its memory model, and the text encoder they were trained with.
+
+    ``encode(prompts)`` returns ``[B, L, text_dim]`` prompt embeddings; ``empty_context`` is the empty
+    prompt's ``[1, L, text_dim]`` embeddings that the memory model reads (None without one).
+    """
+
+    model: Any
+    preset: Any
+    meta: dict[str, Any]
+    text: Any
+    memory: Any = None
+    memory_meta: dict[str, Any] | None = None
+    empty_context: Any = None
+
+    def encode(self, prompts: list[str]) -> Any:
+        return self.text.get(prompts).to(self.model.patch_embedding.weight.device)
+
+    def records(self, config: DemoConfig) -> dict[str, Any]:
+        """What a result file says about the models (source, stage, recipe, steps, commit)."""
+        from mag.bench.cli import _model_record
+
+        out = {"generator": _model_record(config.model, self.meta)}
+        if self.memory_meta is not None:
+            out["memory_model"] = _model_record(config.memory_model, self.memory_meta)
+        return out
+
+    def clip_frames(self) -> int | None:
+        """The generator's training clip length (``recipe.data.clip_frames``), or None."""
+        frames = _recipe_data(self.meta).get("clip_frames")
+        return frames if isinstance(frames, int) and frames > 0 else None
+
+    def training_world(self) -> dict[str, Any] | None:
+        """The generator's training world overrides (``recipe.data.world``), or None."""
+        data = _recipe_data(self.meta)
+        world = data.get("world")
+        return world if isinstance(world, dict) and world else None
+
+
+def _recipe_data(meta: dict[str, Any]) -> dict[str, Any]:
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    data = recipe.get("data", {})
+    return data if isinstance(data, dict) else {}
+
+
+def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True) -> LoadedModels:
+    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) and their text encoder.
+
+    Raises:
+        CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another preset.
+    """
+    from mag.bench.cli import DEFAULT_TEXT_MODE, _load_memory
+    from mag.pipelines import load_generator
+    from mag.train.stages import prompt_cache
+
+    model, preset, meta = load_generator(config.model, device=device)
+    text = prompt_cache(preset.text_encoder, _recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
+    loaded = LoadedModels(model, preset, meta, text)
+    if with_memory:
+        loaded.memory, loaded.memory_meta, loaded.empty_context = _load_memory(config.memory_model, preset,
+                                                                               device)
+    return loaded
+
+
+def sampler_config(config: DemoConfig) -> Any:
+    """The :class:`~mag.pipelines.SamplerConfig` of ``config`` (validated)."""
+    from mag.pipelines import SamplerConfig
+
+    return SamplerConfig(config.sampler, config.steps).validate()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model/--memory-model/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
+    parser.add_argument("--model", default=DEFAULTS.model,
+                        help=f"generator: shipped name, model file or checkpoint (default {DEFAULTS.model})")
+    parser.add_argument("--memory-model", default=DEFAULTS.memory_model,
+                        help="stage-1 memory model that writes the cache under the mag and bounded policies"
+                             f" (default {DEFAULTS.memory_model})")
+    parser.add_argument("--sampler", choices=("few_step", "euler"), default=DEFAULTS.sampler,
+                        help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")
+    parser.add_argument("--steps", type=int, default=DEFAULTS.steps,
+                        help=f"Euler steps (--sampler euler; default {DEFAULTS.steps})")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch intra-op threads (default {DEFAULT_THREADS}: the tiny models' small"
+                             " matmuls run fastest on one thread, and more stall on a busy CPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return replace(DEFAULTS, model=args.model, memory_model=args.memory_model, sampler=args.sampler,
+                   steps=args.steps)
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create the output folder or raise a one-line InputError saying why it cannot be."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create output folder {out}: {err.strerror or err}; choose a writable"
+                         " folder with -o") from err
+    if not out.is_dir():
+        raise InputError(f"output {out} is not a folder; give a folder with -o")
+    probe = out / ".mag-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"cannot write into {out}: {err.strerror or err}; choose a writable folder with"
+                         " -o") from err
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames with labels
+
+
+def _band(width: int, height: int, texts: list[tuple[int, str, tuple[int, int, int]]]) -> np.ndarray:
+    """A black ``[height, width, 3]`` uint8 band with each ``(x, text, colour)`` drawn at ``x``."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), BAND_BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for x, text, colour in texts:
+        draw.text((x + 2, 2), text, fill=colour)
+    return np.asarray(image)
+
+
+def compose_panels(panels: list[np.ndarray], labels: list[str], statuses: list[str],
+                   highlight: np.ndarray | None = None, *, scale: int = VIDEO_SCALE) -> np.ndarray:
+    """Panels side by side under their labels, above a per-frame status line: uint8 ``[T, H', W', 3]``.
+
+    Args:
+        panels: each uint8 ``[T, H, W, 3]`` (same shape).
+        labels: one text per panel, drawn above it.
+        statuses: one text per frame, drawn below the panels.
+        highlight: bool ``[T]``: frames whose status is drawn in the highlight colour (revisits).
+    """
+    if not panels or len(panels) != len(labels):
+        raise InputError(f"compose_panels needs one label per panel, got {len(panels)} panels and"
+                         f" {len(labels)} labels")
+    count = panels[0].shape[0]
+    if any(p.shape != panels[0].shape for p in panels) or len(statuses) != count:
+        raise InputError("compose_panels needs panels of one shape and one status per frame")
+    up = [p.repeat(scale, axis=1).repeat(scale, axis=2) for p in panels]
+    height, width = up[0].shape[1:3]
+    total_width = len(up) * width + (len(up) - 1) * PANEL_GAP_PX
+    top = _band(total_width, LABEL_BAND_PX, [(i * (width + PANEL_GAP_PX), label, BAND_TEXT)
+                                             for i, label in enumerate(labels)])
+    out = np.zeros((count, LABEL_BAND_PX + height + STATUS_BAND_PX, total_width, 3), dtype=np.uint8)
+    out[:, :LABEL_BAND_PX] = top
+    for i, panel in enumerate(up):
+        x = i * (width + PANEL_GAP_PX)
+        out[:, LABEL_BAND_PX:LABEL_BAND_PX + height, x:x + width] = panel
+    for t, status in enumerate(statuses):
+        colour = REVISIT_TEXT if highlight is not None and highlight[t] else BAND_TEXT
+        out[t, LABEL_BAND_PX + height:] = _band(total_width, STATUS_BAND_PX, [(0, status, colour)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+@dataclass
+class DemoResult:
+    """What one demo run produced: generated frames per policy and their scores."""
+
+    episode: Any  # BenchEpisode
+    frames: dict[str, np.ndarray]  # policy -> uint8 [num_generate, H, W, 3]
+    summaries: dict[str, dict[str, Any]]  # policy -> consistency episode_summary
+    within: np.ndarray  # bool [num_generate]: history match within the window's attention
+
+
+def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = DEFAULT_EPISODE,
+             seed: int = DEFAULT_SEED, split: str = "test", progress: bool = True) -> DemoResult:
+    """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` with the same noise; score it."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mag.bench.consistency import (
+        bench_world,
+        build_policies,
+        episode_summary,
+        score_episode,
+        stream_episodes,
+        within_window,
+        world_episodes,
+    )
+    from mag.codecs import get_codec_for
+    from mag.pipelines import StreamingGenerator
+    from mag.schedulers import FlowMatchScheduler
+
+    if episode_index < 0:
+        raise ConfigError(f"--episode must be >= 0, got {episode_index}")
+    preset, model = loaded.preset, loaded.model
+    policies = build_policies(DEMO_POLICIES, preset, memory_model=loaded.memory,
+                              empty_context=loaded.empty_context)
+    # Episodes as long as the generator's training clips: longer ones are out of its distribution.
+    try:
+        world, _ = bench_world(preset, training_world=loaded.training_world(),
+                               episode_frames=loaded.clip_frames())
+    except ConfigError:  # training clips shorter than a return trip: the world's own episode length
+        world, _ = bench_world(preset, training_world=loaded.training_world())
+    episode = world_episodes(world, split=split, count=1, start=episode_index)[0]
+    context = loaded.encode([episode.prompt])
+    codec = get_codec_for(preset.video)
+    scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
+    sampler = sampler_config(config)
+    blocks = episode.num_generate // preset.cache.frames_per_block
+    within = within_window(episode.frame_indices, episode.history_match, preset.cache)
+    frames, summaries = {}, {}
+    with tqdm(total=blocks * len(policies), desc="mag demo", unit="block", disable=not progress) as bar:
+        for name, policy in policies.items():
+            bar.set_postfix_str(name)
+            gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler)
+            noise = torch.Generator(device=gen.device).manual_seed(seed)
+            pred = stream_episodes(gen, codec, [episode], context, False, noise,
+                                   on_block=lambda: bar.update())
+            frames[name] = pred[0]
+            scores = score_episode(pred[0], episode, with_lpips=False)
+            summaries[name] = episode_summary(scores, episode, within)
+    return DemoResult(episode, frames, summaries, within)
+
+
+def _frame_statuses(result: DemoResult) -> tuple[list[str], np.ndarray]:
+    """Status text and revisit flag of every episode frame (history, generated, revisit)."""
+    ep = result.episode
+    s = ep.switch_frame
+    statuses = [f"frame {t}: history (fed to the cache)" for t in range(s)]
+    highlight = [False] * s
+    for j, t in enumerate(ep.frame_indices):
+        seen = int(ep.history_match[j])
+        if seen < 0:
+            statuses.append(f"frame {t}: generated, new view")
+            highlight.append(False)
+        else:
+            where = "within window" if result.within[j] else "beyond window"
+            statuses.append(f"frame {t}: revisit of frame {seen} ({where})")
+            highlight.append(not result.within[j])
+    return statuses, np.asarray(highlight)
+
+
+def write_demo_video(path: Path, result: DemoResult) -> Path:
+    """``ground truth | MAG | window`` over the whole episode; history frames show the truth in each panel."""
+    from mag.io.video import write_mp4
+
+    ep = result.episode
+    s = ep.switch_frame
+    truth = ep.frames[:s + ep.num_generate]
+    panels = [truth] + [np.concatenate([truth[:s], result.frames[name]]) for name in DEMO_POLICIES]
+    labels = [GROUND_TRUTH_LABEL] + [POLICY_LABELS[name] for name in DEMO_POLICIES]
+    statuses, highlight = _frame_statuses(result)
+    video = compose_panels(panels, labels, statuses, highlight)
+    return write_mp4(path, video, DEMO_FPS, scale=1)
+
+
+def revisit_columns(result: DemoResult) -> np.ndarray:
+    """Generated-frame indices shown in the strip: beyond-window revisits (else all revisits), at most
+    :data:`MAX_STRIP_FRAMES`, evenly spaced."""
+    revisited = result.episode.history_match >= 0
+    chosen = np.flatnonzero(revisited & ~result.within)
+    if chosen.size == 0:
+        chosen = np.flatnonzero(revisited)
+    if chosen.size > MAX_STRIP_FRAMES:
+        chosen = chosen[np.linspace(0, chosen.size - 1, MAX_STRIP_FRAMES).round().astype(int)]
+    return chosen
+
+
+def write_revisit_strip(path: Path, result: DemoResult) -> Path:
+    """Rows: the history frame of the same view, the truth, MAG, window, at the revisited frames."""
+    from mag.io.video import write_png_strip
+
+    ep = result.episode
+    columns = revisit_columns(result)
+    if columns.size == 0:
+        raise ConfigError(f"episode {ep.name} has no revisited frame after its switch; pick another"
+                          " --episode")
+    first, last = int(ep.frame_indices[columns[0]]), int(ep.frame_indices[columns[-1]])
+    rows = [ep.frames[ep.history_match[columns]], ep.frames[ep.frame_indices[columns]]]
+    labels = [f"history: the same view, seen before frame {ep.switch_frame}",
+              f"ground truth, frames {first}-{last}"]
+    for name in DEMO_POLICIES:
+        rows.append(result.frames[name][columns])
+        labels.append(f"{POLICY_LABELS[name]}: beyond-window revisit PSNR {_db(revisit_psnr(result, name))}")
+    return write_png_strip(path, rows, labels, scale=STRIP_SCALE)
+
+
+def revisit_psnr(result: DemoResult, policy: str, category: str = "beyond") -> float | None:
+    """PSNR (dB, of the mean MSE) vs the history frame of the same view over ``category`` revisits
+    (``all``, ``within`` or ``beyond`` the window's attention)."""
+    entry = result.summaries[policy]["vs_history"]
+    return entry["psnr"] if category == "all" else entry[category]["psnr"]
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} dB"
+
+
+def demo_record(result: DemoResult, config: DemoConfig, loaded: LoadedModels, seconds: float,
+                seed: int, device: str) -> dict[str, Any]:
+    """The contents of ``demo.json``."""
+    from mag.train.checkpoint import git_commit
+
+    ep = result.episode
+    revisited = ep.history_match >= 0
+    policies = {}
+    for name in DEMO_POLICIES:
+        summary = result.summaries[name]
+        policies[name] = {
+            "revisit_psnr_db": {category: revisit_psnr(result, name, category)
+                                for category in ("all", "within", "beyond")},
+            "revisit_ssim": summary["vs_history"]["ssim"],
+            "vs_gt_psnr_db": summary["vs_gt"]["psnr"],
+        }
+    return {
+        "episode": {"split": "test", "index": int(ep.name), "prompt": ep.prompt,
+                    "switch_frame": ep.switch_frame, "generated_frames": ep.num_generate,
+                    "total_frames": ep.switch_frame + ep.num_generate,
+                    "revisited_frames": ep.frame_indices[revisited].tolist(),
+                    "beyond_window_frames": ep.frame_indices[revisited & ~result.within].tolist()},
+        "policies": policies,
+        "config": {**asdict(config), "seed": seed, "device": device},
+        "models": loaded.records(config),
+        "window": {"sink_frames": loaded.preset.cache.sink_frames,
+                   "window_frames": loaded.preset.cache.window_frames},
+        "seconds": round(seconds, 1),
+        "commit": git_commit(),
+        "note": "one episode, for illustration; `mag bench consistency` measures all 176 test episodes",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo", help="MAG vs sliding window on a held-out episode that revisits what it saw (mp4 + PNG)",
+        description="Feed a held-out test episode's history into the KV cache, generate the rest with the MAG"
+                    " policy (the memory model writes the cache) and with the window policy from the same"
+                    " switch point and noise, and write DIR/demo.mp4 (ground truth | MAG | window),"
+                    " DIR/revisit.png and DIR/demo.json; prints each policy's revisit PSNR.")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--episode", type=int, default=DEFAULT_EPISODE,
+                   help=f"test-split episode index (default {DEFAULT_EPISODE})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the same for both policies)")
+    add_model_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    started = time.time()
+    set_threads(args.threads)
+    config = config_from_args(args)
+    sampler_config(config)
+    out = check_output_dir(args.out)
+    loaded = load_models(config, device=args.device)
+    result = run_demo(loaded, config, episode_index=args.episode, seed=args.seed,
+                      progress=not args.no_progress)
+    write_demo_video(out / "demo.mp4", result)
+    write_revisit_strip(out / "revisit.png", result)
+    record = demo_record(result, config, loaded, time.time() - started, args.seed, args.device)
+    (out / "demo.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    ep = result.episode
+    print(f"test episode {ep.name}: {ep.switch_frame} history frames, {ep.num_generate} generated,"
+          f" {len(record['episode']['beyond_window_frames'])} revisit a view beyond the window")
+    for name in DEMO_POLICIES:
+        psnr = record["policies"][name]["revisit_psnr_db"]
+        print(f"{POLICY_LABELS[name]:>7}: revisit PSNR {_db(psnr['beyond'])} beyond the window,"
+              f" {_db(psnr['all'])} over all revisits")
+    print(f"wrote {out / 'demo.mp4'}, {out / 'revisit.png'}, {out / 'demo.json'} ({record['seconds']} s)")
+    return 0
