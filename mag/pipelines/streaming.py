@@ -201,6 +201,8 @@ class StreamingGenerator:
         self.position = 0
         self.horizon_frames = 0
         self._steps: list[tuple[Tensor, Tensor | None]] = []
+        # Clean blocks whose frames the cache still holds (generator-written caches only), for recache.
+        self._live_blocks: list[_WrittenBlock] = []
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -255,6 +257,7 @@ class StreamingGenerator:
         self.position = 0
         self.horizon_frames = horizon_frames
         self._steps = self._timestep_pairs(batch_size)
+        self._live_blocks = []
 
     def set_prompt(self, context: Tensor | CrossAttentionCache,
                    uncond_context: Tensor | CrossAttentionCache | None = None) -> None:
@@ -327,6 +330,63 @@ class StreamingGenerator:
         self._memorise(true_block.to(self.device), width_offsets)
         return prediction
 
+    # -- prompt switch (LongLive's KV re-cache) ----------------------------------------------------
+
+    @torch.no_grad()
+    def recache(self, context: Tensor | CrossAttentionCache,
+                uncond_context: Tensor | CrossAttentionCache | None = None) -> None:
+        """Switch the prompt mid-stream and rewrite the cached K/V of the retained frames under it.
+
+        A cached frame's K/V depend on the prompt it was written with (cross-attention feeds every layer
+        after the first), so after :meth:`set_prompt` alone the next blocks would read history that still
+        "says" the old prompt. LongLive's KV re-cache re-runs the write pass of the retained recent frames
+        at t=0 with the new prompt. Here: the cache is emptied and every block that still has a frame in
+        it (the sinks and the window for ``window``; every block for ``full`` / ``downsample``) is written
+        again, oldest first, at its own positions and into its own slots, each block attending to the
+        re-written blocks before it. Frames the cache had already evicted are not seen again, so when
+        nothing was evicted the cache equals that of a stream that had the new prompt from the start.
+
+        Under ``mag`` / ``bounded`` the memory model writes the cache with the empty prompt, so the cache
+        does not depend on the prompt and only the prompt itself changes.
+
+        Args:
+            context: ``[B, L, text_dim]`` the new prompt's embeddings (or an encoded cache).
+            uncond_context: the empty prompt's embeddings when guidance is on.
+        """
+        self.set_prompt(context, uncond_context)
+        if not self._writes_with_prompt:
+            return
+        for cache, prompt in ((self.cache, self.context), (self.uncond_cache, self.uncond_context)):
+            if cache is None or prompt is None:
+                continue
+            seen, retained = cache.frames_seen, cache.frames_retained
+            cache.reset()
+            for block in self._live_blocks:
+                # The counters the policy planned this block's slots from: the same slots again.
+                cache.frames_seen, cache.frames_retained = block.position, block.frames_retained
+                positions = torch.arange(block.position, block.position + self.frames_per_block,
+                                         device=self.device)
+                self.writer.write(cache, block.latents, positions, prompt, width_offsets=block.width_offsets)
+            cache.frames_seen, cache.frames_retained = seen, retained
+
+    @property
+    def _writes_with_prompt(self) -> bool:
+        """Whether cached K/V depend on the prompt (not when the memory model writes them)."""
+        return not isinstance(self.writer, MemoryWriter)
+
+    def _record_block(self, cache: KVCache, clean_block: Tensor, offsets: Tensor | None) -> None:
+        """Keep ``clean_block`` for :meth:`recache`; forget blocks whose slots the write will reuse."""
+        slots = self.policy.plan(cache, self.frames_per_block).slots  # pure: what begin_write will plan
+        taken = set(slots)
+        live = []
+        for block in self._live_blocks:
+            block.slots = tuple(s for s in block.slots if s not in taken)
+            if block.slots:
+                live.append(block)
+        kept = clean_block.detach().clone()
+        live.append(_WrittenBlock(self.position, cache.frames_retained, kept, offsets, slots))
+        self._live_blocks = live
+
     # -- internals -----------------------------------------------------------------------------
 
     def _positions(self) -> Tensor:
@@ -350,6 +410,8 @@ class StreamingGenerator:
         """Phase 2: the writer runs the clean block at t=0 into the cache; the stream advances."""
         cache, positions = self._require_cache(), self._positions()
         offsets = self._offsets(width_offsets)
+        if self._writes_with_prompt:
+            self._record_block(cache, clean_block, offsets)
         self.writer.write(cache, clean_block, positions, self._require_context(), width_offsets=offsets)
         if self.uncond_cache is not None and self.uncond_context is not None:
             self.writer.write(self.uncond_cache, clean_block, positions, self.uncond_context,
@@ -404,6 +466,26 @@ class StreamingGenerator:
 
 def _frames(width_offsets: Tensor | None, frames: slice) -> Tensor | None:
     return None if width_offsets is None else width_offsets[:, frames]
+
+
+@dataclass
+class _WrittenBlock:
+    """A memorised block that still has frames in the cache: what :meth:`StreamingGenerator.recache`
+    needs to write it again.
+
+    Attributes:
+        position: RoPE position of its first frame (= ``cache.frames_seen`` before its write).
+        frames_retained: ``cache.frames_retained`` before its write (the policy plans slots from it).
+        latents: ``[B, F, C, H, W]`` its clean latents.
+        width_offsets: ``[B, F]`` camera positions (patches) or None.
+        slots: cache slots that still hold its frames.
+    """
+
+    position: int
+    frames_retained: int
+    latents: Tensor
+    width_offsets: Tensor | None
+    slots: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------------------------
