@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "mag.bench.cli",
     "mag.text.cli",
     "mag.demo",
+    "mag.generate",
 ]
 
 

@@ -3,12 +3,21 @@ files, the stream it writes, camera steering on the shipped model, and one-line 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, random_dit
+from helpers import CAMERA, TINY_OVERRIDES, random_dit, trained_model_file
 
 from mag.cache import KVCache
+from mag.cli import main
 from mag.config import get_preset
+from mag.demo import DEFAULTS, load_models, sampler_config
+from mag.errors import InputError
+from mag.generate import DEFAULT_PROMPT, frame_shifts, parse_actions, parse_prompts, stream
+from mag.io.video import read_mp4
 from mag.models.attention import block_causal_mask
 from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name
 from mag.schedulers import FlowMatchScheduler
@@ -139,3 +148,104 @@ def test_recache_under_mag_keeps_the_prompt_free_memory(model, preset):
     gen.recache(new)
     assert torch.equal(gen.cache.k, k) and torch.equal(gen.cache.v, v)
     assert not torch.allclose(gen.context.k, context_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# mag generate
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_parse_actions_list_and_keyframes(tmp_path):
+    listed = parse_actions(_write(tmp_path / "a.json", [0, 4, 4, -4]), 4, 16)
+    np.testing.assert_array_equal(listed, [0, 4, 4, -4])
+    keyed = parse_actions(_write(tmp_path / "k.json", {"2": 4, "4": -4}), 6, 16)
+    np.testing.assert_array_equal(keyed, [0, 0, 4, 4, -4, -4])
+
+
+@pytest.mark.parametrize("data", [[4, 4], "[4, 4, 4", [4, "x", 4], "[4, NaN, 4]", [4, 40, 4], {"9": 4},
+                                  {"a": 4}, {}, 3])
+def test_bad_actions_are_input_errors(data, tmp_path):
+    with pytest.raises(InputError):
+        parse_actions(_write(tmp_path / "a.json", data), 3, 16)
+
+
+def test_prompt_schedule_switches_at_block_boundaries(tmp_path):
+    path = _write(tmp_path / "p.json", [{"frame": 0, "prompt": "a"}, {"frame": 4, "prompt": "b"}])
+    switches = parse_prompts(path, None, 12, BLOCK)
+    assert [(s.frame, s.block_frame, s.prompt) for s in switches] == [(0, 0, "a"), (4, 6, "b")]
+    later = parse_prompts(_write(tmp_path / "q.json", [{"frame": 3, "prompt": "b"}]), "a", 12, BLOCK)
+    assert [(s.block_frame, s.prompt) for s in later] == [(0, "a"), (3, "b")]
+
+
+@pytest.mark.parametrize("data", [[], [{"frame": 3, "prompt": "b"}], [{"frame": 0, "prompt": ""}],
+                                  [{"frame": 0, "prompt": "a"}, {"frame": 0, "prompt": "b"}],
+                                  [{"frame": 0, "prompt": "a"}, {"frame": 99, "prompt": "b"}],
+                                  [{"frame": 0, "prompt": "a"}, {"frame": 4, "prompt": "b"},
+                                   {"frame": 5, "prompt": "c"}],
+                                  {"0": "a"}])
+def test_bad_prompt_files_are_input_errors(data, tmp_path):
+    with pytest.raises(InputError):
+        parse_prompts(_write(tmp_path / "p.json", data), None, 12, BLOCK)
+
+
+def test_frame_shifts_recovers_a_known_pan():
+    rng = np.random.default_rng(0)
+    panorama = rng.integers(0, 256, (8, 64, 3), dtype=np.uint8)
+    track = [0, 4, 8, 8, 4, 2]
+    frames = np.stack([panorama[:, x:x + 16] for x in track])
+    np.testing.assert_array_equal(frame_shifts(frames, 8), np.diff(track))
+
+
+def test_shipped_model_follows_the_commanded_velocity(tmp_path):
+    """The camera-anchored shipped generator: 6 frames right at 4 px/frame, then 6 left; the content shift
+    between consecutive generated frames equals the command."""
+    velocities = np.array([4] * 6 + [-4] * 6, dtype=np.float32)
+    loaded = load_models(DEFAULTS, with_memory=False)
+    switches = parse_prompts(None, DEFAULT_PROMPT, velocities.size, BLOCK)
+    result = stream(loaded, "window", sampler_config(DEFAULTS), velocities, switches, progress=False)
+    np.testing.assert_array_equal(frame_shifts(result.frames, 8), velocities[1:])
+
+
+@pytest.fixture(scope="module")
+def generator_file(tmp_path_factory) -> Path:
+    return trained_model_file(tmp_path_factory.mktemp("gen"), "causal_fm", "test-gen", "causal", CAMERA)
+
+
+def _generate(generator_file: Path, out: Path, *extra: str) -> int:
+    return main(["generate", "--model", str(generator_file), "--memory-model", "", "--sampler", "euler",
+                 "--steps", "2", "--frames", "10", "--no-progress", "-o", str(out), *extra])
+
+
+def test_generate_switches_prompts_and_reports_fps_and_kv(generator_file, tmp_path, capsys):
+    prompts = _write(tmp_path / "p.json", [{"frame": 0, "prompt": "a red wall"},
+                                           {"frame": 5, "prompt": "a blue sea"}])
+    actions = _write(tmp_path / "a.json", {"0": 4, "6": -4})
+    assert _generate(generator_file, tmp_path / "out.mp4", "--policy", "window", "--prompts", str(prompts),
+                     "--actions", str(actions)) == 0
+    printed = capsys.readouterr().out
+    assert "prompt switch at frame 6 (asked 5)" in printed and " FPS " in printed and "KV cache" in printed
+    assert read_mp4(tmp_path / "out.mp4").shape[0] == 10
+
+
+@pytest.mark.parametrize("case", ["policy", "prompts", "actions", "output", "checkpoint", "memory"])
+def test_generate_errors_are_one_line(case, generator_file, tmp_path, capsys):
+    model, out, extra = generator_file, tmp_path / "out.mp4", ["--policy", "window"]
+    if case == "policy":
+        extra = ["--policy", "sliding"]
+    elif case == "prompts":
+        extra += ["--prompts", str(_write(tmp_path / "p.json", "{not json"))]
+    elif case == "actions":
+        extra += ["--actions", str(_write(tmp_path / "a.json", [4, 4]))]
+    elif case == "output":
+        out = tmp_path
+    elif case == "checkpoint":
+        model = tmp_path / "missing.safetensors"
+    else:
+        extra = ["--policy", "mag"]
+    assert _generate(model, out, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mag: error: "), err

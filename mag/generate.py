@@ -1,0 +1,331 @@
+"""``mag generate``: stream a video from a prompt under a cache policy, with the camera steered per frame
+and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV memory.
+
+Camera: the tiny models are camera-anchored (RoPE column positions follow the camera, ``dit.camera_rope``),
+so the camera track *is* the conditioning: frame ``i`` is generated at horizontal position
+``track[i] = sum(velocity[1..i])`` px (the world's convention, :func:`mag.world.camera_track`). The
+velocity is constant (``--velocity``, px/frame) or read from ``--actions FILE``:
+
+- a JSON list of ``--frames`` numbers: the velocity of every frame (entry ``i`` moves the camera from
+  frame ``i-1`` to frame ``i``; entry 0 has no earlier frame and is ignored);
+- or a JSON object of keyframes ``{"frame": velocity}``: each velocity holds from its frame until the
+  next keyframe; frames before the first keyframe stand still.
+
+Velocities are px/frame, finite, at most one frame width in magnitude (beyond that consecutive frames
+share nothing). The shipped tiny models were trained at -4, 0 and +4 px/frame.
+
+Prompts: ``--prompt`` from frame 0, or ``--prompts FILE``: a JSON list ``[{"frame": 0, "prompt": "..."},
+...]`` with increasing frames (the first may be omitted when ``--prompt`` is given). A switch takes
+effect at the first block boundary at or after its frame: the generator's cached K/V of the frames it
+still holds are rewritten under the new prompt (:meth:`~mag.pipelines.StreamingGenerator.recache`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mag.errors import ConfigError, InputError
+
+__all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
+
+# Camera speed of the tiny world (px/frame): what the shipped models were trained on.
+DEFAULT_VELOCITY_PX = 4.0
+DEFAULT_FRAMES = 48
+DEFAULT_POLICY = "mag"
+# A prompt of the world's test split (in distribution for the tiny models' text conditioning).
+DEFAULT_PROMPT = ("a camera panning slowly across a calm, sunlit underwater coral reef with fish and sea"
+                  " plants")
+# Nearest-neighbour upscale of the saved mp4 (16x16 frames become 128x128).
+VIDEO_SCALE = 8
+
+
+@dataclass(frozen=True)
+class PromptSwitch:
+    """Prompt ``prompt`` from frame ``frame`` on (applied at the block boundary ``block_frame``)."""
+
+    frame: int
+    prompt: str
+    block_frame: int
+
+
+@dataclass
+class GenerateResult:
+    """A generated stream: uint8 ``[N, H, W, 3]`` frames, timing and cache size."""
+
+    frames: np.ndarray
+    seconds: float
+    kv_bytes: int
+    kv_capacity_bytes: int
+    switches: list[PromptSwitch]
+
+    @property
+    def fps(self) -> float:
+        return self.frames.shape[0] / self.seconds if self.seconds > 0 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    source = Path(path)
+    if not source.is_file():
+        raise InputError(f"{what} file {source} does not exist")
+    try:
+        return json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{what} file {source} is not valid JSON ({err}); see docs/generate.md") from err
+
+
+def _velocity(value: Any, where: str, max_px: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{where}: a velocity must be a finite number of px/frame, got {value!r:.40}")
+    if abs(value) > max_px:
+        raise InputError(f"{where}: velocity {value} px/frame exceeds the frame width {max_px:g} px"
+                         " (consecutive frames would share nothing); use a smaller speed")
+    return float(value)
+
+
+def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
+    """Per-frame camera velocities float32 ``[frames]`` (px/frame) from an actions file (module docstring)."""
+    data = _read_json(path, "actions")
+    if isinstance(data, list):
+        if len(data) != frames:
+            raise InputError(f"actions file {path} lists {len(data)} velocities for --frames {frames};"
+                             " give one per frame, or keyframes as an object {\"frame\": velocity}")
+        return np.asarray([_velocity(v, f"{path} entry {i}", max_px) for i, v in enumerate(data)],
+                          dtype=np.float32)
+    if isinstance(data, dict) and data:
+        keys = {}
+        for key, value in data.items():
+            if not key.isdigit() or int(key) >= frames:
+                raise InputError(f"actions file {path}: keyframe {key!r} must be a frame index in"
+                                 f" [0, {frames})")
+            keys[int(key)] = _velocity(value, f"{path} keyframe {key}", max_px)
+        out = np.zeros(frames, dtype=np.float32)
+        for frame in sorted(keys):
+            out[frame:] = keys[frame]
+        return out
+    raise InputError(f"actions file {path} must hold a JSON list of per-frame velocities or a non-empty"
+                     f" object of keyframes {{\"frame\": velocity}}, got {type(data).__name__}")
+
+
+def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
+                  frames_per_block: int) -> list[PromptSwitch]:
+    """Prompt schedule from ``--prompts FILE`` and ``--prompt`` (module docstring), the first at frame 0."""
+    entries: list[tuple[int, str]] = []
+    if path is not None:
+        data = _read_json(path, "prompts")
+        if not isinstance(data, list) or not data:
+            raise InputError(f"prompts file {path} must hold a non-empty JSON list of"
+                             f" {{\"frame\": int, \"prompt\": str}} objects, got {type(data).__name__}")
+        for i, entry in enumerate(data):
+            ok = (isinstance(entry, dict) and isinstance(entry.get("frame"), int)
+                  and not isinstance(entry.get("frame"), bool) and isinstance(entry.get("prompt"), str)
+                  and entry["prompt"].strip())
+            if not ok:
+                raise InputError(f"prompts file {path} entry {i} must be {{\"frame\": int, \"prompt\":"
+                                 f" non-empty str}}, got {entry!r:.80}")
+            if not 0 <= entry["frame"] < frames:
+                raise InputError(f"prompts file {path} entry {i}: frame {entry['frame']} is outside the"
+                                 f" {frames} generated frames")
+            entries.append((entry["frame"], entry["prompt"]))
+        frames_given = [f for f, _ in entries]
+        if frames_given != sorted(set(frames_given)):
+            raise InputError(f"prompts file {path}: frames must increase strictly, got {frames_given}")
+    if not entries or entries[0][0] != 0:
+        if prompt is None:
+            raise InputError("no prompt for frame 0: give --prompt, or a prompts-file entry with"
+                             " \"frame\": 0")
+        entries.insert(0, (0, prompt))
+    elif prompt is not None and path is not None:
+        raise InputError(f"--prompt and the frame-0 entry of {path} both give the first prompt; drop one")
+    switches = []
+    for frame, text in entries:
+        block_frame = frames_per_block * math.ceil(frame / frames_per_block)
+        if switches and block_frame == switches[-1].block_frame:
+            raise InputError(f"prompts at frames {switches[-1].frame} and {frame} fall on the same block"
+                             f" boundary ({block_frame}; blocks of {frames_per_block} frames); space them"
+                             " apart")
+        switches.append(PromptSwitch(frame, text, block_frame))
+    return switches
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Fail before generating when the output file cannot be written (one-line InputError)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"output {target} is a folder; give a file name such as {target / 'out.mp4'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.parent / f".{target.name}.mag-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"cannot write {target}: {err.strerror or err}; choose a writable output"
+                         " path") from err
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, switches: list[PromptSwitch],
+           *, seed: int = 0, progress: bool = True) -> GenerateResult:
+    """Generate ``len(velocities)`` frames under ``policy_name`` (whole blocks, trimmed at the end).
+
+    Args:
+        loaded: :class:`mag.demo.LoadedModels` (generator, text encoder, optional memory model).
+        velocities: float32 ``[N]`` camera velocity per frame (px/frame).
+        switches: the prompt schedule, first at frame 0 (:func:`parse_prompts`).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from mag.codecs import get_codec_for, tensor_to_frames
+    from mag.pipelines import StreamingGenerator, policy_from_name
+    from mag.schedulers import FlowMatchScheduler
+    from mag.world import camera_track
+
+    preset, model = loaded.preset, loaded.model
+    if policy_name in ("mag", "bounded") and loaded.memory is None:
+        raise ConfigError(f"policy {policy_name!r} needs a memory model: pass --memory-model NAME|PATH (e.g."
+                          " tiny-memory), or use --policy full, window or downsample")
+    policy = policy_from_name(policy_name, preset, memory_model=loaded.memory,
+                              empty_context=loaded.empty_context)
+    block = preset.cache.frames_per_block
+    count = int(velocities.shape[0])
+    padded = block * math.ceil(count / block)
+    moves = np.concatenate([velocities, np.repeat(velocities[-1:], padded - count)])
+    gen = StreamingGenerator(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset,
+                             policy, sampler=sampler)
+    device = gen.device
+    offsets = None
+    if preset.dit.camera_rope:
+        track = torch.from_numpy(camera_track(moves))[None] / preset.dit.patch_size[2]
+        offsets = track.to(device)
+    contexts = {s.block_frame: loaded.encode([s.prompt]) for s in switches}  # encode before timing
+    codec = get_codec_for(preset.video)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    decoded = []
+    gen.reset(1, padded)
+    _sync(device)
+    started = time.perf_counter()
+    for start in tqdm(range(0, padded, block), desc=f"generate ({policy_name})", unit="block",
+                      disable=not progress):
+        if start in contexts:
+            (gen.set_prompt if start == 0 else gen.recache)(contexts[start])
+        latents = gen.generate_block(noise, None if offsets is None else offsets[:, start:start + block])
+        decoded.append(codec.decode(latents))
+    _sync(device)
+    seconds = time.perf_counter() - started
+    frames = tensor_to_frames(torch.cat(decoded, 1)[0])[:count]
+    kv = sum(c.nbytes for c in (gen.cache, gen.uncond_cache) if c is not None)
+    capacity = sum(c.capacity_bytes for c in (gen.cache, gen.uncond_cache) if c is not None)
+    return GenerateResult(frames, seconds, kv, capacity, switches)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:
+    """Horizontal content shift (px) between consecutive frames: int ``[T-1]``.
+
+    For each pair, the shift ``d`` in ``[-max_shift, max_shift]`` minimising the mean squared difference
+    between ``cur[:, x]`` and ``prev[:, x + d]`` over their overlap: a camera moving right by ``d`` px
+    moves the content left by ``d``, so ``d`` is the camera's velocity as seen in the frames.
+    """
+    video = np.asarray(frames, dtype=np.float64)
+    width = video.shape[2]
+    if not 0 < max_shift < width:
+        raise InputError(f"max_shift must be in (0, {width}), got {max_shift}")
+    out = []
+    for prev, cur in zip(video[:-1], video[1:], strict=True):
+        errors = {}
+        for d in range(-max_shift, max_shift + 1):
+            a = cur[:, max(0, -d):width - max(0, d)]
+            b = prev[:, max(0, d):width - max(0, -d)]
+            errors[d] = float(np.mean((a - b) ** 2))
+        out.append(min(errors, key=lambda d: (errors[d], abs(d))))
+    return np.asarray(out, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from mag.demo import add_model_arguments
+
+    p = subparsers.add_parser(
+        "generate", help="stream a video from a prompt with a steered camera (mp4, FPS, KV memory)",
+        description="Generate --frames frames block by block under a cache policy, the camera moving at"
+                    " --velocity px/frame or as --actions FILE says, prompts switching as --prompts FILE"
+                    " says (KV re-cache at each switch); writes an mp4 and prints FPS and KV bytes."
+                    " File formats: docs/generate.md.")
+    p.add_argument("--prompt", default=None, help="prompt from frame 0 (default: a test-split world prompt"
+                                                  " unless --prompts gives frame 0)")
+    p.add_argument("--prompts", default=None, help='JSON list [{"frame": 0, "prompt": "..."}, ...]')
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"frames (default {DEFAULT_FRAMES})")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"cache policy: full, window, downsample, mag, bounded (default {DEFAULT_POLICY})")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--velocity", type=float, default=None,
+                   help=f"constant camera velocity, px/frame (default {DEFAULT_VELOCITY_PX:g})")
+    p.add_argument("--actions", default=None,
+                   help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} (px/frame)")
+    p.add_argument("-o", "--output", required=True, help="output mp4")
+    add_model_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mag.demo import config_from_args, load_models, sampler_config, set_threads
+    from mag.io.video import write_mp4
+    from mag.pipelines import AVAILABLE_POLICIES
+
+    set_threads(args.threads)
+    if args.policy not in AVAILABLE_POLICIES:
+        raise ConfigError(f"unknown cache policy {args.policy!r}; available policies:"
+                          f" {', '.join(AVAILABLE_POLICIES)}")
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be >= 1, got {args.frames}")
+    if args.actions is not None and args.velocity is not None:
+        raise ConfigError("give --velocity or --actions, not both")
+    config = config_from_args(args)
+    sampler = sampler_config(config)
+    output = check_output_file(args.output)
+    needs_memory = args.policy in ("mag", "bounded") and bool(config.memory_model)
+    loaded = load_models(config, device=args.device, with_memory=needs_memory)
+    preset = loaded.preset
+    width = float(preset.video.width)
+    if args.actions is not None:
+        velocities = parse_actions(args.actions, args.frames, width)
+    else:
+        speed = DEFAULT_VELOCITY_PX if args.velocity is None else args.velocity
+        velocities = np.full(args.frames, _velocity(speed, "--velocity", width), dtype=np.float32)
+    prompt = args.prompt if args.prompt is not None or args.prompts is not None else DEFAULT_PROMPT
+    switches = parse_prompts(args.prompts, prompt, args.frames, preset.cache.frames_per_block)
+    result = stream(loaded, args.policy, sampler, velocities, switches, seed=args.seed,
+                    progress=not args.no_progress)
+    write_mp4(output, result.frames, preset.video.fps, scale=VIDEO_SCALE)
+    for switch in result.switches[1:]:
+        print(f"prompt switch at frame {switch.block_frame} (asked {switch.frame}): {switch.prompt!r}")
+    print(f"wrote {output}: {args.frames} frames, policy {args.policy}, {result.fps:.1f} FPS"
+          f" ({result.seconds:.2f} s streaming), KV cache {result.kv_bytes:,} bytes"
+          f" (allocated {result.kv_capacity_bytes:,})")
+    return 0
