@@ -46,8 +46,8 @@ class ModelInfo:
     size_bytes: int
     params: int
     train_steps: int
-    train_cpu_minutes: float
-    train_device: str
+    train_minutes: float  # wall time in training steps, all sittings (on train_device's kind of machine)
+    train_device: str  # device of the last sitting, e.g. "cuda x2 threads"
     recipe: str
     commit: str
 
@@ -113,7 +113,7 @@ def model_info(path: str | Path) -> ModelInfo:
     return ModelInfo(
         name=meta["name"], stage=meta["stage"], preset=preset["name"], path=path,
         size_bytes=path.stat().st_size, params=params, train_steps=int(meta.get("train_steps", 0)),
-        train_cpu_minutes=round(float(meta.get("train_seconds", 0.0)) / 60, 1),
+        train_minutes=round(float(meta.get("train_seconds", 0.0)) / 60, 1),
         train_device=meta.get("train_device", "?"), recipe=recipe.get("name", "?"),
         commit=meta.get("commit", "unknown"),
     )
@@ -249,10 +249,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not infos:
         print("no models ship with this package yet")
         return 0
-    print(f"{'name':<22}{'stage':<14}{'preset':<10}{'params':>10}{'size':>10}{'steps':>8}{'cpu min':>9}")
+    print(f"{'name':<20}{'stage':<15}{'preset':<8}{'params':>11}{'size':>8}{'steps':>7}{'train min':>11}"
+          f"  last trained on")
     for info in infos.values():
-        print(f"{info.name:<22}{info.stage:<14}{info.preset:<10}{info.params:>10,}"
-              f"{info.size_bytes / 1e6:>9.1f}M{info.train_steps:>8}{info.train_cpu_minutes:>9}")
+        print(f"{info.name:<20}{info.stage:<15}{info.preset:<8}{info.params:>11,}"
+              f"{info.size_bytes / 1e6:>7.1f}M{info.train_steps:>7}{info.train_minutes:>11}"
+              f"  {info.train_device}")
     return 0
 
 
