@@ -17,6 +17,16 @@ TINY_DIT = DiTConfig(in_channels=4, out_channels=4, dim=24, ffn_dim=48, num_head
                      text_dim=16, freq_dim=16, patch_size=(1, 2, 2), rope_max_positions=256)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: tiny models run fastest, and most predictably, on one intra-op
+    thread. Session scope, so module-scoped fixtures that train or sample models get it too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_dit_cfg() -> DiTConfig:
     return TINY_DIT

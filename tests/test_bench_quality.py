@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from helpers import CAMERA, trained_model_file
 
 from mag.bench.metrics import frechet_alexnet_distance
@@ -28,15 +27,6 @@ from mag.world import get_world_config
 CLIPS = 2
 FRAMES = 6
 TEACHER_STEPS = 8  # the smallest Euler grid that holds the tiny preset's few-step levels
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

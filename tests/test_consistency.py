@@ -36,15 +36,6 @@ TRAIN_WORLD = {"pano_width": 96, "speed_range_px": [4, 4], "speed_quantum_px": 4
                "episode_frames": 30}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def preset():
     return get_preset("tiny", **SMALL)

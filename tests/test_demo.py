@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import CAMERA, trained_model_file
 
 from mag.cli import main
@@ -31,15 +30,6 @@ from mag.registry import shipped_models
 
 # The stand-in memory model starts from random weights (plumbing only); its trainer warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:recipe .test-mem:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

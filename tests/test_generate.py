@@ -29,15 +29,6 @@ BLOCK = 3
 WINDOW_BLOCKS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def preset():
     return get_preset("tiny", **TINY_OVERRIDES, **CAMERA)

@@ -39,15 +39,6 @@ DMD = {"critic_steps_per_generator_step": 2, "rollout_blocks": ROLLOUT_BLOCKS, "
 PERTURBATION = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: tiny models run fastest, and most predictably, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A camera-anchored teacher file (2 flow-matching steps)."""

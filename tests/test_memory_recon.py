@@ -17,15 +17,6 @@ from mag.schedulers import FlowMatchScheduler
 EPISODES = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared with other jobs: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """``(memory model file, generator model file)``: 2 training steps each, the tiny test network."""

@@ -30,15 +30,6 @@ from mag.train.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: tiny models run fastest, and most predictably, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _memory(generator: Path | None, **kwargs) -> Recipe:
     init = {"init": {"model": str(generator)}} if generator is not None else {}
     return recipe_from_dict(recipe_dict("memory", **init, **kwargs))

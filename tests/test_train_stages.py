@@ -41,15 +41,6 @@ ODE_STEPS = 4  # Euler steps of the test pairs: the tiny preset's levels 1000/75
 EXACT = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: tiny models run fastest, and most predictably, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _recipe(kind: str, **kwargs) -> Recipe:
     return recipe_from_dict(recipe_dict(kind, **kwargs))
 
