@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mag.errors import ConfigError, InputError
+from mag.io.paths import check_output_dir
 from mag.pipelines.streaming import SamplerKind
 
 __all__ = ["DEFAULTS", "DemoConfig", "LoadedModels", "compose_panels", "load_models", "run_demo"]
@@ -184,26 +185,6 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def check_output_dir(path: str | Path) -> Path:
-    """Create the output folder or raise a one-line InputError saying why it cannot be."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create output folder {out}: {err.strerror or err}; choose a writable"
-                         " folder with -o") from err
-    if not out.is_dir():
-        raise InputError(f"output {out} is not a folder; give a folder with -o")
-    probe = out / ".mag-write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise InputError(f"cannot write into {out}: {err.strerror or err}; choose a writable folder with"
-                         " -o") from err
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mag.errors import ConfigError, InputError
+from mag.io.paths import check_output_file
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
 
@@ -157,22 +158,6 @@ def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
                              " apart")
         switches.append(PromptSwitch(frame, text, block_frame))
     return switches
-
-
-def check_output_file(path: str | Path) -> Path:
-    """Fail before generating when the output file cannot be written (one-line InputError)."""
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(f"output {target} is a folder; give a file name such as {target / 'out.mp4'}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = target.parent / f".{target.name}.mag-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise InputError(f"cannot write {target}: {err.strerror or err}; choose a writable output"
-                         " path") from err
-    return target
 
 
 # ---------------------------------------------------------------------------------------------

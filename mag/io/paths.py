@@ -1,0 +1,48 @@
+"""Output paths checked before long work starts: an unwritable path should fail in one line, not after
+minutes of generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mag.errors import InputError
+
+__all__ = ["check_output_dir", "check_output_file"]
+
+
+def _probe(folder: Path, name: str, what: str, advice: str) -> None:
+    """Write and delete an empty file in ``folder``: the only test that holds for every filesystem."""
+    probe = folder / f".{name}.mag-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"cannot write {what}: {err.strerror or err}; {advice}") from err
+
+
+def check_output_dir(path: str | Path, option: str = "-o") -> Path:
+    """Create the output folder (parents too) or raise a one-line InputError saying why it cannot be."""
+    out = Path(path)
+    advice = f"choose a writable folder with {option}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create output folder {out}: {err.strerror or err}; {advice}") from err
+    if not out.is_dir():
+        raise InputError(f"output {out} is not a folder; give a folder with {option}")
+    _probe(out, "folder", f"into {out}", advice)
+    return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Create the output file's folder and check it can be written (one-line InputError if not)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"output {target} is a folder; give a file name such as {target / 'out.mp4'}")
+    advice = "choose a writable output path"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot write {target}: {err.strerror or err}; {advice}") from err
+    _probe(target.parent, target.name, str(target), advice)
+    return target
