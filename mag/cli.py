@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "mag.text.cli",
     "mag.demo",
     "mag.generate",
+    "mag.serve",
 ]
 
 
