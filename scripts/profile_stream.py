@@ -1,0 +1,68 @@
+"""Where streaming time goes: frames/s per policy and a torch-profiler table of one stream.
+
+Streams ``--blocks`` blocks of the shipped tiny generator (camera panning one patch per frame) under each
+policy, times a second, warm stream, then profiles one more stream of the last policy.
+
+Usage: python scripts/profile_stream.py [--model tiny-causal-long] [--memory-model tiny-memory]
+           [--policies window,mag] [--blocks 32] [--threads 1] [--rows 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mag.memory import load_memory_model
+from mag.pipelines import StreamingGenerator, policy_from_name
+from mag.pipelines.streaming import load_generator
+from mag.schedulers import FlowMatchScheduler
+from mag.train.stages import prompt_cache
+
+PROMPT = "a camera panning slowly across a quiet desert at dusk with dunes, rocks and cacti"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-causal-long")
+    parser.add_argument("--memory-model", default="tiny-memory")
+    parser.add_argument("--policies", default="window,mag")
+    parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=14)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, preset, meta = load_generator(args.model)
+    memory = load_memory_model(args.memory_model)[0]
+    mode = (meta.get("recipe") or {}).get("data", {}).get("text_mode", "pooled")
+    text = prompt_cache(preset.text_encoder, mode)
+    context, empty = text.get([PROMPT]), text.get([""])
+    block = preset.cache.frames_per_block
+    for name in args.policies.split(","):
+        policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)
+        gen = StreamingGenerator(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset,
+                                 policy)
+
+        def stream(gen: StreamingGenerator = gen) -> None:
+            gen.reset(1, args.blocks * block)
+            gen.set_prompt(context)
+            noise = torch.Generator().manual_seed(0)
+            for b in range(args.blocks):
+                camera = torch.arange(b * block, (b + 1) * block, dtype=torch.float32)[None]
+                gen.generate_block(noise, camera if preset.dit.camera_rope else None)
+
+        stream()  # warm-up
+        start = time.perf_counter()
+        stream()
+        seconds = time.perf_counter() - start
+        print(f"{name}: {args.blocks * block / seconds:.1f} frames/s ({args.blocks} blocks of {block},"
+              f" {args.threads} thread(s))")
+    with torch.profiler.profile() as prof:
+        stream()
+    print(f"profile of one {name} stream:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
