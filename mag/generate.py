@@ -281,12 +281,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mag.demo import config_from_args, load_models, sampler_config, set_threads
     from mag.io.video import write_mp4
-    from mag.pipelines import AVAILABLE_POLICIES
+    from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
-    if args.policy not in AVAILABLE_POLICIES:
-        raise ConfigError(f"unknown cache policy {args.policy!r}; available policies:"
-                          f" {', '.join(AVAILABLE_POLICIES)}")
+    check_policy_name(args.policy)
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
     if args.actions is not None and args.velocity is not None:
@@ -294,7 +292,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     sampler = sampler_config(config)
     output = check_output_file(args.output)
-    needs_memory = args.policy in ("mag", "bounded") and bool(config.memory_model)
+    needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
     loaded = load_models(config, device=args.device, with_memory=needs_memory)
     preset = loaded.preset
     width = float(preset.video.width)

@@ -6,9 +6,10 @@ from mag.pipelines.streaming import (
     GeneratorWriter,
     SamplerConfig,
     StreamingGenerator,
+    check_policy_name,
     load_generator,
     policy_from_name,
 )
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "StreamingGenerator",
-           "load_generator", "policy_from_name"]
+           "check_policy_name", "load_generator", "policy_from_name"]

@@ -45,7 +45,7 @@ from mag.models.dit import WanDiT
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
-           "StreamingGenerator", "load_generator", "policy_from_name", "policy_writer"]
+           "StreamingGenerator", "check_policy_name", "load_generator", "policy_from_name", "policy_writer"]
 
 SamplerKind = Literal["few_step", "euler"]
 SAMPLERS: tuple[str, ...] = ("few_step", "euler")
@@ -91,6 +91,18 @@ class SamplerConfig:
 # Policies that need nothing but the generator.
 GENERATOR_ONLY_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
 AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POLICIES
+
+
+def check_policy_name(name: str, *, has_memory_model: bool = True) -> str:
+    """``name`` if it is a cache policy (and, for ``mag`` / ``bounded``, a memory model is at hand), else a
+    one-line ConfigError listing what is available: CLIs call this before loading any model."""
+    if name not in AVAILABLE_POLICIES:
+        raise ConfigError(f"unknown cache policy {name!r}; available policies:"
+                          f" {', '.join(AVAILABLE_POLICIES)}")
+    if name in MEMORY_MODEL_POLICIES and not has_memory_model:
+        raise ConfigError(f"policy {name!r} needs a memory model: pass --memory-model NAME|PATH (e.g."
+                          f" tiny-memory), or use one of {', '.join(GENERATOR_ONLY_POLICIES)}")
+    return name
 
 
 def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None = None,
