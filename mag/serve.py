@@ -131,16 +131,11 @@ class LiveStream:
         import torch
 
         from mag.codecs import get_codec_for
-        from mag.pipelines import AVAILABLE_POLICIES, StreamingGenerator, policy_from_name
+        from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
         from mag.schedulers import FlowMatchScheduler
 
         preset = loaded.preset
-        if policy_name not in AVAILABLE_POLICIES:
-            raise ConfigError(f"unknown cache policy {policy_name!r}; available policies:"
-                              f" {', '.join(AVAILABLE_POLICIES)}")
-        if policy_name in ("mag", "bounded") and loaded.memory is None:
-            raise ConfigError(f"policy {policy_name!r} needs a memory model: pass --memory-model NAME|PATH"
-                              " (e.g. tiny-memory), or use --policy full, window or downsample")
+        check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
         self.block = preset.cache.frames_per_block
         limit = loaded.model.cfg.rope_max_positions
         if not self.block <= max_frames <= limit:
@@ -552,7 +547,6 @@ function showStats(s) {
   byId("fps").textContent = s.fps.toFixed(1);
   byId("kv").textContent = bytes(s.kv_bytes) + " (" + s.kv_bytes + " bytes)";
   byId("prompt").textContent = s.prompt;
-  byId("stream-frame").textContent = s.stream_frame;
 }
 const events = new EventSource("/frames");
 events.addEventListener("frame", (e) => {
@@ -566,6 +560,7 @@ events.addEventListener("frame", (e) => {
   while (shown.length && shown[0] < now - 1000) shown.shift();
   byId("shown-fps").textContent = shown.length;
   byId("frame-index").textContent = f.index;
+  byId("stream-frame").textContent = f.stream_frame;
   byId("velocity").textContent = f.velocity;
   showStats(f.stats);
 });
@@ -645,17 +640,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mag.demo import config_from_args, load_models, sampler_config, set_threads
     from mag.generate import DEFAULT_PROMPT
-    from mag.pipelines import AVAILABLE_POLICIES
+    from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
-    if args.policy not in AVAILABLE_POLICIES:
-        raise ConfigError(f"unknown cache policy {args.policy!r}; available policies:"
-                          f" {', '.join(AVAILABLE_POLICIES)}")
+    check_policy_name(args.policy)
     config = config_from_args(args)
     sampler = sampler_config(config)
     viewer = Viewer(args.port)  # a taken port fails before any model is loaded
     try:
-        needs_memory = args.policy in ("mag", "bounded") and bool(config.memory_model)
+        needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
         loaded = load_models(config, device=args.device, with_memory=needs_memory)
         max_frames = args.max_frames
         if max_frames is None:
