@@ -643,8 +643,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
-    check_policy_name(args.policy)
     config = config_from_args(args)
+    check_policy_name(args.policy, has_memory_model=bool(config.memory_model))  # before any model loads
     sampler = sampler_config(config)
     viewer = Viewer(args.port)  # a taken port fails before any model is loaded
     try:
