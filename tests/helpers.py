@@ -54,3 +54,32 @@ def trained_model_file(root: Path, kind: str, name: str, stage: str, overrides: 
     Trainer(recipe_from_dict(recipe_dict(kind, overrides=overrides)), root / "run", progress=False).run()
     return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / f"{name}.safetensors",
                         name=name, stage=stage)
+
+
+def dmd_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Everything a DMD run carries: generator, EMA, critic and both AdamW states (cloned)."""
+    state = {f"gen.{k}": v for k, v in trainer.model.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+    state.update({f"critic.{k}": v for k, v in trainer.dmd.critic.state_dict().items()})
+    for prefix, optimizer in (("gopt", trainer.optimizer), ("copt", trainer.dmd.critic_optimizer)):
+        for pid, slots in optimizer.state_dict()["state"].items():
+            state.update({f"{prefix}.{pid}.{k}": v for k, v in slots.items()})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_dmd_resume_is_bitwise(recipe: Any, root: Path, stop_at: int = 3) -> Trainer:
+    """Run ``recipe`` straight, and again stopped at ``stop_at`` then resumed: every DMD state tensor must
+    be bitwise equal. Returns the straight run (its files are under ``root / "a"``)."""
+    straight = Trainer(recipe, root / "a", progress=False)
+    straight.run()
+    first = Trainer(recipe, root / "b", progress=False)
+    first.run(max_steps=stop_at)
+    del first
+    resumed = Trainer(recipe, root / "b", resume=True, progress=False)
+    assert resumed.step == stop_at
+    resumed.run()
+    a, b = dmd_state(straight), dmd_state(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    return straight

@@ -15,10 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, random_dit, recipe_dict, trained_model_file
+from helpers import (
+    CAMERA,
+    TINY_OVERRIDES,
+    assert_dmd_resume_is_bitwise,
+    random_dit,
+    recipe_dict,
+    trained_model_file,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_train_stages import _dmd_state
 
 from mag.cache import DownsamplePolicy, FullPolicy, MagPolicy
 from mag.errors import CheckpointError, ConfigError
@@ -200,18 +206,7 @@ def test_mag_kill_and_resume_is_bitwise_and_records_the_memory_model(teacher, me
     copy.write_bytes(memory.read_bytes())
     recipe = _mag(teacher, copy, steps=4, loop={"ckpt_every": 1},
                   dmd={"history_lambda": 0.5, "history_mode": "probability"})
-    straight = Trainer(recipe, tmp_path / "a", progress=False)
-    straight.run()
-    first = Trainer(recipe, tmp_path / "b", progress=False)
-    first.run(max_steps=3)  # stop between two generator updates
-    del first
-    resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False)
-    assert resumed.step == 3
-    resumed.run()
-    a, b = _dmd_state(straight), _dmd_state(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    straight = assert_dmd_resume_is_bitwise(recipe, tmp_path, stop_at=3)  # between generator updates
     saved = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
     record = saved.metadata[MEMORY_MODEL_METADATA]
     assert record["source"] == str(copy) and record["stage"] == "memory" and record["name"] == "memory"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, recipe_dict, trained_model_file
+from helpers import CAMERA, TINY_OVERRIDES, assert_dmd_resume_is_bitwise, recipe_dict, trained_model_file
 
 from mag.cache import FullPolicy
 from mag.config import SchedulerConfig
@@ -258,30 +258,9 @@ def test_dmd_updates_the_critic_every_step_and_the_generator_every_nth(teacher, 
     assert any(not torch.equal(v, trainer.dmd.critic.state_dict()[k]) for k, v in teacher_before.items())
 
 
-def _dmd_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    state = {f"gen.{k}": v for k, v in trainer.model.state_dict().items()}
-    state.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
-    state.update({f"critic.{k}": v for k, v in trainer.dmd.critic.state_dict().items()})
-    for prefix, optimizer in (("gopt", trainer.optimizer), ("copt", trainer.dmd.critic_optimizer)):
-        for pid, slots in optimizer.state_dict()["state"].items():
-            state.update({f"{prefix}.{pid}.{k}": v for k, v in slots.items()})
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 def test_dmd_kill_and_resume_is_bitwise_identical(teacher, tmp_path):
     recipe = _dmd(teacher, steps=4, loop={"ckpt_every": 1})
-    straight = Trainer(recipe, tmp_path / "a", progress=False)
-    straight.run()
-    first = Trainer(recipe, tmp_path / "b", progress=False)
-    first.run(max_steps=3)  # stop between two generator updates
-    del first
-    resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False)
-    assert resumed.step == 3
-    resumed.run()
-    a, b = _dmd_state(straight), _dmd_state(resumed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_dmd_resume_is_bitwise(recipe, tmp_path, stop_at=3)  # stops between two generator updates
     saved = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
     assert any(k.startswith("critic.model.") for k in saved.extra) and "critic_optimizer" in saved.metadata
 
