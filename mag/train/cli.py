@@ -140,20 +140,28 @@ def _plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
-    for source in args.metrics:
-        records = read_metrics(source)
+    runs = [(source, read_metrics(source)) for source in args.metrics]
+    # DMD runs log the critic's loss as `loss` and the generator's separately; flow-matching runs log the
+    # loss by view category. The right panel shows whichever the runs have.
+    dmd = any("generator_loss" in r for _, records in runs for r in records)
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(11, 4))
+    for source, records in runs:
         steps = [r["step"] for r in records]
         label = Path(source).parent.name if Path(source).is_file() else Path(source).name
-        ax_loss.plot(steps, _smooth([r["loss"] for r in records], args.smooth), label=f"{label} loss")
-        for key, style in (("loss_new", ":"), ("loss_recent", "--"), ("loss_recall", "-")):
+        main = "critic loss" if dmd else "loss"
+        ax_loss.plot(steps, _smooth([r["loss"] for r in records], args.smooth), label=f"{label} {main}")
+        keys = (("generator_loss", "-"),) if dmd else (("loss_new", ":"), ("loss_recent", "--"),
+                                                        ("loss_recall", "-"))
+        for key, style in keys:
             if any(key in r for r in records):
                 vals = [r.get(key, math.nan) for r in records]
-                ax_recall.plot(steps, _smooth(vals, args.smooth), style, label=f"{label} {key[5:]}")
-    ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
-    ax_recall.set(xlabel="step", ylabel="loss", yscale="log",
-                  title="loss by view category (recall = seen long ago)")
-    for ax in (ax_loss, ax_recall):
+                name = "generator" if dmd else key[5:]
+                ax_right.plot(steps, _smooth(vals, args.smooth), style, label=f"{label} {name}")
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log",
+                title="critic (fake-score) loss" if dmd else "training loss")
+    ax_right.set(xlabel="step", ylabel="loss", yscale="log",
+                 title="DMD generator loss" if dmd else "loss by view category (recall = seen long ago)")
+    for ax in (ax_loss, ax_right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
