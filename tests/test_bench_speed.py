@@ -149,3 +149,13 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch
     assert "simulated" in data["compile"]["error"]
     assert data["policies"]["full"]["fps"] > 0
     assert "torch.compile failed" in capsys.readouterr().err
+
+
+def test_rope_table_can_grow_for_long_random_streams_only(tmp_path):
+    """Long streams of a random-weight model need a longer position table; a trained model keeps its own."""
+    from mag.bench.speed import speed_preset
+
+    assert speed_preset("tiny", rope_max_positions=12_000).dit.rope_max_positions == 12_000
+    code = main(["bench", "speed", "--preset", "tiny", "--model", "tiny-causal-long", "--policies", "window",
+                 "--frames", "6", "--rope-max-positions", "12000", "--json", str(tmp_path / "s.json")])
+    assert code == 2 and not (tmp_path / "s.json").exists()

@@ -123,7 +123,7 @@ class SpeedConfig:
 
 
 def speed_preset(name: str, *, steps: int | None = None, height: int | None = None,
-                 width: int | None = None) -> Preset:
+                 width: int | None = None, rope_max_positions: int | None = None) -> Preset:
     """Preset ``name`` with an optional few-step count and video size.
 
     ``steps=k`` spaces the few-step list evenly from 1000 down (k=4 gives Self-Forcing's 1000, 750, 500, 250),
@@ -139,6 +139,8 @@ def speed_preset(name: str, *, steps: int | None = None, height: int | None = No
         overrides["video.height"] = height
     if width is not None:
         overrides["video.width"] = width
+    if rope_max_positions is not None:
+        overrides["dit.rope_max_positions"] = rope_max_positions
     return get_preset(name, **overrides)
 
 
@@ -250,7 +252,7 @@ def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype,
 def build_models(preset_name: str | None, *, model: str | None, memory_model: str | None,
                  policies: tuple[str, ...], device: str, dtype: torch.dtype, seed: int,
                  steps: int | None = None, height: int | None = None,
-                 width: int | None = None) -> SpeedModels:
+                 width: int | None = None, rope_max_positions: int | None = None) -> SpeedModels:
     """Load ``--model`` / ``--memory-model`` or build random models of ``preset_name``.
 
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
@@ -261,10 +263,14 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
 
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
     if model is None:
-        preset = speed_preset(preset_name or "tiny", steps=steps, height=height, width=width)
+        preset = speed_preset(preset_name or "tiny", steps=steps, height=height, width=width,
+                              rope_max_positions=rope_max_positions)
         _check_device(preset, device)
         generator = random_model(preset, device, dtype, seed)
     else:
+        if rope_max_positions is not None:
+            raise ConfigError("--rope-max-positions sizes the position table of random-weight models only;"
+                              " a trained model keeps the table it was trained with")
         generator, preset, meta = load_generator(model, device=device)
         if preset_name is not None and preset_name != preset.name:
             raise ConfigError(f"--preset {preset_name} does not match the model's preset {preset.name!r};"
@@ -623,6 +629,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              " float32 on cpu)")
     parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the preset's)")
     parser.add_argument("--height", type=int, default=None, help="video height override (pixels)")
+    parser.add_argument("--rope-max-positions", type=int, default=None,
+                        help="position-table length of a random-weight model, for streams longer than the"
+                             " preset's (e.g. 10,000 frames of the tiny preset)")
     parser.add_argument("--width", type=int, default=None, help="video width override (pixels)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the cache-free parts of each block (falls back to eager on"
@@ -690,7 +699,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
                           " --device cpu")
     models = build_models(args.preset, model=args.model, memory_model=args.memory_model, policies=policies,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
-                          height=args.height, width=args.width)
+                          height=args.height, width=args.width, rope_max_positions=args.rope_max_positions)
     metadata = {
         "benchmark": "speed",
         "command": shlex.join(["mag", *sys.argv[1:]]),
