@@ -253,6 +253,8 @@ class Trainer:
         category_mean = torch.zeros(loop.grad_accum, len(CATEGORY_NAMES), device=self.device)
         category_count = torch.zeros_like(category_mean)
         for micro in range(loop.grad_accum):
+            # FSDP2: reduce-scatter gradients once, after the last micro-batch, not after every one.
+            self._gradient_sync(micro == loop.grad_accum - 1)
             out, categories = self.stage.loss(self.model, self.step, micro, self.sample_indices)
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
@@ -266,6 +268,12 @@ class Trainer:
         self.step += 1
         return {"loss": total, "grad_norm": grad_norm, "category_mean": category_mean,
                 "category_count": category_count}
+
+    def _gradient_sync(self, enabled: bool) -> None:
+        """Turn FSDP2's per-backward gradient reduction on or off (a no-op for an unsharded model)."""
+        set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if set_sync is not None:
+            set_sync(enabled)
 
     def _log_record(self, stats: dict[str, Tensor]) -> dict[str, Any]:
         """Host numbers of one step, reduced over ranks: losses averaged over the global batch, gradient
