@@ -105,29 +105,26 @@ class LoadedModels:
 
     def records(self, config: DemoConfig) -> dict[str, Any]:
         """What a result file says about the models (source, stage, recipe, steps, commit)."""
-        from mag.bench.cli import _model_record
+        from mag.bench.common import model_record
 
-        out = {"generator": _model_record(config.model, self.meta)}
+        out = {"generator": model_record(config.model, self.meta)}
         if self.memory_meta is not None:
-            out["memory_model"] = _model_record(config.memory_model, self.memory_meta)
+            out["memory_model"] = model_record(config.memory_model, self.memory_meta)
         return out
 
     def clip_frames(self) -> int | None:
         """The generator's training clip length (``recipe.data.clip_frames``), or None."""
-        frames = _recipe_data(self.meta).get("clip_frames")
+        from mag.bench.common import recipe_data
+
+        frames = recipe_data(self.meta).get("clip_frames")
         return frames if isinstance(frames, int) and frames > 0 else None
 
     def training_world(self) -> dict[str, Any] | None:
         """The generator's training world overrides (``recipe.data.world``), or None."""
-        data = _recipe_data(self.meta)
-        world = data.get("world")
+        from mag.bench.common import recipe_data
+
+        world = recipe_data(self.meta).get("world")
         return world if isinstance(world, dict) and world else None
-
-
-def _recipe_data(meta: dict[str, Any]) -> dict[str, Any]:
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    data = recipe.get("data", {})
-    return data if isinstance(data, dict) else {}
 
 
 def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True) -> LoadedModels:
@@ -136,16 +133,14 @@ def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = 
     Raises:
         CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another preset.
     """
-    from mag.bench.cli import DEFAULT_TEXT_MODE, _load_memory
+    from mag.bench.common import load_memory_for, text_cache
     from mag.pipelines import load_generator
-    from mag.train.stages import prompt_cache
 
     model, preset, meta = load_generator(config.model, device=device)
-    text = prompt_cache(preset.text_encoder, _recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
-    loaded = LoadedModels(model, preset, meta, text)
+    loaded = LoadedModels(model, preset, meta, text_cache(preset, meta))
     if with_memory:
-        loaded.memory, loaded.memory_meta, loaded.empty_context = _load_memory(config.memory_model, preset,
-                                                                               device)
+        loaded.memory, loaded.memory_meta, loaded.empty_context = load_memory_for(config.memory_model, preset,
+                                                                                  device)
     return loaded
 
 

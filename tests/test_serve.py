@@ -27,7 +27,7 @@ import torch
 from helpers import CAMERA, TINY_OVERRIDES, random_dit
 from PIL import Image
 
-from mag.bench.cli import DEFAULT_TEXT_MODE
+from mag.bench.common import DEFAULT_TEXT_MODE
 from mag.cli import main
 from mag.config import get_preset
 from mag.demo import DEFAULTS, LoadedModels, load_models, sampler_config

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import shlex
 import sys
 import time
@@ -13,8 +12,6 @@ from typing import Any
 
 from mag.errors import ConfigError
 
-# Default text-encoder mode when a checkpoint does not say (the tiny recipes use pooled MiniLM).
-DEFAULT_TEXT_MODE = "pooled"
 # Seed of the untrained model used when no --model is given (a floor, not a result).
 RANDOM_MODEL_SEED = 0
 
@@ -113,35 +110,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return model, preset, metadata
 
 
-def _load_memory(path: str, preset: Any, device: str) -> tuple[Any, dict[str, Any], Any]:
-    """``(memory model, its metadata, [1, L, text_dim] empty-prompt embeddings)`` for the generator's
-    ``preset``; a generator file or a memory model of another preset is a clear error."""
-    from mag.bench.consistency import check_memory_model
-    from mag.memory import load_memory_model
-
-    memory, memory_preset, meta = load_memory_model(path, device=device)
-    check_memory_model(preset, memory_preset)
-    return memory, meta, _empty_context(memory_preset, meta)
-
-
-def _model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
-    """What a result file says about a model: its source, stage, recipe, training steps and commit."""
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    return {"path": path, "name": meta.get("name"), "stage": meta.get("stage"), "recipe": recipe.get("name"),
-            "train_steps": meta.get("train_steps"), "commit": meta.get("commit"), "note": meta.get("note")}
-
-
-def _machine(device: str) -> dict[str, Any]:
-    import torch
-
-    return {"node": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "threads": torch.get_num_threads()}
-
-
 def _consistency(args: argparse.Namespace) -> int:
     import torch
 
+    from mag.bench.common import load_memory_for, machine_info, model_record, recipe_data, text_cache
     from mag.bench.consistency import (
         ConsistencyConfig,
         bench_world,
@@ -153,7 +125,6 @@ def _consistency(args: argparse.Namespace) -> int:
     )
     from mag.pipelines import SamplerConfig
     from mag.train.checkpoint import git_commit
-    from mag.train.trainer import prompt_cache
     from mag.world import NUM_TEST_EPISODES
 
     started = time.time()
@@ -174,11 +145,10 @@ def _consistency(args: argparse.Namespace) -> int:
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None
     if args.memory_model is not None:
-        memory_model, memory_meta, empty_context = _load_memory(args.memory_model, preset, args.device)
+        memory_model, memory_meta, empty_context = load_memory_for(args.memory_model, preset, args.device)
     build_policies(policies, preset, memory_model=memory_model,  # fail before any episode is built
                    empty_context=empty_context)
-    recipe = model_meta.get("recipe") if isinstance(model_meta.get("recipe"), dict) else {}
-    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+    data = recipe_data(model_meta)
 
     world_info: dict[str, Any]
     if args.videos is not None:
@@ -193,16 +163,16 @@ def _consistency(args: argparse.Namespace) -> int:
                                   frames_after=args.frames_after)
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
-    text = prompt_cache(preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE))
+    text = text_cache(preset, model_meta)
     result = run_consistency(model, preset, episodes, text.get, config, progress=not args.no_progress,
                              memory_model=memory_model, empty_context=empty_context)
     metadata = {
         "command": shlex.join(["mag", *sys.argv[1:]]),
         "commit": git_commit(),
-        "machine": _machine(args.device),
+        "machine": machine_info(args.device),
         "preset": preset.to_dict(),
-        "model": _model_record(args.model, model_meta),
-        "memory_model": None if memory_meta is None else _model_record(args.memory_model, memory_meta),
+        "model": model_record(args.model, model_meta),
+        "memory_model": None if memory_meta is None else model_record(args.memory_model, memory_meta),
         "world": world_info,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
@@ -247,18 +217,10 @@ def _register_memory(commands: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_memory)
 
 
-def _empty_context(preset: Any, meta: dict[str, Any]) -> Any:
-    """``[1, L, text_dim]`` embeddings of the empty prompt in the text mode the model was trained with."""
-    from mag.train.trainer import prompt_cache
-
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
-    return prompt_cache(preset.text_encoder, data.get("text_mode", DEFAULT_TEXT_MODE)).get([""])
-
-
 def _memory(args: argparse.Namespace) -> int:
     import torch
 
+    from mag.bench.common import empty_context, machine_info, model_record, recipe_data
     from mag.bench.consistency import bench_world, check_memory_model, world_episodes
     from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon, write_results
     from mag.memory import load_memory_model
@@ -272,17 +234,16 @@ def _memory(args: argparse.Namespace) -> int:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
     memory, preset, memory_meta = load_memory_model(args.memory_model, device=args.device)
     models = {"memory": memory}
-    contexts = {"memory": _empty_context(preset, memory_meta)}
-    records = {"memory": _model_record(args.memory_model, memory_meta)}
+    contexts = {"memory": empty_context(preset, memory_meta)}
+    records = {"memory": model_record(args.memory_model, memory_meta)}
     if args.baseline_model is not None:
         baseline, baseline_preset, baseline_meta = load_model(args.baseline_model, device=args.device,
                                                               expect_stage=GENERATOR_STAGES)
         check_memory_model(baseline_preset, preset)
         models["baseline"] = baseline
-        contexts["baseline"] = _empty_context(baseline_preset, baseline_meta)
-        records["baseline"] = _model_record(args.baseline_model, baseline_meta)
-    recipe = memory_meta.get("recipe") if isinstance(memory_meta.get("recipe"), dict) else {}
-    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
+        contexts["baseline"] = empty_context(baseline_preset, baseline_meta)
+        records["baseline"] = model_record(args.baseline_model, baseline_meta)
+    data = recipe_data(memory_meta)
     world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None)
     episodes = world_episodes(world, split=args.split, count=args.episodes, seed_base=args.seed_base)
     requested = args.clip_frames if args.clip_frames is not None else data.get("clip_frames")
@@ -296,7 +257,7 @@ def _memory(args: argparse.Namespace) -> int:
     metadata = {
         "command": shlex.join(["mag", *sys.argv[1:]]),
         "commit": git_commit(),
-        "machine": _machine(args.device),
+        "machine": machine_info(args.device),
         "preset": preset.to_dict(),
         "models": records,
         "world": {"source": source, "split": args.split, "seed_base": args.seed_base,

@@ -85,7 +85,6 @@ REAL_VS_REAL = "real vs real"
 REAL_ROW = "real"
 BIDIRECTIONAL_STAGES: tuple[str, ...] = ("teacher",)
 STREAMING_STAGES: tuple[str, ...] = ("causal", "dmd", "mag-generator")
-DEFAULT_TEXT_MODE = "pooled"
 # samples.png: the first clips, each as a row of real frames then one row per model, upscaled.
 SAMPLE_CLIPS = 3
 SAMPLE_SCALE = 4
@@ -297,11 +296,6 @@ def _overrides(items: Sequence[str]) -> dict[str, SamplerConfig]:
     return out
 
 
-def _recipe_data(meta: dict[str, Any]) -> dict[str, Any]:
-    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    return recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
-
-
 # ---------------------------------------------------------------------------------------------
 # Report files
 
@@ -385,11 +379,10 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_quality_cli(args: argparse.Namespace) -> int:
     """``mag bench quality``: load and check every model first, then sample and score each."""
-    from mag.bench.cli import _machine, _model_record
+    from mag.bench.common import machine_info, model_record, recipe_data, text_cache
     from mag.registry import GENERATOR_STAGES, load_model, model_stage
     from mag.train.checkpoint import git_commit
     from mag.train.data import preset_world
-    from mag.train.trainer import prompt_cache
 
     started = time.time()
     if args.threads:
@@ -416,7 +409,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         if any(run.name == name for run, *_ in loaded):
             raise ConfigError(f"model {name!r} is listed twice in --models; list each model once")
         scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
-        record = {**_model_record(spec, meta), "training_world": _recipe_data(meta).get("world"),
+        record = {**model_record(spec, meta), "training_world": recipe_data(meta).get("world"),
                   "few_step_levels": scheduler.few_step_timesteps().tolist()}
         sampler = sampler_for_stage(stage, overrides.get(spec), teacher, streaming)
         if stage in BIDIRECTIONAL_STAGES:
@@ -433,7 +426,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     block = first_preset.cache.frames_per_block
     if args.frames < block or args.frames % block:
         raise ConfigError(f"--frames {args.frames} must be a positive multiple of the block size ({block})")
-    training_world = _recipe_data(first_meta).get("world") or None
+    training_world = recipe_data(first_meta).get("world") or None
     world = preset_world(first_preset, None if args.world else training_world, args.world or "default")
     source = f"--world {args.world}" if args.world else f"{loaded[0][0].name} recipe.data.world"
     real = real_clips(world, args.split, 0, args.clips, args.frames)
@@ -442,9 +435,9 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     references = {REAL_VS_REAL: score_set(other.frames, real.frames, real_features)}
     samples: dict[str, np.ndarray] = {}
     for run, model, preset, meta in loaded:
-        text = prompt_cache(preset.text_encoder, _recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
+        text = text_cache(preset, meta)
         run.record["world_matches_training"] = (args.world is None and
-                                                _recipe_data(meta).get("world") == training_world)
+                                                recipe_data(meta).get("world") == training_world)
         began = time.time()
         samples[run.name] = sample_model(model, preset, run.stage, run.sampler, real, text.get,
                                          seed=args.seed, batch_size=args.batch_size,
@@ -468,7 +461,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         "references": references,
         "metadata": {
             "command": shlex.join(["mag", *sys.argv[1:]]), "commit": git_commit(),
-            "machine": _machine(args.device), "preset": first_preset.to_dict(), "seed": args.seed,
+            "machine": machine_info(args.device), "preset": first_preset.to_dict(), "seed": args.seed,
             "batch_size": args.batch_size,
             "world": {"source": source, "config": dataclasses.asdict(world)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -659,27 +658,9 @@ def _json_path(value: str) -> Path:
     return path
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, GPU name (cuda), Python and torch versions of this run."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"node": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                            "python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads()}
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def run_speed_cli(args: argparse.Namespace) -> int:
     """``mag bench speed``: validate everything cheap first, then build models and stream."""
+    from mag.bench.common import machine_info
     from mag.train.checkpoint import git_commit
 
     started = time.time()
