@@ -58,7 +58,7 @@ from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import CacheConfig, Preset
 from mag.errors import ConfigError, InputError
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, SamplerConfig, StreamingGenerator, policy_from_name
+from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, check_policy_name, policy_from_name
 from mag.schedulers import FlowMatchScheduler
 from mag.train.data import preset_world
 from mag.world import WorldConfig, camera_track, last_seen, make_episode
@@ -505,16 +505,9 @@ def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT
                    empty_context: Tensor | None = None) -> dict[str, CachePolicy]:
     """Cache policies by name; ``mag`` / ``bounded`` get ``memory_model`` run with ``empty_context``
     (``[1, L, text_dim]``, the empty prompt), which must then be given."""
-    policies = {}
-    for name in names:
-        if name in MEMORY_MODEL_POLICIES and memory_model is None:
-            raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model"
-                              " PATH|NAME (a stage 'memory' model file, e.g. from"
-                              " `mag export --stage memory`) or drop it from --policies (full, window,"
-                              " downsample need none)")
-        policies[name] = policy_from_name(name, preset, memory_model=memory_model,
-                                          empty_context=empty_context)
-    return policies
+    return {check_policy_name(name, has_memory_model=memory_model is not None):
+            policy_from_name(name, preset, memory_model=memory_model, empty_context=empty_context)
+            for name in names}
 
 
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],

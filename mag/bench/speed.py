@@ -47,6 +47,7 @@ from mag.pipelines.streaming import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
     StreamingGenerator,
+    check_policy_name,
     policy_from_name,
 )
 from mag.schedulers import FlowMatchScheduler
@@ -102,10 +103,8 @@ class SpeedConfig:
     def validate(self) -> SpeedConfig:
         if not self.policies:
             raise ConfigError(f"--policies is empty; give some of {', '.join(AVAILABLE_POLICIES)}")
-        unknown = [p for p in self.policies if p not in AVAILABLE_POLICIES]
-        if unknown:
-            raise ConfigError(f"unknown cache policy {unknown[0]!r} in --policies; available policies:"
-                              f" {', '.join(AVAILABLE_POLICIES)}")
+        for name in self.policies:
+            check_policy_name(name)
         if len(set(self.policies)) != len(self.policies):
             raise ConfigError(f"--policies names a policy twice: {','.join(self.policies)}")
         if self.frames < 1:

@@ -100,8 +100,9 @@ def check_policy_name(name: str, *, has_memory_model: bool = True) -> str:
         raise ConfigError(f"unknown cache policy {name!r}; available policies:"
                           f" {', '.join(AVAILABLE_POLICIES)}")
     if name in MEMORY_MODEL_POLICIES and not has_memory_model:
-        raise ConfigError(f"policy {name!r} needs a memory model: pass --memory-model NAME|PATH (e.g."
-                          f" tiny-memory), or use one of {', '.join(GENERATOR_ONLY_POLICIES)}")
+        raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model NAME|PATH"
+                          f" (a stage 'memory' model, e.g. tiny-memory), or use one of"
+                          f" {', '.join(GENERATOR_ONLY_POLICIES)}")
     return name
 
 
