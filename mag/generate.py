@@ -176,15 +176,14 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     import torch
     from tqdm.auto import tqdm
 
+    from mag.bench.common import synchronize
     from mag.codecs import get_codec_for, tensor_to_frames
-    from mag.pipelines import StreamingGenerator, policy_from_name
+    from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
     from mag.schedulers import FlowMatchScheduler
     from mag.world import camera_track
 
     preset, model = loaded.preset, loaded.model
-    if policy_name in ("mag", "bounded") and loaded.memory is None:
-        raise ConfigError(f"policy {policy_name!r} needs a memory model: pass --memory-model NAME|PATH (e.g."
-                          " tiny-memory), or use --policy full, window or downsample")
+    check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
     policy = policy_from_name(policy_name, preset, memory_model=loaded.memory,
                               empty_context=loaded.empty_context)
     block = preset.cache.frames_per_block
@@ -203,7 +202,7 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     noise = torch.Generator(device=device).manual_seed(seed)
     decoded = []
     gen.reset(1, padded)
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for start in tqdm(range(0, padded, block), desc=f"generate ({policy_name})", unit="block",
                       disable=not progress):
@@ -211,19 +210,12 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
             (gen.set_prompt if start == 0 else gen.recache)(contexts[start])
         latents = gen.generate_block(noise, None if offsets is None else offsets[:, start:start + block])
         decoded.append(codec.decode(latents))
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     frames = tensor_to_frames(torch.cat(decoded, 1)[0])[:count]
     kv = sum(c.nbytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     capacity = sum(c.capacity_bytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     return GenerateResult(frames, seconds, kv, capacity, switches)
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:

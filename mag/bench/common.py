@@ -15,7 +15,7 @@ from mag.config import Preset
 from mag.text import PromptEmbeddingCache
 
 __all__ = ["DEFAULT_TEXT_MODE", "empty_context", "load_memory_for", "machine_info", "model_record",
-           "recipe_data", "text_cache"]
+           "recipe_data", "synchronize", "text_cache"]
 
 # Text-encoder mode when a model file does not say (the tiny recipes use pooled MiniLM).
 DEFAULT_TEXT_MODE = "pooled"
@@ -56,6 +56,12 @@ def load_memory_for(path: str, preset: Preset, device: str) -> tuple[Any, dict[s
     memory, memory_preset, meta = load_memory_model(path, device=device)
     check_memory_model(preset, memory_preset)
     return memory, meta, empty_context(memory_preset, meta)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work before reading a wall clock (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mag.bench.common import synchronize
 from mag.cache import KV_TENSORS, CachePolicy, KVCache
 from mag.config import Preset, get_preset
 from mag.errors import ConfigError, InputError
@@ -346,11 +347,6 @@ def compile_model(model: WanDiT) -> CompiledModules:
 # Streaming
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _PeakMemory:
     """Peak memory of a region: CUDA max allocated, or the CPU resident-set high-water-mark growth."""
 
@@ -417,7 +413,7 @@ def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: in
     # A camera-anchored model is told where the camera looks: a steady pan of one patch per frame.
     pan = (torch.arange(num_blocks * block, dtype=torch.float32, device=device)[None] * PAN_PATCHES_PER_FRAME
            if gen.model.cfg.camera_rope else None)
-    _sync(device)
+    synchronize(device)
     seconds: list[float] = []
     video_frames = 0
     for index in range(num_blocks):
@@ -426,7 +422,7 @@ def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: in
         latents = gen.generate_block(generator, offsets)
         if decoder is not None:
             video_frames += decoder.decode(latents).shape[1]
-        _sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     if decoder is None:
         video_frames = video_frames_for(gen.preset, num_blocks * block)
