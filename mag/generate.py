@@ -179,7 +179,6 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     from mag.bench.common import synchronize
     from mag.codecs import get_codec_for, tensor_to_frames
     from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
-    from mag.schedulers import FlowMatchScheduler
     from mag.world import camera_track
 
     preset, model = loaded.preset, loaded.model
@@ -190,8 +189,7 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     count = int(velocities.shape[0])
     padded = block * math.ceil(count / block)
     moves = np.concatenate([velocities, np.repeat(velocities[-1:], padded - count)])
-    gen = StreamingGenerator(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset,
-                             policy, sampler=sampler)
+    gen = StreamingGenerator.for_preset(model, preset, policy, sampler=sampler)
     device = gen.device
     offsets = None
     if preset.dit.camera_rope:

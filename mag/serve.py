@@ -132,7 +132,6 @@ class LiveStream:
 
         from mag.codecs import get_codec_for
         from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
-        from mag.schedulers import FlowMatchScheduler
 
         preset = loaded.preset
         check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
@@ -149,9 +148,7 @@ class LiveStream:
         self.camera_rope = preset.dit.camera_rope
         policy = policy_from_name(policy_name, preset, memory_model=loaded.memory,
                                   empty_context=loaded.empty_context)
-        self.generator = StreamingGenerator(loaded.model, FlowMatchScheduler(preset.scheduler,
-                                                                             preset.dit.prediction),
-                                            preset, policy, sampler=sampler)
+        self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy, sampler=sampler)
         self.codec = get_codec_for(preset.video)
         self.noise = torch.Generator(device=self.generator.device).manual_seed(seed)
         self._cond = threading.Condition()

@@ -17,7 +17,6 @@ import torch
 from mag.memory import load_memory_model
 from mag.pipelines import StreamingGenerator, policy_from_name
 from mag.pipelines.streaming import load_generator
-from mag.schedulers import FlowMatchScheduler
 from mag.train.stages import prompt_cache
 
 PROMPT = "a camera panning slowly across a quiet desert at dusk with dunes, rocks and cacti"
@@ -41,8 +40,7 @@ def main() -> None:
     block = preset.cache.frames_per_block
     for name in args.policies.split(","):
         policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)
-        gen = StreamingGenerator(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset,
-                                 policy)
+        gen = StreamingGenerator.for_preset(model, preset, policy)
 
         def stream(gen: StreamingGenerator = gen) -> None:
             gen.reset(1, args.blocks * block)

@@ -51,7 +51,6 @@ from mag.pipelines.streaming import (
     check_policy_name,
     policy_from_name,
 )
-from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["DTYPES", "KV_HORIZONS", "SpeedConfig", "SpeedModels", "add_speed_arguments", "build_models",
            "kv_bytes_curve", "retained_frames", "run_speed", "run_speed_cli", "speed_preset", "stream_blocks",
@@ -441,7 +440,7 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
     """Warm up, then stream ``config.frames`` video frames under policy ``name``; the policy's report."""
     preset = models.preset
     policy = policy_from_name(name, preset, memory_model=models.memory_model, empty_context=empty_context)
-    gen = StreamingGenerator(models.generator, FlowMatchScheduler(preset.scheduler), preset, policy)
+    gen = StreamingGenerator.for_preset(models.generator, preset, policy)
     blocks = latent_frames_for(preset, config.frames) // preset.cache.frames_per_block
     noise = torch.Generator(device=device).manual_seed(config.seed)
     if config.warmup_blocks:

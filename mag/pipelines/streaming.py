@@ -198,6 +198,13 @@ class StreamingGenerator:
         block = gen.generate_block(generator)  # [B, F, C, H, W]
     """
 
+    @classmethod
+    def for_preset(cls, model: WanDiT, preset: Preset, policy: CachePolicy, *,
+                   sampler: SamplerConfig | None = None) -> StreamingGenerator:
+        """A stream with the preset's scheduler and the model's prediction target (x0 or velocity)."""
+        return cls(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset, policy,
+                   sampler=sampler)
+
     def __init__(self, model: WanDiT, scheduler: FlowMatchScheduler, preset: Preset, policy: CachePolicy,
                  *, sampler: SamplerConfig | None = None, writer: CacheWriter | None = None) -> None:
         self.model = model
