@@ -130,20 +130,24 @@ class CacheConfig:
 
     Attributes:
         frames_per_block: latent frames denoised together (bidirectional inside a block).
-        sink_frames: first frames of the stream that every windowed / compressed policy keeps.
+        sink_frames: first frames of the stream the ``window`` policy keeps forever (LongLive's sinks).
+        memory_sink_frames: first frames of the stream the compressed policies (``downsample``, ``mag``,
+            ``bounded``) keep uncompressed beside one frame per block.
         window_frames: most recent frames the ``window`` policy keeps besides the sinks.
         memory_slots: ring-buffer size (compressed frames) of the bounded ``mag`` variant.
     """
 
     frames_per_block: int = 3
     sink_frames: int = 3
+    memory_sink_frames: int = 3
     window_frames: int = 9
     memory_slots: int = 64
 
     def validate(self) -> None:
         _positive(self, "frames_per_block", "window_frames", "memory_slots")
-        if self.sink_frames < 0:
-            raise ConfigError(f"cache.sink_frames must be >= 0, got {self.sink_frames}")
+        for name in ("sink_frames", "memory_sink_frames"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"cache.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

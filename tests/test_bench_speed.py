@@ -70,13 +70,40 @@ def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report
     per_frame = rows["full"]["kv_bytes_per_frame"]
     full, mag = dict(rows["full"]["kv_bytes"]), dict(rows["mag"]["kv_bytes"])
     for horizon in speed.KV_HORIZONS:
-        assert full[horizon] / 3 <= mag[horizon] <= full[horizon] / 3 + cache.sink_frames * per_frame
+        assert full[horizon] / 3 <= mag[horizon] <= full[horizon] / 3 + cache.memory_sink_frames * per_frame
     assert dict(rows["downsample"]["kv_bytes"]) == mag
-    budget = (cache.sink_frames + cache.memory_slots) * per_frame
+    budget = (cache.memory_sink_frames + cache.memory_slots) * per_frame
     bounded = [b for _, b in rows["bounded"]["kv_bytes"]]
     assert max(bounded) <= budget and bounded[-1] == budget
     window = {b for h, b in rows["window"]["kv_bytes"] if h in speed.KV_HORIZONS}
     assert window == {(cache.sink_frames + cache.window_frames) * per_frame}
+
+
+def test_rounds_interleave_policies_and_report_medians(tmp_path, capsys):
+    out = tmp_path / "rounds.json"
+    assert run_cli("--preset", "tiny", "--policies", "window,full", "--frames", "6", "--warmup-blocks", "0",
+                   "--rounds", "3", "--json", str(out)) == 0
+    rows = json.loads(out.read_text())["policies"]
+    for row in rows.values():
+        assert len(row["fps_rounds"]) == 3 and row["fps"] == sorted(row["fps_rounds"])[1]
+        assert len(row["latency_ms_blocks"]) == row["blocks"] == 2
+    assert rows["window"]["fps_over_window"] == 1.0
+    assert "x1.000 window fps" in capsys.readouterr().out
+
+
+def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
+    def row(fps: float, blocks: list[float]) -> dict:
+        return {"fps": fps, "seconds": 1 / fps, "latency_ms_blocks": blocks, "peak_memory_bytes": int(fps)}
+
+    merged = speed.merge_rounds({
+        "window": [row(10.0, [1.0, 2.0]), row(20.0, [3.0, 4.0]), row(40.0, [5.0, 9.0])],
+        "mag": [row(9.0, [2.0, 2.0]), row(19.0, [1.0, 1.0]), row(20.0, [7.0, 3.0])],
+    })
+    # Per-round ratios 0.9, 0.95, 0.5: the median pairs each round with its own window run.
+    assert merged["mag"]["fps_over_window"] == pytest.approx(0.9)
+    assert merged["mag"]["fps"] == 19.0 and merged["mag"]["latency_ms_blocks"] == [2.0, 2.0]
+    assert merged["window"]["latency_ms_first"] == 3.0 and merged["window"]["latency_ms_last"] == 4.0
+    assert merged["mag"]["peak_memory_bytes"] == 20
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -84,6 +111,7 @@ def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report
     (["--policies", ","], "--policies is empty"),
     (["--frames", "0"], "--frames must be a positive"),
     (["--warmup-blocks", "-1"], "--warmup-blocks must be >= 0"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--preset", "wan-1.3b"], "benchmarked on a GPU only"),
     (["--steps", "0"], "--steps must be >= 1"),
 ])
@@ -118,9 +146,10 @@ def test_wan_geometry_and_kv_accounting_without_allocating():
     assert per_frame == preset_info(preset)["kv_bytes_per_frame_bf16"]
     curve = speed.kv_bytes_curve(FullPolicy(), preset, KV_DTYPE, [237, 10000])
     assert curve == [[237, 60 * per_frame], [10000, speed.latent_frames_for(preset, 10000) * per_frame]]
-    bounded = speed.kv_bytes_curve(MagPolicy(preset.cache.sink_frames, preset.cache.memory_slots), preset,
+    cache = preset.cache
+    bounded = speed.kv_bytes_curve(MagPolicy(cache.memory_sink_frames, cache.memory_slots), preset,
                                    KV_DTYPE, list(speed.KV_HORIZONS))
-    assert bounded[-1][1] == (preset.cache.sink_frames + preset.cache.memory_slots) * per_frame
+    assert bounded[-1][1] == (cache.memory_sink_frames + cache.memory_slots) * per_frame
     model = speed.random_model(preset, "meta", torch.bfloat16, seed=0)
     assert model.patch_embedding.weight.is_meta and model.patch_embedding.weight.dtype == torch.bfloat16
     assert count_parameters(model) == preset_info(preset)["params"]

@@ -30,3 +30,6 @@ def test_dotted_overrides_and_bad_values():
         get_preset("tiny", **{"dit.nope": 1})
     with pytest.raises(ConfigError, match="positive"):
         get_preset("tiny", **{"cache.window_frames": 0})
+    for field in ("sink_frames", "memory_sink_frames"):
+        with pytest.raises(ConfigError, match=f"cache.{field} must be >= 0, got -1"):
+            get_preset("tiny", **{f"cache.{field}": -1})

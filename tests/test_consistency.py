@@ -294,11 +294,12 @@ def test_memory_model_errors_are_clear(tmp_path, checkpoint, memory_file, preset
 def test_memory_slots_make_bounded_forget_and_empty_prompt_changes_generation(tmp_path, checkpoint,
                                                                               memory_file):
     """--memory-slots 1: the bounded ring keeps one compressed frame, so it differs from unbounded mag;
-    --empty-prompt-after-switch: generation reads the empty prompt, so frames change (history does not)."""
+    --empty-prompt-after-switch: generation reads the empty prompt, so frames change (history does not);
+    --memory-sink-frames 0: the first block is compressed too, so mag changes and the run records it."""
     common = ("--model", str(checkpoint), "--memory-model", str(memory_file), "--episodes", "2",
               "--frames-after", "9", "--no-lpips")
     runs = {}
-    for name, extra in {"base": (), "slots": ("--memory-slots", "1"),
+    for name, extra in {"base": (), "slots": ("--memory-slots", "1"), "sinks": ("--memory-sink-frames", "0"),
                         "empty": ("--empty-prompt-after-switch",)}.items():
         assert _run(*common, "--policies", "mag,bounded", *extra, "--out", str(tmp_path / name)) == 0
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())["policies"]
@@ -307,4 +308,7 @@ def test_memory_slots_make_bounded_forget_and_empty_prompt_changes_generation(tm
     assert psnr["slots"]["mag"] == psnr["base"]["mag"]           # mag is unbounded whatever the slots
     assert psnr["slots"]["bounded"] != psnr["slots"]["mag"]      # one slot: older blocks are gone
     assert psnr["empty"]["mag"] != psnr["base"]["mag"]
+    assert psnr["sinks"]["mag"] != psnr["base"]["mag"]
+    metadata = json.loads((tmp_path / "sinks" / "summary.json").read_text())["metadata"]
+    assert metadata["preset"]["cache"]["memory_sink_frames"] == 0
     assert _run(*common, "--policies", "bounded", "--memory-slots", "0", "--out", str(tmp_path / "bad")) == 2

@@ -269,7 +269,7 @@ def _stream(gen: StreamingGenerator, text: torch.Tensor, num_blocks: int) -> tor
 @pytest.mark.parametrize(("sink_frames", "memory_slots"), [(0, None), (3, None), (1, None), (3, 2)],
                          ids=["mag", "mag-sinks", "mag-partial-sink", "bounded-ring"])
 def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(sink_frames, memory_slots):
-    preset = _preset(**{"cache.sink_frames": sink_frames, "cache.memory_slots": memory_slots or 64})
+    preset = _preset(**{"cache.memory_sink_frames": sink_frames, "cache.memory_slots": memory_slots or 64})
     num_blocks = 5
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
@@ -313,7 +313,7 @@ def _mag_frames(frames_done: int, sink_frames: int) -> int:
 
 @pytest.mark.parametrize("sink_frames", [0, 3])
 def test_mag_kv_bytes_are_a_third_of_full_at_every_horizon(sink_frames):
-    preset = _preset(**{"cache.sink_frames": sink_frames})
+    preset = _preset(**{"cache.memory_sink_frames": sink_frames})
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     text, empty = _text(preset, BATCH, seed=5), _text(preset, 1, seed=9)
@@ -347,7 +347,7 @@ def test_mag_kv_bytes_are_a_third_of_full_at_every_horizon(sink_frames):
 
 def test_bounded_kv_bytes_and_attended_frames_stop_growing():
     sinks, slots = 3, 4
-    preset = _preset(**{"cache.sink_frames": sinks, "cache.memory_slots": slots})
+    preset = _preset(**{"cache.memory_sink_frames": sinks, "cache.memory_slots": slots})
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     policy = policy_from_name("bounded", preset, memory_model=memory_model, empty_context=_text(preset, 1, 9))
@@ -386,6 +386,16 @@ def test_bounded_kv_bytes_and_attended_frames_stop_growing():
 # Policy names and writer guards
 
 
+def test_window_and_compressed_policies_take_their_own_sink_counts():
+    preset = _preset(**{"cache.sink_frames": 2, "cache.memory_sink_frames": 0})
+    memory_model, empty = _random_model(preset, seed=1), _text(preset, 1, 9)
+    assert policy_from_name("window", preset).sink_frames == 2
+    assert policy_from_name("downsample", preset).sink_frames == 0
+    for name in ("mag", "bounded"):
+        policy = policy_from_name(name, preset, memory_model=memory_model, empty_context=empty)
+        assert policy.sink_frames == 0
+
+
 def test_mag_and_bounded_by_name_need_a_memory_model():
     preset = _preset()
     for name in ("mag", "bounded"):
@@ -398,7 +408,7 @@ def test_mag_and_bounded_by_name_need_a_memory_model():
     mag = policy_from_name("mag", preset, memory_model=memory_model, empty_context=empty)
     bounded = policy_from_name("bounded", preset, memory_model=memory_model, empty_context=empty)
     assert isinstance(mag, MagPolicy) and isinstance(mag.writer, MemoryWriter)
-    assert (mag.name, mag.sink_frames, mag.memory_slots) == ("mag", preset.cache.sink_frames, None)
+    assert (mag.name, mag.sink_frames, mag.memory_slots) == ("mag", preset.cache.memory_sink_frames, None)
     assert (bounded.name, bounded.memory_slots) == ("bounded", preset.cache.memory_slots)
     assert mag.writer.model is memory_model
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)

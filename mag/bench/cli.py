@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--memory-slots", type=int, default=None,
                    help="compressed frames the bounded policy keeps (default: the preset's"
                         " cache.memory_slots)")
+    c.add_argument("--memory-sink-frames", type=int, default=None,
+                   help="first frames the downsample / mag / bounded policies keep uncompressed (default:"
+                        " the preset's cache.memory_sink_frames)")
     c.add_argument("--device", default="cpu", help="torch device")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -139,9 +142,12 @@ def _consistency(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips,
         empty_prompt_after_switch=args.empty_prompt_after_switch)
     model, preset, model_meta = _load(args)
-    if args.memory_slots is not None:
-        preset = dataclasses.replace(
-            preset, cache=dataclasses.replace(preset.cache, memory_slots=args.memory_slots)).validate()
+    cache_overrides = {name: value for name, value in (("memory_slots", args.memory_slots),
+                                                        ("memory_sink_frames", args.memory_sink_frames))
+                       if value is not None}
+    if cache_overrides:
+        cache = dataclasses.replace(preset.cache, **cache_overrides)
+        preset = dataclasses.replace(preset, cache=cache).validate()
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None
     if args.memory_model is not None:

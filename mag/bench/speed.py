@@ -7,6 +7,11 @@ What is measured, per cache policy (full, window, downsample, mag, bounded):
   the memory model's under ``mag`` / ``bounded``) + its streaming decode through the preset's codec
   (unless ``--no-decode``). On CUDA every block ends with a device synchronise, so the time is real.
 - ``latency_ms_p50`` / ``latency_ms_p95``: percentiles of those per-block wall times.
+- ``--rounds N``: every policy streams N times, the policies interleaved and their order rotated each round,
+  so slow phases of a shared machine (or a GPU's clocks) hit every policy alike. ``fps`` is then the
+  median over rounds (``fps_rounds`` lists them), latency percentiles pool every round's blocks,
+  ``latency_ms_blocks`` is the per-block median over rounds, and ``fps_over_window`` is the median of
+  the per-round ratios to the ``window`` policy's fps in the same round.
 - ``peak_memory_bytes``: CUDA: ``torch.cuda.max_memory_allocated`` during the measured stream (weights
   included). CPU: the growth of the process's resident-set high-water mark (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each policy) over the resident set at the start of the stream.
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -88,6 +94,7 @@ class SpeedConfig:
         decode: decode every block through the preset's codec inside the timed region.
         compile: ``torch.compile`` the cache-free parts of every transformer block
             (:func:`compile_model`).
+        rounds: measured streams per policy, interleaved across policies (see the module docstring).
         seed: noise seed.
         kv_horizons: video-frame horizons of the ``kv_bytes`` curve.
     """
@@ -97,6 +104,7 @@ class SpeedConfig:
     warmup_blocks: int = 1
     decode: bool = True
     compile: bool = False
+    rounds: int = 1
     seed: int = 0
     kv_horizons: tuple[int, ...] = KV_HORIZONS
 
@@ -111,6 +119,8 @@ class SpeedConfig:
             raise InputError(f"--frames must be a positive number of video frames, got {self.frames}")
         if self.warmup_blocks < 0:
             raise InputError(f"--warmup-blocks must be >= 0, got {self.warmup_blocks}")
+        if self.rounds < 1:
+            raise InputError(f"--rounds must be >= 1, got {self.rounds}")
         if any(h < 1 for h in self.kv_horizons):
             raise InputError(f"KV horizons must be positive video-frame counts, got {self.kv_horizons}")
         return self
@@ -451,15 +461,9 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
     cache = gen.cache
     assert cache is not None  # set by stream_blocks
     horizons = sorted(set(config.kv_horizons) | {video_frames})
-    total = sum(seconds)
     row = {
-        "fps": video_frames / total,
-        "latency_ms_p50": _percentile(seconds, P50) * MS_PER_S,
-        "latency_ms_p95": _percentile(seconds, P95) * MS_PER_S,
-        "latency_ms_mean": total / len(seconds) * MS_PER_S,
-        "latency_ms_first": seconds[0] * MS_PER_S,
-        "latency_ms_last": seconds[-1] * MS_PER_S,
-        "seconds": total,
+        "fps": video_frames / sum(seconds),
+        "seconds": sum(seconds),
         "blocks": blocks,
         "latent_frames": blocks * preset.cache.frames_per_block,
         "video_frames": video_frames,
@@ -472,6 +476,36 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
         "latency_ms_blocks": [s * MS_PER_S for s in seconds],
     }
     return row, cache
+
+
+def merge_rounds(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One row per policy from its rounds' rows (see the module docstring), with ``fps_over_window``."""
+    merged: dict[str, dict[str, Any]] = {}
+    for name, rows in rounds.items():
+        if not rows:
+            continue
+        pooled = [ms for row in rows for ms in row["latency_ms_blocks"]]
+        blocks = zip(*(row["latency_ms_blocks"] for row in rows), strict=True)
+        per_block = [statistics.median(ms) for ms in blocks]
+        merged[name] = {
+            **rows[0],
+            "fps": statistics.median(row["fps"] for row in rows),
+            "fps_rounds": [row["fps"] for row in rows],
+            "seconds": statistics.median(row["seconds"] for row in rows),
+            "latency_ms_p50": _percentile(pooled, P50),
+            "latency_ms_p95": _percentile(pooled, P95),
+            "latency_ms_mean": statistics.fmean(pooled),
+            "latency_ms_first": per_block[0],
+            "latency_ms_last": per_block[-1],
+            "latency_ms_blocks": per_block,
+            "peak_memory_bytes": max(row["peak_memory_bytes"] for row in rows),
+        }
+    window = rounds.get("window", [])
+    for name, row in merged.items():
+        paired = list(zip(rounds[name], window, strict=False))
+        if paired:
+            row["fps_over_window"] = statistics.median(mine["fps"] / ref["fps"] for mine, ref in paired)
+    return merged
 
 
 def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
@@ -531,10 +565,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         "cache": dataclasses.asdict(preset.cache),
         "policies": {},
     }
-    for name in config.policies:
-        if progress:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: warmup {warmup} blocks, then {config.frames}"
-                  f" video frames", file=sys.stderr, flush=True)
+    def measure(name: str) -> dict[str, Any]:
+        nonlocal compiled
         try:
             row, cache = run_policy(name, models, codec, config, dev, context, empty_context)
         except Exception as err:  # compile errors surface on the first forward: fall back once to eager
@@ -547,14 +579,25 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
             print(f"mag: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:300]});"
                   " continuing without compile (recorded in the JSON)", file=sys.stderr, flush=True)
             row, cache = run_policy(name, models, codec, config, dev, context, empty_context)
-        report["policies"][name] = row
         del cache
-        if progress:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {row['fps']:.2f} fps,"
-                  f" p50 {row['latency_ms_p50']:.1f} ms, p95 {row['latency_ms_p95']:.1f} ms,"
-                  f" peak {row['peak_memory_bytes'] / 2**20:.0f} MiB",
-                  file=sys.stderr, flush=True)
-        _write_json(json_path, report)
+        return row
+
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in config.policies}
+    for round_index in range(config.rounds):
+        shift = round_index % len(config.policies)
+        for name in config.policies[shift:] + config.policies[:shift]:
+            if progress:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_index + 1}/{config.rounds}):"
+                      f" warmup {warmup} blocks, then {config.frames} video frames",
+                      file=sys.stderr, flush=True)
+            row = measure(name)
+            rounds[name].append(row)
+            if progress:
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {row['fps']:.2f} fps,"
+                      f" p50 {_percentile(row['latency_ms_blocks'], P50):.1f} ms,"
+                      f" peak {row['peak_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+            report["policies"] = merge_rounds(rounds)
+            _write_json(json_path, report)
     report["plot"] = write_plot(report, json_path.with_suffix(".png")).name
     _write_json(json_path, report)
     return report
@@ -611,6 +654,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=48,
                         help="video frames of the measured stream (rounded up to whole blocks)")
     parser.add_argument("--warmup-blocks", type=int, default=1, help="unmeasured blocks before each stream")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measured streams per policy, interleaved across policies; fps is their median")
     parser.add_argument("--model", default=None, help="generator checkpoint, model file or shipped name")
     parser.add_argument("--memory-model", default=None,
                         help="memory model (file or name) for mag/bounded (default: random weights)")
@@ -660,7 +705,8 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     started = time.time()
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     config = SpeedConfig(policies=policies, frames=args.frames, warmup_blocks=args.warmup_blocks,
-                         decode=not args.no_decode, compile=args.compile, seed=args.seed).validate()
+                         decode=not args.no_decode, compile=args.compile, rounds=args.rounds,
+                         seed=args.seed).validate()
     json_path = _json_path(args.json)
     if args.random_weights and args.model is not None:
         raise ConfigError("--random-weights and --model exclude each other; give one")
@@ -688,6 +734,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
         kv = row["kv_bytes"][-1]
         print(f"{name:>10}: {row['fps']:8.2f} fps  p50 {row['latency_ms_p50']:8.1f} ms  p95"
               f" {row['latency_ms_p95']:8.1f} ms  peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB"
-              f"  KV at {kv[0]} frames {kv[1] / 2**20:.1f} MiB")
+              f"  KV at {kv[0]} frames {kv[1] / 2**20:.1f} MiB"
+              + (f"  x{row['fps_over_window']:.3f} window fps" if "fps_over_window" in row else ""))
     print(f"wrote {json_path} and {json_path.with_suffix('.png')} ({time.time() - started:.1f} s)")
     return 0

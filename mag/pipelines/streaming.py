@@ -110,11 +110,11 @@ def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None =
                      empty_context: Tensor | CrossAttentionCache | None = None) -> CachePolicy:
     """The cache policy called ``name``, sized by ``preset.cache``.
 
-    ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps the sinks plus the
-    last frame of every block (unbounded). ``mag`` keeps the same frames but their K/V are written by
-    the memory model (``memory_model``, run with ``empty_context``: the empty prompt's
-    ``[1, L, text_dim]`` embeddings); ``bounded`` is ``mag`` with a ring of ``cache.memory_slots``
-    compressed frames, so KV size and per-block cost stop growing.
+    ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps
+    ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded).
+    ``mag`` keeps the same frames but their K/V are written by the memory model (``memory_model``, run
+    with ``empty_context``: the empty prompt's ``[1, L, text_dim]`` embeddings); ``bounded`` is ``mag``
+    with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing.
     """
     cache = preset.cache
     if name == "full":
@@ -122,7 +122,7 @@ def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None =
     if name == "window":
         return WindowPolicy(cache.sink_frames, cache.window_frames)
     if name == "downsample":
-        return DownsamplePolicy(cache.sink_frames)
+        return DownsamplePolicy(cache.memory_sink_frames)
     if name in MEMORY_MODEL_POLICIES:
         if memory_model is None or empty_context is None:
             missing = "memory_model" if memory_model is None else "empty_context"
@@ -133,7 +133,7 @@ def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None =
                 f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
             )
         slots = cache.memory_slots if name == "bounded" else None
-        return MagPolicy(cache.sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
+        return MagPolicy(cache.memory_sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
     raise ConfigError(f"unknown cache policy {name!r}; available policies: {', '.join(AVAILABLE_POLICIES)}")
 
 
