@@ -7,10 +7,12 @@ argument handling only (on the meta device), since CI has no GPU.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_dit
 from torch import nn
 
 from mag.bench import speed
@@ -188,3 +190,95 @@ def test_rope_table_can_grow_for_long_random_streams_only(tmp_path):
     code = main(["bench", "speed", "--preset", "tiny", "--model", "tiny-causal-long", "--policies", "window",
                  "--frames", "6", "--rope-max-positions", "12000", "--json", str(tmp_path / "s.json")])
     assert code == 2 and not (tmp_path / "s.json").exists()
+
+
+def test_overrides_of_a_loaded_model_keep_its_own_preset_fields():
+    """--height / --steps on a shipped model change only what they name (not its camera RoPE or video)."""
+    loaded = speed.build_models(None, model="tiny-causal-long", memory_model=None, policies=("window",),
+                                device="cpu", dtype=torch.float32, seed=0, steps=2, height=32)
+    assert loaded.preset.dit == loaded.generator.cfg and loaded.preset.dit.camera_rope
+    assert (loaded.preset.video.height, loaded.preset.video.width) == (32, 16)
+    assert loaded.preset.scheduler.denoising_steps == (1000, 500)
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "wan-1.3b"])
+def test_sink_free_memory_keeps_at_most_0_34_of_full_at_every_horizon(preset_name):
+    """Issue 8's KV bound: with cache.memory_sink_frames = 0 every block keeps one of its frames; with the
+    default 3 uncompressed sinks the bound only holds from a few hundred frames on."""
+    horizons = list(speed.KV_HORIZONS)
+    for sinks, holds_everywhere in ((0, True), (3, False)):
+        preset = speed.speed_preset(preset_name, memory_sink_frames=sinks)
+        full = speed.kv_bytes_curve(FullPolicy(), preset, KV_DTYPE, horizons)
+        mag = speed.kv_bytes_curve(MagPolicy(sinks), preset, KV_DTYPE, horizons)
+        ratios = [m / f for (_, m), (_, f) in zip(mag, full, strict=True)]
+        assert all(r <= 0.34 for r in ratios) == holds_everywhere, (sinks, ratios)
+        assert ratios[-1] <= 0.34
+
+
+def _stream(model, memory, preset, name: str, blocks: int) -> torch.Tensor:
+    from mag.pipelines import StreamingGenerator, policy_from_name
+
+    text_shape = (1, preset.text_max_tokens, preset.dit.text_dim)
+    context, empty = (torch.randn(text_shape, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)
+    gen = StreamingGenerator.for_preset(model, preset, policy)
+    gen.reset(batch_size=1, horizon_frames=blocks * preset.cache.frames_per_block)
+    gen.set_prompt(context)
+    noise = torch.Generator().manual_seed(0)
+    return torch.cat([gen.generate_block(noise) for _ in range(blocks)], dim=1)
+
+
+def _compiled_graphs(preset) -> int:
+    """Graphs dynamo builds for a 2-block window stream of a compiled random model of ``preset``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_dit(preset.dit)
+    speed.compile_model(model, backend="aot_eager")
+    _stream(model, None, preset, "window", blocks=2)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_compiled_block_regions_stream_exactly_like_eager():
+    """--compile's regions (each block minus its cached attention) traced by dynamo + AOT autograd: streams
+    under window and mag match eager bit for bit, and restore() puts the eager model back."""
+    preset = get_preset("tiny")
+    model, memory = random_dit(preset.dit, seed=0), random_dit(preset.dit, seed=1)
+    eager = {name: _stream(model, memory, preset, name, blocks=4) for name in ("window", "mag")}
+    torch._dynamo.reset()
+    compiled = [speed.compile_model(m, backend="aot_eager") for m in (model, memory)]
+    assert "before_cache" in vars(model.blocks[0])
+    for name, reference in eager.items():
+        assert reference.abs().amax() > 0.1  # random heads: a comparison of zeros would prove nothing
+        assert torch.equal(_stream(model, memory, preset, name, blocks=4), reference), name
+    for c in compiled:
+        c.restore()
+    assert "before_cache" not in vars(model.blocks[0]) and type(model.head).__name__ == "Head"
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_share_their_graphs():
+    """One graph per region serves every layer: a deeper model compiles no more graphs."""
+    shallow, deep = (get_preset("tiny", **{"dit.num_layers": n}) for n in (2, 6))
+    assert _compiled_graphs(shallow) == _compiled_graphs(deep)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="TorchInductor's CPU backend needs a C compiler")
+def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
+    """The real --compile (TorchInductor kernels) reorders float sums: within 1e-5 of eager, relatively."""
+    preset = get_preset("tiny")
+    model, memory = random_dit(preset.dit, seed=0), random_dit(preset.dit, seed=1)
+    eager = _stream(model, memory, preset, "mag", blocks=3)
+    torch._dynamo.reset()
+    compiled = [speed.compile_model(m) for m in (model, memory)]
+    try:
+        fast = _stream(model, memory, preset, "mag", blocks=3)
+    finally:
+        for c in compiled:
+            c.restore()
+        torch._dynamo.reset()
+    assert (fast - eager).abs().amax() <= 1e-5 * eager.abs().amax()

@@ -38,6 +38,7 @@ import shlex
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from torch import nn
 
 from mag.bench.common import synchronize
 from mag.cache import KV_TENSORS, CachePolicy, KVCache
-from mag.config import Preset, get_preset
+from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.models import WanDiT
 from mag.pipelines.streaming import (
@@ -92,7 +93,7 @@ class SpeedConfig:
         frames: video frames of the measured stream (rounded up to whole blocks).
         warmup_blocks: blocks of a separate, unmeasured stream per policy (allocator, kernels, compile).
         decode: decode every block through the preset's codec inside the timed region.
-        compile: ``torch.compile`` the cache-free parts of every transformer block
+        compile: ``torch.compile`` every transformer block except its cached attention
             (:func:`compile_model`).
         rounds: measured streams per policy, interleaved across policies (see the module docstring).
         seed: noise seed.
@@ -130,12 +131,14 @@ class SpeedConfig:
 # Geometry: video frames <-> latent frames <-> blocks
 
 
-def speed_preset(name: str, *, steps: int | None = None, height: int | None = None,
-                 width: int | None = None, rope_max_positions: int | None = None) -> Preset:
-    """Preset ``name`` with an optional few-step count and video size.
+def speed_preset(base: str | Preset, *, steps: int | None = None, height: int | None = None,
+                 width: int | None = None, rope_max_positions: int | None = None,
+                 memory_sink_frames: int | None = None, memory_slots: int | None = None) -> Preset:
+    """Preset ``base`` (a registry name, or a loaded model's preset) with the benchmark's overrides.
 
     ``steps=k`` spaces the few-step list evenly from 1000 down (k=4 gives Self-Forcing's 1000, 750, 500, 250),
-    before the preset's shift.
+    before the preset's shift. A loaded model's preset keeps its own overrides (video size, camera RoPE)
+    under the ones given here.
     """
     overrides: dict[str, Any] = {}
     if steps is not None:
@@ -143,13 +146,15 @@ def speed_preset(name: str, *, steps: int | None = None, height: int | None = No
             raise InputError(f"--steps must be >= 1, got {steps}")
         overrides["scheduler.denoising_steps"] = tuple(
             round(TIMESTEP_SCALE * (steps - i) / steps) for i in range(steps))
-    if height is not None:
-        overrides["video.height"] = height
-    if width is not None:
-        overrides["video.width"] = width
-    if rope_max_positions is not None:
-        overrides["dit.rope_max_positions"] = rope_max_positions
-    return get_preset(name, **overrides)
+    for key, value in (("video.height", height), ("video.width", width),
+                       ("dit.rope_max_positions", rope_max_positions),
+                       ("cache.memory_sink_frames", memory_sink_frames),
+                       ("cache.memory_slots", memory_slots)):
+        if value is not None:
+            overrides[key] = value
+    if isinstance(base, str):
+        return get_preset(base, **overrides)
+    return replace_nested(base, overrides).validate() if overrides else base
 
 
 def latent_frames_for(preset: Preset, video_frames: int) -> int:
@@ -259,8 +264,9 @@ def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype,
 
 def build_models(preset_name: str | None, *, model: str | None, memory_model: str | None,
                  policies: tuple[str, ...], device: str, dtype: torch.dtype, seed: int,
-                 steps: int | None = None, height: int | None = None,
-                 width: int | None = None, rope_max_positions: int | None = None) -> SpeedModels:
+                 steps: int | None = None, height: int | None = None, width: int | None = None,
+                 rope_max_positions: int | None = None, memory_sink_frames: int | None = None,
+                 memory_slots: int | None = None) -> SpeedModels:
     """Load ``--model`` / ``--memory-model`` or build random models of ``preset_name``.
 
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
@@ -272,7 +278,8 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
     if model is None:
         preset = speed_preset(preset_name or "tiny", steps=steps, height=height, width=width,
-                              rope_max_positions=rope_max_positions)
+                              rope_max_positions=rope_max_positions, memory_sink_frames=memory_sink_frames,
+                              memory_slots=memory_slots)
         _check_device(preset, device)
         generator = random_model(preset, device, dtype, seed)
     else:
@@ -283,8 +290,8 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
         if preset_name is not None and preset_name != preset.name:
             raise ConfigError(f"--preset {preset_name} does not match the model's preset {preset.name!r};"
                               " drop --preset (the model defines it)")
-        preset = speed_preset(preset.name, steps=steps, height=height, width=width) if (
-            steps or height or width) else preset
+        preset = speed_preset(preset, steps=steps, height=height, width=width,
+                              memory_sink_frames=memory_sink_frames, memory_slots=memory_slots)
         generator = generator.to(dtype).requires_grad_(False)
         source["generator"] = {"model": model, "name": meta.get("name"), "stage": meta.get("stage")}
     memory = None
@@ -319,36 +326,40 @@ def _check_device(preset: Preset, device: str) -> None:
 
 @dataclass
 class CompiledModules:
-    """Submodules replaced by compiled wrappers, so a failed compile can be undone."""
+    """Submodules and block methods replaced by compiled wrappers, so a failed compile can be undone."""
 
-    replaced: list[tuple[nn.Module, str, nn.Module]]
+    replaced: list[tuple[nn.Module, str, Any]]
 
     def restore(self) -> None:
         for parent, name, original in self.replaced:
-            setattr(parent, name, original)
+            if isinstance(original, types.MethodType):
+                delattr(parent, name)  # the compiled wrapper shadowed the class's method on the instance
+            else:
+                setattr(parent, name, original)
         self.replaced.clear()
 
 
-# Submodules of a WanBlock that never touch the KV cache: fixed shapes per block, one graph shared by every
-# layer. Self-attention reads and writes the cache (host-side slot bookkeeping) and stays eager.
-COMPILED_BLOCK_PARTS: tuple[str, ...] = ("norm1", "norm2", "norm3", "cross_attn", "ffn")
+# Per WanBlock, everything but the cached attention: its two halves have fixed shapes per block, and one
+# graph serves every layer. The cache read, the attention over cached keys and the cache write between them
+# depend on host-side slot bookkeeping and stay eager (WanBlock.forward).
+COMPILED_BLOCK_METHODS: tuple[str, ...] = ("before_cache", "after_cache")
 COMPILED_MODEL_PARTS: tuple[str, ...] = ("time_embedding", "time_projection", "head")
 
 
-def compile_model(model: WanDiT) -> CompiledModules:
-    """``torch.compile`` the cache-free parts of ``model`` in place (regional compilation).
+def compile_model(model: WanDiT, backend: str = "inductor") -> CompiledModules:
+    """``torch.compile`` every part of ``model`` except the cached attention, in place (regional compilation).
 
     Compilation itself happens lazily on the first forward; wrap that call and :meth:`CompiledModules.restore`
-    on failure.
+    on failure. ``backend="aot_eager"`` traces the same graphs without generating kernels (tests).
     """
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    replaced: list[tuple[nn.Module, str, Any]] = []
     targets: list[tuple[nn.Module, str]] = [(model, n) for n in COMPILED_MODEL_PARTS]
     for block in model.blocks:
-        targets += [(block, n) for n in COMPILED_BLOCK_PARTS]
+        targets += [(block, n) for n in COMPILED_BLOCK_METHODS]
     for parent, name in targets:
         original = getattr(parent, name)
         replaced.append((parent, name, original))
-        setattr(parent, name, torch.compile(original))
+        setattr(parent, name, torch.compile(original, backend=backend))
     return CompiledModules(replaced)
 
 
@@ -539,8 +550,9 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     compiled: list[CompiledModules] = []
     if config.compile:
         compiled = [compile_model(m) for m in (models.generator, models.memory_model) if m is not None]
-        compile_info.update(used=True, scope="cache-free block parts: " + ", ".join(
-            COMPILED_BLOCK_PARTS + COMPILED_MODEL_PARTS))
+        block_parts = ", ".join(f"WanBlock.{m}" for m in COMPILED_BLOCK_METHODS)
+        compile_info.update(used=True, scope=f"every block but its cached attention ({block_parts}), and the"
+                                             f" model's {', '.join(COMPILED_MODEL_PARTS)}")
     warmup = max(config.warmup_blocks, 1) if config.compile else config.warmup_blocks
     config = dataclasses.replace(config, warmup_blocks=warmup)
     report: dict[str, Any] = {
@@ -671,8 +683,14 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="position-table length of a random-weight model, for streams longer than the"
                              " preset's (e.g. 10,000 frames of the tiny preset)")
     parser.add_argument("--width", type=int, default=None, help="video width override (pixels)")
+    parser.add_argument("--memory-sink-frames", type=int, default=None,
+                        help="first frames the downsample / mag / bounded policies keep uncompressed"
+                             " (default: the preset's cache.memory_sink_frames)")
+    parser.add_argument("--memory-slots", type=int, default=None,
+                        help="compressed frames the bounded policy's ring keeps (default: the preset's"
+                             " cache.memory_slots)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the cache-free parts of each block (falls back to eager on"
+                        help="torch.compile each block except its cached attention (falls back to eager on"
                              " failure)")
     parser.add_argument("--no-decode", action="store_true", help="do not decode latents (codec not timed)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
@@ -720,7 +738,8 @@ def run_speed_cli(args: argparse.Namespace) -> int:
                           " --device cpu")
     models = build_models(args.preset, model=args.model, memory_model=args.memory_model, policies=policies,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
-                          height=args.height, width=args.width, rope_max_positions=args.rope_max_positions)
+                          height=args.height, width=args.width, rope_max_positions=args.rope_max_positions,
+                          memory_sink_frames=args.memory_sink_frames, memory_slots=args.memory_slots)
     metadata = {
         "benchmark": "speed",
         "command": shlex.join(["mag", *sys.argv[1:]]),

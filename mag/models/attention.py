@@ -186,6 +186,42 @@ class AttentionProjections(nn.Module):
 class SelfAttention(AttentionProjections):
     """Self-attention with RMS qk-norm and 3D RoPE, optionally over a KV cache."""
 
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Post-RoPE ``q, k`` and ``v`` ``[B, heads, N, head_dim]`` of ``x: [B, N, dim]``.
+
+        Everything before the cache, a pure function of its inputs with fixed shapes per block, so it can be
+        compiled (``mag bench speed --compile``) while :meth:`attend_cached` stays eager.
+        """
+        q = apply_rotary(_heads(self.norm_q(self.q(x)), self.num_heads), cos, sin)
+        k = apply_rotary(_heads(self.norm_k(self.k(x)), self.num_heads), cos, sin)
+        return q, k, _heads(self.v(x), self.num_heads)
+
+    def attend_cached(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: AttentionMask | None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        pending: PendingWrite | None = None,
+    ) -> Tensor:
+        """Attend ``q`` to ``[valid cached K/V ; k, v]`` and (with ``pending``) write ``k, v`` to the cache.
+
+        Returns the attention output ``[B, N, dim]`` before the output projection ``o``. The cache's
+        host-side bookkeeping decides how many keys there are, so this part runs eagerly.
+        """
+        keys, values = k, v
+        if kv_cache is not None:
+            cached_k, cached_v = kv_cache.read(layer)
+            if cached_k.shape[2]:
+                keys = torch.cat([cached_k.to(k.dtype), k], dim=2)
+                values = torch.cat([cached_v.to(v.dtype), v], dim=2)
+        out = attend(q, keys, values, attn_mask)
+        if kv_cache is not None and pending is not None:
+            kv_cache.write(layer, k, v, pending)
+        return out.transpose(1, 2).flatten(2)
+
     def forward(
         self,
         x: Tensor,
@@ -205,20 +241,8 @@ class SelfAttention(AttentionProjections):
         Returns:
             ``[B, N, dim]``.
         """
-        cos, sin = rope
-        q = apply_rotary(_heads(self.norm_q(self.q(x)), self.num_heads), cos, sin)
-        k = apply_rotary(_heads(self.norm_k(self.k(x)), self.num_heads), cos, sin)
-        v = _heads(self.v(x), self.num_heads)
-        keys, values = k, v
-        if kv_cache is not None:
-            cached_k, cached_v = kv_cache.read(layer)
-            if cached_k.shape[2]:
-                keys = torch.cat([cached_k.to(k.dtype), k], dim=2)
-                values = torch.cat([cached_v.to(v.dtype), v], dim=2)
-        out = attend(q, keys, values, attn_mask)
-        if kv_cache is not None and pending is not None:
-            kv_cache.write(layer, k, v, pending)
-        return self.o(out.transpose(1, 2).flatten(2))
+        q, k, v = self.project(x, *rope)
+        return self.o(self.attend_cached(q, k, v, attn_mask, kv_cache, layer, pending))
 
 
 class CrossAttention(AttentionProjections):

@@ -76,18 +76,38 @@ class WanBlock(nn.Module):
         layer: int,
         pending: PendingWrite | None,
     ) -> Tensor:
-        """``x: [B, F*T, dim]``, ``e0: [B, F, 6, dim]`` float32 projected time embedding."""
+        """``x: [B, F*T, dim]``, ``e0: [B, F, 6, dim]`` float32 projected time embedding.
+
+        Split at the cache: :meth:`before_cache` and :meth:`after_cache` have fixed shapes per block (the
+        regions ``--compile`` compiles); the cached attention between them stays eager.
+        """
+        q, k, v = self.before_cache(x, e0, *rope)
+        attended = self.self_attn.attend_cached(q, k, v, attn_mask, kv_cache, layer, pending)
+        return self.after_cache(x, attended, e0, *cross_kv)
+
+    def _modulations(self, e0: Tensor) -> tuple[Tensor, ...]:
+        """shift1, scale1, gate1, shift2, scale2, gate2, each ``[B, F, 1, dim]`` float32."""
+        return (self.modulation + e0.float()).unsqueeze(3).unbind(2)
+
+    def before_cache(self, x: Tensor, e0: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Modulated ``norm1`` and the self-attention's post-RoPE ``q, k, v``."""
+        shift1, scale1 = self._modulations(e0)[:2]
+        h = modulate(self.norm1(x).unflatten(1, (e0.shape[1], -1)), shift1, scale1).flatten(1, 2).type_as(x)
+        return self.self_attn.project(h, cos, sin)
+
+    def after_cache(self, x: Tensor, attended: Tensor, e0: Tensor, cross_k: Tensor,
+                    cross_v: Tensor) -> Tensor:
+        """Output projection and gated residual of self-attention, cross-attention, modulated FFN."""
         frames = e0.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0.float()).unsqueeze(3).unbind(2)
+        _, _, gate1, shift2, scale2, gate2 = self._modulations(e0)
 
         def per_frame(t: Tensor) -> Tensor:
             return t.unflatten(1, (frames, -1))
 
-        h = modulate(per_frame(self.norm1(x)), shift1, scale1).flatten(1, 2).type_as(x)
-        y = self.self_attn(h, rope, attn_mask, kv_cache, layer, pending)
+        y = self.self_attn.o(attended)
         x = (per_frame(x).float() + per_frame(y).float() * gate1).flatten(1, 2).type_as(x)
 
-        x = x + self.cross_attn(self.norm3(x), *cross_kv)
+        x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
 
         h = modulate(per_frame(self.norm2(x)), shift2, scale2).flatten(1, 2).type_as(x)
         y = self.ffn(h)
