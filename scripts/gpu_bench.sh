@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # One prepared speed benchmark for a lent GPU (H100/H200), issue 8: Wan-1.3B shape, 480x832, 4 steps, bf16,
-# random weights; policies full, window, mag, each without and with torch.compile. Finishes within 8 minutes:
-# every run is guarded by `timeout` (SIGINT first, so the JSON keeps the policies that finished).
+# random weights; policies full, window, downsample, mag, bounded, each without and with torch.compile (every
+# block but its cached attention), ROUNDS interleaved rounds per run (fps = median, same-round ratios to
+# window), plus a torch.profiler table per policy in the eager run. Finishes within 8 minutes: every run is
+# guarded by `timeout` (SIGINT first, so the JSON keeps the rounds that finished).
 #
 # Usage (from the repository root; the package need not be installed, no network needed):
 #   bash scripts/gpu_bench.sh [OUT_DIR]          # default bench/results/speed/gpu
-# Environment: FRAMES (video frames per stream, default 237 = 60 latent frames = 20 blocks),
-#              EAGER_S / COMPILE_S (timeouts in seconds, default 140 / 280), PYTHON (default python3).
+# Environment: FRAMES (video frames per stream, default 120 -> 33 latent frames = 11 blocks), ROUNDS (default 2),
+#              PROFILE_BLOCKS (default 3), EAGER_S / COMPILE_S (timeouts in seconds, default 150 / 300),
+#              PYTHON (default python3).
 # Writes OUT_DIR/wan-1.3b-eager.{json,png,log}, OUT_DIR/wan-1.3b-compile.{json,png,log}, OUT_DIR/machine.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/speed/gpu}
-FRAMES=${FRAMES:-237}
-EAGER_S=${EAGER_S:-140}
-COMPILE_S=${COMPILE_S:-280}
+FRAMES=${FRAMES:-120}
+ROUNDS=${ROUNDS:-2}
+PROFILE_BLOCKS=${PROFILE_BLOCKS:-3}
+EAGER_S=${EAGER_S:-150}
+COMPILE_S=${COMPILE_S:-300}
 PYTHON=${PYTHON:-python3}
 # Grace period after SIGINT before SIGKILL (the JSON is written after each policy, so little is lost).
 KILL_AFTER_S=15
@@ -35,7 +40,8 @@ if PYTHONPATH=. "$PYTHON" -c "import diffusers" 2>/dev/null; then DECODE=(); fi
 log "decode: ${DECODE[*]:-wan-vae (random weights)}"
 
 COMMON=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --steps 4 --random-weights
-        --frames "$FRAMES" --warmup-blocks 2 --policies full,window,mag "${DECODE[@]}")
+        --frames "$FRAMES" --warmup-blocks 2 --rounds "$ROUNDS" --policies full,window,downsample,mag,bounded
+        "${DECODE[@]}")
 
 run() {  # run NAME TIMEOUT_S [extra args...]
   local name=$1 limit=$2
@@ -49,7 +55,7 @@ run() {  # run NAME TIMEOUT_S [extra args...]
   log "end $name: exit $rc$([ "$rc" = 124 ] || [ "$rc" = 130 ] && echo ' (timed out; JSON keeps finished policies)')"
 }
 
-run wan-1.3b-eager "$EAGER_S"
+run wan-1.3b-eager "$EAGER_S" --profile-blocks "$PROFILE_BLOCKS"
 run wan-1.3b-compile "$COMPILE_S" --compile
 
 # A run cut by its timeout has a JSON without its plot: draw it from what finished.

@@ -84,11 +84,15 @@ def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report
 def test_rounds_interleave_policies_and_report_medians(tmp_path, capsys):
     out = tmp_path / "rounds.json"
     assert run_cli("--preset", "tiny", "--policies", "window,full", "--frames", "6", "--warmup-blocks", "0",
-                   "--rounds", "3", "--json", str(out)) == 0
+                   "--rounds", "3", "--profile-blocks", "1", "--json", str(out)) == 0
     rows = json.loads(out.read_text())["policies"]
     for row in rows.values():
         assert len(row["fps_rounds"]) == 3 and row["fps"] == sorted(row["fps_rounds"])[1]
         assert len(row["latency_ms_blocks"]) == row["blocks"] == 2
+        profile = row["profile"]
+        assert profile["blocks"] == 1 and profile["time"] == "self CPU time"
+        assert "aten::addmm" in {op["op"] for op in profile["ops"]}
+        assert 0 < sum(op["share"] for op in profile["ops"]) <= 1 + 1e-9
     assert rows["window"]["fps_over_window"] == 1.0
     assert "x1.000 window fps" in capsys.readouterr().out
 
@@ -114,6 +118,7 @@ def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
     (["--frames", "0"], "--frames must be a positive"),
     (["--warmup-blocks", "-1"], "--warmup-blocks must be >= 0"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--profile-blocks", "-1"], "--profile-blocks must be >= 0"),
     (["--preset", "wan-1.3b"], "benchmarked on a GPU only"),
     (["--steps", "0"], "--steps must be >= 1"),
 ])

@@ -70,6 +70,8 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # Percentiles of the per-block latency in the report.
 P50, P95 = 50.0, 95.0
 MS_PER_S = 1000.0
+US_PER_MS = 1000.0
+PROFILE_ROWS = 15  # operators kept per profiled policy
 PAN_PATCHES_PER_FRAME = 1.0  # camera-anchored models: the steady pan the stream is told about
 # Timestep scale the few-step list is written in (Self-Forcing: 1000, 750, 500, 250 for 4 steps).
 TIMESTEP_SCALE = 1000
@@ -96,6 +98,8 @@ class SpeedConfig:
         compile: ``torch.compile`` every transformer block except its cached attention
             (:func:`compile_model`).
         rounds: measured streams per policy, interleaved across policies (see the module docstring).
+        profile_blocks: after the first round's measured stream, profile a stream of this many blocks per
+            policy with ``torch.profiler`` (0: none); its top operators go to the policy's ``profile``.
         seed: noise seed.
         kv_horizons: video-frame horizons of the ``kv_bytes`` curve.
     """
@@ -106,6 +110,7 @@ class SpeedConfig:
     decode: bool = True
     compile: bool = False
     rounds: int = 1
+    profile_blocks: int = 0
     seed: int = 0
     kv_horizons: tuple[int, ...] = KV_HORIZONS
 
@@ -122,6 +127,8 @@ class SpeedConfig:
             raise InputError(f"--warmup-blocks must be >= 0, got {self.warmup_blocks}")
         if self.rounds < 1:
             raise InputError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.profile_blocks < 0:
+            raise InputError(f"--profile-blocks must be >= 0, got {self.profile_blocks}")
         if any(h < 1 for h in self.kv_horizons):
             raise InputError(f"KV horizons must be positive video-frame counts, got {self.kv_horizons}")
         return self
@@ -456,9 +463,34 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def profile_stream(gen: StreamingGenerator, context: torch.Tensor, num_blocks: int, *, codec: Any | None,
+                   generator: torch.Generator | None, rows: int = PROFILE_ROWS) -> dict[str, Any]:
+    """Top operators by self time (device time on CUDA, CPU time otherwise) of one profiled stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = gen.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        stream_blocks(gen, context, num_blocks, codec=codec, generator=generator)
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, field, 0) > 0]
+    total = sum(getattr(e, field) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, field), reverse=True)[:rows]
+    return {
+        "blocks": num_blocks,
+        "time": "self device time" if cuda else "self CPU time",
+        "total_ms": total / US_PER_MS,
+        "ops": [{"op": e.key, "self_ms": getattr(e, field) / US_PER_MS, "share": getattr(e, field) / total,
+                 "calls": e.count} for e in top],
+    }
+
+
 def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedConfig, device: torch.device,
-               context: torch.Tensor, empty_context: torch.Tensor) -> tuple[dict[str, Any], KVCache]:
-    """Warm up, then stream ``config.frames`` video frames under policy ``name``; the policy's report."""
+               context: torch.Tensor, empty_context: torch.Tensor,
+               profile_blocks: int = 0) -> tuple[dict[str, Any], KVCache]:
+    """Warm up, then stream ``config.frames`` video frames under policy ``name``; the policy's report.
+
+    With ``profile_blocks``, one more stream of that many blocks runs under the profiler (``profile``)."""
     preset = models.preset
     policy = policy_from_name(name, preset, memory_model=models.memory_model, empty_context=empty_context)
     gen = StreamingGenerator.for_preset(models.generator, preset, policy)
@@ -486,6 +518,8 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
         "kv_bytes_per_frame": cache.bytes_per_frame,
         "latency_ms_blocks": [s * MS_PER_S for s in seconds],
     }
+    if profile_blocks:
+        row["profile"] = profile_stream(gen, context, profile_blocks, codec=codec, generator=noise)
     return row, cache
 
 
@@ -577,10 +611,10 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         "cache": dataclasses.asdict(preset.cache),
         "policies": {},
     }
-    def measure(name: str) -> dict[str, Any]:
+    def measure(name: str, profile_blocks: int) -> dict[str, Any]:
         nonlocal compiled
         try:
-            row, cache = run_policy(name, models, codec, config, dev, context, empty_context)
+            row, cache = run_policy(name, models, codec, config, dev, context, empty_context, profile_blocks)
         except Exception as err:  # compile errors surface on the first forward: fall back once to eager
             if not compiled or isinstance(err, (ConfigError, InputError)):
                 raise
@@ -590,7 +624,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
             compile_info.update(used=False, error=f"{type(err).__name__}: {err}"[:2000])
             print(f"mag: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:300]});"
                   " continuing without compile (recorded in the JSON)", file=sys.stderr, flush=True)
-            row, cache = run_policy(name, models, codec, config, dev, context, empty_context)
+            row, cache = run_policy(name, models, codec, config, dev, context, empty_context, profile_blocks)
         del cache
         return row
 
@@ -602,7 +636,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
                 print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_index + 1}/{config.rounds}):"
                       f" warmup {warmup} blocks, then {config.frames} video frames",
                       file=sys.stderr, flush=True)
-            row = measure(name)
+            row = measure(name, config.profile_blocks if round_index == 0 else 0)
             rounds[name].append(row)
             if progress:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {row['fps']:.2f} fps,"
@@ -668,6 +702,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-blocks", type=int, default=1, help="unmeasured blocks before each stream")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measured streams per policy, interleaved across policies; fps is their median")
+    parser.add_argument("--profile-blocks", type=int, default=0,
+                        help="profile one more stream of this many blocks per policy (torch.profiler; top"
+                             " operators in the JSON's 'profile')")
     parser.add_argument("--model", default=None, help="generator checkpoint, model file or shipped name")
     parser.add_argument("--memory-model", default=None,
                         help="memory model (file or name) for mag/bounded (default: random weights)")
@@ -724,7 +761,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     config = SpeedConfig(policies=policies, frames=args.frames, warmup_blocks=args.warmup_blocks,
                          decode=not args.no_decode, compile=args.compile, rounds=args.rounds,
-                         seed=args.seed).validate()
+                         profile_blocks=args.profile_blocks, seed=args.seed).validate()
     json_path = _json_path(args.json)
     if args.random_weights and args.model is not None:
         raise ConfigError("--random-weights and --model exclude each other; give one")
