@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mag.errors import ConfigError, InputError
+from mag.errors import ConfigError, InputError, MagError
 from mag.io.paths import check_output_file
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
@@ -165,13 +166,15 @@ def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
 
 
 def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, switches: list[PromptSwitch],
-           *, seed: int = 0, progress: bool = True) -> GenerateResult:
+           *, seed: int = 0, progress: bool = True, compile_model: bool = False) -> GenerateResult:
     """Generate ``len(velocities)`` frames under ``policy_name`` (whole blocks, trimmed at the end).
 
     Args:
         loaded: :class:`mag.demo.LoadedModels` (generator, text encoder, optional memory model).
         velocities: float32 ``[N]`` camera velocity per frame (px/frame).
         switches: the prompt schedule, first at frame 0 (:func:`parse_prompts`).
+        compile_model: ``torch.compile`` the generator and memory model (:mod:`mag.models.compile`); one
+            untimed warm-up block compiles them before the stream (a failure falls back to eager).
     """
     import torch
     from tqdm.auto import tqdm
@@ -197,23 +200,55 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
         offsets = track.to(device)
     contexts = {s.block_frame: loaded.encode([s.prompt]) for s in switches}  # encode before timing
     codec = get_codec_for(preset.video)
+    compiled = []
+    if compile_model:
+        models = [m for m in (model, loaded.memory) if m is not None]
+        first_offsets = None if offsets is None else offsets[:, :block]
+        compiled = _compile_and_warm_up(gen, models, contexts[0], first_offsets, seed)
     noise = torch.Generator(device=device).manual_seed(seed)
     decoded = []
-    gen.reset(1, padded)
-    synchronize(device)
-    started = time.perf_counter()
-    for start in tqdm(range(0, padded, block), desc=f"generate ({policy_name})", unit="block",
-                      disable=not progress):
-        if start in contexts:
-            (gen.set_prompt if start == 0 else gen.recache)(contexts[start])
-        latents = gen.generate_block(noise, None if offsets is None else offsets[:, start:start + block])
-        decoded.append(codec.decode(latents))
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    try:
+        gen.reset(1, padded)
+        synchronize(device)
+        started = time.perf_counter()
+        for start in tqdm(range(0, padded, block), desc=f"generate ({policy_name})", unit="block",
+                          disable=not progress):
+            if start in contexts:
+                (gen.set_prompt if start == 0 else gen.recache)(contexts[start])
+            latents = gen.generate_block(noise, None if offsets is None else offsets[:, start:start + block])
+            decoded.append(codec.decode(latents))
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    finally:
+        for c in compiled:  # the caller's models come back eager
+            c.restore()
     frames = tensor_to_frames(torch.cat(decoded, 1)[0])[:count]
     kv = sum(c.nbytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     capacity = sum(c.capacity_bytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     return GenerateResult(frames, seconds, kv, capacity, switches)
+
+
+def _compile_and_warm_up(gen: Any, models: list[Any], context: Any, offsets: Any, seed: int) -> list[Any]:
+    """Compile ``models`` in place and run one throw-away block so compilation is not timed; the compiled
+    handles to restore afterwards. On a compile error, restore the eager models, say so and return none."""
+    import torch
+
+    from mag.models.compile import compile_failure, compile_model
+
+    compiled = [compile_model(m) for m in models]
+    try:
+        gen.reset(1, gen.frames_per_block)
+        gen.set_prompt(context)
+        gen.generate_block(torch.Generator(device=gen.device).manual_seed(seed), offsets)
+    except Exception as err:  # backend compiler errors surface on the first forward
+        for c in compiled:
+            c.restore()
+        if isinstance(err, MagError):
+            raise
+        print(f"mag: torch.compile failed ({compile_failure(err)}); generating without compile",
+              file=sys.stderr, flush=True)
+        return []
+    return compiled
 
 
 def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:
@@ -263,6 +298,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--actions", default=None,
                    help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} (px/frame)")
     p.add_argument("-o", "--output", required=True, help="output mp4")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block except its cached attention (one untimed warm-up block"
+                        " compiles it; pays off on long streams and GPUs)")
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
@@ -294,7 +332,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None or args.prompts is not None else DEFAULT_PROMPT
     switches = parse_prompts(args.prompts, prompt, args.frames, preset.cache.frames_per_block)
     result = stream(loaded, args.policy, sampler, velocities, switches, seed=args.seed,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, compile_model=args.compile)
     write_mp4(output, result.frames, preset.video.fps, scale=VIDEO_SCALE)
     for switch in result.switches[1:]:
         print(f"prompt switch at frame {switch.block_frame} (asked {switch.frame}): {switch.prompt!r}")

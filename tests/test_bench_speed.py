@@ -21,6 +21,7 @@ from mag.cli import main
 from mag.config import get_preset
 from mag.info import KV_DTYPE, preset_info
 from mag.models import count_parameters
+from mag.models.compile import CompiledModules, compile_model
 
 ALL_POLICIES = "full,window,downsample,mag,bounded"
 # 9 video frames = 9 latent frames of the pixel codec = 3 blocks.
@@ -175,7 +176,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch
     def broken_compile(model):
         original = model.head
         model.head = _Broken()
-        return speed.CompiledModules([(model, "head", original)])
+        return CompiledModules([(model, "head", original)])
 
     monkeypatch.setattr(speed, "compile_model", broken_compile)
     out = tmp_path / "c.json"
@@ -240,7 +241,7 @@ def _compiled_graphs(preset) -> int:
     torch._dynamo.reset()
     counters.clear()
     model = random_dit(preset.dit)
-    speed.compile_model(model, backend="aot_eager")
+    compile_model(model, backend="aot_eager")
     _stream(model, None, preset, "window", blocks=2)
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
@@ -254,7 +255,7 @@ def test_compiled_block_regions_stream_exactly_like_eager():
     model, memory = random_dit(preset.dit, seed=0), random_dit(preset.dit, seed=1)
     eager = {name: _stream(model, memory, preset, name, blocks=4) for name in ("window", "mag")}
     torch._dynamo.reset()
-    compiled = [speed.compile_model(m, backend="aot_eager") for m in (model, memory)]
+    compiled = [compile_model(m, backend="aot_eager") for m in (model, memory)]
     assert "before_cache" in vars(model.blocks[0])
     for name, reference in eager.items():
         assert reference.abs().amax() > 0.1  # random heads: a comparison of zeros would prove nothing
@@ -279,7 +280,7 @@ def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
     model, memory = random_dit(preset.dit, seed=0), random_dit(preset.dit, seed=1)
     eager = _stream(model, memory, preset, "mag", blocks=3)
     torch._dynamo.reset()
-    compiled = [speed.compile_model(m) for m in (model, memory)]
+    compiled = [compile_model(m) for m in (model, memory)]
     try:
         fast = _stream(model, memory, preset, "mag", blocks=3)
     finally:

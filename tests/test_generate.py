@@ -240,3 +240,19 @@ def test_generate_errors_are_one_line(case, generator_file, tmp_path, capsys):
     assert _generate(model, out, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mag: error: "), err
+
+
+def test_compiled_generation_matches_eager_and_leaves_the_models_eager():
+    """--compile (TorchInductor) under mag: the frames match the eager stream to within one 8-bit level
+    (float sums reordered), and the loaded models are eager again afterwards."""
+    velocities = np.full(9, 4, dtype=np.float32)
+    loaded = load_models(DEFAULTS, with_memory=True)
+    switches = parse_prompts(None, DEFAULT_PROMPT, velocities.size, BLOCK)
+    eager = stream(loaded, "mag", sampler_config(DEFAULTS), velocities, switches, progress=False)
+    torch._dynamo.reset()
+    fast = stream(loaded, "mag", sampler_config(DEFAULTS), velocities, switches, progress=False,
+                  compile_model=True)
+    torch._dynamo.reset()
+    difference = np.abs(fast.frames.astype(np.int16) - eager.frames.astype(np.int16))
+    assert difference.max() <= 1 and eager.frames.std() > 10
+    assert all("before_cache" not in vars(m.blocks[0]) for m in (loaded.model, loaded.memory))

@@ -38,19 +38,18 @@ import shlex
 import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mag.bench.common import synchronize
 from mag.cache import KV_TENSORS, CachePolicy, KVCache
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.models import WanDiT
+from mag.models.compile import CompiledModules, compile_failure, compile_model, compile_scope
 from mag.pipelines.streaming import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
@@ -328,49 +327,6 @@ def _check_device(preset: Preset, device: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile
-
-
-@dataclass
-class CompiledModules:
-    """Submodules and block methods replaced by compiled wrappers, so a failed compile can be undone."""
-
-    replaced: list[tuple[nn.Module, str, Any]]
-
-    def restore(self) -> None:
-        for parent, name, original in self.replaced:
-            if isinstance(original, types.MethodType):
-                delattr(parent, name)  # the compiled wrapper shadowed the class's method on the instance
-            else:
-                setattr(parent, name, original)
-        self.replaced.clear()
-
-
-# Per WanBlock, everything but the cached attention: its two halves have fixed shapes per block, and one
-# graph serves every layer. The cache read, the attention over cached keys and the cache write between them
-# depend on host-side slot bookkeeping and stay eager (WanBlock.forward).
-COMPILED_BLOCK_METHODS: tuple[str, ...] = ("before_cache", "after_cache")
-COMPILED_MODEL_PARTS: tuple[str, ...] = ("time_embedding", "time_projection", "head")
-
-
-def compile_model(model: WanDiT, backend: str = "inductor") -> CompiledModules:
-    """``torch.compile`` every part of ``model`` except the cached attention, in place (regional compilation).
-
-    Compilation itself happens lazily on the first forward; wrap that call and :meth:`CompiledModules.restore`
-    on failure. ``backend="aot_eager"`` traces the same graphs without generating kernels (tests).
-    """
-    replaced: list[tuple[nn.Module, str, Any]] = []
-    targets: list[tuple[nn.Module, str]] = [(model, n) for n in COMPILED_MODEL_PARTS]
-    for block in model.blocks:
-        targets += [(block, n) for n in COMPILED_BLOCK_METHODS]
-    for parent, name in targets:
-        original = getattr(parent, name)
-        replaced.append((parent, name, original))
-        setattr(parent, name, torch.compile(original, backend=backend))
-    return CompiledModules(replaced)
-
-
-# ---------------------------------------------------------------------------------------------
 # Streaming
 
 
@@ -584,9 +540,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     compiled: list[CompiledModules] = []
     if config.compile:
         compiled = [compile_model(m) for m in (models.generator, models.memory_model) if m is not None]
-        block_parts = ", ".join(f"WanBlock.{m}" for m in COMPILED_BLOCK_METHODS)
-        compile_info.update(used=True, scope=f"every block but its cached attention ({block_parts}), and the"
-                                             f" model's {', '.join(COMPILED_MODEL_PARTS)}")
+        compile_info.update(used=True, scope=compile_scope())
     warmup = max(config.warmup_blocks, 1) if config.compile else config.warmup_blocks
     config = dataclasses.replace(config, warmup_blocks=warmup)
     report: dict[str, Any] = {
@@ -622,8 +576,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
                 c.restore()
             compiled = []
             compile_info.update(used=False, error=f"{type(err).__name__}: {err}"[:2000])
-            print(f"mag: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:300]});"
-                  " continuing without compile (recorded in the JSON)", file=sys.stderr, flush=True)
+            print(f"mag: torch.compile failed ({compile_failure(err)}); continuing without compile (recorded"
+                  " in the JSON)", file=sys.stderr, flush=True)
             row, cache = run_policy(name, models, codec, config, dev, context, empty_context, profile_blocks)
         del cache
         return row

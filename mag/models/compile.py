@@ -1,0 +1,75 @@
+"""Regional ``torch.compile`` of a :class:`~mag.models.dit.WanDiT` for streaming, applied from outside.
+
+What is compiled: per transformer block, everything but the cached attention
+(:meth:`~mag.models.dit.WanBlock.before_cache`: norm, modulation, q/k/v projections, qk-norms, RoPE;
+:meth:`~mag.models.dit.WanBlock.after_cache`: output projection, gated residual, cross-attention, FFN), and
+the model's time embedding, time projection and head. Each region has fixed shapes per block and one graph
+serves every layer. What stays eager: :meth:`~mag.models.attention.SelfAttention.attend_cached` -- the cache
+read, the attention over a number of cached keys that changes from block to block under the growing
+policies, and the cache write -- whose shapes follow host-side slot bookkeeping.
+
+The model is not changed otherwise: :meth:`CompiledModules.restore` puts the eager callables back (a compile
+failure surfaces on the first forward, so callers wrap that call and restore on error).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mag.models.dit import WanDiT
+
+__all__ = ["COMPILED_BLOCK_METHODS", "COMPILED_MODEL_PARTS", "CompiledModules", "compile_failure",
+           "compile_model", "compile_scope"]
+
+COMPILED_BLOCK_METHODS: tuple[str, ...] = ("before_cache", "after_cache")
+COMPILED_MODEL_PARTS: tuple[str, ...] = ("time_embedding", "time_projection", "head")
+
+
+@dataclass
+class CompiledModules:
+    """Submodules and block methods replaced by compiled wrappers, so a failed compile can be undone."""
+
+    replaced: list[tuple[nn.Module, str, Any]]
+
+    def restore(self) -> None:
+        for parent, name, original in self.replaced:
+            if isinstance(original, types.MethodType):
+                delattr(parent, name)  # the compiled wrapper shadowed the class's method on the instance
+            else:
+                setattr(parent, name, original)
+        self.replaced.clear()
+
+
+def compile_model(model: WanDiT, backend: str = "inductor") -> CompiledModules:
+    """``torch.compile`` every part of ``model`` except the cached attention, in place (see the module doc).
+
+    Compilation happens lazily on the first forward. ``backend="aot_eager"`` traces the same graphs without
+    generating kernels (tests).
+    """
+    replaced: list[tuple[nn.Module, str, Any]] = []
+    targets: list[tuple[nn.Module, str]] = [(model, n) for n in COMPILED_MODEL_PARTS]
+    for block in model.blocks:
+        targets += [(block, n) for n in COMPILED_BLOCK_METHODS]
+    for parent, name in targets:
+        original = getattr(parent, name)
+        replaced.append((parent, name, original))
+        setattr(parent, name, torch.compile(original, backend=backend))
+    return CompiledModules(replaced)
+
+
+def compile_failure(err: BaseException) -> str:
+    """One line naming a compile error (backend errors are long; their first line says what failed)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def compile_scope() -> str:
+    """What :func:`compile_model` compiles, in words (for reports)."""
+    block_parts = ", ".join(f"WanBlock.{m}" for m in COMPILED_BLOCK_METHODS)
+    model_parts = ", ".join(COMPILED_MODEL_PARTS)
+    return f"every block but its cached attention ({block_parts}), and the model's {model_parts}"
