@@ -8,7 +8,11 @@ once at the end of the pass. Keys are stored after RoPE, so a cached frame keeps
 temporal position whatever slot it lands in.
 
 Storage is one pre-allocated tensor per K and V, ``[layers, B, heads, capacity_frames * tokens, head_dim]``
-(the SDPA layout, so reading a contiguous run of slots is a view). Which slots are valid and how
+(the SDPA layout, so reading a contiguous run of slots is a view). Reads go in slot order, not time
+order: once a ring wraps, its slots hold frames out of temporal order, which attention does not care about
+(keys carry their RoPE positions, and attention is invariant to the order of the (key, value) pairs). Every
+policy here fills slots from 0 and a full ring keeps all of them valid, so the valid slots are always a
+prefix and every read is a view, never a gather. Which slots are valid and how
 many frames have passed are plain Python ints/tuples: planning a write and choosing what to read
 never touches the device, so the streaming loop has no host syncs.
 
@@ -339,7 +343,7 @@ class KVCache:
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Valid cached K and V of ``layer``, each ``[B, heads, valid_frames * tokens, head_dim]``.
 
-        Frames come in ``valid_slots`` order (a contiguous run is a view, otherwise a gather);
+        Frames come in ``valid_slots`` (slot) order: a prefix of the slots is a view, other sets a gather;
         a frame mask over cached frames must use that order.
         """
         start = self._hidden_prefix * self.tokens_per_frame

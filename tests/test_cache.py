@@ -173,3 +173,19 @@ def test_hiding_a_prefix_equals_masking_it(make_dit):
     assert (masked - skipped).abs().max() <= 1e-5
     with pytest.raises(InputError, match="cannot hide 4 of 3"), cache.hiding_prefix(4):
         pass
+
+
+@pytest.mark.parametrize("policy", [FullPolicy(), WindowPolicy(3, 9), DownsamplePolicy(3),
+                                    DownsamplePolicy(3, memory_slots=4), DownsamplePolicy(0, memory_slots=2)],
+                         ids=["full", "window", "downsample", "bounded", "bounded-no-sinks"])
+def test_every_read_is_a_view_of_the_storage_even_after_a_ring_wraps(policy):
+    """Reads follow slot order, and every policy keeps its valid slots a prefix: no gather, ever."""
+    blocks, block = 12, 3
+    cache = KVCache(policy, num_layers=1, num_heads=1, head_dim=2, tokens_per_frame=2,
+                    capacity_frames=policy.capacity_frames(blocks * block, block))
+    for b in range(blocks):
+        cache.commit(cache.begin_write(block), torch.arange(b * block, (b + 1) * block))
+        k, v = cache.read(0)
+        assert k._base is cache.k and v._base is cache.v, b
+        assert k.shape[2] == cache.num_valid_frames * cache.tokens_per_frame
+    assert len(set(valid_slot_positions(cache))) == cache.num_valid_frames
