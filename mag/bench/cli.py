@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mag.bench.common import add_memory_cache_arguments
 from mag.errors import ConfigError
 
 # Seed of the untrained model used when no --model is given (a floor, not a result).
@@ -62,12 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--empty-prompt-after-switch", action="store_true",
                    help="generate with the empty prompt after the switch (history fed with the real one):"
                         " what comes back can only come from memory")
-    c.add_argument("--memory-slots", type=int, default=None,
-                   help="compressed frames the bounded policy keeps (default: the preset's"
-                        " cache.memory_slots)")
-    c.add_argument("--memory-sink-frames", type=int, default=None,
-                   help="first frames the downsample / mag / bounded policies keep uncompressed (default:"
-                        " the preset's cache.memory_sink_frames)")
+    add_memory_cache_arguments(c)
     c.add_argument("--device", default="cpu", help="torch device")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -4,6 +4,7 @@ file carries."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
@@ -14,11 +15,23 @@ import torch
 from mag.config import Preset
 from mag.text import PromptEmbeddingCache
 
-__all__ = ["DEFAULT_TEXT_MODE", "empty_context", "load_memory_for", "machine_info", "model_record",
-           "recipe_data", "synchronize", "text_cache"]
+__all__ = ["DEFAULT_TEXT_MODE", "add_memory_cache_arguments", "empty_context", "load_memory_for",
+           "machine_info", "model_record", "recipe_data", "synchronize", "text_cache"]
 
 # Text-encoder mode when a model file does not say (the tiny recipes use pooled MiniLM).
 DEFAULT_TEXT_MODE = "pooled"
+
+
+def add_memory_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--memory-slots`` and ``--memory-sink-frames``: the compressed policies' cache geometry, which a
+    benchmark may change without retraining (``args.memory_slots``, ``args.memory_sink_frames``; None: the
+    preset's)."""
+    parser.add_argument("--memory-slots", type=int, default=None,
+                        help="compressed frames the bounded policy's ring keeps (default: the preset's"
+                             " cache.memory_slots)")
+    parser.add_argument("--memory-sink-frames", type=int, default=None,
+                        help="first frames the downsample / mag / bounded policies keep uncompressed"
+                             " (default: the preset's cache.memory_sink_frames)")
 
 
 def recipe_data(meta: dict[str, Any]) -> dict[str, Any]:

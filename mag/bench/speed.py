@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mag.bench.common import synchronize
+from mag.bench.common import add_memory_cache_arguments, synchronize
 from mag.cache import KV_TENSORS, CachePolicy, KVCache
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
@@ -674,12 +674,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="position-table length of a random-weight model, for streams longer than the"
                              " preset's (e.g. 10,000 frames of the tiny preset)")
     parser.add_argument("--width", type=int, default=None, help="video width override (pixels)")
-    parser.add_argument("--memory-sink-frames", type=int, default=None,
-                        help="first frames the downsample / mag / bounded policies keep uncompressed"
-                             " (default: the preset's cache.memory_sink_frames)")
-    parser.add_argument("--memory-slots", type=int, default=None,
-                        help="compressed frames the bounded policy's ring keeps (default: the preset's"
-                             " cache.memory_slots)")
+    add_memory_cache_arguments(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each block except its cached attention (falls back to eager on"
                              " failure)")
