@@ -6,6 +6,7 @@ per policy, that latency at each ``--at`` mark and its ratio to the first mark (
 frames <= 1.1x at 100), and with ``--json OUT`` writes the same table as JSON.
 
 Usage: python scripts/latency_growth.py bench/results/speed/cpu-tiny-10k.json [--at 100,1000,10000]
+           [--json-out TABLE.json] [--plot CURVE.png]
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ def growth_table(report: dict[str, Any], marks: list[int], span: int) -> dict[st
     return table
 
 
+def plot_curves(report: dict[str, Any], path: Path, span: int) -> None:
+    """Per-block latency against the stream position, a running median over ``span`` frames per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, row in report["policies"].items():
+        blocks = row["latency_ms_blocks"]
+        frames_per_block = row["video_frames"] / len(blocks)
+        width = max(1, round(span / frames_per_block))
+        smooth = [statistics.median(blocks[max(0, i + 1 - width):i + 1]) for i in range(len(blocks))]
+        ax.plot([(i + 1) * frames_per_block for i in range(len(blocks))], smooth, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("video frames streamed")
+    ax.set_ylabel(f"ms per block (running median of {span} frames)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{report.get('preset', '')} {report.get('device', '')}: per-block latency along the stream")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
@@ -50,6 +76,7 @@ def main() -> None:
     parser.add_argument("--span", type=int, default=DEFAULT_SPAN_FRAMES,
                         help="video frames before each mark whose blocks are pooled")
     parser.add_argument("--json-out", type=Path, default=None, help="write the table as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="write the latency curves as a PNG")
     args = parser.parse_args()
     marks = sorted(int(m) for m in args.at.split(",") if m.strip())
     report = json.loads(args.json.read_text())
@@ -61,6 +88,8 @@ def main() -> None:
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"source": str(args.json), "span_frames": args.span,
                                              "policies": table}, indent=2) + "\n")
+    if args.plot is not None:
+        plot_curves(report, args.plot, args.span)
 
 
 if __name__ == "__main__":

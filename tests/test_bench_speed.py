@@ -130,6 +130,12 @@ def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
     assert not (tmp_path / "s.json").exists()
 
 
+def test_unknown_compile_mode_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--compile", "fastest", "--json", str(tmp_path / "s.json"))
+    assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
 def test_unwritable_json_path_is_refused_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
@@ -173,7 +179,7 @@ class _Broken(nn.Module):
 
 
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch, capsys):
-    def broken_compile(model):
+    def broken_compile(model, **options):
         original = model.head
         model.head = _Broken()
         return CompiledModules([(model, "head", original)])
@@ -264,6 +270,13 @@ def test_compiled_block_regions_stream_exactly_like_eager():
         c.restore()
     assert "before_cache" not in vars(model.blocks[0]) and type(model.head).__name__ == "Head"
     torch._dynamo.reset()
+
+
+def test_unknown_compile_mode_is_a_config_error():
+    from mag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown compile mode 'turbo'; valid modes: default, reduce-overhead"):
+        compile_model(random_dit(get_preset("tiny").dit), mode="turbo")
 
 
 def test_compiled_layers_share_their_graphs():

@@ -49,7 +49,7 @@ from mag.cache import KV_TENSORS, CachePolicy, KVCache
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.models import WanDiT
-from mag.models.compile import CompiledModules, compile_failure, compile_model, compile_scope
+from mag.models.compile import COMPILE_MODES, CompiledModules, compile_failure, compile_model, compile_scope
 from mag.pipelines.streaming import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
@@ -94,8 +94,8 @@ class SpeedConfig:
         frames: video frames of the measured stream (rounded up to whole blocks).
         warmup_blocks: blocks of a separate, unmeasured stream per policy (allocator, kernels, compile).
         decode: decode every block through the preset's codec inside the timed region.
-        compile: ``torch.compile`` every transformer block except its cached attention
-            (:func:`compile_model`).
+        compile: ``torch.compile`` mode for every transformer block except its cached attention
+            (:func:`compile_model`; one of :data:`~mag.models.compile.COMPILE_MODES`), or None: eager.
         rounds: measured streams per policy, interleaved across policies (see the module docstring).
         profile_blocks: after the first round's measured stream, profile a stream of this many blocks per
             policy with ``torch.profiler`` (0: none); its top operators go to the policy's ``profile``.
@@ -107,7 +107,7 @@ class SpeedConfig:
     frames: int = 48
     warmup_blocks: int = 1
     decode: bool = True
-    compile: bool = False
+    compile: str | None = None
     rounds: int = 1
     profile_blocks: int = 0
     seed: int = 0
@@ -536,12 +536,13 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     text_shape = (1, preset.text_max_tokens, preset.dit.text_dim)
     context = torch.randn(text_shape, generator=text_gen).to(dev, dtype)
     empty_context = torch.randn(text_shape, generator=text_gen).to(dev, dtype)
-    compile_info: dict[str, Any] = {"requested": config.compile, "used": False}
+    compile_info: dict[str, Any] = {"requested": config.compile is not None, "used": False}
     compiled: list[CompiledModules] = []
-    if config.compile:
-        compiled = [compile_model(m) for m in (models.generator, models.memory_model) if m is not None]
-        compile_info.update(used=True, scope=compile_scope())
-    warmup = max(config.warmup_blocks, 1) if config.compile else config.warmup_blocks
+    if config.compile is not None:
+        compiled = [compile_model(m, mode=config.compile) for m in (models.generator, models.memory_model)
+                    if m is not None]
+        compile_info.update(used=True, mode=config.compile, scope=compile_scope(config.compile))
+    warmup = max(config.warmup_blocks, 1) if config.compile is not None else config.warmup_blocks
     config = dataclasses.replace(config, warmup_blocks=warmup)
     report: dict[str, Any] = {
         **metadata,
@@ -675,9 +676,11 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              " preset's (e.g. 10,000 frames of the tiny preset)")
     parser.add_argument("--width", type=int, default=None, help="video width override (pixels)")
     add_memory_cache_arguments(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each block except its cached attention (falls back to eager on"
-                             " failure)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        metavar="MODE",
+                        help="torch.compile each block except its cached attention, in torch.compile mode"
+                             f" MODE ({', '.join(COMPILE_MODES)}; default 'default'; reduce-overhead adds"
+                             " CUDA graphs); falls back to eager on failure")
     parser.add_argument("--no-decode", action="store_true", help="do not decode latents (codec not timed)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     parser.add_argument("--seed", type=int, default=0)

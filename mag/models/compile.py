@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mag.errors import ConfigError
 from mag.models.dit import WanDiT
 
-__all__ = ["COMPILED_BLOCK_METHODS", "COMPILED_MODEL_PARTS", "CompiledModules", "compile_failure",
-           "compile_model", "compile_scope"]
+__all__ = ["COMPILED_BLOCK_METHODS", "COMPILED_MODEL_PARTS", "COMPILE_MODES", "CompiledModules",
+           "compile_failure", "compile_model", "compile_scope"]
 
+# torch.compile modes: "reduce-overhead" adds CUDA graphs (CUDA only) to each compiled region.
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 COMPILED_BLOCK_METHODS: tuple[str, ...] = ("before_cache", "after_cache")
 COMPILED_MODEL_PARTS: tuple[str, ...] = ("time_embedding", "time_projection", "head")
 
@@ -45,12 +48,14 @@ class CompiledModules:
         self.replaced.clear()
 
 
-def compile_model(model: WanDiT, backend: str = "inductor") -> CompiledModules:
+def compile_model(model: WanDiT, backend: str = "inductor", mode: str = "default") -> CompiledModules:
     """``torch.compile`` every part of ``model`` except the cached attention, in place (see the module doc).
 
     Compilation happens lazily on the first forward. ``backend="aot_eager"`` traces the same graphs without
-    generating kernels (tests).
+    generating kernels (tests); ``mode`` is one of :data:`COMPILE_MODES`.
     """
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode {mode!r}; valid modes: {', '.join(COMPILE_MODES)}")
     replaced: list[tuple[nn.Module, str, Any]] = []
     targets: list[tuple[nn.Module, str]] = [(model, n) for n in COMPILED_MODEL_PARTS]
     for block in model.blocks:
@@ -58,7 +63,8 @@ def compile_model(model: WanDiT, backend: str = "inductor") -> CompiledModules:
     for parent, name in targets:
         original = getattr(parent, name)
         replaced.append((parent, name, original))
-        setattr(parent, name, torch.compile(original, backend=backend))
+        options = {"backend": backend, "mode": None if mode == "default" else mode}
+        setattr(parent, name, torch.compile(original, **options))
     return CompiledModules(replaced)
 
 
@@ -68,8 +74,8 @@ def compile_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def compile_scope() -> str:
+def compile_scope(mode: str = "default") -> str:
     """What :func:`compile_model` compiles, in words (for reports)."""
     block_parts = ", ".join(f"WanBlock.{m}" for m in COMPILED_BLOCK_METHODS)
     model_parts = ", ".join(COMPILED_MODEL_PARTS)
-    return f"every block but its cached attention ({block_parts}), and the model's {model_parts}"
+    return f"every block but its cached attention ({block_parts}), and the model's {model_parts}; mode {mode}"
