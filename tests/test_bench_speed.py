@@ -275,7 +275,7 @@ def test_compiled_block_regions_stream_exactly_like_eager():
 def test_unknown_compile_mode_is_a_config_error():
     from mag.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown compile mode 'turbo'; valid modes: default, reduce-overhead"):
+    with pytest.raises(ConfigError, match="unknown compile mode 'turbo'; valid modes: default, reduce"):
         compile_model(random_dit(get_preset("tiny").dit), mode="turbo")
 
 
