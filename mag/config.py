@@ -16,7 +16,7 @@ from typing import Any, Literal
 from mag.errors import ConfigError
 
 __all__ = ["CacheConfig", "ConfigError", "DiTConfig", "Preset", "SchedulerConfig", "VideoConfig",
-           "get_preset", "PRESETS", "preset_from_dict", "replace_nested"]
+           "config_differences", "get_preset", "PRESETS", "preset_from_dict", "replace_nested"]
 
 
 PredictionType = Literal["velocity", "x0"]
@@ -326,6 +326,16 @@ def replace_nested(cfg: Any, overrides: dict[str, Any]) -> Any:
     for head, sub in nested.items():
         direct[head] = replace_nested(getattr(cfg, head), sub)
     return dataclasses.replace(cfg, **direct)
+
+
+def config_differences(a: Any, b: Any, limit: int = 4) -> str:
+    """``"field: a vs b, ..."`` over the first ``limit`` top-level fields where dataclasses ``a`` and ``b``
+    differ (plain values: ``"a vs b"``); ``""`` when they are equal. For error messages."""
+    if not (dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b)):
+        return "" if a == b else f"{a} vs {b}"
+    left, right = a.__dict__, b.__dict__
+    differing = [f"{k}: {left[k]} vs {right.get(k)}" for k in left if left[k] != right.get(k)]
+    return ", ".join(differing[:limit])
 
 
 def preset_from_dict(data: dict[str, Any]) -> Preset:

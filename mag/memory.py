@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mag.cache import KVCache, MagPolicy
-from mag.config import Preset
+from mag.config import Preset, config_differences
 from mag.errors import ConfigError, InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
@@ -32,8 +32,26 @@ from mag.schedulers import FlowMatchScheduler
 
 # The stage recorded in model files (mag.registry.STAGES) for a memory model.
 MEMORY_STAGE = "memory"
+# What a memory model must share with the generator whose cache it writes: the network (its K/V go into the
+# generator's attention), the latent geometry (tokens per frame), the block (one retained frame per block)
+# and the text encoder (its empty prompt).
+MEMORY_MODEL_MATCH: tuple[str, ...] = ("dit", "video", "cache.frames_per_block", "text_encoder")
 
-__all__ = ["MEMORY_STAGE", "MemoryWriter", "load_memory_model", "memory_training_mask",
+
+def memory_model_mismatch(generator: Preset, memory: Preset,
+                          fields: tuple[str, ...] = MEMORY_MODEL_MATCH) -> str | None:
+    """The first of ``fields`` (dotted paths into the presets) where a memory model's preset differs from
+    its generator's, as ``"field (key: generator's vs memory model's, ...)"``; None when they agree."""
+    for path in fields:
+        ours, theirs = generator, memory
+        for part in path.split("."):
+            ours, theirs = getattr(ours, part), getattr(theirs, part)
+        if ours != theirs:
+            return f"{path} ({config_differences(ours, theirs)}; generator vs memory model)"
+    return None
+
+__all__ = ["MEMORY_MODEL_MATCH", "MEMORY_STAGE", "MemoryWriter", "load_memory_model", "memory_model_mismatch",
+           "memory_training_mask",
            "sample_memory_timesteps", "sample_start_position"]
 
 

@@ -185,7 +185,7 @@ def test_bad_rollout_policy_combinations_are_one_clear_error(teacher, memory, tm
         Trainer(_mag(teacher, teacher), tmp_path / "gen", progress=False)
     assert "\n" not in str(err.value)
     # A memory model of another network than the generator.
-    with pytest.raises(ConfigError, match="different network from the generator: its dit config num_layers"):
+    with pytest.raises(ConfigError, match=r"different network from the generator: its dit \(num_layers"):
         Trainer(_mag(teacher, memory, overrides={"dit.num_layers": 1}), tmp_path / "layers", progress=False)
 
 

@@ -486,3 +486,18 @@ def test_training_checkpoints_are_judged_by_their_recipe_objective(tmp_path):
     load_generator(unknown)  # older generator checkpoints carry no stage and still load
     memory = _model_file(tmp_path / "memory", preset, model, None, recipe={"objective": {"kind": "memory"}})
     assert isinstance(load_memory_model(memory)[0], WanDiT)
+
+
+def test_memory_model_mismatch_names_the_first_differing_field():
+    from mag.memory import memory_model_mismatch
+
+    generator = get_preset("tiny")
+    assert memory_model_mismatch(generator, generator) is None
+    layers = get_preset("tiny", **{"dit.num_layers": 2})
+    assert memory_model_mismatch(generator, layers) == "dit (num_layers: 4 vs 2; generator vs memory model)"
+    block = get_preset("tiny", **{"cache.frames_per_block": 2})
+    assert memory_model_mismatch(generator, block) == ("cache.frames_per_block (3 vs 2; generator vs memory"
+                                                       " model)")
+    video = get_preset("tiny", **{"video.height": 16})
+    assert memory_model_mismatch(generator, video).startswith("video (height: 32 vs 16")
+    assert memory_model_mismatch(generator, video, fields=("dit", "cache.frames_per_block")) is None

@@ -57,6 +57,7 @@ from mag.cache import CachePolicy
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import CacheConfig, Preset
 from mag.errors import ConfigError, InputError
+from mag.memory import memory_model_mismatch
 from mag.models.dit import WanDiT
 from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, check_policy_name, policy_from_name
 from mag.schedulers import FlowMatchScheduler
@@ -482,23 +483,13 @@ def _width_offsets(model: WanDiT, episodes: Sequence[BenchEpisode], frames: int)
 
 def check_memory_model(preset: Preset, memory_preset: Preset) -> None:
     """Refuse a memory model whose architecture, latent geometry, block size or text encoder differs from
-    the generator's: its K/V go into the generator's cache, one retained frame per generator block."""
-    checks = (("dit", preset.dit, memory_preset.dit), ("video", preset.video, memory_preset.video),
-              ("cache.frames_per_block", preset.cache.frames_per_block, memory_preset.cache.frames_per_block),
-              ("text_encoder", preset.text_encoder, memory_preset.text_encoder))
-    for key, want, found in checks:
-        if want != found:
-            detail = ""
-            if dataclasses.is_dataclass(want) and dataclasses.is_dataclass(found):
-                left, right = dataclasses.asdict(want), dataclasses.asdict(found)
-                diff = sorted(k for k in left if left[k] != right.get(k))
-                detail = " (" + ", ".join(f"{k}: {left[k]} vs {right.get(k)}" for k in diff[:4]) + ")"
-            else:
-                detail = f" ({want} vs {found})"
-            raise ConfigError(
-                f"the memory model (preset {memory_preset.name!r}) does not match the generator (preset"
-                f" {preset.name!r}) in {key}{detail}; a memory model writes into the generator's KV cache and"
-                " must be trained on the generator's preset: pass the memory model of this generator")
+    the generator's (:func:`mag.memory.memory_model_mismatch`)."""
+    mismatch = memory_model_mismatch(preset, memory_preset)
+    if mismatch is not None:
+        raise ConfigError(
+            f"the memory model (preset {memory_preset.name!r}) does not match the generator (preset"
+            f" {preset.name!r}) in {mismatch}; a memory model writes into the generator's KV cache and"
+            " must be trained on the generator's preset: pass the memory model of this generator")
 
 
 def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT | None = None,

@@ -278,7 +278,7 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
     is the same as a trained one's).
     """
-    from mag.memory import load_memory_model
+    from mag.memory import load_memory_model, memory_model_mismatch
     from mag.pipelines import load_generator
 
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
@@ -307,9 +307,11 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
             source["memory_model"] = "random weights (same config as the generator)"
         else:
             memory, memory_preset, meta = load_memory_model(memory_model, device=device)
-            if memory_preset.dit != generator.cfg:
-                raise ConfigError(f"--memory-model {memory_model} has a different architecture from the"
-                                  " generator; give the memory model trained for this generator")
+            # The speed run may override the generator's video size, so only the network and block must agree.
+            mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit", "cache.frames_per_block"))
+            if mismatch is not None:
+                raise ConfigError(f"--memory-model {memory_model} does not match the generator in {mismatch};"
+                                  " give the memory model trained for this generator")
             memory = memory.to(dtype).requires_grad_(False)
             source["memory_model"] = {"model": memory_model, "name": meta.get("name")}
     return SpeedModels(generator, memory, preset, source)

@@ -40,9 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from mag.cache import CachePolicy
-from mag.config import Preset
+from mag.config import Preset, config_differences
 from mag.errors import CheckpointError, ConfigError, InputError
-from mag.memory import load_memory_model, sample_memory_timesteps, sample_start_position
+from mag.memory import (
+    load_memory_model,
+    memory_model_mismatch,
+    sample_memory_timesteps,
+    sample_start_position,
+)
 from mag.models import WanDiT
 from mag.objectives.dmd import (
     DMDUpdateSchedule,
@@ -136,15 +141,11 @@ def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
 
     source, source_preset, _ = load_model(name_or_path)
     if source_preset.dit != preset.dit:
-        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config"
-                              f" {_dit_diff(source_preset, preset)} differs from the recipe's")
+        differences = config_differences(preset.dit, source_preset.dit)
+        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
+                              f" from the recipe's ({differences}; recipe vs file)")
     with torch.no_grad():
         model.load_state_dict(source.state_dict())
-
-
-def _dit_diff(a: Preset, b: Preset) -> str:
-    da, db = a.dit.__dict__, b.dit.__dict__
-    return ", ".join(f"{k}={da[k]!r} (recipe {db[k]!r})" for k in da if da[k] != db[k])
 
 
 @functools.lru_cache(maxsize=4)
@@ -425,10 +426,11 @@ class DMDStage:
 
         source, preset = self.dmd.memory_model, self.ctx.preset
         memory, memory_preset, meta = load_memory_model(source, self.ctx.device)
-        if memory_preset.dit != preset.dit:
+        mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit",))
+        if mismatch is not None:
             raise ConfigError(f"dmd.memory_model {source!r} is a different network from the generator: its"
-                              f" dit config {_dit_diff(memory_preset, preset)} differs from the recipe's;"
-                              " train the memory model from this generator (objective.kind = 'memory')")
+                              f" {mismatch} differs from the recipe's; train the memory model from this"
+                              " generator (objective.kind = 'memory')")
         memory.requires_grad_(False)
         record = {"source": str(source), "name": str(meta.get("name", "")),
                   "stage": str(model_stage(meta)), "weights_sha256": _weights_digest(memory)}
