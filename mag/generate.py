@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mag.errors import ConfigError, InputError, MagError
+from mag.errors import ConfigError, InputError
 from mag.io.paths import check_output_file
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
@@ -181,7 +181,7 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
 
     from mag.bench.common import synchronize
     from mag.codecs import get_codec_for, tensor_to_frames
-    from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
+    from mag.pipelines import StreamingGenerator, check_policy_name, compile_stream, policy_from_name
     from mag.world import camera_track
 
     preset, model = loaded.preset, loaded.model
@@ -202,9 +202,11 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     codec = get_codec_for(preset.video)
     compiled = []
     if compile_model:
-        models = [m for m in (model, loaded.memory) if m is not None]
-        first_offsets = None if offsets is None else offsets[:, :block]
-        compiled = _compile_and_warm_up(gen, models, contexts[0], first_offsets, seed)
+        compiled, failure = compile_stream(gen, contexts[0], width_offsets=None if offsets is None else
+                                           offsets[:, :block])
+        if failure is not None:
+            print(f"mag: torch.compile failed ({failure}); generating without compile", file=sys.stderr,
+                  flush=True)
     noise = torch.Generator(device=device).manual_seed(seed)
     decoded = []
     try:
@@ -226,29 +228,6 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     kv = sum(c.nbytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     capacity = sum(c.capacity_bytes for c in (gen.cache, gen.uncond_cache) if c is not None)
     return GenerateResult(frames, seconds, kv, capacity, switches)
-
-
-def _compile_and_warm_up(gen: Any, models: list[Any], context: Any, offsets: Any, seed: int) -> list[Any]:
-    """Compile ``models`` in place and run one throw-away block so compilation is not timed; the compiled
-    handles to restore afterwards. On a compile error, restore the eager models, say so and return none."""
-    import torch
-
-    from mag.models.compile import compile_failure, compile_model
-
-    compiled = [compile_model(m) for m in models]
-    try:
-        gen.reset(1, gen.frames_per_block)
-        gen.set_prompt(context)
-        gen.generate_block(torch.Generator(device=gen.device).manual_seed(seed), offsets)
-    except Exception as err:  # backend compiler errors surface on the first forward
-        for c in compiled:
-            c.restore()
-        if isinstance(err, MagError):
-            raise
-        print(f"mag: torch.compile failed ({compile_failure(err)}); generating without compile",
-              file=sys.stderr, flush=True)
-        return []
-    return compiled
 
 
 def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:

@@ -127,11 +127,11 @@ class LiveStream:
     """
 
     def __init__(self, loaded: Any, policy_name: str, sampler: Any, prompt: str, *, max_frames: int,
-                 seed: int = 0, velocity: float = START_VELOCITY_PX) -> None:
+                 seed: int = 0, velocity: float = START_VELOCITY_PX, compile_model: bool = False) -> None:
         import torch
 
         from mag.codecs import get_codec_for
-        from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
+        from mag.pipelines import StreamingGenerator, check_policy_name, compile_stream, policy_from_name
 
         preset = loaded.preset
         check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
@@ -170,6 +170,13 @@ class LiveStream:
         self._notice = ""
         self._notice_until = 0.0
         self.error: str | None = None
+        self._compiled: list[Any] = []
+        if compile_model:  # before the first frame, so compiling does not stall the viewer's stream
+            offsets = torch.zeros(1, self.block) if self.camera_rope else None
+            self._compiled, failure = compile_stream(self.generator, self._context, width_offsets=offsets)
+            if failure is not None:
+                print(f"mag: torch.compile failed ({failure}); serving without compile", file=sys.stderr,
+                      flush=True)
         self._start_stream()
         self._snapshot: dict[str, Any] = self._stream_stats()
 
@@ -232,6 +239,9 @@ class LiveStream:
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT_S)
+        for compiled in self._compiled:  # the loaded models are eager again
+            compiled.restore()
+        self._compiled = []
 
     def _run(self) -> None:
         try:
@@ -630,6 +640,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         " full, downsample and mag, whose cache grows; the RoPE table's length under window"
                         " and bounded)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block except its cached attention before serving (one warm-up"
+                        " block; pays off on GPUs and long sessions)")
     add_model_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -651,7 +664,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if max_frames is None:
             max_frames = default_max_frames(args.policy, loaded.model.cfg.rope_max_positions)
         live = LiveStream(loaded, args.policy, sampler, args.prompt or DEFAULT_PROMPT,
-                          max_frames=max_frames, seed=args.seed)
+                          max_frames=max_frames, seed=args.seed, compile_model=args.compile)
     except BaseException:
         viewer.close()
         raise

@@ -264,6 +264,28 @@ def test_shipped_model_turns_where_the_velocity_says(shipped_models, served):
         events.close()
 
 
+def test_compiled_live_stream_serves_the_eager_frames_and_restores_the_models(shipped_models):
+    """--compile: the warm-up block compiles before the first frame, the published frames decode to the
+    eager stream's (within one 8-bit level), and stop() leaves the loaded model eager."""
+    def frames(live: LiveStream) -> np.ndarray:
+        published = [f for _ in range(3) for f in live.step()]
+        return np.stack([_pixels(f.png) for f in published])
+
+    eager = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, max_frames=48)
+    expected = frames(eager)
+    torch._dynamo.reset()
+    live = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, max_frames=48,
+                      compile_model=True)
+    try:
+        assert "before_cache" in vars(shipped_models.model.blocks[0])
+        got = frames(live)
+    finally:
+        live.stop()
+        torch._dynamo.reset()
+    assert np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= 1 and expected.std() > 10
+    assert "before_cache" not in vars(shipped_models.model.blocks[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

@@ -7,9 +7,10 @@ from mag.pipelines.streaming import (
     SamplerConfig,
     StreamingGenerator,
     check_policy_name,
+    compile_stream,
     load_generator,
     policy_from_name,
 )
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "StreamingGenerator",
-           "check_policy_name", "load_generator", "policy_from_name"]
+           "check_policy_name", "compile_stream", "load_generator", "policy_from_name"]
