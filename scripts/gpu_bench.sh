@@ -10,11 +10,20 @@
 # Environment: FRAMES (video frames per stream, default 120 -> 33 latent frames = 11 blocks), ROUNDS (default 2),
 #              PROFILE_BLOCKS (default 3), EAGER_S / COMPILE_S / GRAPHS_S (timeouts in seconds, default
 #              150 / 240 / 150), PYTHON (default python3).
-# Writes OUT_DIR/wan-1.3b-{eager,compile,cudagraphs}.{json,png,log} and OUT_DIR/machine.txt.
+# Writes OUT_DIR/wan-1.3b-{eager,compile,cudagraphs}.{json,png,log} and OUT_DIR/machine.txt (SMOKE=1: the tiny
+# preset on the CPU under the same names).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/speed/gpu}
-FRAMES=${FRAMES:-120}
+# SMOKE=1: the same runs on the CPU with the tiny preset and short streams, so the script itself can be checked
+# without a GPU (tests/test_bench_speed.py does).
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  MODEL_ARGS=(--preset tiny --device cpu --dtype float32 --threads 1)
+  FRAMES=${FRAMES:-6}
+else
+  MODEL_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832)
+  FRAMES=${FRAMES:-120}
+fi
 ROUNDS=${ROUNDS:-2}
 PROFILE_BLOCKS=${PROFILE_BLOCKS:-3}
 EAGER_S=${EAGER_S:-150}
@@ -32,7 +41,7 @@ log "gpu_bench: output in $OUT, $FRAMES video frames per stream"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   PYTHONPATH=. "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
  torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" 2>&1
-  git rev-parse HEAD 2>/dev/null || true
+  echo "MAG_GIT_COMMIT=${MAG_GIT_COMMIT:-unset} (the commit the JSON files record; git here: $(git rev-parse HEAD 2>/dev/null || echo none))"
 } | tee "$OUT/machine.txt"
 
 # The wan-vae codec needs diffusers; without it the decode is left out (and says so in the JSON).
@@ -40,7 +49,7 @@ DECODE=(--no-decode)
 if PYTHONPATH=. "$PYTHON" -c "import diffusers" 2>/dev/null; then DECODE=(); fi
 log "decode: ${DECODE[*]:-wan-vae (random weights)}"
 
-COMMON=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --steps 4 --random-weights
+COMMON=("${MODEL_ARGS[@]}" --steps 4 --random-weights
         --frames "$FRAMES" --warmup-blocks 2 --rounds "$ROUNDS" --policies full,window,downsample,mag,bounded
         "${DECODE[@]}")
 

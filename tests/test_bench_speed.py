@@ -7,7 +7,10 @@ argument handling only (on the meta device), since CI has no GPU.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,25 @@ def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
             c.restore()
         torch._dynamo.reset()
     assert (fast - eager).abs().amax() <= 1e-5 * eager.abs().amax()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="TorchInductor's CPU backend needs a C compiler")
+def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    """scripts/gpu_bench.sh is what a rare, 15-minute GPU lease runs: SMOKE=1 runs the same three runs on the
+    CPU with the tiny preset, so the script cannot rot unnoticed between leases."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "ROUNDS": "1", "FRAMES": "3", "PROFILE_BLOCKS": "1",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_bench.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = {name: json.loads((tmp_path / f"wan-1.3b-{name}.json").read_text())
+            for name in ("eager", "compile", "cudagraphs")}
+    assert list(runs["eager"]["policies"]) == ["full", "window", "downsample", "mag", "bounded"]
+    assert all("profile" in row for row in runs["eager"]["policies"].values())
+    assert runs["compile"]["compile"]["mode"] == "default" and runs["compile"]["compile"]["used"]
+    assert runs["cudagraphs"]["compile"]["mode"] == "reduce-overhead"
+    assert list(runs["cudagraphs"]["policies"]) == ["window", "mag"]
+    assert (tmp_path / "machine.txt").is_file() and (tmp_path / "wan-1.3b-eager.png").is_file()
