@@ -4,9 +4,12 @@ live here."""
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from mag.config import DiTConfig
@@ -21,6 +24,12 @@ TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num
                   "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
 CAMERA = {"dit.camera_rope": True}
 SEED = 7
+
+# TorchInductor's CPU backend builds C++ kernels: it needs a C compiler and the Python headers.
+needs_inductor = pytest.mark.skipif(
+    (shutil.which("cc") or shutil.which("gcc")) is None
+    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
+    reason="TorchInductor's CPU backend needs a C compiler and the Python headers")
 
 
 def random_dit(cfg: DiTConfig, seed: int = 0) -> WanDiT:

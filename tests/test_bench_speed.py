@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_dit
+from helpers import needs_inductor, random_dit
 from torch import nn
 
 from mag.bench import speed
@@ -288,8 +287,7 @@ def test_compiled_layers_share_their_graphs():
     assert _compiled_graphs(shallow) == _compiled_graphs(deep)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="TorchInductor's CPU backend needs a C compiler")
+@needs_inductor
 def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
     """The real --compile (TorchInductor kernels) reorders float sums: within 1e-5 of eager, relatively."""
     preset = get_preset("tiny")
@@ -307,8 +305,7 @@ def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="TorchInductor's CPU backend needs a C compiler")
+@needs_inductor
 def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """scripts/gpu_bench.sh is what a rare, 15-minute GPU lease runs: SMOKE=1 runs the same three runs on the
     CPU with the tiny preset, so the script cannot rot unnoticed between leases."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, random_dit, trained_model_file
+from helpers import CAMERA, TINY_OVERRIDES, needs_inductor, random_dit, trained_model_file
 
 from mag.cache import KVCache
 from mag.cli import main
@@ -242,6 +242,7 @@ def test_generate_errors_are_one_line(case, generator_file, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("mag: error: "), err
 
 
+@needs_inductor
 def test_compiled_generation_matches_eager_and_leaves_the_models_eager():
     """--compile (TorchInductor) under mag: the frames match the eager stream to within one 8-bit level
     (float sums reordered), and the loaded models are eager again afterwards."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, random_dit
+from helpers import CAMERA, TINY_OVERRIDES, needs_inductor, random_dit
 from PIL import Image
 
 from mag.bench.common import DEFAULT_TEXT_MODE
@@ -264,6 +264,7 @@ def test_shipped_model_turns_where_the_velocity_says(shipped_models, served):
         events.close()
 
 
+@needs_inductor
 def test_compiled_live_stream_serves_the_eager_frames_and_restores_the_models(shipped_models):
     """--compile: the warm-up block compiles before the first frame, the published frames decode to the
     eager stream's (within one 8-bit level), and stop() leaves the loaded model eager."""
