@@ -8,10 +8,11 @@
 # Usage (from the repository root; the package need not be installed, no network needed):
 #   bash scripts/gpu_bench.sh [OUT_DIR]          # default bench/results/speed/gpu
 # Environment: FRAMES (video frames per stream, default 120 -> 33 latent frames = 11 blocks), ROUNDS (default 2),
-#              PROFILE_BLOCKS (default 3), EAGER_S / COMPILE_S / GRAPHS_S (timeouts in seconds, default
-#              150 / 240 / 150), PYTHON (default python3).
-# Writes OUT_DIR/wan-1.3b-{eager,compile,cudagraphs}.{json,png,log} and OUT_DIR/machine.txt (SMOKE=1: the tiny
-# preset on the CPU under the same names).
+#              PROFILE_BLOCKS (default 3), ATTENTION (backend of the last run, default cudnn), EAGER_S /
+#              COMPILE_S / GRAPHS_S / ATTENTION_S (timeouts in seconds, default 150 / 200 / 130 / 80),
+#              PYTHON (default python3).
+# Writes OUT_DIR/wan-1.3b-{eager,compile,cudagraphs,attention}.{json,png,log} and OUT_DIR/machine.txt (SMOKE=1:
+# the tiny preset on the CPU under the same names).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/speed/gpu}
@@ -20,15 +21,18 @@ OUT=${1:-bench/results/speed/gpu}
 if [[ "${SMOKE:-0}" == 1 ]]; then
   MODEL_ARGS=(--preset tiny --device cpu --dtype float32 --threads 1)
   FRAMES=${FRAMES:-6}
+  ATTENTION=${ATTENTION:-flash}
 else
   MODEL_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832)
   FRAMES=${FRAMES:-120}
+  ATTENTION=${ATTENTION:-cudnn}
 fi
 ROUNDS=${ROUNDS:-2}
 PROFILE_BLOCKS=${PROFILE_BLOCKS:-3}
 EAGER_S=${EAGER_S:-150}
-COMPILE_S=${COMPILE_S:-240}
-GRAPHS_S=${GRAPHS_S:-150}
+COMPILE_S=${COMPILE_S:-200}
+GRAPHS_S=${GRAPHS_S:-130}
+ATTENTION_S=${ATTENTION_S:-80}
 PYTHON=${PYTHON:-python3}
 # Grace period after SIGINT before SIGKILL (the JSON is written after each policy, so little is lost).
 KILL_AFTER_S=15
@@ -69,6 +73,7 @@ run wan-1.3b-eager "$EAGER_S" --profile-blocks "$PROFILE_BLOCKS"
 run wan-1.3b-compile "$COMPILE_S" --compile
 # Later --policies wins: the CUDA-graph run keeps to window and mag to fit the lease.
 run wan-1.3b-cudagraphs "$GRAPHS_S" --compile reduce-overhead --policies window,mag
+run wan-1.3b-attention "$ATTENTION_S" --attention "$ATTENTION" --policies window,mag
 
 # A run cut by its timeout has a JSON without its plot: draw it from what finished.
 for json in "$OUT"/wan-1.3b-*.json; do

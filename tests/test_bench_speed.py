@@ -20,7 +20,7 @@ from torch import nn
 from mag.bench import speed
 from mag.cache import FullPolicy, MagPolicy
 from mag.cli import main
-from mag.config import get_preset
+from mag.config import CacheConfig, get_preset
 from mag.info import KV_DTYPE, preset_info
 from mag.models import count_parameters
 from mag.models.compile import CompiledModules, compile_model
@@ -87,8 +87,10 @@ def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report
 def test_rounds_interleave_policies_and_report_medians(tmp_path, capsys):
     out = tmp_path / "rounds.json"
     assert run_cli("--preset", "tiny", "--policies", "window,full", "--frames", "6", "--warmup-blocks", "0",
-                   "--rounds", "3", "--profile-blocks", "1", "--json", str(out)) == 0
-    rows = json.loads(out.read_text())["policies"]
+                   "--rounds", "3", "--profile-blocks", "1", "--attention", "math", "--json", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert data["attention"] == "math"
+    rows = data["policies"]
     for row in rows.values():
         assert len(row["fps_rounds"]) == 3 and row["fps"] == sorted(row["fps_rounds"])[1]
         assert len(row["latency_ms_blocks"]) == row["blocks"] == 2
@@ -122,6 +124,7 @@ def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
     (["--warmup-blocks", "-1"], "--warmup-blocks must be >= 0"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--profile-blocks", "-1"], "--profile-blocks must be >= 0"),
+    (["--attention", "cudnn"], "--attention cudnn runs on CUDA only"),
     (["--preset", "wan-1.3b"], "benchmarked on a GPU only"),
     (["--steps", "0"], "--steps must be >= 1"),
 ])
@@ -307,7 +310,7 @@ def test_inductor_compiled_stream_matches_eager_within_fp32_tolerance():
 @pytest.mark.slow
 @needs_inductor
 def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path):
-    """scripts/gpu_bench.sh is what a rare, 15-minute GPU lease runs: SMOKE=1 runs the same three runs on the
+    """scripts/gpu_bench.sh is what a rare, 15-minute GPU lease runs: SMOKE=1 runs the same four runs on the
     CPU with the tiny preset, so the script cannot rot unnoticed between leases."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SMOKE": "1", "ROUNDS": "1", "FRAMES": "3", "PROFILE_BLOCKS": "1",
@@ -316,10 +319,35 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = {name: json.loads((tmp_path / f"wan-1.3b-{name}.json").read_text())
-            for name in ("eager", "compile", "cudagraphs")}
+            for name in ("eager", "compile", "cudagraphs", "attention")}
     assert list(runs["eager"]["policies"]) == ["full", "window", "downsample", "mag", "bounded"]
     assert all("profile" in row for row in runs["eager"]["policies"].values())
     assert runs["compile"]["compile"]["mode"] == "default" and runs["compile"]["compile"]["used"]
     assert runs["cudagraphs"]["compile"]["mode"] == "reduce-overhead"
-    assert list(runs["cudagraphs"]["policies"]) == ["window", "mag"]
+    assert list(runs["cudagraphs"]["policies"]) == list(runs["attention"]["policies"]) == ["window", "mag"]
+    assert runs["attention"]["attention"] == "flash"
     assert (tmp_path / "machine.txt").is_file() and (tmp_path / "wan-1.3b-eager.png").is_file()
+
+
+def test_latency_model_recovers_a_known_line_from_replayed_cache_sizes():
+    """scripts/latency_model.py: per-block latencies made exactly 300 + 20 x (frames of keys), where the
+    keys follow each policy's own write plans, give back 300 and 20."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "latency_model", Path(__file__).resolve().parents[1] / "scripts" / "latency_model.py")
+    latency_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency_model)
+    cache = get_preset("tiny").cache
+    report = {"cache": {"frames_per_block": 3, "sink_frames": 3, "memory_sink_frames": 3, "window_frames": 9,
+                        "memory_slots": 2}, "policies": {}}
+    expected_keys = {"window": [3, 6, 9, 12, 15, 15], "mag": [3, 6, 7, 8, 9, 10],
+                     "bounded": [3, 6, 7, 8, 8, 8], "full": [3, 6, 9, 12, 15, 18]}
+    for name, keys in expected_keys.items():
+        frames = latency_model.cached_frames(latency_model.plan_policy(name, CacheConfig(**report["cache"])),
+                                             cache.frames_per_block, len(keys))
+        assert [f + 3 for f in frames] == keys, name
+        report["policies"][name] = {"latency_ms_blocks": [300.0 + 20.0 * k for k in keys]}
+    result = latency_model.fit(report)
+    assert result["fixed_ms"] == pytest.approx(300.0) and result["ms_per_key_frame"] == pytest.approx(20.0)
+    assert all(row["rms_residual_ms"] < 1e-6 for row in result["policies"].values())

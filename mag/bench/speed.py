@@ -30,6 +30,7 @@ models are built on the meta device and materialised directly on the target devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mag.bench.common import add_memory_cache_arguments, synchronize
 from mag.cache import KV_TENSORS, CachePolicy, KVCache
@@ -71,6 +73,11 @@ P50, P95 = 50.0, 95.0
 MS_PER_S = 1000.0
 US_PER_MS = 1000.0
 PROFILE_ROWS = 15  # operators kept per profiled policy
+# --attention: SDPA backends a run may pin (auto: PyTorch's own choice per call).
+ATTENTION_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+CUDA_ONLY_ATTENTION: tuple[str, ...] = ("efficient", "cudnn")
 PAN_PATCHES_PER_FRAME = 1.0  # camera-anchored models: the steady pan the stream is told about
 # Timestep scale the few-step list is written in (Self-Forcing: 1000, 750, 500, 250 for 4 steps).
 TIMESTEP_SCALE = 1000
@@ -97,6 +104,8 @@ class SpeedConfig:
         compile: ``torch.compile`` mode for every transformer block except its cached attention
             (:func:`compile_model`; one of :data:`~mag.models.compile.COMPILE_MODES`), or None: eager.
         rounds: measured streams per policy, interleaved across policies (see the module docstring).
+        attention: SDPA backend for every attention call (:data:`ATTENTION_BACKENDS`; ``auto`` lets PyTorch
+            choose, e.g. FlashAttention-2 on H100; ``cudnn`` is cuDNN's fused attention, CUDA only).
         profile_blocks: after the first round's measured stream, profile a stream of this many blocks per
             policy with ``torch.profiler`` (0: none); its top operators go to the policy's ``profile``.
         seed: noise seed.
@@ -109,6 +118,7 @@ class SpeedConfig:
     decode: bool = True
     compile: str | None = None
     rounds: int = 1
+    attention: str = "auto"
     profile_blocks: int = 0
     seed: int = 0
     kv_horizons: tuple[int, ...] = KV_HORIZONS
@@ -126,6 +136,9 @@ class SpeedConfig:
             raise InputError(f"--warmup-blocks must be >= 0, got {self.warmup_blocks}")
         if self.rounds < 1:
             raise InputError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"unknown attention backend {self.attention!r};"
+                              f" valid: {', '.join(ATTENTION_BACKENDS)}")
         if self.profile_blocks < 0:
             raise InputError(f"--profile-blocks must be >= 0, got {self.profile_blocks}")
         if any(h < 1 for h in self.kv_horizons):
@@ -562,6 +575,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         "warmup_blocks": warmup,
         "seed": config.seed,
         "compile": compile_info,
+        "attention": config.attention,
         "models": models.source,
         "text": {"encoder": None, "context": f"fixed random {list(text_shape)} (the text encoder runs once"
                                              " per prompt, outside the block loop; not timed)"},
@@ -593,7 +607,9 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
                 print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_index + 1}/{config.rounds}):"
                       f" warmup {warmup} blocks, then {config.frames} video frames",
                       file=sys.stderr, flush=True)
-            row = measure(name, config.profile_blocks if round_index == 0 else 0)
+            backend = ATTENTION_BACKENDS[config.attention]
+            with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
+                row = measure(name, config.profile_blocks if round_index == 0 else 0)
             rounds[name].append(row)
             if progress:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {row['fps']:.2f} fps,"
@@ -659,6 +675,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-blocks", type=int, default=1, help="unmeasured blocks before each stream")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measured streams per policy, interleaved across policies; fps is their median")
+    parser.add_argument("--attention", default="auto", choices=tuple(ATTENTION_BACKENDS),
+                        help="pin the SDPA backend (default auto: PyTorch chooses; cudnn and efficient are"
+                             " CUDA only)")
     parser.add_argument("--profile-blocks", type=int, default=0,
                         help="profile one more stream of this many blocks per policy (torch.profiler; top"
                              " operators in the JSON's 'profile')")
@@ -715,7 +734,8 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     config = SpeedConfig(policies=policies, frames=args.frames, warmup_blocks=args.warmup_blocks,
                          decode=not args.no_decode, compile=args.compile, rounds=args.rounds,
-                         profile_blocks=args.profile_blocks, seed=args.seed).validate()
+                         attention=args.attention, profile_blocks=args.profile_blocks,
+                         seed=args.seed).validate()
     json_path = _json_path(args.json)
     if args.random_weights and args.model is not None:
         raise ConfigError("--random-weights and --model exclude each other; give one")
@@ -727,6 +747,9 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; run on a GPU machine or use"
                           " --device cpu")
+    if args.device == "cpu" and config.attention in CUDA_ONLY_ATTENTION:
+        raise ConfigError(f"--attention {config.attention} runs on CUDA only; on the CPU use auto, flash or"
+                          " math")
     models = build_models(args.preset, model=args.model, memory_model=args.memory_model, policies=policies,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
                           height=args.height, width=args.width, rope_max_positions=args.rope_max_positions,

@@ -1,0 +1,86 @@
+"""Fit per-block latency = a + c x (frames of keys the block attends to) over the policies of a speed run.
+
+The cached-frame count before each block follows from the policy's own write plans, replayed on the host;
+the block's own frames are added. One least-squares line over every block of every policy separates the cost
+that does not depend on the cache (``a``: linear layers, norms, elementwise work, launches) from the cost per
+frame of keys (``c``: attention over cached tokens), and says how far each policy's mean is from the line.
+
+Usage: python scripts/latency_model.py bench/results/speed/gpu-h200/wan-1.3b-eager-prefix.json [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mag.cache import CachePolicy, KVCache, MagPolicy
+from mag.config import CacheConfig, get_preset
+from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, policy_from_name
+
+
+def plan_policy(name: str, cache: CacheConfig) -> CachePolicy:
+    """Policy ``name`` for replaying write plans: memory policies need no writer to plan."""
+    if name in MEMORY_MODEL_POLICIES:
+        return MagPolicy(cache.memory_sink_frames, cache.memory_slots if name == "bounded" else None)
+    return policy_from_name(name, get_preset("tiny", cache=cache))
+
+
+def cached_frames(policy: CachePolicy, frames_per_block: int, blocks: int) -> list[int]:
+    """Frames in the cache when each of ``blocks`` blocks is generated."""
+    cache = KVCache(policy, num_layers=1, num_heads=1, head_dim=1, tokens_per_frame=1,
+                    capacity_frames=policy.capacity_frames(blocks * frames_per_block, frames_per_block))
+    counts = []
+    for b in range(blocks):
+        counts.append(cache.num_valid_frames)
+        positions = torch.arange(b * frames_per_block, (b + 1) * frames_per_block)
+        cache.commit(cache.begin_write(frames_per_block), positions)
+    return counts
+
+
+def fit(report: dict[str, Any]) -> dict[str, Any]:
+    """The line and, per policy, mean measured and fitted latency, mean keys and the rms residual."""
+    cache = CacheConfig(**report["cache"])
+    block = cache.frames_per_block
+    names, keys, ms = [], [], []
+    for name, row in report["policies"].items():
+        latencies = row["latency_ms_blocks"]
+        for frames, latency in zip(cached_frames(plan_policy(name, cache), block, len(latencies)), latencies,
+                                   strict=True):
+            names.append(name)
+            keys.append(frames + block)
+            ms.append(latency)
+    design = np.stack([np.ones(len(keys)), np.asarray(keys, dtype=float)], axis=1)
+    measured = np.asarray(ms)
+    (a, c), *_ = np.linalg.lstsq(design, measured, rcond=None)
+    fitted = design @ np.array([a, c])
+    policies = {}
+    for name in report["policies"]:
+        mine = np.array([n == name for n in names])
+        policies[name] = {"mean_ms": float(measured[mine].mean()), "fit_ms": float(fitted[mine].mean()),
+                          "mean_key_frames": float(design[mine, 1].mean()),
+                          "rms_residual_ms": float(np.sqrt(((measured[mine] - fitted[mine]) ** 2).mean()))}
+    return {"fixed_ms": float(a), "ms_per_key_frame": float(c), "blocks": len(ms), "policies": policies}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--json-out", type=Path, default=None, help="write the fit as JSON")
+    args = parser.parse_args()
+    result = fit(json.loads(args.json.read_text()))
+    print(f"latency = {result['fixed_ms']:.1f} ms + {result['ms_per_key_frame']:.2f} ms x frames of keys"
+          f" ({result['blocks']} blocks)")
+    for name, row in result["policies"].items():
+        print(f"  {name:>10}: mean {row['mean_ms']:.1f} ms, fit {row['fit_ms']:.1f} ms, mean keys"
+              f" {row['mean_key_frames']:.2f} frames, rms residual {row['rms_residual_ms']:.1f} ms")
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"source": str(args.json), **result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
