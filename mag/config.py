@@ -267,9 +267,11 @@ def _wan_1_3b() -> Preset:
         name="wan-1.3b",
         dit=DiTConfig(),
         scheduler=SchedulerConfig(shift=5.0),
-        # LongLive v1: 12-frame window including 3 sink frames. 96 compressed slots (288 frames of history)
-        # hold 99 frames x 274 MiB = 26.5 GiB of bf16 K/V, which fits one 80 GB GPU beside the weights.
-        cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_slots=96),
+        # LongLive v1: 12-frame window including 3 sink frames. The bounded ring matches it: 3 sinks + 9
+        # compressed frames are the window's KV (12 x 274 MiB of bf16) and per-block attention cost, but reach
+        # back 27 frames instead of 9. At this size attention over one more cached frame costs ~18 ms per
+        # block (docs/performance.md), so a 96-slot ring would run at ~2 s per block once full.
+        cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_slots=9),
         video=VideoConfig(),
         text_encoder="umt5",
         text_max_tokens=512,

@@ -351,3 +351,16 @@ def test_latency_model_recovers_a_known_line_from_replayed_cache_sizes():
     result = latency_model.fit(report)
     assert result["fixed_ms"] == pytest.approx(300.0) and result["ms_per_key_frame"] == pytest.approx(20.0)
     assert all(row["rms_residual_ms"] < 1e-6 for row in result["policies"].values())
+
+
+def test_wan_bounded_ring_costs_the_window_and_is_full_within_120_video_frames():
+    """The Wan preset's bounded ring holds as many frames as LongLive's window (same KV, same attention
+    cost per block) and fills within the first 120 video frames, so its cost is flat from there on."""
+    preset = speed.speed_preset("wan-1.3b")
+    cache = preset.cache
+    bounded = MagPolicy(cache.memory_sink_frames, cache.memory_slots)
+    window_frames = cache.sink_frames + cache.window_frames
+    assert cache.memory_sink_frames + cache.memory_slots == window_frames
+    curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [120, 1000, 10000]))
+    per_frame = speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    assert curve[120] == curve[1000] == curve[10000] == window_frames * per_frame
