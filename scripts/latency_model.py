@@ -1,6 +1,7 @@
 """Fit per-block latency = a + c x (frames of keys the block attends to) over the policies of a speed run.
 
-The cached-frame count before each block follows from the policy's own write plans, replayed on the host;
+The cached-frame count before each block follows from the policy's own write plans, replayed on the host
+(:func:`mag.bench.speed.retained_frames`, as for the benchmark's KV curve);
 the block's own frames are added. One least-squares line over every block of every policy separates the cost
 that does not depend on the cache (``a``: linear layers, norms, elementwise work, launches) from the cost per
 frame of keys (``c``: attention over cached tokens), and says how far each policy's mean is from the line.
@@ -16,41 +17,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mag.cache import CachePolicy, KVCache, MagPolicy
-from mag.config import CacheConfig, get_preset
+from mag.bench.speed import retained_frames
+from mag.cache import CachePolicy, MagPolicy
+from mag.config import CacheConfig, Preset, get_preset
 from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, policy_from_name
 
 
-def plan_policy(name: str, cache: CacheConfig) -> CachePolicy:
+def plan_policy(name: str, preset: Preset) -> CachePolicy:
     """Policy ``name`` for replaying write plans: memory policies need no writer to plan."""
+    cache = preset.cache
     if name in MEMORY_MODEL_POLICIES:
         return MagPolicy(cache.memory_sink_frames, cache.memory_slots if name == "bounded" else None)
-    return policy_from_name(name, get_preset("tiny", cache=cache))
+    return policy_from_name(name, preset)
 
 
-def cached_frames(policy: CachePolicy, frames_per_block: int, blocks: int) -> list[int]:
-    """Frames in the cache when each of ``blocks`` blocks is generated."""
-    cache = KVCache(policy, num_layers=1, num_heads=1, head_dim=1, tokens_per_frame=1,
-                    capacity_frames=policy.capacity_frames(blocks * frames_per_block, frames_per_block))
-    counts = []
-    for b in range(blocks):
-        counts.append(cache.num_valid_frames)
-        positions = torch.arange(b * frames_per_block, (b + 1) * frames_per_block)
-        cache.commit(cache.begin_write(frames_per_block), positions)
-    return counts
+def cached_frames(policy: CachePolicy, preset: Preset, blocks: int) -> list[int]:
+    """Frames in the cache when each of ``blocks`` blocks is generated (the benchmark's plan replay)."""
+    block = preset.cache.frames_per_block
+    return retained_frames(policy, preset, [b * block for b in range(blocks)])
 
 
 def fit(report: dict[str, Any]) -> dict[str, Any]:
     """The line and, per policy, mean measured and fitted latency, mean keys and the rms residual."""
-    cache = CacheConfig(**report["cache"])
-    block = cache.frames_per_block
+    preset = get_preset(report["preset"], cache=CacheConfig(**report["cache"]))
+    block = preset.cache.frames_per_block
     names, keys, ms = [], [], []
     for name, row in report["policies"].items():
         latencies = row["latency_ms_blocks"]
-        for frames, latency in zip(cached_frames(plan_policy(name, cache), block, len(latencies)), latencies,
-                                   strict=True):
+        cached = cached_frames(plan_policy(name, preset), preset, len(latencies))
+        for frames, latency in zip(cached, latencies, strict=True):
             names.append(name)
             keys.append(frames + block)
             ms.append(latency)

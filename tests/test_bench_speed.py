@@ -338,14 +338,13 @@ def test_latency_model_recovers_a_known_line_from_replayed_cache_sizes():
         "latency_model", Path(__file__).resolve().parents[1] / "scripts" / "latency_model.py")
     latency_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(latency_model)
-    cache = get_preset("tiny").cache
-    report = {"cache": {"frames_per_block": 3, "sink_frames": 3, "memory_sink_frames": 3, "window_frames": 9,
-                        "memory_slots": 2}, "policies": {}}
+    report = {"preset": "tiny", "cache": {"frames_per_block": 3, "sink_frames": 3, "memory_sink_frames": 3,
+                                          "window_frames": 9, "memory_slots": 2}, "policies": {}}
+    preset = get_preset("tiny", cache=CacheConfig(**report["cache"]))
     expected_keys = {"window": [3, 6, 9, 12, 15, 15], "mag": [3, 6, 7, 8, 9, 10],
                      "bounded": [3, 6, 7, 8, 8, 8], "full": [3, 6, 9, 12, 15, 18]}
     for name, keys in expected_keys.items():
-        frames = latency_model.cached_frames(latency_model.plan_policy(name, CacheConfig(**report["cache"])),
-                                             cache.frames_per_block, len(keys))
+        frames = latency_model.cached_frames(latency_model.plan_policy(name, preset), preset, len(keys))
         assert [f + 3 for f in frames] == keys, name
         report["policies"][name] = {"latency_ms_blocks": [300.0 + 20.0 * k for k in keys]}
     result = latency_model.fit(report)
