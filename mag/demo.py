@@ -168,6 +168,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              " matmuls run fastest on one thread, and more stall on a busy CPU)")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--compile`` of the streaming commands (:func:`mag.pipelines.compile_stream`)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block except its cached attention before streaming (one"
+                             " untimed warm-up block compiles it; pays off on long streams and GPUs)")
+
+
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return replace(DEFAULTS, model=args.model, memory_model=args.memory_model, sampler=args.sampler,
                    steps=args.steps)

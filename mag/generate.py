@@ -257,7 +257,7 @@ def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mag.demo import add_model_arguments
+    from mag.demo import add_compile_argument, add_model_arguments
 
     p = subparsers.add_parser(
         "generate", help="stream a video from a prompt with a steered camera (mp4, FPS, KV memory)",
@@ -277,9 +277,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--actions", default=None,
                    help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} (px/frame)")
     p.add_argument("-o", "--output", required=True, help="output mp4")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each block except its cached attention (one untimed warm-up block"
-                        " compiles it; pays off on long streams and GPUs)")
+    add_compile_argument(p)
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)

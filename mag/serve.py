@@ -623,7 +623,7 @@ def page_html(live: LiveStream) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mag.demo import add_model_arguments
+    from mag.demo import add_compile_argument, add_model_arguments
 
     p = subparsers.add_parser(
         "serve", help="live browser viewer on 127.0.0.1: frames stream, arrow keys steer, prompts switch",
@@ -640,9 +640,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         " full, downsample and mag, whose cache grows; the RoPE table's length under window"
                         " and bounded)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each block except its cached attention before serving (one warm-up"
-                        " block; pays off on GPUs and long sessions)")
+    add_compile_argument(p)
     add_model_arguments(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -600,6 +600,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         return row
 
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in config.policies}
+    backend = ATTENTION_BACKENDS[config.attention]
     for round_index in range(config.rounds):
         shift = round_index % len(config.policies)
         for name in config.policies[shift:] + config.policies[:shift]:
@@ -607,7 +608,6 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
                 print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_index + 1}/{config.rounds}):"
                       f" warmup {warmup} blocks, then {config.frames} video frames",
                       file=sys.stderr, flush=True)
-            backend = ATTENTION_BACKENDS[config.attention]
             with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
                 row = measure(name, config.profile_blocks if round_index == 0 else 0)
             rounds[name].append(row)
