@@ -221,6 +221,8 @@ class PendingWrite:
     num_block_frames: int
     source_tokens: Tensor  # [kept * tokens] token indices within the block
     dest_tokens: Tensor  # [kept * tokens] token indices within the cache
+    kept_frames: Tensor  # [kept] plan.frames on the device
+    dest_slots: Tensor  # [kept] plan.slots on the device
 
 
 class KVCache:
@@ -369,9 +371,10 @@ class KVCache:
         tokens = torch.arange(self.tokens_per_frame)
         source = torch.cat([f * self.tokens_per_frame + tokens for f in plan.frames])
         dest = torch.cat([s * self.tokens_per_frame + tokens for s in plan.slots])
+        # Built on the host, copied without blocking: a blocking copy would make the host wait for the device.
+        indices = (source, dest, torch.tensor(plan.frames), torch.tensor(plan.slots))
         device = self.k.device
-        return PendingWrite(plan, num_block_frames, source.to(device, non_blocking=True),
-                            dest.to(device, non_blocking=True))
+        return PendingWrite(plan, num_block_frames, *(i.to(device, non_blocking=True) for i in indices))
 
     def write(self, layer: int, k: Tensor, v: Tensor, pending: PendingWrite) -> None:
         """Store the block's retained frames of post-RoPE ``k``, ``v``: ``[B, heads, F*tokens, head_dim]``."""
@@ -386,9 +389,8 @@ class KVCache:
             frame_positions: ``[F]`` long, RoPE temporal index of each frame of the block.
         """
         plan = pending.plan
-        frames = torch.tensor(plan.frames, device=self.slot_positions.device)
-        slots = torch.tensor(plan.slots, device=self.slot_positions.device)
-        self.slot_positions.index_copy_(0, slots, frame_positions.to(self.slot_positions.device)[frames])
+        self.slot_positions.index_copy_(0, pending.dest_slots, frame_positions.to(self.slot_positions.device)
+                                        [pending.kept_frames])
         for slot in plan.slots:
             self._valid[slot] = True
         self.valid_slots = tuple(i for i, ok in enumerate(self._valid) if ok)

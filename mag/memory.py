@@ -163,7 +163,7 @@ class MemoryWriter:
         if view is not None and not all(view[prefix:]):
             device = clean_block.device
             readable = view[prefix:]
-            cached = torch.tensor(readable, dtype=torch.bool, device=device).expand(frames, len(readable))
+            cached = torch.tensor(readable).to(device, non_blocking=True).expand(frames, len(readable))
             frame_mask = torch.cat([cached, torch.ones(frames, frames, dtype=torch.bool, device=device)], 1)
         zero = torch.zeros(batch, device=clean_block.device)
         with torch.no_grad(), cache.hiding_prefix(prefix):

@@ -79,7 +79,7 @@ def _token_index(frames: list[int], tokens_per_frame: int, device: torch.device)
     if frames == list(range(frames[0], frames[0] + len(frames))):
         return slice(frames[0] * tokens_per_frame, (frames[0] + len(frames)) * tokens_per_frame)
     tokens = torch.arange(tokens_per_frame)
-    return torch.cat([f * tokens_per_frame + tokens for f in frames]).to(device)
+    return torch.cat([f * tokens_per_frame + tokens for f in frames]).to(device, non_blocking=True)
 
 
 def _take(x: Tensor, index: TokenIndex) -> Tensor:
@@ -106,7 +106,7 @@ class AttentionMask:
                         grouped: bool) -> AttentionMask:
         """Build the dense or grouped form of ``frame_mask: [Fq, Fk]`` (grouped reads it on the host)."""
         if not grouped:
-            return cls(dense=expand_frame_mask(frame_mask.to(device), tokens_per_frame))
+            return cls(dense=expand_frame_mask(frame_mask.to(device, non_blocking=True), tokens_per_frame))
         rows = frame_mask.cpu().tolist()
         by_row: dict[tuple[bool, ...], list[int]] = {}
         for q, row in enumerate(rows):
@@ -124,7 +124,7 @@ class AttentionMask:
             position = torch.empty(len(query_frames), dtype=torch.long)
             position[torch.tensor(query_frames)] = torch.arange(len(query_frames))
             tokens = torch.arange(tokens_per_frame)
-            order = (position[:, None] * tokens_per_frame + tokens).flatten().to(device)
+            order = (position[:, None] * tokens_per_frame + tokens).flatten().to(device, non_blocking=True)
         return cls(groups=tuple(groups), order=order)
 
 

@@ -86,13 +86,8 @@ class RotaryEmbedding3D(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=self.cos.device)
-        angles = []
-        for axis_dim in rope_axis_dims(self.head_dim):
-            inv_freq = 1.0 / self.theta ** (
-                torch.arange(0, axis_dim, 2, dtype=torch.float64, device=self.cos.device) / axis_dim
-            )
-            angles.append(torch.outer(positions, inv_freq))
-        table = torch.cat(angles, dim=1)
+        table = torch.cat([torch.outer(positions, self._inverse_frequencies(axis_dim, self.cos.device))
+                           for axis_dim in rope_axis_dims(self.head_dim)], dim=1)
         self.cos.copy_(table.cos())
         self.sin.copy_(table.sin())
 
@@ -120,7 +115,7 @@ class RotaryEmbedding3D(nn.Module):
         else:
             batch = width_offsets.shape[0]
             columns = width_offsets.double()[:, :, None] + torch.arange(width, device=width_offsets.device)
-            angles = columns[..., None] * self.width_inv_freq().to(columns.device)      # [B, F, W, pairs]
+            angles = columns[..., None] * self.width_inv_freq(columns.device)      # [B, F, W, pairs]
             grid_shape = (batch, frames, height, width, -1)
             w_cos_grid = angles.cos().float()[:, :, None].expand(grid_shape)
             w_sin_grid = angles.sin().float()[:, :, None].expand(grid_shape)
@@ -134,10 +129,14 @@ class RotaryEmbedding3D(nn.Module):
             out.append(grid.reshape(*grid_shape[:-4], frames * height * width, -1))
         return out[0], out[1]
 
-    def width_inv_freq(self) -> Tensor:
-        """Inverse frequencies of the width axis (float64), as in the tables."""
-        axis_dim = rope_axis_dims(self.head_dim)[2]
-        return 1.0 / self.theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+    def width_inv_freq(self, device: torch.device | None = None) -> Tensor:
+        """Inverse frequencies of the width axis (float64), as in the tables, built on ``device`` (no copy:
+        a host-to-device copy per forward would sync the stream)."""
+        return self._inverse_frequencies(rope_axis_dims(self.head_dim)[2], device)
+
+    def _inverse_frequencies(self, axis_dim: int, device: torch.device | None) -> Tensor:
+        exponents = torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
+        return 1.0 / self.theta ** exponents
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
