@@ -104,3 +104,24 @@ def test_kernel_counter_counts_fused_attention_once_and_views_apart():
     assert counter.ops["aten.clone.default"] == 1
     assert counter.views >= 2
     assert counter.top(1)[0][1] == 1
+
+
+def test_count_kernels_script_counts_a_tiny_stream_without_syncs():
+    """scripts/count_kernels.py: one self- and one cross-attention kernel per layer and forward, no host sync,
+    and the same number of forwards per block for every policy (denoising steps + one write pass)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "count_kernels", Path(__file__).resolve().parents[1] / "scripts" / "count_kernels.py")
+    count_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count_kernels)
+    report = count_kernels.count("tiny", ["window", "mag"], torch.float32, warmup_blocks=2)
+    preset = get_preset("tiny")
+    steps = len(preset.scheduler.denoising_steps)
+    for row in report["policies"].values():
+        assert row["forwards"] == steps + 1
+        assert row["attention_kernels"] == 2 * preset.dit.num_layers * row["forwards"]
+        assert row["host_syncs"] == []
+        assert row["kernels"] > row["attention_kernels"] and row["dtype_casts"] >= 0
+    assert report["dtype"] == "float32" and report["machine"]["device"] == "meta"

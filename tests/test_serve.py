@@ -318,8 +318,11 @@ def test_serve_errors_are_one_line(case, tmp_path, capsys):
 def test_ctrl_c_stops_the_server_cleanly():
     command = [sys.executable, "-m", "mag", "serve", "--port", "0", "--policy", "window",
                "--memory-model", ""]
+    # A suite started in the background (`nohup make test &`) runs with SIGINT ignored, which children inherit
+    # and Python then keeps: give the server the default disposition, as a terminal would.
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith("mag serve: http://127.0.0.1:"), line + proc.stderr.read()

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSync", "HostSyncAudit", "HostSyncError", "KernelCounter", "VIEW_OPS"]
+__all__ = ["HostSync", "HostSyncAudit", "HostSyncError", "KernelCounter", "VIEW_OPS", "count_block_kernels"]
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,3 +204,28 @@ class KernelCounter(TorchDispatchMode):
     def top(self, k: int = 15) -> list[tuple[str, int]]:
         """The ``k`` most frequent kernel operators with their counts."""
         return [(op, n) for op, n in self.ops.most_common() if op not in VIEW_OPS][:k]
+
+
+def count_block_kernels(gen: Any, context: Tensor, *, warmup_blocks: int,
+                        width_offsets: Tensor | None = None) -> dict[str, Any]:
+    """Eager kernels and host syncs of one streamed block, after ``warmup_blocks`` blocks fill the cache.
+
+    ``gen`` is a :class:`~mag.pipelines.StreamingGenerator` reset for enough frames, its model on ``meta``
+    (or any device); ``context`` the prompt embeddings. Returns kernel / view / dtype-cast counts of the
+    block, per transformer layer and forward (denoising steps + the write pass, doubled under guidance), the
+    most frequent kernels, and the host syncs seen over every block streamed here.
+    """
+    audit = HostSyncAudit()
+    with audit:
+        gen.set_prompt(context, context if gen.sampler.uses_guidance else None)
+        for _ in range(warmup_blocks):
+            gen.generate_block(width_offsets=width_offsets)
+        with KernelCounter() as counter:
+            gen.generate_block(width_offsets=width_offsets)
+    forwards = gen.forwards_per_block
+    layer_forwards = forwards * gen.model.cfg.num_layers
+    return {"kernels": counter.kernels, "views": counter.views,
+            "dtype_casts": counter.ops["aten._to_copy.default"],
+            "attention_kernels": counter.ops["scaled_dot_product_attention"], "forwards": forwards,
+            "kernels_per_layer_forward": counter.kernels / layer_forwards,
+            "top_kernels": dict(counter.top(12)), "host_syncs": [str(s) for s in audit.syncs]}

@@ -35,6 +35,7 @@ from mag.models.layers import (
     FP32LayerNorm,
     RMSNorm,
     RotaryEmbedding3D,
+    gated_residual,
     init_linear_xavier,
     modulate,
     sinusoidal_embedding,
@@ -105,13 +106,13 @@ class WanBlock(nn.Module):
             return t.unflatten(1, (frames, -1))
 
         y = self.self_attn.o(attended)
-        x = (per_frame(x).float() + per_frame(y).float() * gate1).flatten(1, 2).type_as(x)
+        x = gated_residual(per_frame(x), per_frame(y), gate1).flatten(1, 2).type_as(x)
 
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
 
         h = modulate(per_frame(self.norm2(x)), shift2, scale2).flatten(1, 2).type_as(x)
         y = self.ffn(h)
-        return (per_frame(x).float() + per_frame(y).float() * gate2).flatten(1, 2).type_as(x)
+        return gated_residual(per_frame(x), per_frame(y), gate2).flatten(1, 2).type_as(x)
 
 
 class Head(nn.Module):

@@ -143,15 +143,25 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs of ``x: [B, H, N, D]`` by angles ``[N, D/2]`` or ``[B, N, D/2]``."""
     if cos.dim() == 3:  # per-sample angles (camera-anchored RoPE): broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    pairs = x.float().unflatten(-1, (-1, 2))
+    # The products run in float32 by type promotion (``cos``, ``sin`` are float32): the same values as
+    # ``x.float()`` first, without the extra full-size copy (GPU kernels cast as they load).
+    pairs = x.unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
 def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation ``norm(x) * (1 + scale) + shift`` in float32 (shift/scale broadcast per frame)."""
-    return normed.float() * (1 + scale) + shift
+    """adaLN modulation ``norm(x) * (1 + scale) + shift`` in float32 (shift/scale broadcast per frame).
+
+    ``scale`` is float32, so type promotion computes in float32 without a separate ``normed.float()`` copy.
+    """
+    return normed * (1 + scale.float()) + shift
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """``x + y * gate`` in float32 (``gate`` is float32; promotion casts ``x``, ``y`` inside the kernels)."""
+    return x + y * gate.float()
 
 
 def init_linear_xavier(module: nn.Module) -> None:
@@ -163,5 +173,5 @@ def init_linear_xavier(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["FP32LayerNorm", "RMSNorm", "RotaryEmbedding3D", "apply_rotary", "init_linear_xavier", "modulate",
-           "rope_axis_dims", "sinusoidal_embedding"]
+__all__ = ["FP32LayerNorm", "RMSNorm", "RotaryEmbedding3D", "apply_rotary", "gated_residual",
+           "init_linear_xavier", "modulate", "rope_axis_dims", "sinusoidal_embedding"]

@@ -242,6 +242,13 @@ class StreamingGenerator:
     def batch_size(self) -> int:
         return self._require_cache().batch_size
 
+    @property
+    def forwards_per_block(self) -> int:
+        """Network forwards a generated block costs: one per sampler step (two under guidance) and one write
+        pass per cache (the memory model's under ``mag`` / ``bounded``). Valid after :meth:`reset`."""
+        passes = 2 if self.uncond_cache is not None else 1
+        return passes * (len(self._steps) + 1)
+
     def _require_cache(self) -> KVCache:
         if self.cache is None:
             raise InputError("the stream is not started; call reset(batch_size, horizon_frames) first")
