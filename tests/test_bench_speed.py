@@ -363,3 +363,14 @@ def test_wan_bounded_ring_costs_the_window_and_is_full_within_120_video_frames()
     curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [120, 1000, 10000]))
     per_frame = speed.kv_bytes_per_frame(preset, KV_DTYPE)
     assert curve[120] == curve[1000] == curve[10000] == window_frames * per_frame
+
+
+def test_tiny_bounded_ring_is_full_by_frame_100():
+    """The tiny preset's ring (the shipped models' too) is full by frame 100, so the bounded stream's KV, and
+    with it its per-block cost, is the same at 100 and at 10,000 frames (issue 8's flat-latency target)."""
+    preset = speed.speed_preset("tiny")
+    cache = preset.cache
+    bounded = MagPolicy(cache.memory_sink_frames, cache.memory_slots)
+    curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [99, 100, 1000, 10000]))
+    full_ring = (cache.memory_sink_frames + cache.memory_slots) * speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    assert curve[99] == curve[100] == curve[1000] == curve[10000] == full_ring

@@ -124,3 +124,25 @@ def test_grouped_and_dense_mask_paths_agree(make_dit):
     assert (dense - bidirectional).abs().max() > 1e-3
     with pytest.raises(InputError, match="attend to no key frame"):
         model(x, t, ctx, frame_mask=torch.zeros(6, 6, dtype=torch.bool))
+
+
+def test_float32_math_by_type_promotion_is_bit_identical_to_explicit_casts():
+    """modulate, gated_residual and apply_rotary skip the full-size ``.float()`` copies of their bf16 inputs
+    and let promotion compute in float32: the results must be exactly those of casting first."""
+    from mag.models.layers import apply_rotary, gated_residual, modulate
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 16, generator=gen).bfloat16()
+    y = torch.randn(2, 3, 5, 16, generator=gen).bfloat16()
+    shift, scale, gate = (torch.randn(2, 3, 1, 16, generator=gen) for _ in range(3))
+    assert torch.equal(modulate(x, shift, scale), x.float() * (1 + scale) + shift)
+    assert torch.equal(gated_residual(x, y, gate), x.float() + y.float() * gate)
+    assert modulate(x, shift, scale).dtype == gated_residual(x, y, gate).dtype == torch.float32
+
+    q = torch.randn(2, 4, 6, 8, generator=gen).bfloat16()
+    angles = torch.randn(6, 4, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    pairs = q.float().unflatten(-1, (-1, 2))
+    expected = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
+                            pairs[..., 0] * sin + pairs[..., 1] * cos], dim=-1).flatten(-2).bfloat16()
+    assert torch.equal(apply_rotary(q, cos, sin), expected)
