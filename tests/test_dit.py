@@ -146,3 +146,20 @@ def test_float32_math_by_type_promotion_is_bit_identical_to_explicit_casts():
     expected = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
                             pairs[..., 0] * sin + pairs[..., 1] * cos], dim=-1).flatten(-2).bfloat16()
     assert torch.equal(apply_rotary(q, cos, sin), expected)
+
+
+def test_bf16_model_keeps_float32_rope_tables(tiny_dit_cfg):
+    """``model.to(torch.bfloat16)`` casts every float buffer; the RoPE tables must stay float32 (Wan rotates
+    in float32), also through the meta-device build and ``to_empty``."""
+    direct = WanDiT(tiny_dit_cfg).to(torch.bfloat16)
+    with torch.device("meta"):
+        built = WanDiT(tiny_dit_cfg).to(torch.bfloat16)
+    built.to_empty(device="cpu")
+    built.init_weights()
+    fp32 = WanDiT(tiny_dit_cfg)
+    for model in (direct, built):
+        assert model.rope.cos.dtype == model.rope.sin.dtype == torch.float32
+        assert torch.equal(model.rope.cos, fp32.rope.cos) and torch.equal(model.rope.sin, fp32.rope.sin)
+        assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    cos, _ = direct.rope(torch.arange(3), 2, 2)
+    assert cos.dtype == torch.float32

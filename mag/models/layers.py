@@ -6,6 +6,8 @@ weights run in bf16; these helpers do the same so a bf16 model matches the origi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,6 +85,17 @@ class RotaryEmbedding3D(nn.Module):
         if self.cos.device.type != "meta":
             self.reset_parameters()
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding3D:
+        """Follow the model's device moves but not its dtype casts: the tables stay float32, so a bf16 model
+        rotates in float32 as Wan does (``model.to(torch.bfloat16)`` would round cos/sin to bf16)."""
+        tables = {"cos": self.cos, "sin": self.sin}
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            moved = getattr(self, name)
+            if moved.dtype != table.dtype:
+                setattr(self, name, table.to(device=moved.device))
+        return self
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=self.cos.device)
@@ -145,6 +158,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cos, sin = cos[:, None], sin[:, None]
     # The products run in float32 by type promotion (``cos``, ``sin`` are float32): the same values as
     # ``x.float()`` first, without the extra full-size copy (GPU kernels cast as they load).
+    cos, sin = cos.float(), sin.float()  # no-ops for the float32 tables RotaryEmbedding3D keeps
     pairs = x.unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
