@@ -163,3 +163,27 @@ def test_bf16_model_keeps_float32_rope_tables(tiny_dit_cfg):
         assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
     cos, _ = direct.rope(torch.arange(3), 2, 2)
     assert cos.dtype == torch.float32
+
+
+def test_bf16_model_computes_time_embedding_and_head_in_float32(tiny_dit_cfg):
+    """As in Wan: a bf16 model's time embedding and projection (hence every modulation) and its output head
+    run in float32, so they equal a float32 model's with the same (bf16-rounded) weights exactly."""
+    from mag.models.layers import sinusoidal_embedding
+
+    torch.manual_seed(0)
+    fp32 = WanDiT(tiny_dit_cfg)
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.copy_((torch.randn_like(p) * 0.3).bfloat16().float())
+    bf16 = WanDiT(tiny_dit_cfg)
+    bf16.load_state_dict(fp32.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    t_emb = sinusoidal_embedding(torch.tensor([[999.0, 500.0, 3.0]]), tiny_dit_cfg.freq_dim)
+    e = bf16.time_embedding(t_emb)
+    assert e.dtype == torch.float32 and torch.equal(e, fp32.time_embedding(t_emb))
+    assert torch.equal(bf16.time_projection(e), fp32.time_projection(e))
+    # The head's LayerNorm output is rounded to the activations' dtype, as Wan's is; the rest is float32.
+    tokens = torch.randn(1, 3 * 4, tiny_dit_cfg.dim).bfloat16()
+    out = bf16.head(tokens, e)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fp32.head(tokens.float(), e), rtol=2e-2, atol=2e-2)

@@ -13,7 +13,8 @@ Reads top to bottom like Wan's architecture:
 
 Modulation ``mod(y) = y * (1 + scale) + shift`` is per latent frame: each frame's tokens use the
 shift/scale/gate of that frame's timestep, which is what ``[clean ; noisy]`` sequences and
-teacher forcing need. Norms, modulation and residual gating run in float32 as in Wan.
+teacher forcing need. As in Wan, a bf16 model still computes in float32 its time embedding and projection,
+norms, modulation, residual gating, RoPE (float32 tables) and output head; the output is float32.
 Parameter names are the original Wan2.1 names, so original checkpoints load with an identity map.
 The output is the raw network output; ``cfg.prediction`` is interpreted by the scheduler.
 """
@@ -32,11 +33,13 @@ from mag.config import DiTConfig
 from mag.errors import ConfigError, InputError
 from mag.models.attention import AttentionMask, CrossAttention, CrossAttentionCache, SelfAttention
 from mag.models.layers import (
+    Float32Sequential,
     FP32LayerNorm,
     RMSNorm,
     RotaryEmbedding3D,
     gated_residual,
     init_linear_xavier,
+    linear_float32,
     modulate,
     sinusoidal_embedding,
 )
@@ -128,7 +131,7 @@ class Head(nn.Module):
         """``x: [B, F*T, dim]``, ``e: [B, F, dim]`` time embedding -> ``[B, F*T, C_out * patch volume]``."""
         shift, scale = (self.modulation + e.float().unsqueeze(2)).unsqueeze(3).unbind(2)
         h = modulate(self.norm(x).unflatten(1, (e.shape[1], -1)), shift, scale).flatten(1, 2)
-        return self.head(h.type_as(x))
+        return linear_float32(self.head, h)  # float32 output, as Wan's head
 
 
 class WanDiT(nn.Module):
@@ -152,8 +155,8 @@ class WanDiT(nn.Module):
                                          stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, BLOCK_MODULATIONS * dim))
+        self.time_embedding = Float32Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = Float32Sequential(nn.SiLU(), nn.Linear(dim, BLOCK_MODULATIONS * dim))
         # No bias: ``actions=None`` is then exactly the zero action.
         self.action_embedding = nn.Linear(cfg.action_dim, dim, bias=False) if cfg.action_dim > 0 else None
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
@@ -255,9 +258,9 @@ class WanDiT(nn.Module):
 
         # Time (and action) embedding per frame, then the 6-way block modulation.
         param_dtype = self.patch_embedding.weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(param_dtype))
+        e = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))  # float32, as in Wan
         e = e + self._action_embedding(actions, batch, frames, param_dtype)
-        e0 = self.time_projection(e).unflatten(-1, (BLOCK_MODULATIONS, cfg.dim)).float()
+        e0 = self.time_projection(e).unflatten(-1, (BLOCK_MODULATIONS, cfg.dim))
 
         tokens = self.patch_embedding(x.transpose(1, 2).to(param_dtype)).flatten(2).transpose(1, 2)
         offsets = self._width_offsets(width_offsets, batch, frames, x.device)

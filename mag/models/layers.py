@@ -42,6 +42,23 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
+def linear_float32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in float32 whatever the weights' dtype (Wan runs these layers under autocast(float32))."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class Float32Sequential(nn.Sequential):
+    """An ``nn.Sequential`` of Linears and activations evaluated in float32 (the time embedding and
+    projection: Wan asserts both are float32, so a bf16 model's modulation is not rounded to bf16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        for layer in self:
+            x = linear_float32(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+        return x
+
+
 def sinusoidal_embedding(timestep: Tensor, dim: int) -> Tensor:
     """Wan's timestep embedding: ``[cos(t w_i), sin(t w_i)]`` with ``w_i = 10000^(-i / (dim/2))``.
 
@@ -187,5 +204,6 @@ def init_linear_xavier(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["FP32LayerNorm", "RMSNorm", "RotaryEmbedding3D", "apply_rotary", "gated_residual",
-           "init_linear_xavier", "modulate", "rope_axis_dims", "sinusoidal_embedding"]
+__all__ = ["FP32LayerNorm", "Float32Sequential", "RMSNorm", "RotaryEmbedding3D", "apply_rotary",
+           "gated_residual", "init_linear_xavier", "linear_float32", "modulate", "rope_axis_dims",
+           "sinusoidal_embedding"]
