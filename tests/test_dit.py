@@ -129,7 +129,7 @@ def test_grouped_and_dense_mask_paths_agree(make_dit):
 def test_float32_math_by_type_promotion_is_bit_identical_to_explicit_casts():
     """modulate, gated_residual and apply_rotary skip the full-size ``.float()`` copies of their bf16 inputs
     and let promotion compute in float32: the results must be exactly those of casting first."""
-    from mag.models.layers import apply_rotary, gated_residual, modulate
+    from mag.models.layers import apply_rotary, gated_residual, modulate, rotation_tables
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 5, 16, generator=gen).bfloat16()
@@ -139,13 +139,17 @@ def test_float32_math_by_type_promotion_is_bit_identical_to_explicit_casts():
     assert torch.equal(gated_residual(x, y, gate), x.float() + y.float() * gate)
     assert modulate(x, shift, scale).dtype == gated_residual(x, y, gate).dtype == torch.float32
 
-    q = torch.randn(2, 4, 6, 8, generator=gen).bfloat16()
-    angles = torch.randn(6, 4, generator=gen)
-    cos, sin = angles.cos(), angles.sin()
-    pairs = q.float().unflatten(-1, (-1, 2))
-    expected = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
-                            pairs[..., 0] * sin + pairs[..., 1] * cos], dim=-1).flatten(-2).bfloat16()
-    assert torch.equal(apply_rotary(q, cos, sin), expected)
+    # RoPE as x * cos + swap(x) * signed sin over full-width tables: the textbook pairwise rotation exactly,
+    # with shared [N, D/2] angles and with per-sample (camera-anchored) [B, N, D/2] angles.
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.randn(2, 4, 6, 8, generator=gen).to(dtype)
+        for angles in (torch.randn(6, 4, generator=gen), torch.randn(2, 6, 4, generator=gen)):
+            cos, sin = angles.cos(), angles.sin()
+            c, s_ = (cos[:, None], sin[:, None]) if angles.dim() == 3 else (cos, sin)
+            pairs = q.float().unflatten(-1, (-1, 2))
+            expected = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s_,
+                                    pairs[..., 0] * s_ + pairs[..., 1] * c], dim=-1).flatten(-2).to(dtype)
+            assert torch.equal(apply_rotary(q, *rotation_tables(cos, sin)), expected)
 
 
 def test_bf16_model_keeps_float32_rope_tables(tiny_dit_cfg):

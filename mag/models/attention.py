@@ -235,7 +235,7 @@ class SelfAttention(AttentionProjections):
 
         Args:
             x: ``[B, N, dim]`` current tokens (frame-major).
-            rope: ``(cos, sin)`` ``[N, head_dim / 2]`` for the current tokens.
+            rope: ``(cos, sin)`` tables of :func:`~mag.models.layers.rotation_tables` for the current tokens.
             attn_mask: mask over ``[N_cached + N]`` keys, or None (attend to everything).
             kv_cache: read (and, with ``pending``, written) at index ``layer``.
         Returns:

@@ -41,6 +41,7 @@ from mag.models.layers import (
     init_linear_xavier,
     linear_float32,
     modulate,
+    rotation_tables,
     sinusoidal_embedding,
 )
 
@@ -264,7 +265,7 @@ class WanDiT(nn.Module):
 
         tokens = self.patch_embedding(x.transpose(1, 2).to(param_dtype)).flatten(2).transpose(1, 2)
         offsets = self._width_offsets(width_offsets, batch, frames, x.device)
-        rope = self.rope(positions, grid_h, grid_w, offsets)
+        rope = rotation_tables(*self.rope(positions, grid_h, grid_w, offsets))  # once for all layers
 
         cached_frames = 0
         if kv_cache is not None:

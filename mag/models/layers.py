@@ -169,17 +169,26 @@ class RotaryEmbedding3D(nn.Module):
         return 1.0 / self.theta ** exponents
 
 
+def rotation_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Full-width float32 tables for :func:`apply_rotary`, built once per forward from the half-width angles
+    ``[..., N, D/2]``: ``cos`` repeated per channel pair, and ``sin`` with the sign of each pair's slot
+    (``-sin`` on the even channel, ``+sin`` on the odd one), each ``[..., N, D]``."""
+    cos, sin = cos.float(), sin.float()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs of ``x: [B, H, N, D]`` by angles ``[N, D/2]`` or ``[B, N, D/2]``."""
+    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x: [B, H, N, D]`` by the tables of
+    :func:`rotation_tables` (``[N, D]``, or ``[B, N, D]`` for per-sample camera-anchored angles).
+
+    ``x * cos + swap(x) * sin``, with ``swap`` exchanging the two channels of each pair, is value for value
+    the textbook ``(x1 cos - x2 sin, x1 sin + x2 cos)`` (negation is exact, addition commutes) in 5 kernels
+    instead of 8; the products run in float32 by type promotion (GPU kernels cast ``x`` as they load).
+    """
     if cos.dim() == 3:  # per-sample angles (camera-anchored RoPE): broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    # The products run in float32 by type promotion (``cos``, ``sin`` are float32): the same values as
-    # ``x.float()`` first, without the extra full-size copy (GPU kernels cast as they load).
-    cos, sin = cos.float(), sin.float()  # no-ops for the float32 tables RotaryEmbedding3D keeps
-    pairs = x.unflatten(-1, (-1, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x * cos + swapped * sin).type_as(x)
 
 
 def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -206,4 +215,4 @@ def init_linear_xavier(module: nn.Module) -> None:
 
 __all__ = ["FP32LayerNorm", "Float32Sequential", "RMSNorm", "RotaryEmbedding3D", "apply_rotary",
            "gated_residual", "init_linear_xavier", "linear_float32", "modulate", "rope_axis_dims",
-           "sinusoidal_embedding"]
+           "rotation_tables", "sinusoidal_embedding"]
