@@ -61,6 +61,7 @@ def test_audit_catches_each_kind_of_sync():
         torch.tensor([1, 2], device=META)                 # host data built on the device: blocking copy
         torch.arange(3).to(META)                          # host tensor moved without non_blocking
         torch.arange(3).to(META, non_blocking=True)       # fine
+        torch.arange(3).to(META, torch.float32, True)     # fine: non_blocking given by position
         on_device.new_zeros(2).copy_(torch.ones(2))       # blocking copy into a device tensor
         torch.arange(3).to(torch.float64)                 # dtype only: fine
     assert [s.operation.split()[0] for s in audit.syncs] == [

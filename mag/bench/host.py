@@ -132,7 +132,8 @@ class HostSyncAudit(TorchFunctionMode):
             target = torch.device("cuda") if func is Tensor.cuda else _target_device(args, kwargs)
             if target is None or target == args[0].device:
                 return None
-            if args[0].device.type == "cpu" and not kwargs.get("non_blocking", False):
+            non_blocking = kwargs.get("non_blocking", any(a is True for a in args[1:]))  # also positional
+            if args[0].device.type == "cpu" and not non_blocking:
                 return f"{name} host -> {target} without non_blocking is a blocking copy"
             if target.type == "cpu":
                 return f"{name} device -> host reads a device value on the host"
