@@ -246,7 +246,8 @@ def _stream(model, memory, preset, name: str, blocks: int) -> torch.Tensor:
 
 
 def _compiled_graphs(preset) -> int:
-    """Graphs dynamo builds for a 2-block window stream of a compiled random model of ``preset``."""
+    """Graphs dynamo builds for a 2-block window stream of a compiled random model of ``preset`` (asserting
+    that no region breaks its graph: a break would leave eager gaps, and CUDA graphs, inside a region)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -255,6 +256,7 @@ def _compiled_graphs(preset) -> int:
     compile_model(model, backend="aot_eager")
     _stream(model, None, preset, "window", blocks=2)
     graphs = counters["stats"]["unique_graphs"]
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
     return graphs
 
@@ -285,9 +287,13 @@ def test_unknown_compile_mode_is_a_config_error():
 
 
 def test_compiled_layers_share_their_graphs():
-    """One graph per region serves every layer: a deeper model compiles no more graphs."""
+    """One graph per compiled region serves every layer and every block (no graph breaks, no recompiles: the
+    first layer's input has the others' strides), so a deeper model compiles no more graphs."""
+    from mag.models.compile import COMPILED_BLOCK_METHODS, COMPILED_MODEL_PARTS
+
     shallow, deep = (get_preset("tiny", **{"dit.num_layers": n}) for n in (2, 6))
-    assert _compiled_graphs(shallow) == _compiled_graphs(deep)
+    regions = len(COMPILED_BLOCK_METHODS) + len(COMPILED_MODEL_PARTS)
+    assert _compiled_graphs(shallow) == _compiled_graphs(deep) == regions
 
 
 @needs_inductor

@@ -263,7 +263,9 @@ class WanDiT(nn.Module):
         e = e + self._action_embedding(actions, batch, frames, param_dtype)
         e0 = self.time_projection(e).unflatten(-1, (BLOCK_MODULATIONS, cfg.dim))
 
-        tokens = self.patch_embedding(x.transpose(1, 2).to(param_dtype)).flatten(2).transpose(1, 2)
+        # Contiguous: every layer gets the same strides, so a compiled block region has one graph, not two.
+        patches = self.patch_embedding(x.transpose(1, 2).to(param_dtype))
+        tokens = patches.flatten(2).transpose(1, 2).contiguous()
         offsets = self._width_offsets(width_offsets, batch, frames, x.device)
         rope = rotation_tables(*self.rope(positions, grid_h, grid_w, offsets))  # once for all layers
 
