@@ -2,17 +2,18 @@
 # One prepared speed benchmark for a lent GPU (H100/H200), issue 8: Wan-1.3B shape, 480x832, 4 steps, bf16,
 # random weights; policies full, window, downsample, mag, bounded, each without and with torch.compile (every
 # block but its cached attention), ROUNDS interleaved rounds per run (fps = median, same-round ratios to
-# window), plus a torch.profiler table per policy in the eager run. Finishes within 8 minutes: every run is
+# window), plus a torch.profiler table per policy in the eager run. Finishes within 9.5 minutes: every run is
 # guarded by `timeout` (SIGINT first, so the JSON keeps the rounds that finished).
 #
 # Usage (from the repository root; the package need not be installed, no network needed):
 #   bash scripts/gpu_bench.sh [OUT_DIR]          # default bench/results/speed/gpu
 # Environment: FRAMES (video frames per stream, default 120 -> 33 latent frames = 11 blocks), ROUNDS (default 2),
-#              PROFILE_BLOCKS (default 3), ATTENTION (backend of the last run, default cudnn), EAGER_S /
-#              COMPILE_S / GRAPHS_S / ATTENTION_S (timeouts in seconds, default 150 / 200 / 130 / 80),
+#              PROFILE_BLOCKS (default 3), ATTENTION (backend of the last run, default cudnn), SYNC_S / EAGER_S /
+#              COMPILE_S / GRAPHS_S / ATTENTION_S (timeouts in seconds, default 30 / 145 / 190 / 120 / 75),
 #              PYTHON (default python3).
-# Writes OUT_DIR/wan-1.3b-{eager,compile,cudagraphs,attention}.{json,png,log} and OUT_DIR/machine.txt (SMOKE=1:
-# the tiny preset on the CPU under the same names).
+# First, scripts/sync_check.py streams every policy with CUDA's sync check set to "error" (2 layers, seconds).
+# Writes OUT_DIR/sync-check.{json,log}, OUT_DIR/wan-1.3b-{eager,compile,cudagraphs,attention}.{json,png,log} and
+# OUT_DIR/machine.txt (SMOKE=1: the tiny preset on the CPU under the same names, the sync check on meta).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/speed/gpu}
@@ -20,19 +21,22 @@ OUT=${1:-bench/results/speed/gpu}
 # without a GPU (tests/test_bench_speed.py does).
 if [[ "${SMOKE:-0}" == 1 ]]; then
   MODEL_ARGS=(--preset tiny --device cpu --dtype float32 --threads 1)
+  SYNC_ARGS=(--preset tiny --device meta --dtype float32)
   FRAMES=${FRAMES:-6}
   ATTENTION=${ATTENTION:-flash}
 else
   MODEL_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832)
+  SYNC_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16)
   FRAMES=${FRAMES:-120}
   ATTENTION=${ATTENTION:-cudnn}
 fi
 ROUNDS=${ROUNDS:-2}
 PROFILE_BLOCKS=${PROFILE_BLOCKS:-3}
-EAGER_S=${EAGER_S:-150}
-COMPILE_S=${COMPILE_S:-200}
-GRAPHS_S=${GRAPHS_S:-130}
-ATTENTION_S=${ATTENTION_S:-80}
+SYNC_S=${SYNC_S:-30}
+EAGER_S=${EAGER_S:-145}
+COMPILE_S=${COMPILE_S:-190}
+GRAPHS_S=${GRAPHS_S:-120}
+ATTENTION_S=${ATTENTION_S:-75}
 PYTHON=${PYTHON:-python3}
 # Grace period after SIGINT before SIGKILL (the JSON is written after each policy, so little is lost).
 KILL_AFTER_S=15
@@ -68,6 +72,12 @@ run() {  # run NAME TIMEOUT_S [extra args...]
   tail -n 12 "$OUT/$name.log"
   log "end $name: exit $rc$([ "$rc" = 124 ] || [ "$rc" = 130 ] && echo ' (timed out; JSON keeps finished policies)')"
 }
+
+log "start sync-check (timeout ${SYNC_S}s)"
+timeout --signal=INT --kill-after="$KILL_AFTER_S" "$SYNC_S" env PYTHONPATH=. "$PYTHON" scripts/sync_check.py \
+  "${SYNC_ARGS[@]}" --json-out "$OUT/sync-check.json" > "$OUT/sync-check.log" 2>&1
+log "end sync-check: exit $? (0: no policy synced)"
+cat "$OUT/sync-check.log"
 
 run wan-1.3b-eager "$EAGER_S" --profile-blocks "$PROFILE_BLOCKS"
 run wan-1.3b-compile "$COMPILE_S" --compile

@@ -333,6 +333,8 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path):
     assert list(runs["cudagraphs"]["policies"]) == list(runs["attention"]["policies"]) == ["window", "mag"]
     assert runs["attention"]["attention"] == "flash"
     assert (tmp_path / "machine.txt").is_file() and (tmp_path / "wan-1.3b-eager.png").is_file()
+    sync = json.loads((tmp_path / "sync-check.json").read_text())
+    assert sync["device"] == "meta" and set(sync["policies"].values()) == {"no host sync"}
 
 
 def test_latency_model_recovers_a_known_line_from_replayed_cache_sizes():

@@ -126,3 +126,31 @@ def test_count_kernels_script_counts_a_tiny_stream_without_syncs():
         assert row["host_syncs"] == []
         assert row["kernels"] > row["attention_kernels"] and row["dtype_casts"] >= 0
     assert report["dtype"] == "float32" and report["machine"]["device"] == "meta"
+
+
+def test_sync_check_script_passes_the_stream_and_catches_a_planted_sync(monkeypatch):
+    """scripts/sync_check.py (what a lent GPU runs with CUDA's own check): clean on every policy as shipped,
+    and a cache commit that makes a blocking host-to-device copy is reported for every policy."""
+    import importlib.util
+    from pathlib import Path
+
+    from mag.cache import KVCache
+
+    spec = importlib.util.spec_from_file_location(
+        "sync_check", Path(__file__).resolve().parents[1] / "scripts" / "sync_check.py")
+    sync_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_check)
+    clean = sync_check.check("tiny", 1, META, torch.float32, blocks=2)
+    assert set(clean["policies"]) == {"full", "window", "downsample", "mag", "bounded"}
+    assert set(clean["policies"].values()) == {"no host sync"}
+
+    commit = KVCache.commit
+
+    def commit_with_blocking_copy(self, pending, frame_positions):
+        commit(self, pending, frame_positions)
+        torch.tensor(list(pending.plan.slots), device=self.slot_positions.device)
+
+    monkeypatch.setattr(KVCache, "commit", commit_with_blocking_copy)
+    planted = sync_check.check("tiny", 1, META, torch.float32, blocks=2)
+    assert all(r.startswith("SYNC: HostSyncError") and "blocking host-to-device copy" in r
+               for r in planted["policies"].values())
