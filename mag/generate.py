@@ -289,7 +289,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
-    check_policy_name(args.policy)
+    check_policy_name(args.policy, has_memory_model=bool(args.memory_model))  # before any model loads
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
     if args.actions is not None and args.velocity is not None:

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from mag.memory import load_memory_model
+from mag.bench.common import load_memory_for, text_cache
 from mag.pipelines import StreamingGenerator, policy_from_name
 from mag.pipelines.streaming import load_generator
-from mag.train.stages import prompt_cache
 
 PROMPT = "a camera panning slowly across a quiet desert at dusk with dunes, rocks and cacti"
 
@@ -33,10 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, preset, meta = load_generator(args.model)
-    memory = load_memory_model(args.memory_model)[0]
-    mode = (meta.get("recipe") or {}).get("data", {}).get("text_mode", "pooled")
-    text = prompt_cache(preset.text_encoder, mode)
-    context, empty = text.get([PROMPT]), text.get([""])
+    memory, _, empty = load_memory_for(args.memory_model, preset, "cpu")
+    context = text_cache(preset, meta).get([PROMPT])
     block = preset.cache.frames_per_block
     for name in args.policies.split(","):
         policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)

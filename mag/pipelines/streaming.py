@@ -119,24 +119,24 @@ def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None =
     with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing.
     """
     cache = preset.cache
+    check_policy_name(name)
     if name == "full":
         return FullPolicy()
     if name == "window":
         return WindowPolicy(cache.sink_frames, cache.window_frames)
     if name == "downsample":
         return DownsamplePolicy(cache.memory_sink_frames)
-    if name in MEMORY_MODEL_POLICIES:
-        if memory_model is None or empty_context is None:
-            missing = "memory_model" if memory_model is None else "empty_context"
-            raise ConfigError(
-                f"policy {name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
-                f" given): policy_from_name({name!r}, preset, memory_model=load_memory_model(path)[0],"
-                " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
-                f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
-            )
-        slots = cache.memory_slots if name == "bounded" else None
-        return MagPolicy(cache.memory_sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
-    raise ConfigError(f"unknown cache policy {name!r}; available policies: {', '.join(AVAILABLE_POLICIES)}")
+    # mag / bounded (the names check_policy_name lets through that are left)
+    if memory_model is None or empty_context is None:
+        missing = "memory_model" if memory_model is None else "empty_context"
+        raise ConfigError(
+            f"policy {name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
+            f" given): policy_from_name({name!r}, preset, memory_model=load_memory_model(path)[0],"
+            " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
+            f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
+        )
+    slots = cache.memory_slots if name == "bounded" else None
+    return MagPolicy(cache.memory_sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
 
 
 # ---------------------------------------------------------------------------------------------
