@@ -289,9 +289,9 @@ def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = D
     within = within_window(episode.frame_indices, episode.history_match, preset.cache)
     frames, summaries = {}, {}
     with tqdm(total=blocks * len(policies), desc="mag demo", unit="block", disable=not progress) as bar:
-        for name, policy in policies.items():
+        for name, (policy, writer) in policies.items():
             bar.set_postfix_str(name)
-            gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler)
+            gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler, writer=writer)
             noise = torch.Generator(device=gen.device).manual_seed(seed)
             pred = stream_episodes(gen, codec, [episode], context, False, noise,
                                    on_block=lambda: bar.update())

@@ -181,18 +181,24 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
 
     from mag.bench.common import synchronize
     from mag.codecs import get_codec_for, tensor_to_frames
-    from mag.pipelines import StreamingGenerator, check_policy_name, compile_stream, policy_from_name
+    from mag.pipelines import (
+        StreamingGenerator,
+        check_policy_name,
+        compile_stream,
+        policy_from_name,
+        writer_for,
+    )
     from mag.world import camera_track
 
     preset, model = loaded.preset, loaded.model
     check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
-    policy = policy_from_name(policy_name, preset, memory_model=loaded.memory,
-                              empty_context=loaded.empty_context)
+    policy = policy_from_name(policy_name, preset)
+    writer = writer_for(policy, memory_model=loaded.memory, empty_context=loaded.empty_context)
     block = preset.cache.frames_per_block
     count = int(velocities.shape[0])
     padded = block * math.ceil(count / block)
     moves = np.concatenate([velocities, np.repeat(velocities[-1:], padded - count)])
-    gen = StreamingGenerator.for_preset(model, preset, policy, sampler=sampler)
+    gen = StreamingGenerator.for_preset(model, preset, policy, sampler=sampler, writer=writer)
     device = gen.device
     offsets = None
     if preset.dit.camera_rope:

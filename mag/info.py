@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mag.cache import KV_TENSORS
+from mag.cache import kv_bytes_per_frame
 from mag.config import Preset, get_preset
 from mag.models import WanDiT, count_parameters
 
@@ -34,7 +34,7 @@ def preset_info(preset: Preset) -> dict[str, Any]:
         "text_dim": dit.text_dim,
         "frames_per_block": preset.cache.frames_per_block,
         # K and V, every layer, every token of one latent frame, batch 1.
-        "kv_bytes_per_frame_bf16": KV_TENSORS * dit.num_layers * tokens * dit.dim * KV_DTYPE.itemsize,
+        "kv_bytes_per_frame_bf16": kv_bytes_per_frame(dit, tokens, KV_DTYPE),
     }
 
 

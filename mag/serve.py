@@ -131,7 +131,13 @@ class LiveStream:
         import torch
 
         from mag.codecs import get_codec_for
-        from mag.pipelines import StreamingGenerator, check_policy_name, compile_stream, policy_from_name
+        from mag.pipelines import (
+            StreamingGenerator,
+            check_policy_name,
+            compile_stream,
+            policy_from_name,
+            writer_for,
+        )
 
         preset = loaded.preset
         check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
@@ -146,9 +152,10 @@ class LiveStream:
         self.max_px = float(preset.video.width)
         self.patch_px = preset.dit.patch_size[2]
         self.camera_rope = preset.dit.camera_rope
-        policy = policy_from_name(policy_name, preset, memory_model=loaded.memory,
-                                  empty_context=loaded.empty_context)
-        self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy, sampler=sampler)
+        policy = policy_from_name(policy_name, preset)
+        writer = writer_for(policy, memory_model=loaded.memory, empty_context=loaded.empty_context)
+        self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy, sampler=sampler,
+                                                       writer=writer)
         self.codec = get_codec_for(preset.video)
         self.noise = torch.Generator(device=self.generator.device).manual_seed(seed)
         self._cond = threading.Condition()

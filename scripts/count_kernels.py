@@ -18,7 +18,7 @@ import torch
 from mag.bench.common import machine_info
 from mag.bench.host import count_block_kernels
 from mag.bench.speed import random_model, speed_preset
-from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name
+from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name, writer_for
 from mag.train.checkpoint import git_commit
 
 META = torch.device("meta")
@@ -33,9 +33,9 @@ def count(preset_name: str, policies: list[str], dtype: torch.dtype, warmup_bloc
     offsets = torch.zeros(1, preset.cache.frames_per_block, device=META) if preset.dit.camera_rope else None
     rows = {}
     for name in policies:
-        policy = policy_from_name(check_policy_name(name), preset, memory_model=memory_model,
-                                  empty_context=context)
-        gen = StreamingGenerator.for_preset(generator, preset, policy)
+        policy = policy_from_name(check_policy_name(name), preset)
+        writer = writer_for(policy, memory_model=memory_model, empty_context=context)
+        gen = StreamingGenerator.for_preset(generator, preset, policy, writer=writer)
         gen.reset(1, (warmup_blocks + 1) * preset.cache.frames_per_block)
         rows[name] = count_block_kernels(gen, context, warmup_blocks=warmup_blocks, width_offsets=offsets)
     return {"preset": preset.name, "dtype": str(dtype).removeprefix("torch."), "warmup_blocks": warmup_blocks,

@@ -1,7 +1,7 @@
 """Fit per-block latency = a + c x (frames of keys the block attends to) over the policies of a speed run.
 
 The cached-frame count before each block follows from the policy's own write plans, replayed on the host
-(:func:`mag.bench.speed.retained_frames`, as for the benchmark's KV curve);
+(:func:`mag.cache.retained_frames`, as for the benchmark's KV curve);
 the block's own frames are added. One least-squares line over every block of every policy separates the cost
 that does not depend on the cache (``a``: linear layers, norms, elementwise work, launches) from the cost per
 frame of keys (``c``: attention over cached tokens), and says how far each policy's mean is from the line.
@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mag.bench.speed import retained_frames
-from mag.cache import CachePolicy, MagPolicy
+from mag.cache import CachePolicy, MagPolicy, retained_frames
 from mag.config import CacheConfig, Preset, get_preset
 from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, policy_from_name
 

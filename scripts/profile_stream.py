@@ -15,7 +15,7 @@ import time
 import torch
 
 from mag.bench.common import load_memory_for, text_cache
-from mag.pipelines import StreamingGenerator, policy_from_name
+from mag.pipelines import StreamingGenerator, policy_from_name, writer_for
 from mag.pipelines.streaming import load_generator
 
 PROMPT = "a camera panning slowly across a quiet desert at dusk with dunes, rocks and cacti"
@@ -36,8 +36,9 @@ def main() -> None:
     context = text_cache(preset, meta).get([PROMPT])
     block = preset.cache.frames_per_block
     for name in args.policies.split(","):
-        policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)
-        gen = StreamingGenerator.for_preset(model, preset, policy)
+        policy = policy_from_name(name, preset)
+        writer = writer_for(policy, memory_model=memory, empty_context=empty)
+        gen = StreamingGenerator.for_preset(model, preset, policy, writer=writer)
 
         def stream(gen: StreamingGenerator = gen) -> None:
             gen.reset(1, args.blocks * block)

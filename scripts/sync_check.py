@@ -23,7 +23,7 @@ import torch
 from mag.bench.host import HostSyncAudit
 from mag.bench.speed import random_model, speed_preset
 from mag.config import replace_nested
-from mag.pipelines import AVAILABLE_POLICIES, StreamingGenerator, policy_from_name
+from mag.pipelines import AVAILABLE_POLICIES, StreamingGenerator, policy_from_name, writer_for
 from mag.train.checkpoint import git_commit
 
 
@@ -51,8 +51,9 @@ def check(preset_name: str, layers: int, device: torch.device, dtype: torch.dtyp
     offsets = torch.zeros(1, block, device=device) if preset.dit.camera_rope else None
     results = {}
     for name in AVAILABLE_POLICIES:
-        policy = policy_from_name(name, preset, memory_model=memory_model, empty_context=context)
-        gen = StreamingGenerator.for_preset(generator, preset, policy)
+        policy = policy_from_name(name, preset)
+        writer = writer_for(policy, memory_model=memory_model, empty_context=context)
+        gen = StreamingGenerator.for_preset(generator, preset, policy, writer=writer)
         gen.reset(1, (blocks + 1) * block)
         gen.set_prompt(context)
         gen.generate_block(width_offsets=offsets)  # first block: cuBLAS / cuDNN handles, workspaces

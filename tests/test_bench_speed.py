@@ -18,7 +18,7 @@ from helpers import needs_inductor, random_dit
 from torch import nn
 
 from mag.bench import speed
-from mag.cache import FullPolicy, MagPolicy
+from mag.cache import FullPolicy, MagPolicy, kv_bytes_per_frame
 from mag.cli import main
 from mag.config import CacheConfig, get_preset
 from mag.info import KV_DTYPE, preset_info
@@ -161,7 +161,7 @@ def test_wan_geometry_and_kv_accounting_without_allocating():
     assert preset.scheduler.denoising_steps == get_preset("wan-1.3b").scheduler.denoising_steps
     assert speed.latent_frames_for(preset, 237) == 60 and speed.video_frames_for(preset, 60) == 237
     assert speed.latent_frames_for(preset, 240) == 63  # rounded up to whole blocks of 3
-    per_frame = speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    per_frame = kv_bytes_per_frame(preset.dit, preset.tokens_per_frame, KV_DTYPE)
     assert per_frame == preset_info(preset)["kv_bytes_per_frame_bf16"]
     curve = speed.kv_bytes_curve(FullPolicy(), preset, KV_DTYPE, [237, 10000])
     assert curve == [[237, 60 * per_frame], [10000, speed.latent_frames_for(preset, 10000) * per_frame]]
@@ -233,12 +233,13 @@ def test_sink_free_memory_keeps_at_most_0_34_of_full_at_every_horizon(preset_nam
 
 
 def _stream(model, memory, preset, name: str, blocks: int) -> torch.Tensor:
-    from mag.pipelines import StreamingGenerator, policy_from_name
+    from mag.pipelines import StreamingGenerator, policy_from_name, writer_for
 
     text_shape = (1, preset.text_max_tokens, preset.dit.text_dim)
     context, empty = (torch.randn(text_shape, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
-    policy = policy_from_name(name, preset, memory_model=memory, empty_context=empty)
-    gen = StreamingGenerator.for_preset(model, preset, policy)
+    policy = policy_from_name(name, preset)
+    gen = StreamingGenerator.for_preset(model, preset, policy,
+                                        writer=writer_for(policy, memory_model=memory, empty_context=empty))
     gen.reset(batch_size=1, horizon_frames=blocks * preset.cache.frames_per_block)
     gen.set_prompt(context)
     noise = torch.Generator().manual_seed(0)
@@ -369,7 +370,7 @@ def test_wan_bounded_ring_costs_the_window_and_is_full_within_120_video_frames()
     window_frames = cache.sink_frames + cache.window_frames
     assert cache.memory_sink_frames + cache.memory_slots == window_frames
     curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [120, 1000, 10000]))
-    per_frame = speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    per_frame = kv_bytes_per_frame(preset.dit, preset.tokens_per_frame, KV_DTYPE)
     assert curve[120] == curve[1000] == curve[10000] == window_frames * per_frame
 
 
@@ -380,5 +381,6 @@ def test_tiny_bounded_ring_is_full_by_frame_100():
     cache = preset.cache
     bounded = MagPolicy(cache.memory_sink_frames, cache.memory_slots)
     curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [99, 100, 1000, 10000]))
-    full_ring = (cache.memory_sink_frames + cache.memory_slots) * speed.kv_bytes_per_frame(preset, KV_DTYPE)
+    per_frame = kv_bytes_per_frame(preset.dit, preset.tokens_per_frame, KV_DTYPE)
+    full_ring = (cache.memory_sink_frames + cache.memory_slots) * per_frame
     assert curve[99] == curve[100] == curve[1000] == curve[10000] == full_ring

@@ -19,7 +19,7 @@ from mag.errors import InputError
 from mag.generate import DEFAULT_PROMPT, frame_shifts, parse_actions, parse_prompts, stream
 from mag.io.video import read_mp4
 from mag.models.attention import block_causal_mask
-from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name
+from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name, writer_for
 from mag.schedulers import FlowMatchScheduler
 
 # Cached streaming vs a masked full forward: float32 summation order differs, nothing else.
@@ -54,8 +54,9 @@ def _latents(preset, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _stream(model, preset, policy: str, context, latents, offsets, **kwargs) -> StreamingGenerator:
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
-    gen = StreamingGenerator(model, scheduler, preset, policy_from_name(policy, preset, **kwargs),
-                             sampler=SamplerConfig("euler", 2))
+    cache_policy = policy_from_name(policy, preset)
+    gen = StreamingGenerator(model, scheduler, preset, cache_policy, sampler=SamplerConfig("euler", 2),
+                             writer=writer_for(cache_policy, **kwargs))
     gen.reset(1, latents.shape[1] + BLOCK)
     gen.set_prompt(context)
     gen.feed(latents, offsets)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from mag.bench.host import HostSyncAudit, HostSyncError, KernelCounter
 from mag.config import get_preset
 from mag.models import WanDiT
-from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name
+from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name, writer_for
 
 META = torch.device("meta")
 BATCH = 2
@@ -28,8 +28,9 @@ def _meta_stream(policy_name: str, sampler: SamplerConfig) -> StreamingGenerator
     with META:
         generator, memory_model = WanDiT(preset.dit).eval(), WanDiT(preset.dit).eval()
     empty = torch.zeros(1, 3, preset.dit.text_dim, device=META)
-    policy = policy_from_name(policy_name, preset, memory_model=memory_model, empty_context=empty)
-    gen = StreamingGenerator.for_preset(generator, preset, policy, sampler=sampler)
+    policy = policy_from_name(policy_name, preset)
+    writer = writer_for(policy, memory_model=memory_model, empty_context=empty)
+    gen = StreamingGenerator.for_preset(generator, preset, policy, sampler=sampler, writer=writer)
     gen.reset(BATCH, BLOCKS * 3 * 2)
     return gen
 

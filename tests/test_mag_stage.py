@@ -111,7 +111,7 @@ def test_mag_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, teacher, 
 def test_mag_generator_step_has_a_generator_gradient_and_a_frozen_memory_model(teacher, memory, tmp_path):
     trainer = _trainer(_mag(teacher, memory), tmp_path)
     stage = trainer.dmd
-    assert isinstance(stage.policy, MagPolicy) and stage.policy.writer.model is stage.memory_model
+    assert isinstance(stage.policy, MagPolicy) and stage.writer.model is stage.memory_model
     assert not any(p.requires_grad for p in stage.memory_model.parameters())
     _generator_loss(trainer).backward()
     grads = [p.grad for p in trainer.model.parameters()]

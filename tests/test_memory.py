@@ -19,7 +19,7 @@ from mag.memory import (
 )
 from mag.models import WanDiT, last_frame_memory_mask
 from mag.objectives.memory import memory_reconstruction_loss
-from mag.pipelines import GeneratorWriter, StreamingGenerator, load_generator, policy_from_name
+from mag.pipelines import GeneratorWriter, StreamingGenerator, load_generator, policy_from_name, writer_for
 from mag.registry import GENERATOR_STAGES, export_model, load_model
 from mag.schedulers import FlowMatchScheduler
 from mag.train.checkpoint import TrainingState, save_checkpoint
@@ -154,7 +154,7 @@ def test_reconstruction_loss_equals_streaming_reconstruction_from_compressed_mem
         loss = memory_reconstruction_loss(memory, scheduler, x0, empty, noise, t_block, start)
 
     writer = MemoryWriter(memory, empty)
-    cache = KVCache.for_model(preset.dit, MagPolicy(writer=writer), tokens_per_frame=4, horizon_frames=n,
+    cache = KVCache.for_model(preset.dit, MagPolicy(), tokens_per_frame=4, horizon_frames=n,
                               frames_per_block=F, batch_size=BATCH)
     t_frame = t_block.repeat_interleave(F, 1)
     x_t = scheduler.add_noise(x0, noise, t_frame)
@@ -274,10 +274,10 @@ def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     text, empty = _text(preset, BATCH, seed=5), _text(preset, 1, seed=9)
-    policy = policy_from_name("mag" if memory_slots is None else "bounded", preset,
-                              memory_model=memory_model, empty_context=empty)
-    gen = StreamingGenerator(generator_model, scheduler, preset, policy)
-    assert gen.writer is policy.writer
+    policy = policy_from_name("mag" if memory_slots is None else "bounded", preset)
+    writer = writer_for(policy, memory_model=memory_model, empty_context=empty)
+    gen = StreamingGenerator(generator_model, scheduler, preset, policy, writer=writer)
+    assert gen.writer is writer
     streamed = _stream(gen, text, num_blocks)
     with torch.no_grad():
         reference = _reference_stream(generator_model, memory_model, scheduler, preset, text, empty,
@@ -317,8 +317,8 @@ def test_mag_kv_bytes_are_a_third_of_full_at_every_horizon(sink_frames):
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     text, empty = _text(preset, BATCH, seed=5), _text(preset, 1, seed=9)
-    mag = StreamingGenerator(generator_model, scheduler, preset,
-                             policy_from_name("mag", preset, memory_model=memory_model, empty_context=empty))
+    mag = StreamingGenerator(generator_model, scheduler, preset, policy_from_name("mag", preset),
+                             writer=MemoryWriter(memory_model, empty))
     full = StreamingGenerator(generator_model, scheduler, preset, FullPolicy())
     num_blocks = 6
     for gen in (mag, full):
@@ -350,8 +350,9 @@ def test_bounded_kv_bytes_and_attended_frames_stop_growing():
     preset = _preset(**{"cache.memory_sink_frames": sinks, "cache.memory_slots": slots})
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
-    policy = policy_from_name("bounded", preset, memory_model=memory_model, empty_context=_text(preset, 1, 9))
-    gen = StreamingGenerator(generator_model, scheduler, preset, policy)
+    policy = policy_from_name("bounded", preset)
+    gen = StreamingGenerator(generator_model, scheduler, preset, policy,
+                             writer=MemoryWriter(memory_model, _text(preset, 1, 9)))
     real_blocks = 8
     gen.reset(BATCH, real_blocks * F)
     gen.set_prompt(_text(preset, BATCH, seed=5))
@@ -388,12 +389,10 @@ def test_bounded_kv_bytes_and_attended_frames_stop_growing():
 
 def test_window_and_compressed_policies_take_their_own_sink_counts():
     preset = _preset(**{"cache.sink_frames": 2, "cache.memory_sink_frames": 0})
-    memory_model, empty = _random_model(preset, seed=1), _text(preset, 1, 9)
     assert policy_from_name("window", preset).sink_frames == 2
     assert policy_from_name("downsample", preset).sink_frames == 0
     for name in ("mag", "bounded"):
-        policy = policy_from_name(name, preset, memory_model=memory_model, empty_context=empty)
-        assert policy.sink_frames == 0
+        assert policy_from_name(name, preset).sink_frames == 0
 
 
 def test_mag_and_bounded_by_name_need_a_memory_model():
@@ -401,16 +400,19 @@ def test_mag_and_bounded_by_name_need_a_memory_model():
     for name in ("mag", "bounded"):
         with pytest.raises(ConfigError, match=rf"policy '{name}' needs the trained MAG memory model.*"
                                               r"memory_model=load_memory_model\(path\)"):
-            policy_from_name(name, preset)
+            writer_for(policy_from_name(name, preset))
     memory_model, empty = _random_model(preset, seed=1), _text(preset, 1, 9)
+    mag = policy_from_name("mag", preset)
     with pytest.raises(ConfigError, match="empty_context not given"):
-        policy_from_name("mag", preset, memory_model=memory_model)
-    mag = policy_from_name("mag", preset, memory_model=memory_model, empty_context=empty)
-    bounded = policy_from_name("bounded", preset, memory_model=memory_model, empty_context=empty)
-    assert isinstance(mag, MagPolicy) and isinstance(mag.writer, MemoryWriter)
+        writer_for(mag, memory_model=memory_model)
+    bounded = policy_from_name("bounded", preset)
+    writer = writer_for(mag, memory_model=memory_model, empty_context=empty)
+    assert isinstance(mag, MagPolicy) and isinstance(writer, MemoryWriter)
     assert (mag.name, mag.sink_frames, mag.memory_slots) == ("mag", preset.cache.memory_sink_frames, None)
     assert (bounded.name, bounded.memory_slots) == ("bounded", preset.cache.memory_slots)
-    assert mag.writer.model is memory_model
+    assert writer.model is memory_model
+    downsample = policy_from_name("downsample", preset)
+    assert writer_for(downsample, memory_model=memory_model, empty_context=empty) is None
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     with pytest.raises(ConfigError, match="policy 'mag' has no memory-model writer"):
         StreamingGenerator(_random_model(preset, seed=0), scheduler, preset, MagPolicy(3))

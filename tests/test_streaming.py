@@ -11,7 +11,7 @@ from mag.config import get_preset
 from mag.errors import CheckpointError, ConfigError, InputError
 from mag.models import WanDiT, block_causal_mask
 from mag.objectives.flow_matching import teacher_forcing_mask
-from mag.pipelines import SamplerConfig, StreamingGenerator, load_generator, policy_from_name
+from mag.pipelines import SamplerConfig, StreamingGenerator, load_generator, policy_from_name, writer_for
 from mag.schedulers import FlowMatchScheduler
 from mag.train.checkpoint import TrainingState, save_checkpoint
 
@@ -180,9 +180,9 @@ def test_unknown_or_unavailable_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown cache policy 'lru'.*full, window, downsample"):
         policy_from_name("lru", preset)
     with pytest.raises(ConfigError, match="memory model.*available policies: full, window, downsample"):
-        policy_from_name("mag", preset)
+        writer_for(policy_from_name("mag", preset))
     with pytest.raises(ConfigError, match="memory model"):
-        policy_from_name("bounded", preset)
+        writer_for(policy_from_name("bounded", preset))
 
 
 def test_stream_misuse_names_what_was_expected():

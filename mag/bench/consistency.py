@@ -59,7 +59,14 @@ from mag.config import CacheConfig, Preset
 from mag.errors import ConfigError, InputError
 from mag.memory import memory_model_mismatch
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, check_policy_name, policy_from_name
+from mag.pipelines.streaming import (
+    CacheWriter,
+    SamplerConfig,
+    StreamingGenerator,
+    check_policy_name,
+    policy_from_name,
+    writer_for,
+)
 from mag.schedulers import FlowMatchScheduler
 from mag.train.data import preset_world
 from mag.world import WorldConfig, camera_track, last_seen, make_episode
@@ -493,12 +500,14 @@ def check_memory_model(preset: Preset, memory_preset: Preset) -> None:
 
 
 def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT | None = None,
-                   empty_context: Tensor | None = None) -> dict[str, CachePolicy]:
-    """Cache policies by name; ``mag`` / ``bounded`` get ``memory_model`` run with ``empty_context``
-    (``[1, L, text_dim]``, the empty prompt), which must then be given."""
-    return {check_policy_name(name, has_memory_model=memory_model is not None):
-            policy_from_name(name, preset, memory_model=memory_model, empty_context=empty_context)
-            for name in names}
+                   empty_context: Tensor | None = None) -> dict[str, tuple[CachePolicy, CacheWriter | None]]:
+    """Cache policies and their writers by name; ``mag`` / ``bounded`` are written by ``memory_model`` run
+    with ``empty_context`` (``[1, L, text_dim]``, the empty prompt), which must then be given."""
+    built = {}
+    for name in names:
+        policy = policy_from_name(check_policy_name(name, has_memory_model=memory_model is not None), preset)
+        built[name] = (policy, writer_for(policy, memory_model=memory_model, empty_context=empty_context))
+    return built
 
 
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],
@@ -542,8 +551,8 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
 
     chunks = _groups(episodes, config.batch_size)
     rows: dict[str, RowScores] = {}
-    for name, policy in policies.items():
-        gen = StreamingGenerator(model, scheduler, preset, policy, sampler=config.sampler)
+    for name, (policy, writer) in policies.items():
+        gen = StreamingGenerator(model, scheduler, preset, policy, sampler=config.sampler, writer=writer)
         per_episode: list[dict[str, dict[str, np.ndarray]] | None] = [None] * len(episodes)
         bar = tqdm(total=len(episodes), desc=f"{name} ({config.mode})", unit="episode", disable=not progress)
         for chunk in chunks:

@@ -17,7 +17,7 @@ What is measured, per cache policy (full, window, downsample, mag, bounded):
   ``/proc/self/clear_refs`` before each policy) over the resident set at the start of the stream.
 - ``kv_bytes``: ``[[video_frames, bytes], ...]``: bytes of the K/V the policy keeps after a stream of that
   many video frames. Computed, not streamed: the policy's own write plans are replayed on the host for
-  every block (:class:`_PlanReplay`), times the bytes of one cached frame, so horizons of 10,000 frames
+  every block (``mag.cache.PlanReplay``), times the bytes of one cached frame, so horizons of 10,000 frames
   cost nothing. ``kv_bytes_streamed`` is the real cache's ``nbytes`` after the measured stream, and equals
   the replay at that horizon (tested).
 
@@ -47,7 +47,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mag.bench.common import add_memory_cache_arguments, synchronize
-from mag.cache import KV_TENSORS, CachePolicy, KVCache
+from mag.cache import CachePolicy, KVCache, retained_bytes
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.models import WanDiT
@@ -58,10 +58,11 @@ from mag.pipelines.streaming import (
     StreamingGenerator,
     check_policy_name,
     policy_from_name,
+    writer_for,
 )
 
 __all__ = ["DTYPES", "KV_HORIZONS", "SpeedConfig", "SpeedModels", "add_speed_arguments", "build_models",
-           "kv_bytes_curve", "retained_frames", "run_speed", "run_speed_cli", "speed_preset", "stream_blocks",
+           "kv_bytes_curve", "run_speed", "run_speed_cli", "speed_preset", "stream_blocks",
            "write_plot"]
 
 # Video-frame horizons at which the KV size is reported (issue 6: "from 100 to 10,000 frames").
@@ -193,67 +194,15 @@ def video_frames_for(preset: Preset, latent_frames: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# KV accounting without allocating the cache
-
-
-class _PlanReplay:
-    """Host-only stand-in for the :class:`KVCache` fields a policy's ``plan`` reads.
-
-    Replaying ``plan`` block by block gives exactly the set of valid slots the real cache would hold,
-    without any tensor, so the KV size of a 10,000-frame stream is known in milliseconds.
-    """
-
-    def __init__(self, policy: CachePolicy, capacity_frames: int) -> None:
-        self.policy = policy
-        self.capacity_frames = capacity_frames
-        self.frames_seen = 0
-        self.frames_retained = 0
-        self.valid: set[int] = set()
-
-    @property
-    def valid_slots(self) -> tuple[int, ...]:
-        return tuple(sorted(self.valid))
-
-    def add_block(self, num_block_frames: int) -> None:
-        plan = self.policy.plan(self, num_block_frames)  # type: ignore[arg-type]
-        self.valid.update(plan.slots)
-        self.frames_seen += num_block_frames
-        self.frames_retained += len(plan.frames)
-
-
-def retained_frames(policy: CachePolicy, preset: Preset, latent_horizons: list[int]) -> list[int]:
-    """Valid cached frames after each of ``latent_horizons`` (latent frames, whole blocks, increasing)."""
-    block = preset.cache.frames_per_block
-    if not latent_horizons:
-        return []
-    capacity = policy.capacity_frames(max(latent_horizons), block)
-    replay = _PlanReplay(policy, capacity)
-    counts = []
-    for horizon in sorted(latent_horizons):
-        while replay.frames_seen < horizon:
-            replay.add_block(block)
-        counts.append(len(replay.valid))
-    order = sorted(range(len(latent_horizons)), key=lambda i: latent_horizons[i])
-    result = [0] * len(latent_horizons)
-    for rank, index in enumerate(order):
-        result[index] = counts[rank]
-    return result
-
-
-def kv_bytes_per_frame(preset: Preset, dtype: torch.dtype, batch_size: int = 1) -> int:
-    """K and V bytes of one cached latent frame over every layer (``KVCache.bytes_per_frame``'s formula)."""
-    dit = preset.dit
-    per_layer = batch_size * dit.num_heads * preset.tokens_per_frame * dit.head_dim
-    return KV_TENSORS * dit.num_layers * per_layer * dtype.itemsize
+# KV size over long horizons (the cache's own accounting, mag.cache.accounting)
 
 
 def kv_bytes_curve(policy: CachePolicy, preset: Preset, dtype: torch.dtype,
                    video_horizons: tuple[int, ...] | list[int]) -> list[list[int]]:
     """``[[video_frames, kv_bytes], ...]`` for a stream of each horizon (rounded up to whole blocks)."""
     latent = [latent_frames_for(preset, h) for h in video_horizons]
-    frames = retained_frames(policy, preset, latent)
-    per_frame = kv_bytes_per_frame(preset, dtype)
-    return [[int(h), n * per_frame] for h, n in zip(video_horizons, frames, strict=True)]
+    sizes = retained_bytes(policy, preset, dtype, latent)
+    return [[int(h), n] for h, n in zip(video_horizons, sizes, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,8 +412,9 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
 
     With ``profile_blocks``, one more stream of that many blocks runs under the profiler (``profile``)."""
     preset = models.preset
-    policy = policy_from_name(name, preset, memory_model=models.memory_model, empty_context=empty_context)
-    gen = StreamingGenerator.for_preset(models.generator, preset, policy)
+    policy = policy_from_name(name, preset)
+    writer = writer_for(policy, memory_model=models.memory_model, empty_context=empty_context)
+    gen = StreamingGenerator.for_preset(models.generator, preset, policy, writer=writer)
     blocks = latent_frames_for(preset, config.frames) // preset.cache.frames_per_block
     noise = torch.Generator(device=device).manual_seed(config.seed)
     if config.warmup_blocks:

@@ -8,9 +8,12 @@ from mag.pipelines.streaming import (
     StreamingGenerator,
     check_policy_name,
     compile_stream,
+    default_writer,
     load_generator,
     policy_from_name,
+    writer_for,
 )
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "StreamingGenerator",
-           "check_policy_name", "compile_stream", "load_generator", "policy_from_name"]
+           "check_policy_name", "compile_stream", "default_writer", "load_generator", "policy_from_name",
+           "writer_for"]

@@ -10,9 +10,9 @@ For every block of ``frames_per_block`` frames at absolute RoPE positions ``b*F 
    it to the next level with the next noise draw;
 2. step ``exit_step`` runs WITH gradient; its x0 prediction is the block's output;
 3. the clean write pass: the block's output, detached, is run at t=0 with ``cache_write=True`` under
-   ``no_grad``: by the generator under ``full`` / ``downsample``, by the frozen memory model that a
-   ``mag`` / ``bounded`` policy carries (MAG stage 2: the generator only reads the compressed cache),
-   or by an explicit ``writer``.
+   ``no_grad``: by the generator under ``full`` / ``downsample``, by the frozen memory model handed
+   in as ``writer`` under ``mag`` / ``bounded`` (MAG stage 2: the generator only reads the compressed cache),
+   or by any other explicit ``writer``.
 
 ``exit_step`` (1-based, in ``1..K``) is random but SHARED by all blocks of a rollout: the caller draws
 it (:func:`draw_exit_step`; Self-Forcing's ``same_step_across_blocks``). Because the cache stores
@@ -37,7 +37,7 @@ from mag.cache import CachePolicy, KVCache
 from mag.errors import InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import CacheWriter, GeneratorWriter, policy_writer
+from mag.pipelines.streaming import CacheWriter, default_writer
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["BlockContexts", "ContextSource", "draw_exit_step", "draw_rollout_noise", "self_forcing_rollout"]
@@ -144,7 +144,7 @@ def self_forcing_rollout(
                              f" {list(width_offsets.shape)}")
         width_offsets = width_offsets.to(device)
     # Under the mag / bounded policies the memory model (carried by the policy) writes the cache.
-    cache_writer: CacheWriter = writer or policy_writer(policy) or GeneratorWriter(generator_model)
+    cache_writer: CacheWriter = writer or default_writer(policy, generator_model)
     levels = scheduler.few_step_timesteps().to(device)
     timesteps = [level.expand(batch).contiguous() for level in levels[:exit_step]]
     first_grad_frame = 0 if grad_last_frames is None else num_frames - grad_last_frames

@@ -9,7 +9,7 @@ sequence of blocks of ``F = preset.cache.frames_per_block`` latent frames at abs
    the generator on the noisy block, reading (never writing) the cache;
 2. *memorise*: one clean pass at t=0 with ``cache_write=True``. Who runs it is a :class:`CacheWriter`:
    by default the generator itself (:class:`GeneratorWriter`); under the ``mag`` / ``bounded``
-   policies the MAG memory model (:class:`mag.memory.MemoryWriter`, carried by the policy) is another
+   policies the MAG memory model (:class:`mag.memory.MemoryWriter`, handed to the generator) is another
    writer running on the same cache with its own weights and the empty prompt.
 
 ``feed`` runs phase 2 alone on known clean frames (teacher forcing the history, as the benchmark
@@ -46,8 +46,8 @@ from mag.models.dit import WanDiT
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
-           "StreamingGenerator", "check_policy_name", "compile_stream", "load_generator", "policy_from_name",
-           "policy_writer"]
+           "StreamingGenerator", "check_policy_name", "compile_stream", "default_writer", "load_generator",
+           "policy_from_name", "writer_for"]
 
 SamplerKind = Literal["few_step", "euler"]
 SAMPLERS: tuple[str, ...] = ("few_step", "euler")
@@ -108,14 +108,12 @@ def check_policy_name(name: str, *, has_memory_model: bool = True) -> str:
     return name
 
 
-def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None = None,
-                     empty_context: Tensor | CrossAttentionCache | None = None) -> CachePolicy:
+def policy_from_name(name: str, preset: Preset) -> CachePolicy:
     """The cache policy called ``name``, sized by ``preset.cache``.
 
     ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps
-    ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded).
-    ``mag`` keeps the same frames but their K/V are written by the memory model (``memory_model``, run
-    with ``empty_context``: the empty prompt's ``[1, L, text_dim]`` embeddings); ``bounded`` is ``mag``
+    ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded);
+    ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is ``mag``
     with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing.
     """
     cache = preset.cache
@@ -126,17 +124,24 @@ def policy_from_name(name: str, preset: Preset, *, memory_model: WanDiT | None =
         return WindowPolicy(cache.sink_frames, cache.window_frames)
     if name == "downsample":
         return DownsamplePolicy(cache.memory_sink_frames)
-    # mag / bounded (the names check_policy_name lets through that are left)
+    return MagPolicy(cache.memory_sink_frames, cache.memory_slots if name == "bounded" else None)
+
+
+def writer_for(policy: CachePolicy, *, memory_model: WanDiT | None = None,
+               empty_context: Tensor | CrossAttentionCache | None = None) -> CacheWriter | None:
+    """The writer a stream under ``policy`` is handed: the memory model's (run with ``empty_context``, the
+    empty prompt's ``[1, L, text_dim]`` embeddings) under ``mag`` / ``bounded``, None (the generator) else."""
+    if not isinstance(policy, MagPolicy):
+        return None
     if memory_model is None or empty_context is None:
         missing = "memory_model" if memory_model is None else "empty_context"
         raise ConfigError(
-            f"policy {name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
-            f" given): policy_from_name({name!r}, preset, memory_model=load_memory_model(path)[0],"
+            f"policy {policy.name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
+            f" given): writer_for(policy, memory_model=load_memory_model(path)[0],"
             " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
             f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
         )
-    slots = cache.memory_slots if name == "bounded" else None
-    return MagPolicy(cache.memory_sink_frames, slots, writer=MemoryWriter(memory_model, empty_context))
+    return MemoryWriter(memory_model, empty_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,15 +178,13 @@ class GeneratorWriter:
                    cache_write=True, width_offsets=width_offsets)
 
 
-def policy_writer(policy: CachePolicy) -> CacheWriter | None:
-    """The writer a memory policy carries; a memory policy without one is refused (it would downsample)."""
-    if not isinstance(policy, MagPolicy):
-        return None
-    if policy.writer is None:
-        raise ConfigError(f"policy {policy.name!r} has no memory-model writer; build it with"
-                          f" policy_from_name({policy.name!r}, preset, memory_model=..., empty_context=...)"
-                          " or pass writer=MemoryWriter(memory_model, empty_context)")
-    return policy.writer
+def default_writer(policy: CachePolicy, model: WanDiT) -> CacheWriter:
+    """The generator's own writer; a memory policy is refused (it would silently downsample)."""
+    if isinstance(policy, MagPolicy):
+        raise ConfigError(f"policy {policy.name!r} has no memory-model writer; pass"
+                          " writer=writer_for(policy, memory_model=..., empty_context=...)"
+                          " (or MemoryWriter(memory_model, empty_context))")
+    return GeneratorWriter(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +205,11 @@ class StreamingGenerator:
 
     @classmethod
     def for_preset(cls, model: WanDiT, preset: Preset, policy: CachePolicy, *,
-                   sampler: SamplerConfig | None = None) -> StreamingGenerator:
+                   sampler: SamplerConfig | None = None,
+                   writer: CacheWriter | None = None) -> StreamingGenerator:
         """A stream with the preset's scheduler and the model's prediction target (x0 or velocity)."""
         return cls(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset, policy,
-                   sampler=sampler)
+                   sampler=sampler, writer=writer)
 
     def __init__(self, model: WanDiT, scheduler: FlowMatchScheduler, preset: Preset, policy: CachePolicy,
                  *, sampler: SamplerConfig | None = None, writer: CacheWriter | None = None) -> None:
@@ -214,7 +218,7 @@ class StreamingGenerator:
         self.preset = preset
         self.policy = policy
         self.sampler = (sampler or SamplerConfig()).validate()
-        self.writer: CacheWriter = writer or policy_writer(policy) or GeneratorWriter(model)
+        self.writer: CacheWriter = writer or default_writer(policy, model)
         self.frames_per_block = preset.cache.frames_per_block
         self.cache: KVCache | None = None
         self.uncond_cache: KVCache | None = None

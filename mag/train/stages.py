@@ -72,7 +72,7 @@ from mag.objectives.ode import (
     sample_ode_trajectory,
 )
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
-from mag.pipelines.streaming import policy_from_name
+from mag.pipelines.streaming import policy_from_name, writer_for
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache, get_text_encoder
 from mag.train.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
@@ -389,9 +389,8 @@ class DMDStage:
             self.critic.parameters(), lr=self.dmd.critic_lr, betas=self.dmd.critic_betas,
             weight_decay=recipe.optim.weight_decay)
         self.memory_model, self.memory_record = self._load_memory_model()
-        self.policy: CachePolicy = policy_from_name(self.dmd.rollout_policy, preset,
-                                                    memory_model=self.memory_model,
-                                                    empty_context=ctx.empty_context)
+        self.policy: CachePolicy = policy_from_name(self.dmd.rollout_policy, preset)
+        self.writer = writer_for(self.policy, memory_model=self.memory_model, empty_context=ctx.empty_context)
         # Camera tracks go to whichever of the three networks is camera-anchored (each gets its own
         # frames' positions; a plain network gets none).
         self.camera_anchored = any(_camera_anchored(m) for m in (generator, self.teacher, self.critic))
@@ -501,7 +500,7 @@ class DMDStage:
         return self_forcing_rollout(
             model, self.ctx.scheduler, clips.context, num_blocks=self.dmd.rollout_blocks,
             frames_per_block=self.frames_per_block, frame_shape=self.frame_shape, policy=self.policy,
-            exit_step=exit_step, noise_draws=noise_draws.to(self.ctx.device), grad=grad,
+            writer=self.writer, exit_step=exit_step, noise_draws=noise_draws.to(self.ctx.device), grad=grad,
             context_per_block=context_per_block, grad_last_frames=self.dmd.grad_last_frames or None,
             width_offsets=_for(model, clips.width_offsets))
 

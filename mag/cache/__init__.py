@@ -1,0 +1,17 @@
+"""Self-attention KV cache for block-causal streaming: storage, policies and host-side accounting."""
+
+from mag.cache.accounting import PlanReplay, retained_bytes, retained_frames
+from mag.cache.kv import KV_TENSORS, KVCache, PendingWrite, kv_bytes_per_frame, valid_slot_positions
+from mag.cache.policies import (
+    CachePolicy,
+    CacheState,
+    DownsamplePolicy,
+    FullPolicy,
+    MagPolicy,
+    WindowPolicy,
+    WritePlan,
+)
+
+__all__ = ["KV_TENSORS", "CachePolicy", "CacheState", "DownsamplePolicy", "FullPolicy", "KVCache",
+           "MagPolicy", "PendingWrite", "PlanReplay", "WindowPolicy", "WritePlan", "kv_bytes_per_frame",
+           "retained_bytes", "retained_frames", "valid_slot_positions"]
