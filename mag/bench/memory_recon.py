@@ -40,13 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mag.bench.consistency import (
-    METRICS,
-    BenchEpisode,
-    _psnr_of_mean_mse,
-    _write_json,
-    score_pairs,
-)
+from mag.bench.consistency.episodes import BenchEpisode
+from mag.bench.consistency.report import write_json
+from mag.bench.consistency.scores import METRICS, psnr_of_mean_mse, score_pairs
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
@@ -264,7 +260,7 @@ def _row_summary(scores: dict[str, np.ndarray], frames_per_block: int) -> dict[s
     for subset in SUBSETS:
         mask = _subset_mask(frames, frames_per_block, subset)
         per_episode = {
-            "psnr": [_psnr_of_mean_mse(scores["psnr"][e], mask) for e in range(episodes)],
+            "psnr": [psnr_of_mean_mse(scores["psnr"][e], mask) for e in range(episodes)],
             "ssim": [float(np.nanmean(scores["ssim"][e][mask])) for e in range(episodes)],
             "lpips": [None if np.isnan(scores["lpips"][e][mask]).all() else float(np.nanmean(
                 scores["lpips"][e][mask])) for e in range(episodes)],
@@ -333,7 +329,7 @@ def write_results(out_dir: str | Path, result: ReconResult, config: ReconConfig,
     except OSError as err:
         raise InputError(f"cannot create output folder {out}: {err.strerror}") from err
     summary = {**summarize(result), "config": asdict(config), "metadata": metadata}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(markdown_summary(summary))
     first = result.episodes[0].name
     labels = [f"input, clip {first}, frames 0..{len(result.strip['input']) - 1}"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from mag.bench.consistency import ConsistencyResult
+from mag.bench.consistency.scores import ConsistencyResult
+from mag.io.video import write_png_strip
 
 # Frames shown in the revisit strip, and how many of them come before the first beyond-window revisit.
 STRIP_FRAMES = 8
@@ -63,7 +63,6 @@ def plot_psnr_vs_gap(summary: dict[str, Any], path: str | Path) -> Path:
 def write_revisit_strip(result: ConsistencyResult, path: str | Path) -> Path:
     """GT | history frame of the same view | each policy's frames around the first beyond-window revisit
     of one episode (the first episode that has one)."""
-    from mag.io.video import write_png_strip
 
     index = result.strip_episode
     ep = result.episodes[index]

@@ -1,0 +1,36 @@
+"""The MAG-Bench-style consistency benchmark (``mag bench consistency``).
+
+``episodes`` (world and real-video episodes), ``scores`` (per-frame metrics and their means), ``run``
+(every policy streams the same episodes), ``report`` and ``plots`` (files). Method and figures:
+docs/benchmark.md.
+"""
+
+from mag.bench.consistency.episodes import (
+    BenchEpisode,
+    bench_world,
+    video_episodes,
+    within_window,
+    world_episodes,
+)
+from mag.bench.consistency.report import write_results
+from mag.bench.consistency.run import build_policies, check_memory_model, run_consistency, stream_episodes
+from mag.bench.consistency.scores import (
+    GAP_BIN_EDGES,
+    METRICS,
+    PSNR_CAP_DB,
+    REFERENCE_ROWS,
+    ConsistencyConfig,
+    ConsistencyResult,
+    RowScores,
+    episode_summary,
+    gap_bin_labels,
+    score_episode,
+    score_pairs,
+    summarize_row,
+)
+
+__all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
+           "ConsistencyResult", "RowScores", "bench_world", "build_policies", "check_memory_model",
+           "episode_summary", "gap_bin_labels", "run_consistency", "score_episode", "score_pairs",
+           "stream_episodes", "summarize_row", "video_episodes", "within_window", "world_episodes",
+           "write_results"]
