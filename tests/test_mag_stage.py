@@ -31,7 +31,7 @@ from mag.errors import CheckpointError, ConfigError
 from mag.registry import export_model
 from mag.train.checkpoint import latest_checkpoint, load_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
-from mag.train.stages import MEMORY_MODEL_METADATA, ROLE_GENERATOR
+from mag.train.steps import MEMORY_MODEL_METADATA, ROLE_GENERATOR
 from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from mag.objectives.memory import memory_reconstruction_loss
 from mag.registry import GENERATOR_STAGES, export_model, load_model, model_stage
 from mag.train.checkpoint import latest_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
-from mag.train.stages import ROLE_SHARED_MEMORY, MemoryStage, draw_generator, sample_generator
+from mag.train.steps import ROLE_SHARED_MEMORY, MemoryStep, draw_generator, sample_generator
 from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,13 +116,13 @@ def test_stage_loss_is_the_reconstruction_loss_on_the_keyed_draws(camera, genera
                                                                   tmp_path):
     source = camera_generator if camera else generator
     trainer = Trainer(_memory(source, overrides=CAMERA if camera else None), tmp_path, progress=False)
-    assert isinstance(trainer.stage, MemoryStage)
+    assert isinstance(trainer.runner, MemoryStep)
     torch.manual_seed(0)  # every weight random: Wan's zeroed head, 2 steps on, would hide the inputs
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     step, micro, indices = 3, 1, range(2)
-    out, categories = trainer.stage.loss(trainer.model, step, micro, indices)
+    out, categories = trainer.runner.loss(trainer.model, step, micro, indices)
     expected = _by_hand(trainer, step, micro, indices, camera=camera)
     assert torch.equal(out.loss, expected.loss) and torch.equal(out.per_element, expected.per_element)
     assert out.per_element.shape == (2, 6, 3, 16, 16) and categories.shape == (2, 6, 16)
@@ -133,7 +133,7 @@ def test_stage_loss_is_the_reconstruction_loss_on_the_keyed_draws(camera, genera
 
 def test_draws_stay_on_the_grid_and_do_not_depend_on_the_batch_slice(generator, tmp_path):
     trainer = Trainer(_memory(generator), tmp_path, progress=False)
-    stage, fpb = trainer.stage, trainer.preset.cache.frames_per_block
+    stage, fpb = trainer.runner, trainer.preset.cache.frames_per_block
     clip_shape = (6, 3, 16, 16)
     both = stage.draws(2, 1, range(2), clip_shape)
     second = stage.draws(2, 1, range(1, 2), clip_shape)  # what rank 1 of 2 draws

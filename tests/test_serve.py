@@ -34,7 +34,7 @@ from mag.demo import DEFAULTS, LoadedModels, load_models, sampler_config
 from mag.generate import DEFAULT_PROMPT, frame_shifts
 from mag.pipelines import SamplerConfig
 from mag.serve import HOST, LiveStream, Viewer
-from mag.train.stages import prompt_cache
+from mag.train.steps import prompt_cache
 
 # Seconds any single wait on the server or the browser may take before the test fails.
 TIMEOUT_S = 20.0

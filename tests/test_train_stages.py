@@ -170,7 +170,7 @@ def test_ode_pairs_file_round_trip_and_cli(pairs_file, teacher, tmp_path, capsys
     _, preset, _ = load_model(teacher)
     torch.testing.assert_close(pairs.timesteps, FlowMatchScheduler(preset.scheduler).few_step_timesteps())
     # The first level is t = 1000: the trajectory starts at the clip's initial noise.
-    from mag.train.stages import sample_generator
+    from mag.train.steps import sample_generator
 
     first_noise = torch.randn((6, 3, 16, 16), generator=sample_generator(0, 0, 0, 0))
     assert torch.equal(pairs.trajectory[0, 0], first_noise)
@@ -267,7 +267,7 @@ def test_dmd_kill_and_resume_is_bitwise_identical(teacher, tmp_path):
 
 def test_window_by_window_dmd_loss_is_the_windowed_dmd_generator_loss(teacher, tmp_path):
     from mag.objectives.dmd import dmd_generator_loss, x0_predictor
-    from mag.train.stages import _Clips
+    from mag.train.steps.dmd import _Clips
 
     trainer = Trainer(_dmd(teacher, dmd={"guidance_scale": 2.5}), tmp_path, progress=False)
     stage, gen = trainer.dmd, torch.Generator().manual_seed(0)
@@ -347,7 +347,7 @@ def test_camera_rollout_gives_every_call_the_frames_positions(make_dit):
 
 
 def test_ode_pairs_of_a_camera_teacher_carry_camera_tracks(camera_teacher, tmp_path):
-    from mag.train.stages import make_ode_pairs
+    from mag.train.ode_pairs import make_ode_pairs
 
     pairs = make_ode_pairs(str(camera_teacher), 2, num_steps=ODE_STEPS, guidance_scale=1.0, progress=False)
     assert pairs.camera_px is not None and pairs.camera_px.shape == (2, 6)

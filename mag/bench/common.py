@@ -50,7 +50,7 @@ def model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
 
 def text_cache(preset: Preset, meta: dict[str, Any]) -> PromptEmbeddingCache:
     """The prompt cache of the text encoder and mode the model was trained with."""
-    from mag.train.stages import prompt_cache
+    from mag.train.steps import prompt_cache
 
     return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
 

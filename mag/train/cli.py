@@ -95,7 +95,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
     import time
 
     from mag.objectives.ode import save_ode_pairs
-    from mag.train.stages import make_ode_pairs
+    from mag.train.ode_pairs import make_ode_pairs
 
     start = time.perf_counter()
     pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,

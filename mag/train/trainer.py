@@ -54,14 +54,14 @@ from mag.train.parallelize import (
 )
 from mag.train.recall import CATEGORY_NAMES, category_losses
 from mag.train.recipe import Recipe, recipe_differences
-from mag.train.stages import (
-    DMDStage,
-    FlowMatchingStage,
-    MemoryStage,
-    ODEStage,
+from mag.train.steps import (
+    DMDStep,
+    FlowMatchingStep,
+    MemoryStep,
+    ODEStep,
     SampleDraws,
-    StageContext,
-    SupervisedStage,
+    StepContext,
+    SupervisedStep,
     build_model,
     prompt_cache,
     sample_generator,
@@ -87,7 +87,7 @@ class TrainResult:
 class Trainer:
     """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``).
 
-    The objective kind picks the stage (:mod:`mag.train.stages`): flow matching, ODE regression and
+    The objective kind picks the step runner (:mod:`mag.train.steps`): flow matching, ODE regression and
     memory reconstruction give one loss per micro-batch and run in :meth:`train_step`'s loop; DMD runs its own
     generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
     EMA is what ``mag export`` ships.
@@ -140,14 +140,14 @@ class Trainer:
         self.data = WorldClipSource(self.preset, recipe.data, recipe.loop.seed)
         self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
         self.empty_context = self.text.get([""]).to(self.device)
-        ctx = StageContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
+        ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
                            self.device)
         kind = recipe.objective.kind
-        self.dmd: DMDStage | None = (DMDStage(ctx, self.model, self.dist, parallelize) if kind == "dmd"
+        self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize) if kind == "dmd"
                                      else None)
-        self.stage: SupervisedStage | DMDStage = (
-            self.dmd if self.dmd is not None else ODEStage(ctx) if kind == "ode"
-            else MemoryStage(ctx) if kind == "memory" else FlowMatchingStage(ctx))
+        self.runner: SupervisedStep | DMDStep = (
+            self.dmd if self.dmd is not None else ODEStep(ctx) if kind == "ode"
+            else MemoryStep(ctx) if kind == "memory" else FlowMatchingStep(ctx))
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -237,8 +237,8 @@ class Trainer:
 
         Returns ``loss`` (mean over this rank's samples), ``grad_norm`` (global) and, per micro-batch and
         view category, ``category_mean`` / ``category_count`` ``[grad_accum, categories]`` -- the counts
-        let :meth:`_log_record` weight ranks' category means exactly. A DMD step returns the stage's
-        statistics instead (:meth:`DMDStage.train_step`).
+        let :meth:`_log_record` weight ranks' category means exactly. A DMD step returns the step runner's
+        statistics instead (:meth:`DMDStep.train_step`).
         """
         if self.dmd is not None:
             stats = self.dmd.train_step(self.step, self.optimizer, self.ema, self._lr_scale(self.step),
@@ -255,7 +255,7 @@ class Trainer:
         for micro in range(loop.grad_accum):
             # FSDP2: reduce-scatter gradients once, after the last micro-batch, not after every one.
             self._gradient_sync(micro == loop.grad_accum - 1)
-            out, categories = self.stage.loss(self.model, self.step, micro, self.sample_indices)
+            out, categories = self.runner.loss(self.model, self.step, micro, self.sample_indices)
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
             means = category_losses(out.per_element, categories)
@@ -309,7 +309,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
-        tokens_per_step = loop.batch_size * self.stage.tokens_per_sample
+        tokens_per_step = loop.batch_size * self.runner.tokens_per_sample
         bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.is_main),
                    desc=self.recipe.name, unit="step", dynamic_ncols=True)
         last_loss, ckpt = math.nan, None

@@ -1,52 +1,25 @@
-"""Training stages: what one optimiser step computes for each objective kind of a recipe.
+"""The ``dmd`` step runner: Self-Forcing DMD with a trained critic and a frozen teacher.
 
-The chain of DESIGN §1 at any scale:
-
-- ``teacher_fm`` -- the bidirectional teacher, flow matching on world clips;
-- causal initialisation of the student, either ``causal_fm`` (teacher-forced causal flow matching on
-  data, CausVid-style) or ``ode`` (regression onto the teacher's ODE trajectories, Self-Forcing-style;
-  pairs written by ``mag train ode-pairs``);
-- ``dmd`` -- Self-Forcing DMD: the student rolls out autoregressively, the frozen teacher (real score,
-  CFG) and a trained critic (fake score) score it; with ``dmd.rollout_policy = "mag"`` this is MAG's
-  stage 2: the frozen memory model writes the rollout's compressed cache, the generator only reads it;
-- ``memory`` -- the stage-1 memory model (initialised from the generator, own weights): reconstruct
-  whole blocks from their compressed last frames, with the empty prompt.
-
-:class:`FlowMatchingStage`, :class:`ODEStage` and :class:`MemoryStage` produce one loss per
-micro-batch; the trainer owns the optimiser loop around them. :class:`DMDStage` owns its own step,
-because it updates two networks on a schedule: the critic every optimiser step, the generator every
-``dmd.critic_steps_per_generator_step``-th (:class:`~mag.objectives.dmd.DMDUpdateSchedule`; generator
-first, then the critic on a fresh rollout of the updated generator, as Self-Forcing does).
-
-Every random draw comes from a generator keyed by ``(seed, step, micro, index, role)``
-(:func:`draw_generator`): per sample for noise and timesteps, and ``index = 0`` of a shared role for
-what all samples of a micro-batch share (the DMD exit step, the history choice, the memory stage's
-first RoPE position). Nothing random lives outside the checkpointed step, so resuming is exact and
-data-parallel ranks draw the single-process batch.
+It owns its optimiser step because it updates two networks on a schedule (the critic every step, the
+generator every ``dmd.critic_steps_per_generator_step``-th). With ``dmd.rollout_policy = "mag"`` this is
+MAG's stage 2: the frozen memory model writes the rollout's compressed cache.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mag.cache import CachePolicy
-from mag.config import Preset, config_differences
-from mag.errors import CheckpointError, ConfigError, InputError
+from mag.errors import CheckpointError, ConfigError
 from mag.memory import (
     load_memory_model,
     memory_model_mismatch,
-    sample_memory_timesteps,
-    sample_start_position,
 )
 from mag.models import WanDiT
 from mag.objectives.dmd import (
@@ -58,25 +31,12 @@ from mag.objectives.dmd import (
     score_windows,
 )
 from mag.objectives.flow_matching import (
-    LossOutput,
-    apply_cfg_dropout,
-    causal_flow_matching_loss,
     teacher_flow_matching_loss,
-)
-from mag.objectives.memory import memory_reconstruction_loss
-from mag.objectives.ode import (
-    ODEPairs,
-    few_step_indices,
-    load_ode_pairs,
-    ode_regression_loss,
-    sample_ode_trajectory,
 )
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
 from mag.pipelines.streaming import policy_from_name, writer_for
 from mag.schedulers import FlowMatchScheduler
-from mag.text import PromptEmbeddingCache, get_text_encoder
 from mag.train.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
-from mag.train.data import WorldClipSource
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
 from mag.train.parallelize import (
@@ -86,255 +46,24 @@ from mag.train.parallelize import (
     load_full_model_state,
     load_full_optimizer_state,
 )
-from mag.train.recall import view_categories
-from mag.train.recipe import Recipe
+from mag.train.steps.base import (
+    ROLE_CRITIC,
+    ROLE_GENERATOR,
+    ROLE_HISTORY,
+    ROLE_SHARED_CRITIC,
+    ROLE_SHARED_GENERATOR,
+    Parallelize,
+    StepContext,
+    draw_generator,
+)
 
-Parallelize = Callable[[nn.Module], nn.Module]
-
-# Roles of :func:`draw_generator`: independent streams for the same (seed, step, micro, index).
-ROLE_SAMPLE = 0            # supervised objectives; also what sample_generator draws (4-key form)
-ROLE_GENERATOR = 1         # DMD generator step: rollout noise, DMD timesteps and noise
-ROLE_CRITIC = 2            # DMD critic step: rollout noise, critic timesteps and noise
-ROLE_HISTORY = 3           # DMD history rollout's draws
-ROLE_SHARED_GENERATOR = 4  # index 0: exit step and history choice of a generator micro-batch
-ROLE_SHARED_CRITIC = 5     # index 0: exit step of a critic micro-batch
-ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batch
-# Checkpoint keys of the DMD stage's own state (inside the checkpoint's ``extra.`` section).
+# Checkpoint keys of the DMD step's own state (inside the checkpoint's ``extra.`` section).
 CRITIC_MODEL_PREFIX, CRITIC_OPTIM_PREFIX = "critic.model.", "critic."
 CRITIC_OPTIM_METADATA = "critic_optimizer"
 # Checkpoint metadata key of the memory model a ``mag`` rollout ran with (source, name, weights digest).
 MEMORY_MODEL_METADATA = "memory_model"
 
 
-def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
-    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so resuming,
-    or splitting the batch across data-parallel ranks, reproduces them exactly."""
-    state = np.random.SeedSequence([seed, step, micro, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
-
-
-def draw_generator(seed: int, step: int, micro: int, index: int, role: int) -> torch.Generator:
-    """Like :func:`sample_generator`, one independent stream per ``role`` (``ROLE_*``)."""
-    if role == ROLE_SAMPLE:
-        return sample_generator(seed, step, micro, index)
-    state = np.random.SeedSequence([seed, step, micro, index, role]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
-
-
-def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: bool = True) -> WanDiT:
-    """Build on the meta device, materialise on ``device``, initialise from the recipe seed, then load
-    ``init.model`` when the recipe names one and ``init`` (a resumed run takes the checkpoint's)."""
-    preset = recipe.build_preset()
-    with torch.device("meta"):
-        model = WanDiT(preset.dit)
-    model.to_empty(device=device)
-    torch.manual_seed(recipe.loop.seed)
-    model.init_weights()
-    if init and recipe.init.model:
-        load_init_weights(model, recipe.init.model, preset)
-    return model
-
-
-def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
-    """Copy the weights of a model file / checkpoint / registry name into ``model`` (same ``dit`` config)."""
-    from mag.registry import load_model
-
-    source, source_preset, _ = load_model(name_or_path)
-    if source_preset.dit != preset.dit:
-        differences = config_differences(preset.dit, source_preset.dit)
-        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
-                              f" from the recipe's ({differences}; recipe vs file)")
-    with torch.no_grad():
-        model.load_state_dict(source.state_dict())
-
-
-@functools.lru_cache(maxsize=4)
-def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
-    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
-    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
-
-
-@dataclass
-class StageContext:
-    """What every stage reads: the recipe, its preset and schedule, the data and text, the device."""
-
-    recipe: Recipe
-    preset: Preset
-    scheduler: FlowMatchScheduler
-    data: WorldClipSource
-    text: PromptEmbeddingCache
-    empty_context: Tensor
-    device: torch.device
-
-    def width_offsets(self, camera_px: Tensor) -> Tensor | None:
-        """Camera track ``[B, F]`` in pixels -> width positions in patches (camera-anchored presets only)."""
-        if not self.preset.dit.camera_rope:
-            return None
-        return (camera_px / self.preset.dit.patch_size[2]).to(self.device)
-
-    def categories(self, offsets: Tensor) -> Tensor:
-        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``."""
-        world = self.data.world
-        return view_categories(offsets, world.frame_width, world.pano_width,
-                               self.preset.cache.frames_per_block,
-                               self.recipe.objective.recall_window_frames).to(self.device)
-
-
-# ------------------------------------------------------------------------------ supervised stages
-@dataclass
-class SampleDraws:
-    """Random draws of a micro-batch: ``noise`` like the clips, ``timestep`` ``[B]`` (teacher) or
-    ``[B, blocks]`` (causal), ``drop_text`` ``[B]`` bool (CFG dropout)."""
-
-    noise: Tensor
-    timestep: Tensor
-    drop_text: Tensor
-
-
-class FlowMatchingStage:
-    """``teacher_fm`` / ``causal_fm``: flow matching on world clips (one loss per micro-batch)."""
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.causal = ctx.recipe.objective.kind == "causal_fm"
-        data = ctx.recipe.data
-        self.tokens_per_sample = data.clip_frames * ctx.preset.tokens_per_frame * (2 if self.causal else 1)
-
-    def _draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int, ...]) -> SampleDraws:
-        ctx = self.ctx
-        per_sample_t = (1, clip_shape[0] // ctx.preset.cache.frames_per_block) if self.causal else (1,)
-        noise, timestep, drop = [], [], []
-        for i in indices:
-            gen = sample_generator(ctx.recipe.loop.seed, step, micro, i)
-            timestep.append(ctx.scheduler.sample_training_timesteps(per_sample_t, generator=gen))
-            drop.append(torch.rand(1, generator=gen) < ctx.recipe.objective.cfg_dropout)
-            noise.append(torch.randn(clip_shape, generator=gen))
-        return SampleDraws(torch.stack(noise), torch.cat(timestep), torch.cat(drop))
-
-    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
-        """The loss of this rank's samples of one micro-batch, and their recall categories ``[B, F, W]``."""
-        ctx = self.ctx
-        batch = ctx.data.batch(step, micro, indices)
-        draws = self._draws(step, micro, indices, tuple(batch.video.shape[1:]))
-        video, noise = batch.video.to(ctx.device), draws.noise.to(ctx.device)
-        context = apply_cfg_dropout(ctx.text.get(batch.prompts).to(ctx.device), ctx.empty_context,
-                                    draws.drop_text.to(ctx.device))
-        timestep = draws.timestep.to(ctx.device)
-        offsets = ctx.width_offsets(batch.camera_px)
-        if self.causal:
-            out = causal_flow_matching_loss(model, ctx.scheduler, video, context,
-                                            ctx.preset.cache.frames_per_block, noise, timestep, offsets)
-        else:
-            out = teacher_flow_matching_loss(model, ctx.scheduler, video, context, noise, timestep, offsets)
-        return out, ctx.categories(batch.offsets)
-
-
-class ODEStage:
-    """``ode``: the causal student regresses the teacher's ODE endpoint (pairs from ``ode.pairs``).
-
-    Each sample draws a clip of the file and one few-step level per block (uniform), from its own
-    keyed generator.
-    """
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.pairs = load_ode_pairs(ctx.recipe.ode.pairs)
-        frames = self.pairs.x0.shape[1]
-        fpb = ctx.preset.cache.frames_per_block
-        expected = ctx.scheduler.few_step_timesteps()
-        if self.pairs.timesteps.shape != expected.shape or not torch.allclose(self.pairs.timesteps, expected):
-            raise ConfigError(f"{ctx.recipe.ode.pairs} holds levels {self.pairs.timesteps.tolist()}, but the"
-                              f" recipe's scheduler steps through {expected.tolist()}; regenerate the pairs")
-        if frames % fpb:
-            raise ConfigError(f"{ctx.recipe.ode.pairs} holds {frames}-frame clips, not a multiple of the"
-                              f" block size {fpb}")
-        if ctx.preset.dit.camera_rope and self.pairs.camera_px is None:
-            raise ConfigError(f"{ctx.recipe.ode.pairs} has no camera tracks, which the camera-anchored"
-                              " preset (dit.camera_rope) needs; regenerate it with a camera-anchored teacher")
-        self.num_blocks = frames // fpb
-        self.tokens_per_sample = 2 * frames * ctx.preset.tokens_per_frame
-
-    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
-        ctx, pairs = self.ctx, self.pairs
-        levels = pairs.timesteps.shape[0]
-        clip, level = [], []
-        for i in indices:
-            gen = sample_generator(ctx.recipe.loop.seed, step, micro, i)
-            clip.append(torch.randint(len(pairs), (1,), generator=gen))
-            level.append(torch.randint(levels, (1, self.num_blocks), generator=gen))
-        chosen = torch.cat(clip)
-        camera = None if pairs.camera_px is None else ctx.width_offsets(pairs.camera_px[chosen])
-        out = ode_regression_loss(model, ctx.scheduler, pairs.trajectory[chosen].to(ctx.device),
-                                  pairs.x0[chosen].to(ctx.device), pairs.context[chosen].to(ctx.device),
-                                  ctx.preset.cache.frames_per_block, torch.cat(level).to(ctx.device), camera)
-        return out, ctx.categories(pairs.offsets[chosen])
-
-
-@dataclass
-class MemoryDraws:
-    """Random draws of a memory micro-batch: ``noise`` like the clips ``[B, N, C, H, W]``, ``timestep``
-    ``[B, N / F]`` (few-step levels, one per block) and the shared first RoPE position."""
-
-    noise: Tensor
-    timestep: Tensor
-    start_position: int
-
-
-class MemoryStage:
-    """``memory``: the stage-1 memory model rebuilds whole clips from their compressed memory.
-
-    One parallel pass over ``[clean ; noisy]`` of each clip under :func:`mag.memory.memory_training_mask`
-    with the empty prompt (``""`` of the prompt cache; ``objective.cfg_dropout`` does not apply), x0-MSE
-    on the noisy half (:func:`mag.objectives.memory.memory_reconstruction_loss`). Each sample draws, from
-    its own keyed stream, one few-step level per block and then its noise; the first RoPE position (a
-    multiple of the block size, the clip inside ``dit.rope_max_positions``) is one per micro-batch, from
-    index 0 of ``ROLE_SHARED_MEMORY``, since the parallel pass takes one. Camera-anchored presets get the
-    clips' camera tracks. Recall-signal categories are logged as for flow matching: ``recall`` pixels are
-    views last seen more than ``recall_window_frames`` earlier, which only earlier blocks' retained
-    frames can bring back.
-    """
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        frames = ctx.recipe.data.clip_frames
-        self.num_blocks = frames // ctx.preset.cache.frames_per_block
-        self.tokens_per_sample = 2 * frames * ctx.preset.tokens_per_frame
-        if not ctx.recipe.init.model:
-            warnings.warn(f"recipe {ctx.recipe.name!r} trains a memory model without init.model: it starts"
-                          " from random weights, not from the generator whose blocks it will compress"
-                          " (DESIGN §1); set init.model to the generator's model file or registry name",
-                          UserWarning, stacklevel=2)
-
-    def draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int, ...]) -> MemoryDraws:
-        """The draws of samples ``indices`` of one micro-batch of clips ``clip_shape = (N, C, H, W)``."""
-        ctx = self.ctx
-        seed = ctx.recipe.loop.seed
-        noise, timestep = [], []
-        for i in indices:
-            gen = draw_generator(seed, step, micro, i, ROLE_SAMPLE)
-            timestep.append(sample_memory_timesteps(ctx.scheduler, 1, self.num_blocks, generator=gen))
-            noise.append(torch.randn(clip_shape, generator=gen))
-        start = sample_start_position(clip_shape[0], ctx.preset.cache.frames_per_block,
-                                      ctx.preset.dit.rope_max_positions,
-                                      generator=draw_generator(seed, step, micro, 0, ROLE_SHARED_MEMORY))
-        return MemoryDraws(torch.stack(noise), torch.cat(timestep), start)
-
-    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
-        """The reconstruction loss of this rank's samples of one micro-batch, and their recall categories
-        ``[B, N, W]``."""
-        ctx = self.ctx
-        batch = ctx.data.batch(step, micro, indices)
-        draws = self.draws(step, micro, indices, tuple(batch.video.shape[1:]))
-        out = memory_reconstruction_loss(model, ctx.scheduler, batch.video.to(ctx.device), ctx.empty_context,
-                                         draws.noise.to(ctx.device), draws.timestep.to(ctx.device),
-                                         draws.start_position, ctx.width_offsets(batch.camera_px))
-        return out, ctx.categories(batch.offsets)
-
-
-SupervisedStage = FlowMatchingStage | ODEStage | MemoryStage
-
-
-# ------------------------------------------------------------------------------ DMD
 @dataclass
 class _Clips:
     """Prompts and camera tracks of one micro-batch, on the device."""
@@ -344,7 +73,7 @@ class _Clips:
     width_offsets: Tensor | None  # [B, N] in patches (camera-anchored), rollout frames only
 
 
-class DMDStage:
+class DMDStep:
     """Self-Forcing DMD: generator (the trainer's model), critic (trained here), teacher (frozen).
 
     The teacher is loaded with :func:`mag.registry.load_model` (eval, no gradient, never sharded); the
@@ -366,7 +95,7 @@ class DMDStage:
     gradient) and skips scoring the windows that hold none of them.
     """
 
-    def __init__(self, ctx: StageContext, generator: nn.Module, dist: DistributedContext,
+    def __init__(self, ctx: StepContext, generator: nn.Module, dist: DistributedContext,
                  parallelize: Parallelize | None = None) -> None:
         from mag.registry import GENERATOR_STAGES, load_model
 
@@ -668,63 +397,3 @@ def _x0_score(model: nn.Module, scheduler: FlowMatchScheduler,
         return scheduler.to_x0(model(x_t, t, context, width_offsets=offsets), x_t, t)
 
     return predict
-
-
-# ------------------------------------------------------------------------------ ODE pairs
-def make_ode_pairs(teacher: str, num_clips: int, *, num_steps: int, guidance_scale: float, seed: int = 0,
-                   frames: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
-                   progress: bool = True) -> ODEPairs:
-    """Sample the teacher's guided ODE on the prompts (and camera tracks) of ``num_clips`` world clips.
-
-    The world, text mode and clip length come from the teacher's training recipe (``frames`` overrides
-    the length); clip ``i``'s prompt and its initial noise come from generators keyed by
-    ``(seed, 0, 0, i)``, so a file is reproducible and its first clips do not depend on ``num_clips``.
-    Returns pairs for :func:`mag.objectives.ode.save_ode_pairs` (see that module for the layout).
-    """
-    from tqdm.auto import tqdm
-
-    from mag.registry import load_model
-    from mag.train.recipe import recipe_from_dict
-
-    model, preset, meta = load_model(teacher, device)
-    if not isinstance(meta.get("recipe"), dict) or "name" not in meta["recipe"]:
-        raise CheckpointError(f"teacher {teacher!r} carries no training recipe (it gives the world, text mode"
-                              " and clip length of the pairs); export it from a training run")
-    if num_clips < 1 or batch_size < 1:
-        raise InputError(f"--clips and the batch size must be >= 1, got {num_clips} and {batch_size}")
-    data = recipe_from_dict(meta["recipe"]).data
-    if frames is not None:
-        data = dataclasses.replace(data, clip_frames=frames)
-    data.validate(preset.cache.frames_per_block)
-    scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
-    few_step_indices(scheduler, num_steps)  # refuse a step count off the few-step levels before sampling
-    source = WorldClipSource(preset, data, seed)
-    text = prompt_cache(preset.text_encoder, data.text_mode)
-    empty = text.get([""]).to(device)
-    frame_shape = (preset.dit.in_channels, preset.video.latent_height, preset.video.latent_width)
-    parts: dict[str, list[Tensor]] = {name: [] for name in ("trajectory", "x0", "context", "offsets",
-                                                            "camera_px")}
-    prompts: list[str] = []
-    starts = range(0, num_clips, batch_size)
-    for start in tqdm(starts, desc="ode pairs", unit="batch", disable=not progress):
-        indices = range(start, min(start + batch_size, num_clips))
-        clips = source.batch(0, 0, indices)
-        noise = torch.stack([torch.randn((data.clip_frames, *frame_shape),
-                                         generator=sample_generator(seed, 0, 0, i)) for i in indices])
-        context = text.get(clips.prompts).to(device)
-        offsets = (clips.camera_px / preset.dit.patch_size[2]).to(device) if preset.dit.camera_rope else None
-        trajectory, x0 = sample_ode_trajectory(model, scheduler, noise.to(device), context,
-                                               empty.expand_as(context), num_steps,
-                                               guidance_scale=guidance_scale, width_offsets=offsets)
-        for name, value in (("trajectory", trajectory), ("x0", x0), ("context", context),
-                            ("offsets", clips.offsets), ("camera_px", clips.camera_px)):
-            parts[name].append(value.cpu())
-        prompts.extend(clips.prompts)
-    metadata = {"teacher": str(teacher), "preset": preset.to_dict(), "prompts": prompts, "steps": num_steps,
-                "guidance_scale": guidance_scale, "seed": seed, "world": data.world,
-                "text_mode": data.text_mode}
-    return ODEPairs(trajectory=torch.cat(parts["trajectory"]), x0=torch.cat(parts["x0"]),
-                    context=torch.cat(parts["context"]), timesteps=scheduler.few_step_timesteps(),
-                    offsets=torch.cat(parts["offsets"]),
-                    camera_px=torch.cat(parts["camera_px"]) if preset.dit.camera_rope else None,
-                    metadata=metadata).validate()

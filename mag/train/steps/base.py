@@ -1,0 +1,110 @@
+"""What every training step runner shares: keyed random draws, model building, the prompt cache and the
+:class:`StepContext`.
+
+Every random draw comes from a generator keyed by ``(seed, step, micro, index, role)``
+(:func:`draw_generator`), so resuming is exact and data-parallel ranks draw the single-process batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mag.config import Preset, config_differences
+from mag.errors import CheckpointError
+from mag.models import WanDiT
+from mag.schedulers import FlowMatchScheduler
+from mag.text import PromptEmbeddingCache, get_text_encoder
+from mag.train.data import WorldClipSource
+from mag.train.recall import view_categories
+from mag.train.recipe import Recipe
+
+Parallelize = Callable[[nn.Module], nn.Module]
+
+# Roles of :func:`draw_generator`: independent streams for the same (seed, step, micro, index).
+ROLE_SAMPLE = 0            # supervised objectives; also what sample_generator draws (4-key form)
+ROLE_GENERATOR = 1         # DMD generator step: rollout noise, DMD timesteps and noise
+ROLE_CRITIC = 2            # DMD critic step: rollout noise, critic timesteps and noise
+ROLE_HISTORY = 3           # DMD history rollout's draws
+ROLE_SHARED_GENERATOR = 4  # index 0: exit step and history choice of a generator micro-batch
+ROLE_SHARED_CRITIC = 5     # index 0: exit step of a critic micro-batch
+ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batch
+
+
+def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
+    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so resuming,
+    or splitting the batch across data-parallel ranks, reproduces them exactly."""
+    state = np.random.SeedSequence([seed, step, micro, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def draw_generator(seed: int, step: int, micro: int, index: int, role: int) -> torch.Generator:
+    """Like :func:`sample_generator`, one independent stream per ``role`` (``ROLE_*``)."""
+    if role == ROLE_SAMPLE:
+        return sample_generator(seed, step, micro, index)
+    state = np.random.SeedSequence([seed, step, micro, index, role]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: bool = True) -> WanDiT:
+    """Build on the meta device, materialise on ``device``, initialise from the recipe seed, then load
+    ``init.model`` when the recipe names one and ``init`` (a resumed run takes the checkpoint's)."""
+    preset = recipe.build_preset()
+    with torch.device("meta"):
+        model = WanDiT(preset.dit)
+    model.to_empty(device=device)
+    torch.manual_seed(recipe.loop.seed)
+    model.init_weights()
+    if init and recipe.init.model:
+        load_init_weights(model, recipe.init.model, preset)
+    return model
+
+
+def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
+    """Copy the weights of a model file / checkpoint / registry name into ``model`` (same ``dit`` config)."""
+    from mag.registry import load_model
+
+    source, source_preset, _ = load_model(name_or_path)
+    if source_preset.dit != preset.dit:
+        differences = config_differences(preset.dit, source_preset.dit)
+        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
+                              f" from the recipe's ({differences}; recipe vs file)")
+    with torch.no_grad():
+        model.load_state_dict(source.state_dict())
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
+    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
+    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
+
+
+@dataclass
+class StepContext:
+    """What every stage reads: the recipe, its preset and schedule, the data and text, the device."""
+
+    recipe: Recipe
+    preset: Preset
+    scheduler: FlowMatchScheduler
+    data: WorldClipSource
+    text: PromptEmbeddingCache
+    empty_context: Tensor
+    device: torch.device
+
+    def width_offsets(self, camera_px: Tensor) -> Tensor | None:
+        """Camera track ``[B, F]`` in pixels -> width positions in patches (camera-anchored presets only)."""
+        if not self.preset.dit.camera_rope:
+            return None
+        return (camera_px / self.preset.dit.patch_size[2]).to(self.device)
+
+    def categories(self, offsets: Tensor) -> Tensor:
+        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``."""
+        world = self.data.world
+        return view_categories(offsets, world.frame_width, world.pano_width,
+                               self.preset.cache.frames_per_block,
+                               self.recipe.objective.recall_window_frames).to(self.device)
