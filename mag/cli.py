@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from mag import __version__
 from mag.errors import MagError
 
 # Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
@@ -36,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from mag import __version__
 
     return __version__
 

@@ -20,41 +20,42 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mag.app import (
+    DemoConfig,
+    LoadedModels,
+    add_model_arguments,
+    config_from_args,
+    load_models,
+    sampler_config,
+    set_threads,
+)
+from mag.bench.consistency import (
+    BenchEpisode,
+    bench_world,
+    build_policies,
+    episode_summary,
+    score_episode,
+    stream_episodes,
+    within_window,
+    world_episodes,
+)
+from mag.checkpoint import git_commit
+from mag.codecs import get_codec_for
 from mag.errors import ConfigError, InputError
 from mag.io.paths import check_output_dir
-from mag.pipelines.streaming import SamplerKind
+from mag.io.video import write_mp4, write_png_strip
+from mag.pipelines import StreamingGenerator
+from mag.schedulers import FlowMatchScheduler
 
-__all__ = ["DEFAULTS", "DemoConfig", "LoadedModels", "compose_panels", "load_models", "run_demo"]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Which shipped models and sampler the user-facing commands run by default.
-
-    Until the stage-2 generator ``tiny-mag`` ships, the generator is the camera-anchored long-recall
-    causal model sampled with 8 Euler steps; switching is one line here
-    (``DemoConfig(model="tiny-mag", sampler="few_step", steps=0)``).
-
-    Attributes:
-        model: generator (shipped name, model file or training checkpoint).
-        memory_model: stage-1 memory model that writes the cache under the ``mag`` / ``bounded`` policies.
-        sampler: ``euler`` (causal flow-matching models) or ``few_step`` (distilled models).
-        steps: Euler steps (``euler`` only).
-    """
-
-    model: str = "tiny-causal-long"
-    memory_model: str = "tiny-memory"
-    sampler: SamplerKind = "euler"
-    steps: int = 8
+__all__ = ["DEMO_POLICIES", "compose_panels", "run_demo"]
 
 
-DEFAULTS = DemoConfig()
 
 # The two policies compared side by side, in panel order after the ground truth.
 DEMO_POLICIES: tuple[str, ...] = ("mag", "window")
@@ -76,117 +77,6 @@ REVISIT_TEXT = (255, 220, 80)
 MAX_STRIP_FRAMES = 12
 DEFAULT_EPISODE = 0
 DEFAULT_SEED = 0
-# torch intra-op threads unless --threads says otherwise (measured: 12 blocks/s on 1, ~1 on 2 busy cores).
-DEFAULT_THREADS = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Models (shared with mag generate)
-
-
-@dataclass
-class LoadedModels:
-    """A generator, optionally its memory model, and the text encoder they were trained with.
-
-    ``encode(prompts)`` returns ``[B, L, text_dim]`` prompt embeddings; ``empty_context`` is the empty
-    prompt's ``[1, L, text_dim]`` embeddings that the memory model reads (None without one).
-    """
-
-    model: Any
-    preset: Any
-    meta: dict[str, Any]
-    text: Any
-    memory: Any = None
-    memory_meta: dict[str, Any] | None = None
-    empty_context: Any = None
-
-    def encode(self, prompts: list[str]) -> Any:
-        return self.text.get(prompts).to(self.model.patch_embedding.weight.device)
-
-    def records(self, config: DemoConfig) -> dict[str, Any]:
-        """What a result file says about the models (source, stage, recipe, steps, commit)."""
-        from mag.bench.common import model_record
-
-        out = {"generator": model_record(config.model, self.meta)}
-        if self.memory_meta is not None:
-            out["memory_model"] = model_record(config.memory_model, self.memory_meta)
-        return out
-
-    def clip_frames(self) -> int | None:
-        """The generator's training clip length (``recipe.data.clip_frames``), or None."""
-        from mag.bench.common import recipe_data
-
-        frames = recipe_data(self.meta).get("clip_frames")
-        return frames if isinstance(frames, int) and frames > 0 else None
-
-    def training_world(self) -> dict[str, Any] | None:
-        """The generator's training world overrides (``recipe.data.world``), or None."""
-        from mag.bench.common import recipe_data
-
-        world = recipe_data(self.meta).get("world")
-        return world if isinstance(world, dict) and world else None
-
-
-def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True) -> LoadedModels:
-    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) and their text encoder.
-
-    Raises:
-        CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another preset.
-    """
-    from mag.bench.common import load_memory_for, text_cache
-    from mag.pipelines import load_generator
-
-    model, preset, meta = load_generator(config.model, device=device)
-    loaded = LoadedModels(model, preset, meta, text_cache(preset, meta))
-    if with_memory:
-        loaded.memory, loaded.memory_meta, loaded.empty_context = load_memory_for(config.memory_model, preset,
-                                                                                  device)
-    return loaded
-
-
-def sampler_config(config: DemoConfig) -> Any:
-    """The :class:`~mag.pipelines.SamplerConfig` of ``config`` (validated)."""
-    from mag.pipelines import SamplerConfig
-
-    return SamplerConfig(config.sampler, config.steps).validate()
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model/--memory-model/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
-    parser.add_argument("--model", default=DEFAULTS.model,
-                        help=f"generator: shipped name, model file or checkpoint (default {DEFAULTS.model})")
-    parser.add_argument("--memory-model", default=DEFAULTS.memory_model,
-                        help="stage-1 memory model that writes the cache under the mag and bounded policies"
-                             f" (default {DEFAULTS.memory_model})")
-    parser.add_argument("--sampler", choices=("few_step", "euler"), default=DEFAULTS.sampler,
-                        help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")
-    parser.add_argument("--steps", type=int, default=DEFAULTS.steps,
-                        help=f"Euler steps (--sampler euler; default {DEFAULTS.steps})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"torch intra-op threads (default {DEFAULT_THREADS}: the tiny models' small"
-                             " matmuls run fastest on one thread, and more stall on a busy CPU)")
-
-
-def add_compile_argument(parser: argparse.ArgumentParser) -> None:
-    """``--compile`` of the streaming commands (:func:`mag.pipelines.compile_stream`)."""
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each block except its cached attention before streaming (one"
-                             " untimed warm-up block compiles it; pays off on long streams and GPUs)")
-
-
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    return replace(DEFAULTS, model=args.model, memory_model=args.memory_model, sampler=args.sampler,
-                   steps=args.steps)
-
-
-def set_threads(threads: int | None) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +134,7 @@ def compose_panels(panels: list[np.ndarray], labels: list[str], statuses: list[s
 class DemoResult:
     """What one demo run produced: generated frames per policy and their scores."""
 
-    episode: Any  # BenchEpisode
+    episode: BenchEpisode
     frames: dict[str, np.ndarray]  # policy -> uint8 [num_generate, H, W, 3]
     summaries: dict[str, dict[str, Any]]  # policy -> consistency episode_summary
     within: np.ndarray  # bool [num_generate]: history match within the window's attention
@@ -255,19 +145,6 @@ def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = D
     """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` with the same noise; score it."""
     import torch
     from tqdm.auto import tqdm
-
-    from mag.bench.consistency import (
-        bench_world,
-        build_policies,
-        episode_summary,
-        score_episode,
-        stream_episodes,
-        within_window,
-        world_episodes,
-    )
-    from mag.codecs import get_codec_for
-    from mag.pipelines import StreamingGenerator
-    from mag.schedulers import FlowMatchScheduler
 
     if episode_index < 0:
         raise ConfigError(f"--episode must be >= 0, got {episode_index}")
@@ -321,7 +198,6 @@ def _frame_statuses(result: DemoResult) -> tuple[list[str], np.ndarray]:
 
 def write_demo_video(path: Path, result: DemoResult) -> Path:
     """``ground truth | MAG | window`` over the whole episode; history frames show the truth in each panel."""
-    from mag.io.video import write_mp4
 
     ep = result.episode
     s = ep.switch_frame
@@ -347,7 +223,6 @@ def revisit_columns(result: DemoResult) -> np.ndarray:
 
 def write_revisit_strip(path: Path, result: DemoResult) -> Path:
     """Rows: the history frame of the same view, the truth, MAG, window, at the revisited frames."""
-    from mag.io.video import write_png_strip
 
     ep = result.episode
     columns = revisit_columns(result)
@@ -378,7 +253,6 @@ def _db(value: float | None) -> str:
 def demo_record(result: DemoResult, config: DemoConfig, loaded: LoadedModels, seconds: float,
                 seed: int, device: str) -> dict[str, Any]:
     """The contents of ``demo.json``."""
-    from mag.train.checkpoint import git_commit
 
     ep = result.episode
     revisited = ep.history_match >= 0

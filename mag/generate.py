@@ -33,8 +33,31 @@ from typing import Any
 
 import numpy as np
 
+from mag.app import (
+    LoadedModels,
+    add_compile_argument,
+    add_model_arguments,
+    check_velocity,
+    config_from_args,
+    load_models,
+    sampler_config,
+    set_threads,
+    synchronize,
+)
+from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
 from mag.io.paths import check_output_file
+from mag.io.video import write_mp4
+from mag.pipelines import (
+    SamplerConfig,
+    StreamingGenerator,
+    check_policy_name,
+    compile_stream,
+    policy_from_name,
+    writer_for,
+)
+from mag.pipelines.streaming import MEMORY_MODEL_POLICIES
+from mag.world import camera_track
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
 
@@ -87,15 +110,6 @@ def _read_json(path: str | Path, what: str) -> Any:
         raise InputError(f"{what} file {source} is not valid JSON ({err}); see docs/generate.md") from err
 
 
-def _velocity(value: Any, where: str, max_px: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{where}: a velocity must be a finite number of px/frame, got {value!r:.40}")
-    if abs(value) > max_px:
-        raise InputError(f"{where}: velocity {value} px/frame exceeds the frame width {max_px:g} px"
-                         " (consecutive frames would share nothing); use a smaller speed")
-    return float(value)
-
-
 def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
     """Per-frame camera velocities float32 ``[frames]`` (px/frame) from an actions file (module docstring)."""
     data = _read_json(path, "actions")
@@ -103,7 +117,7 @@ def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
         if len(data) != frames:
             raise InputError(f"actions file {path} lists {len(data)} velocities for --frames {frames};"
                              " give one per frame, or keyframes as an object {\"frame\": velocity}")
-        return np.asarray([_velocity(v, f"{path} entry {i}", max_px) for i, v in enumerate(data)],
+        return np.asarray([check_velocity(v, f"{path} entry {i}", max_px) for i, v in enumerate(data)],
                           dtype=np.float32)
     if isinstance(data, dict) and data:
         keys = {}
@@ -111,7 +125,7 @@ def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
             if not key.isdigit() or int(key) >= frames:
                 raise InputError(f"actions file {path}: keyframe {key!r} must be a frame index in"
                                  f" [0, {frames})")
-            keys[int(key)] = _velocity(value, f"{path} keyframe {key}", max_px)
+            keys[int(key)] = check_velocity(value, f"{path} keyframe {key}", max_px)
         out = np.zeros(frames, dtype=np.float32)
         for frame in sorted(keys):
             out[frame:] = keys[frame]
@@ -165,12 +179,13 @@ def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
 # Streaming
 
 
-def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, switches: list[PromptSwitch],
-           *, seed: int = 0, progress: bool = True, compile_model: bool = False) -> GenerateResult:
+def stream(loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, velocities: np.ndarray,
+           switches: list[PromptSwitch], *, seed: int = 0, progress: bool = True,
+           compile_model: bool = False) -> GenerateResult:
     """Generate ``len(velocities)`` frames under ``policy_name`` (whole blocks, trimmed at the end).
 
     Args:
-        loaded: :class:`mag.demo.LoadedModels` (generator, text encoder, optional memory model).
+        loaded: :class:`mag.app.LoadedModels` (generator, text encoder, optional memory model).
         velocities: float32 ``[N]`` camera velocity per frame (px/frame).
         switches: the prompt schedule, first at frame 0 (:func:`parse_prompts`).
         compile_model: ``torch.compile`` the generator and memory model (:mod:`mag.models.compile`); one
@@ -178,17 +193,6 @@ def stream(loaded: Any, policy_name: str, sampler: Any, velocities: np.ndarray, 
     """
     import torch
     from tqdm.auto import tqdm
-
-    from mag.bench.common import synchronize
-    from mag.codecs import get_codec_for, tensor_to_frames
-    from mag.pipelines import (
-        StreamingGenerator,
-        check_policy_name,
-        compile_stream,
-        policy_from_name,
-        writer_for,
-    )
-    from mag.world import camera_track
 
     preset, model = loaded.preset, loaded.model
     check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
@@ -263,7 +267,6 @@ def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mag.demo import add_compile_argument, add_model_arguments
 
     p = subparsers.add_parser(
         "generate", help="stream a video from a prompt with a steered camera (mp4, FPS, KV memory)",
@@ -290,9 +293,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from mag.demo import config_from_args, load_models, sampler_config, set_threads
-    from mag.io.video import write_mp4
-    from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
     check_policy_name(args.policy, has_memory_model=bool(args.memory_model))  # before any model loads
@@ -311,7 +311,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         velocities = parse_actions(args.actions, args.frames, width)
     else:
         speed = DEFAULT_VELOCITY_PX if args.velocity is None else args.velocity
-        velocities = np.full(args.frames, _velocity(speed, "--velocity", width), dtype=np.float32)
+        velocities = np.full(args.frames, check_velocity(speed, "--velocity", width), dtype=np.float32)
     prompt = args.prompt if args.prompt is not None or args.prompts is not None else DEFAULT_PROMPT
     switches = parse_prompts(args.prompts, prompt, args.frames, preset.cache.frames_per_block)
     result = stream(loaded, args.policy, sampler, velocities, switches, seed=args.seed,

@@ -3,7 +3,7 @@
 The memory model is a second DiT of the generator's architecture (initialised from it, own weights,
 always run with the empty prompt). Its job is to squeeze each finished block of ``F`` latent frames
 into the self-attention K/V of the block's LAST frame, so the generator's KV cache grows by one frame
-per block instead of ``F`` (DESIGN §1, "Memory model (stage 1)").
+per block instead of ``F`` (docs/design.md, "Memory model (MAG stage 1)").
 
 Training (:func:`memory_training_mask`, :func:`mag.objectives.memory.memory_reconstruction_loss`) runs
 one parallel pass over ``[clean ; noisy]``; the clean half plays the memory writes and the noisy half
@@ -28,6 +28,7 @@ from mag.config import Preset, config_differences
 from mag.errors import ConfigError, InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
+from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
 
 # The stage recorded in model files (mag.registry.STAGES) for a memory model.
@@ -192,6 +193,16 @@ def load_memory_model(path: str | Path, device: torch.device | str = "cpu") -> t
     Raises:
         CheckpointError: wrong stage, no stage information, or the errors of :func:`mag.registry.load_model`.
     """
-    from mag.registry import load_model
 
     return load_model(path, device=device, expect_stage=(MEMORY_STAGE,))
+
+
+def check_memory_model(preset: Preset, memory_preset: Preset) -> None:
+    """Refuse a memory model whose architecture, latent geometry, block size or text encoder differs from
+    the generator's (:func:`mag.memory.memory_model_mismatch`)."""
+    mismatch = memory_model_mismatch(preset, memory_preset)
+    if mismatch is not None:
+        raise ConfigError(
+            f"the memory model (preset {memory_preset.name!r}) does not match the generator (preset"
+            f" {preset.name!r}) in {mismatch}; a memory model writes into the generator's KV cache and"
+            " must be trained on the generator's preset: pass the memory model of this generator")

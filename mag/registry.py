@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.config import Preset, preset_from_dict
 from mag.errors import CheckpointError
 from mag.models import WanDiT
@@ -60,7 +61,6 @@ class ModelInfo:
 def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: str,
                  use_ema: bool = True) -> Path:
     """Write the inference weights of training ``checkpoint`` as a model file (atomic)."""
-    from mag.train.checkpoint import load_checkpoint
 
     if stage not in STAGES:
         raise CheckpointError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
@@ -163,7 +163,6 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", *,
         weights = load_file(str(path))
         decoded = {k: _maybe_json(v) for k, v in meta.items()}
     else:
-        from mag.train.checkpoint import load_checkpoint
 
         state = load_checkpoint(path)
         weights = state.ema if state.ema is not None else state.model
@@ -259,7 +258,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mag.train.checkpoint import latest_checkpoint
 
     source = Path(args.checkpoint)
     if source.is_dir():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from mag.bench.common import machine_info
+from mag.app import machine_info
 from mag.bench.host import count_block_kernels
 from mag.bench.speed import random_model, speed_preset
+from mag.checkpoint import git_commit
 from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name, writer_for
-from mag.train.checkpoint import git_commit
 
 META = torch.device("meta")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mag.bench.common import load_memory_for, text_cache
+from mag.app import load_memory_for, text_cache
 from mag.pipelines import StreamingGenerator, policy_from_name, writer_for
 from mag.pipelines.streaming import load_generator
 

@@ -22,9 +22,9 @@ import torch
 
 from mag.bench.host import HostSyncAudit
 from mag.bench.speed import random_model, speed_preset
+from mag.checkpoint import git_commit
 from mag.config import replace_nested
 from mag.pipelines import AVAILABLE_POLICIES, StreamingGenerator, policy_from_name, writer_for
-from mag.train.checkpoint import git_commit
 
 
 @contextlib.contextmanager

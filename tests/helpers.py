@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
+from mag.checkpoint import latest_checkpoint
 from mag.config import DiTConfig
 from mag.models import WanDiT
 from mag.registry import export_model
-from mag.train.checkpoint import latest_checkpoint
 from mag.train.recipe import recipe_from_dict
 from mag.train.trainer import Trainer
 

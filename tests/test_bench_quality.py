@@ -80,8 +80,8 @@ def test_teacher_samples_do_not_depend_on_the_batch(models):
     """Per-clip noise: the teacher's sample of a clip is the same alone or in a batch."""
     from mag.bench.quality import sample_model
     from mag.registry import load_model
+    from mag.text import prompt_cache
     from mag.train.data import preset_world
-    from mag.train.trainer import prompt_cache
 
     model, preset, meta = load_model(models["teacher"])
     clips = real_clips(preset_world(preset, meta["recipe"]["data"]["world"]), "val", 0, CLIPS, FRAMES)

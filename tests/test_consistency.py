@@ -18,13 +18,13 @@ from mag.bench.consistency import (
     within_window,
     world_episodes,
 )
+from mag.checkpoint import TrainingState, save_checkpoint
 from mag.cli import main
 from mag.config import get_preset
 from mag.errors import InputError
 from mag.io.video import write_mp4
 from mag.models import WanDiT
 from mag.registry import export_model
-from mag.train.checkpoint import TrainingState, save_checkpoint
 from mag.world import make_episode
 
 # 16x16 frames (4 x 4 patches = 16 tokens), a 2-layer 32-wide DiT; MiniLM pooled text (384-d).

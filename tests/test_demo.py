@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 from helpers import CAMERA, trained_model_file
 
+from mag.app import DEFAULTS, DemoConfig, load_models
 from mag.cli import main
 from mag.demo import (
-    DEFAULTS,
     DEMO_POLICIES,
     LABEL_BAND_PX,
     PANEL_GAP_PX,
     STATUS_BAND_PX,
-    DemoConfig,
     compose_panels,
-    load_models,
     revisit_columns,
     run_demo,
 )

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mag.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
 from mag.errors import ConfigError
-from mag.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
 from mag.train.distributed import DistributedContext, init_distributed
 from mag.train.recipe import load_recipe
 from mag.train.trainer import Trainer

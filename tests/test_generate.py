@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import CAMERA, TINY_OVERRIDES, needs_inductor, random_dit, trained_model_file
 
+from mag.app import DEFAULTS, load_models, sampler_config
 from mag.cache import KVCache
 from mag.cli import main
 from mag.config import get_preset
-from mag.demo import DEFAULTS, load_models, sampler_config
 from mag.errors import InputError
 from mag.generate import DEFAULT_PROMPT, frame_shifts, parse_actions, parse_prompts, stream
 from mag.io.video import read_mp4

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mag.cache import DownsamplePolicy, FullPolicy, MagPolicy
+from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.errors import CheckpointError, ConfigError
 from mag.registry import export_model
-from mag.train.checkpoint import latest_checkpoint, load_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
 from mag.train.steps import MEMORY_MODEL_METADATA, ROLE_GENERATOR
 from mag.train.trainer import Trainer

@@ -8,6 +8,7 @@ import torch
 from helpers import random_dit
 
 from mag.cache import FullPolicy, KVCache, MagPolicy, valid_slot_positions
+from mag.checkpoint import TrainingState, save_checkpoint
 from mag.config import get_preset
 from mag.errors import CheckpointError, ConfigError, InputError
 from mag.memory import (
@@ -22,7 +23,6 @@ from mag.objectives.memory import memory_reconstruction_loss
 from mag.pipelines import GeneratorWriter, StreamingGenerator, load_generator, policy_from_name, writer_for
 from mag.registry import GENERATOR_STAGES, export_model, load_model
 from mag.schedulers import FlowMatchScheduler
-from mag.train.checkpoint import TrainingState, save_checkpoint
 
 TOLERANCE = 1e-5
 BATCH = 2

@@ -17,12 +17,12 @@ import pytest
 import torch
 from helpers import CAMERA, SEED, TINY_OVERRIDES, recipe_dict, trained_model_file
 
+from mag.checkpoint import latest_checkpoint
 from mag.errors import CheckpointError, ConfigError
 from mag.memory import load_memory_model, sample_memory_timesteps, sample_start_position
 from mag.objectives.flow_matching import LossOutput
 from mag.objectives.memory import memory_reconstruction_loss
 from mag.registry import GENERATOR_STAGES, export_model, load_model, model_stage
-from mag.train.checkpoint import latest_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
 from mag.train.steps import ROLE_SHARED_MEMORY, MemoryStep, draw_generator, sample_generator
 from mag.train.trainer import Trainer

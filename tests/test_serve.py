@@ -27,14 +27,13 @@ import torch
 from helpers import CAMERA, TINY_OVERRIDES, needs_inductor, random_dit
 from PIL import Image
 
-from mag.bench.common import DEFAULT_TEXT_MODE
+from mag.app import DEFAULT_TEXT_MODE, DEFAULTS, LoadedModels, load_models, sampler_config
 from mag.cli import main
 from mag.config import get_preset
-from mag.demo import DEFAULTS, LoadedModels, load_models, sampler_config
 from mag.generate import DEFAULT_PROMPT, frame_shifts
 from mag.pipelines import SamplerConfig
 from mag.serve import HOST, LiveStream, Viewer
-from mag.train.steps import prompt_cache
+from mag.text import prompt_cache
 
 # Seconds any single wait on the server or the browser may take before the test fails.
 TIMEOUT_S = 20.0

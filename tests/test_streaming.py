@@ -7,13 +7,13 @@ import torch
 from helpers import random_dit
 
 from mag.cache import DownsamplePolicy, FullPolicy, WindowPolicy
+from mag.checkpoint import TrainingState, save_checkpoint
 from mag.config import get_preset
 from mag.errors import CheckpointError, ConfigError, InputError
 from mag.models import WanDiT, block_causal_mask
 from mag.objectives.flow_matching import teacher_forcing_mask
 from mag.pipelines import SamplerConfig, StreamingGenerator, load_generator, policy_from_name, writer_for
 from mag.schedulers import FlowMatchScheduler
-from mag.train.checkpoint import TrainingState, save_checkpoint
 
 TOLERANCE = 1e-5
 BATCH = 2

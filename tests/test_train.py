@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from mag.cache import FullPolicy, KVCache
+from mag.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mag.errors import CheckpointError, ConfigError
 from mag.objectives.flow_matching import teacher_forcing_mask
-from mag.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mag.train.recall import NEW, RECALL, RECENT, view_categories
 from mag.train.recipe import load_recipe, recipe_from_dict
 from mag.train.trainer import Trainer

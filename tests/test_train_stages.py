@@ -16,6 +16,7 @@ import torch
 from helpers import CAMERA, TINY_OVERRIDES, assert_dmd_resume_is_bitwise, recipe_dict, trained_model_file
 
 from mag.cache import FullPolicy
+from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.config import SchedulerConfig
 from mag.errors import CheckpointError, ConfigError, InputError
 from mag.objectives.ode import (
@@ -29,7 +30,6 @@ from mag.objectives.ode import (
 from mag.pipelines.rollout import draw_rollout_noise, self_forcing_rollout
 from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
-from mag.train.checkpoint import latest_checkpoint, load_checkpoint
 from mag.train.recipe import Recipe, load_recipe, recipe_differences, recipe_from_dict
 from mag.train.trainer import Trainer
 

@@ -10,8 +10,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mag.bench.common import add_memory_cache_arguments
+from mag.app import (
+    add_memory_cache_arguments,
+    empty_context,
+    load_memory_for,
+    machine_info,
+    model_record,
+    recipe_data,
+    text_cache,
+)
+from mag.bench.consistency import (
+    ConsistencyConfig,
+    bench_world,
+    build_policies,
+    run_consistency,
+    video_episodes,
+    world_episodes,
+    write_results,
+)
+from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon
+from mag.bench.memory_recon import write_results as write_recon_results
+from mag.bench.quality import add_quality_arguments, run_quality_cli
+from mag.bench.speed import add_speed_arguments, run_speed_cli
+from mag.checkpoint import git_commit
+from mag.config import get_preset
 from mag.errors import ConfigError
+from mag.memory import check_memory_model, load_memory_model
+from mag.models import WanDiT
+from mag.pipelines import SamplerConfig, load_generator
+from mag.registry import GENERATOR_STAGES, load_model
+from mag.world import NUM_TEST_EPISODES
 
 # Seed of the untrained model used when no --model is given (a floor, not a result).
 RANDOM_MODEL_SEED = 0
@@ -74,7 +102,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "speed", help="frames/s, per-block latency, peak memory and KV bytes of streaming, per cache policy",
         description="Stream --frames video frames under each cache policy (random weights unless --model)"
                     " and report fps, p50/p95 block latency, peak memory and KV bytes up to 10,000 frames.")
-    from mag.bench.speed import add_speed_arguments
 
     add_speed_arguments(speed)
     speed.set_defaults(func=_speed)
@@ -83,7 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample one clip per held-out world clip (its prompt and camera track) with each model"
                     " and report the Fréchet distance of AlexNet features to the real frames, PSNR / SSIM vs"
                     " the real clips for reference, and a real-vs-real floor.")
-    from mag.bench.quality import add_quality_arguments
 
     add_quality_arguments(quality)
     quality.set_defaults(func=_quality)
@@ -92,10 +118,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, preset, model metadata)`` from --model, or an untrained model of --preset."""
     import torch
-
-    from mag.config import get_preset
-    from mag.models import WanDiT
-    from mag.pipelines import load_generator
 
     if args.model is None:
         preset = get_preset(args.preset or "tiny")
@@ -111,20 +133,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 def _consistency(args: argparse.Namespace) -> int:
     import torch
-
-    from mag.bench.common import load_memory_for, machine_info, model_record, recipe_data, text_cache
-    from mag.bench.consistency import (
-        ConsistencyConfig,
-        bench_world,
-        build_policies,
-        run_consistency,
-        video_episodes,
-        world_episodes,
-        write_results,
-    )
-    from mag.pipelines import SamplerConfig
-    from mag.train.checkpoint import git_commit
-    from mag.world import NUM_TEST_EPISODES
 
     started = time.time()
     if args.threads:
@@ -222,13 +230,6 @@ def _register_memory(commands: argparse._SubParsersAction) -> None:
 def _memory(args: argparse.Namespace) -> int:
     import torch
 
-    from mag.bench.common import empty_context, machine_info, model_record, recipe_data
-    from mag.bench.consistency import bench_world, check_memory_model, world_episodes
-    from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon, write_results
-    from mag.memory import load_memory_model
-    from mag.registry import GENERATOR_STAGES, load_model
-    from mag.train.checkpoint import git_commit
-
     started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,7 +268,7 @@ def _memory(args: argparse.Namespace) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
     }
-    summary = write_results(args.out, result, config, metadata)
+    summary = write_recon_results(args.out, result, config, metadata)
     for name, rows in {**summary["models"], **summary["references"]}.items():
         label, row = (FEW_STEP, rows[FEW_STEP]) if FEW_STEP in rows else next(iter(rows.items()))
         rest = row["non_retained"]
@@ -283,12 +284,10 @@ def _db(value: float | None) -> str:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from mag.bench.speed import run_speed_cli
 
     return run_speed_cli(args)
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from mag.bench.quality import run_quality_cli
 
     return run_quality_cli(args)

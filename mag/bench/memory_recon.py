@@ -46,6 +46,7 @@ from mag.bench.consistency.scores import METRICS, psnr_of_mean_mse, score_pairs
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.io.video import write_png_strip
 from mag.memory import memory_training_mask
 from mag.models.dit import WanDiT
 from mag.objectives.flow_matching import clean_noisy_forward
@@ -321,7 +322,6 @@ def write_results(out_dir: str | Path, result: ReconResult, config: ReconConfig,
                   metadata: dict[str, Any]) -> dict[str, Any]:
     """Write ``summary.json``, ``summary.md`` and ``strip.png`` (input | each model's few-step
     reconstruction of the first clip) into ``out_dir``; return the summary."""
-    from mag.io.video import write_png_strip
 
     out = Path(out_dir)
     try:

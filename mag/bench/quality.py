@@ -51,15 +51,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mag.app import machine_info, model_record, recipe_data, text_cache
 from mag.bench.lpips import alexnet_pooled_features
 from mag.bench.metrics import frechet_distance, psnr, ssim, summarize_psnr
+from mag.checkpoint import git_commit
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.io.video import write_png_strip
 from mag.models.dit import WanDiT
-from mag.objectives.ode import sample_ode_trajectory
+from mag.objectives.ode import few_step_indices, sample_ode_trajectory
 from mag.pipelines.streaming import SAMPLERS, SamplerConfig, StreamingGenerator, policy_from_name
+from mag.registry import GENERATOR_STAGES, load_model, model_stage
 from mag.schedulers import FlowMatchScheduler
+from mag.train.data import preset_world
 from mag.world import WorldConfig, camera_track, episode_seed, make_clip
 
 __all__ = ["DEFAULT_FRAMES", "FEATURE_MIN_SIDE", "REAL_VS_REAL", "ModelRun", "RealClips",
@@ -331,7 +336,6 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _write_samples(path: Path, real: RealClips, samples: dict[str, np.ndarray]) -> None:
     """A grid: for each of the first clips, the real frames then each model's sample, left to right."""
-    from mag.io.video import write_png_strip
 
     rows, labels = [], []
     for i in range(min(SAMPLE_CLIPS, len(real))):
@@ -379,10 +383,6 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_quality_cli(args: argparse.Namespace) -> int:
     """``mag bench quality``: load and check every model first, then sample and score each."""
-    from mag.bench.common import machine_info, model_record, recipe_data, text_cache
-    from mag.registry import GENERATOR_STAGES, load_model, model_stage
-    from mag.train.checkpoint import git_commit
-    from mag.train.data import preset_world
 
     started = time.time()
     if args.threads:
@@ -413,7 +413,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
                   "few_step_levels": scheduler.few_step_timesteps().tolist()}
         sampler = sampler_for_stage(stage, overrides.get(spec), teacher, streaming)
         if stage in BIDIRECTIONAL_STAGES:
-            from mag.objectives.ode import few_step_indices
 
             few_step_indices(scheduler, sampler.steps)  # refuse an off-grid step count before sampling
         loaded.append((ModelRun(name, stage, sampler, record), model, preset, meta))

@@ -4,7 +4,7 @@ One parallel pass over ``[clean ; noisy]`` of a whole clip under :func:`mag.memo
 clean frames play the memory writes (each block reduced to its last frame's K/V for everything after
 it), and each noisy block, at a timestep of the few-step list, sees only the retained frames of blocks
 up to and including its own. The loss is the MSE between the x0-prediction of the noisy half and the
-clean latents (DESIGN §1, "Memory model (stage 1)"). All random draws (noise, timesteps, the start
+clean latents (docs/design.md, "Memory model (MAG stage 1)"). All random draws (noise, timesteps, the start
 position) come in as arguments, as in :mod:`mag.objectives.flow_matching`.
 """
 

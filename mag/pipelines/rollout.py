@@ -1,6 +1,6 @@
 """Self-Forcing training rollout: the student generates a whole clip autoregressively, as at inference.
 
-The rollout is the exposure-bias-free sample that DMD scores (DESIGN §1, "Generator (stage 2)"). It
+The rollout is the exposure-bias-free sample that DMD scores (docs/design.md, "Generator (MAG stage 2)"). It
 follows the streaming protocol of :mod:`mag.pipelines.streaming` block by block, with one difference
 that makes training affordable: gradient flows through ONE denoising step per block.
 

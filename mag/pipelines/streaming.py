@@ -1,4 +1,4 @@
-"""Block-causal streaming generation over a KV cache (Self-Forcing protocol, DESIGN §1).
+"""Block-causal streaming generation over a KV cache (Self-Forcing protocol, docs/design.md §1).
 
 One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the cross-attention K/V of
 the current prompt (computed once by :meth:`~mag.models.dit.WanDiT.encode_context`). A stream is a
@@ -43,6 +43,7 @@ from mag.memory import MemoryWriter
 from mag.models.attention import CrossAttentionCache
 from mag.models.compile import CompiledModules, compile_failure, compile_model
 from mag.models.dit import WanDiT
+from mag.registry import GENERATOR_STAGES, load_model
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
@@ -539,7 +540,6 @@ def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> t
         CheckpointError: missing, corrupt or foreign file, no preset metadata, weights that do not fit, or
             a memory model (stage ``memory``) where a generator is expected.
     """
-    from mag.registry import GENERATOR_STAGES, load_model
 
     return load_model(path, device=device, expect_stage=GENERATOR_STAGES)
 

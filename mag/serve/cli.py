@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from mag.app import (
+    add_compile_argument,
+    add_model_arguments,
+    config_from_args,
+    load_models,
+    sampler_config,
+    set_threads,
+)
+from mag.generate import DEFAULT_PROMPT
+from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 from mag.serve.live import DEFAULT_POLICY, DEFAULT_PORT, GROWING_MAX_FRAMES, LiveStream, default_max_frames
 from mag.serve.viewer import Viewer
 
@@ -13,7 +23,6 @@ from mag.serve.viewer import Viewer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from mag.demo import add_compile_argument, add_model_arguments
 
     p = subparsers.add_parser(
         "serve", help="live browser viewer on 127.0.0.1: frames stream, arrow keys steer, prompts switch",
@@ -36,9 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mag.demo import config_from_args, load_models, sampler_config, set_threads
-    from mag.generate import DEFAULT_PROMPT
-    from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
 
     set_threads(args.threads)
     config = config_from_args(args)

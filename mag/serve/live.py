@@ -19,7 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from mag.app import LoadedModels, check_velocity
+from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
+from mag.models.compile import CompiledModules
+from mag.pipelines import (
+    SamplerConfig,
+    StreamingGenerator,
+    check_policy_name,
+    compile_stream,
+    policy_from_name,
+    writer_for,
+)
 
 DEFAULT_PORT = 8765
 DEFAULT_POLICY = "mag"
@@ -81,25 +92,17 @@ class LiveStream:
     """The generator thread: streams blocks while a viewer watches, takes velocity and prompt commands.
 
     Args:
-        loaded: :class:`mag.demo.LoadedModels` (its memory model is needed under ``mag`` / ``bounded``).
+        loaded: :class:`mag.app.LoadedModels` (its memory model is needed under ``mag`` / ``bounded``).
         policy_name: cache policy (:data:`mag.pipelines.AVAILABLE_POLICIES`).
         sampler: :class:`mag.pipelines.SamplerConfig`.
         prompt: the first prompt.
         max_frames: frames per stream before the cache is emptied (rounded down to whole blocks).
     """
 
-    def __init__(self, loaded: Any, policy_name: str, sampler: Any, prompt: str, *, max_frames: int,
-                 seed: int = 0, velocity: float = START_VELOCITY_PX, compile_model: bool = False) -> None:
+    def __init__(self, loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, prompt: str, *,
+                 max_frames: int, seed: int = 0, velocity: float = START_VELOCITY_PX,
+                 compile_model: bool = False) -> None:
         import torch
-
-        from mag.codecs import get_codec_for
-        from mag.pipelines import (
-            StreamingGenerator,
-            check_policy_name,
-            compile_stream,
-            policy_from_name,
-            writer_for,
-        )
 
         preset = loaded.preset
         check_policy_name(policy_name, has_memory_model=loaded.memory is not None)
@@ -139,7 +142,7 @@ class LiveStream:
         self._notice = ""
         self._notice_until = 0.0
         self.error: str | None = None
-        self._compiled: list[Any] = []
+        self._compiled: list[CompiledModules] = []
         if compile_model:  # before the first frame, so compiling does not stall the viewer's stream
             offsets = torch.zeros(1, self.block) if self.camera_rope else None
             self._compiled, failure = compile_stream(self.generator, self._context, width_offsets=offsets)
@@ -230,8 +233,6 @@ class LiveStream:
         """Generate and publish one block (the generator thread's unit of work; tests call it directly)."""
         import torch
 
-        from mag.codecs import tensor_to_frames
-
         gen = self.generator
         if gen.position + self.block > self.horizon:
             self._resets += 1
@@ -288,9 +289,7 @@ class LiveStream:
 
 
 def _check_velocity(value: Any, max_px: float) -> float:
-    from mag.generate import _velocity
-
-    return _velocity(value, "velocity", max_px)
+    return check_velocity(value, "velocity", max_px)
 
 
 def _check_prompt(value: Any) -> str:

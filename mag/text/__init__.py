@@ -4,6 +4,7 @@ plus a prompt-embedding cache. ``get_text_encoder(name, **kw)`` is the one way i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ from mag.text.table import PROMPT_TABLE_ENV, PromptTableEncoder, write_prompt_ta
 from mag.text.umt5 import UMT5_MAX_TOKENS, UMT5Encoder
 
 __all__ = ["PROMPT_TABLE_ENV", "TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddingCache", "PromptTableEncoder",
-           "TextEncoder", "UMT5Encoder", "get_text_encoder", "minilm_path", "write_prompt_table"]
+           "TextEncoder", "UMT5Encoder", "get_text_encoder", "minilm_path", "prompt_cache",
+           "write_prompt_table"]
 
 
 def _make_umt5(path: str | Path | None = None, tokenizer_path: str | Path | None = None,
@@ -48,3 +50,9 @@ def get_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
         return PromptTableEncoder(table).check_matches(name, mode=kwargs.get("mode"),
                                                        max_tokens=kwargs.get("max_tokens"))
     return build_registered("text encoder", TEXT_ENCODERS, name, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
+    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
+    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mag.config import build_registered
 from mag.errors import InputError
+from mag.text import PROMPT_TABLE_ENV, TEXT_ENCODERS, write_prompt_table
+from mag.world import THEMES, theme_prompts
 
 # The tiny preset's encoder and mode (recipes use pooled MiniLM).
 DEFAULT_ENCODER = "minilm"
@@ -30,9 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from mag.config import build_registered
-    from mag.text import PROMPT_TABLE_ENV, TEXT_ENCODERS, write_prompt_table
-    from mag.world import THEMES, theme_prompts
 
     prompts = [""] + list(args.prompt)
     if not args.no_world:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from mag.errors import InputError
 from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
+from mag.objectives.ode import save_ode_pairs
+from mag.train.distributed import destroy, init_distributed
+from mag.train.recipe import load_recipe
 
 # Euler steps of the teacher's ODE in `mag train ode-pairs` (Self-Forcing samples its teacher with 48;
 # 48 puts the levels 1000, 750, 500, 250 on the grid).
@@ -67,14 +70,13 @@ def _train(args: argparse.Namespace) -> int:
     """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group first."""
     import torch
 
-    from mag.train.distributed import destroy, init_distributed
-    from mag.train.recipe import load_recipe
-    from mag.train.trainer import Trainer
-
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # lazy: torch.distributed.checkpoint (through the trainer) adds ~1.5 s to every `mag` start
+    from mag.train.trainer import Trainer  # lazy: see above
+
     recipe = load_recipe(args.recipe)
     ctx = init_distributed(args.device)
     try:
@@ -94,8 +96,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
     """Write the ODE-regression pairs of a teacher (``mag train ode-pairs``)."""
     import time
 
-    from mag.objectives.ode import save_ode_pairs
-    from mag.train.ode_pairs import make_ode_pairs
+    from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _cmd_train
 
     start = time.perf_counter()
     pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,

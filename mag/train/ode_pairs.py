@@ -14,9 +14,12 @@ from mag.objectives.ode import (
     few_step_indices,
     sample_ode_trajectory,
 )
+from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
+from mag.text import prompt_cache
 from mag.train.data import WorldClipSource
-from mag.train.steps.base import prompt_cache, sample_generator
+from mag.train.recipe import recipe_from_dict
+from mag.train.steps.base import sample_generator
 
 
 def make_ode_pairs(teacher: str, num_clips: int, *, num_steps: int, guidance_scale: float, seed: int = 0,
@@ -30,9 +33,6 @@ def make_ode_pairs(teacher: str, num_clips: int, *, num_steps: int, guidance_sca
     Returns pairs for :func:`mag.objectives.ode.save_ode_pairs` (see that module for the layout).
     """
     from tqdm.auto import tqdm
-
-    from mag.registry import load_model
-    from mag.train.recipe import recipe_from_dict
 
     model, preset, meta = load_model(teacher, device)
     if not isinstance(meta.get("recipe"), dict) or "name" not in meta["recipe"]:

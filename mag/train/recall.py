@@ -9,7 +9,7 @@ in teacher forcing). Three categories:
 - ``recall``: last shown more than ``window_frames`` frames ago -- a sliding window would have
   forgotten it; only long-term memory helps.
 
-If training works, ``loss_recall / loss_new`` falls clearly below 1 (DESIGN.md §6 saw 0.80–0.95 in a
+If training works, ``loss_recall / loss_new`` falls clearly below 1 (the early probes of docs/design.md §3 saw 0.80–0.95 in a
 model that had not learned recall).
 """
 

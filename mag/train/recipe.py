@@ -139,7 +139,7 @@ class InitConfig:
         model: a model file, training checkpoint (its EMA weights) or registry name, loaded with
             :func:`mag.registry.load_model`; its ``dit`` config must equal the recipe's. Empty: random
             initialisation from ``loop.seed``. Read once at the start of a run, not on resume. A
-            ``memory`` run should start from the generator whose blocks it will compress (DESIGN §1);
+            ``memory`` run should start from the generator whose blocks it will compress (docs/design.md §1);
             without one it trains from scratch and warns.
     """
 

@@ -27,9 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mag.errors import CheckpointError, ConfigError
-from mag.schedulers import FlowMatchScheduler
-from mag.train.checkpoint import (
+from mag.checkpoint import (
     TrainingState,
     capture_rng,
     git_commit,
@@ -38,6 +36,9 @@ from mag.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from mag.errors import CheckpointError, ConfigError
+from mag.schedulers import FlowMatchScheduler
+from mag.text import prompt_cache
 from mag.train.data import WorldClipSource
 from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
 from mag.train.ema import EMA
@@ -63,7 +64,6 @@ from mag.train.steps import (
     StepContext,
     SupervisedStep,
     build_model,
-    prompt_cache,
     sample_generator,
 )
 

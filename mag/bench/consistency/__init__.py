@@ -13,7 +13,7 @@ from mag.bench.consistency.episodes import (
     world_episodes,
 )
 from mag.bench.consistency.report import write_results
-from mag.bench.consistency.run import build_policies, check_memory_model, run_consistency, stream_episodes
+from mag.bench.consistency.run import build_policies, run_consistency, stream_episodes
 from mag.bench.consistency.scores import (
     GAP_BIN_EDGES,
     METRICS,
@@ -30,7 +30,7 @@ from mag.bench.consistency.scores import (
 )
 
 __all__ = ["GAP_BIN_EDGES", "METRICS", "PSNR_CAP_DB", "REFERENCE_ROWS", "BenchEpisode", "ConsistencyConfig",
-           "ConsistencyResult", "RowScores", "bench_world", "build_policies", "check_memory_model",
+           "ConsistencyResult", "RowScores", "bench_world", "build_policies",
            "episode_summary", "gap_bin_labels", "run_consistency", "score_episode", "score_pairs",
            "stream_episodes", "summarize_row", "video_episodes", "within_window", "world_episodes",
            "write_results"]

@@ -22,7 +22,6 @@ from mag.cache import CachePolicy
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError
-from mag.memory import memory_model_mismatch
 from mag.models.dit import WanDiT
 from mag.pipelines.streaming import (
     CacheWriter,
@@ -119,17 +118,6 @@ def _width_offsets(model: WanDiT, episodes: Sequence[BenchEpisode], frames: int)
     return (track / model.cfg.patch_size[2]).to(model.patch_embedding.weight.device)
 
 
-def check_memory_model(preset: Preset, memory_preset: Preset) -> None:
-    """Refuse a memory model whose architecture, latent geometry, block size or text encoder differs from
-    the generator's (:func:`mag.memory.memory_model_mismatch`)."""
-    mismatch = memory_model_mismatch(preset, memory_preset)
-    if mismatch is not None:
-        raise ConfigError(
-            f"the memory model (preset {memory_preset.name!r}) does not match the generator (preset"
-            f" {preset.name!r}) in {mismatch}; a memory model writes into the generator's KV cache and"
-            " must be trained on the generator's preset: pass the memory model of this generator")
-
-
 def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT | None = None,
                    empty_context: Tensor | None = None) -> dict[str, tuple[CachePolicy, CacheWriter | None]]:
     """Cache policies and their writers by name; ``mag`` / ``bounded`` are written by ``memory_model`` run
@@ -150,7 +138,7 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
     Args:
         encode_prompts: prompts -> ``[B, L, text_dim]`` text embeddings (e.g. a PromptEmbeddingCache.get).
         memory_model: the stage-1 memory model that writes the cache under ``mag`` / ``bounded``
-            (same preset as the generator, see :func:`check_memory_model`).
+            (same preset as the generator, see :func:`mag.memory.check_memory_model`).
         empty_context: ``[1, L, text_dim]`` embeddings of the empty prompt that the memory model reads.
     """
     from tqdm.auto import tqdm

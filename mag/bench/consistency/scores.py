@@ -72,7 +72,7 @@ class ConsistencyConfig:
         lpips: compute LPIPS (the slowest metric on CPU); off -> reported as null.
         empty_prompt_after_switch: generate with the EMPTY prompt after the switch (the history is fed
             with the real one), so what the model draws can come only from its memory -- the setting of
-            MAG's history loss (DESIGN §1, "Generator (stage 2)").
+            MAG's history loss (docs/design.md, "Generator (MAG stage 2)").
     """
 
     policies: tuple[str, ...] = ("full", "window", "downsample")

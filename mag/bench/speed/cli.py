@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mag.bench.common import add_memory_cache_arguments
+from mag.app import add_memory_cache_arguments, machine_info
 from mag.bench.speed.measure import run_speed
 from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,
@@ -22,6 +22,7 @@ from mag.bench.speed.setup import (
     SpeedConfig,
     build_models,
 )
+from mag.checkpoint import git_commit
 from mag.errors import ConfigError, InputError
 from mag.models.compile import COMPILE_MODES
 from mag.pipelines.streaming import (
@@ -92,8 +93,6 @@ def _json_path(value: str) -> Path:
 
 def run_speed_cli(args: argparse.Namespace) -> int:
     """``mag bench speed``: validate everything cheap first, then build models and stream."""
-    from mag.bench.common import machine_info
-    from mag.train.checkpoint import git_commit
 
     started = time.time()
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())

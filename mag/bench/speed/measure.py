@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from mag.bench.common import synchronize
+from mag.app import synchronize
 from mag.bench.speed.report import write_json, write_plot
 from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,

@@ -13,9 +13,12 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from mag.cache import CachePolicy, retained_bytes
+from mag.codecs import get_codec_for
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
+from mag.memory import load_memory_model, memory_model_mismatch
 from mag.models import WanDiT
+from mag.pipelines import load_generator
 from mag.pipelines.streaming import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
@@ -187,8 +190,6 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
     is the same as a trained one's).
     """
-    from mag.memory import load_memory_model, memory_model_mismatch
-    from mag.pipelines import load_generator
 
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
     if model is None:
@@ -239,7 +240,6 @@ def _check_device(preset: Preset, device: str) -> None:
 
 def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
     """The preset's codec for decoding in the loop: ``pixel`` as is, ``wan-vae`` with random weights."""
-    from mag.codecs import get_codec_for
 
     if preset.video.codec == "pixel":
         return get_codec_for(preset.video)

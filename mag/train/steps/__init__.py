@@ -12,7 +12,6 @@ from mag.train.steps.base import (
     StepContext,
     build_model,
     draw_generator,
-    prompt_cache,
     sample_generator,
 )
 from mag.train.steps.dmd import MEMORY_MODEL_METADATA, DMDStep
@@ -23,4 +22,4 @@ SupervisedStep = FlowMatchingStep | ODEStep | MemoryStep
 
 __all__ = ["MEMORY_MODEL_METADATA", "ROLE_GENERATOR", "ROLE_SAMPLE", "ROLE_SHARED_MEMORY", "DMDStep",
            "FlowMatchingStep", "MemoryDraws", "MemoryStep", "ODEStep", "SampleDraws", "StepContext",
-           "SupervisedStep", "build_model", "draw_generator", "prompt_cache", "sample_generator"]
+           "SupervisedStep", "build_model", "draw_generator", "sample_generator"]

@@ -7,7 +7,6 @@ Every random draw comes from a generator keyed by ``(seed, step, micro, index, r
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +17,9 @@ from torch import Tensor, nn
 from mag.config import Preset, config_differences
 from mag.errors import CheckpointError
 from mag.models import WanDiT
+from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
-from mag.text import PromptEmbeddingCache, get_text_encoder
+from mag.text import PromptEmbeddingCache
 from mag.train.data import WorldClipSource
 from mag.train.recall import view_categories
 from mag.train.recipe import Recipe
@@ -67,7 +67,6 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: boo
 
 def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
     """Copy the weights of a model file / checkpoint / registry name into ``model`` (same ``dit`` config)."""
-    from mag.registry import load_model
 
     source, source_preset, _ = load_model(name_or_path)
     if source_preset.dit != preset.dit:
@@ -76,12 +75,6 @@ def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
                               f" from the recipe's ({differences}; recipe vs file)")
     with torch.no_grad():
         model.load_state_dict(source.state_dict())
-
-
-@functools.lru_cache(maxsize=4)
-def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
-    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
-    return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))
 
 
 @dataclass

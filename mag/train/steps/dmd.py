@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mag.cache import CachePolicy
+from mag.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from mag.errors import CheckpointError, ConfigError
 from mag.memory import (
     load_memory_model,
@@ -35,8 +36,8 @@ from mag.objectives.flow_matching import (
 )
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
 from mag.pipelines.streaming import policy_from_name, writer_for
+from mag.registry import GENERATOR_STAGES, load_model, model_stage
 from mag.schedulers import FlowMatchScheduler
-from mag.train.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
 from mag.train.parallelize import (
@@ -82,7 +83,7 @@ class DMDStep:
     and the warm-up are shared).
 
     Every rollout (generator, history, critic) runs under ``dmd.rollout_policy``: ``full`` keeps every
-    frame (Self-Forcing); ``mag`` is MAG stage 2 (DESIGN §1): after each block the frozen memory model
+    frame (Self-Forcing); ``mag`` is MAG stage 2 (docs/design.md §1): after each block the frozen memory model
     (``dmd.memory_model``: a ``memory`` file whose ``dit`` config equals the generator's; loaded once,
     eval, no gradient, never sharded) runs the clean block at t=0 with the empty prompt and writes the
     compressed K/V (sinks + each block's last frame), which the generator only reads; ``downsample``
@@ -97,7 +98,6 @@ class DMDStep:
 
     def __init__(self, ctx: StepContext, generator: nn.Module, dist: DistributedContext,
                  parallelize: Parallelize | None = None) -> None:
-        from mag.registry import GENERATOR_STAGES, load_model
 
         self.ctx = ctx
         recipe, preset = ctx.recipe, ctx.preset
@@ -150,7 +150,6 @@ class DMDStep:
         """
         if self.dmd.rollout_policy != "mag":
             return None, {}
-        from mag.registry import model_stage
 
         source, preset = self.dmd.memory_model, self.ctx.preset
         memory, memory_preset, meta = load_memory_model(source, self.ctx.device)
