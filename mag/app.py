@@ -23,8 +23,7 @@ from mag.config import Preset
 from mag.errors import ConfigError, InputError
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
-from mag.pipelines import SamplerConfig, load_generator
-from mag.pipelines.streaming import SamplerKind
+from mag.pipelines import SamplerConfig, SamplerKind, load_generator
 from mag.text import PromptEmbeddingCache, prompt_cache
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_compile_argument",

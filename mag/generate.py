@@ -49,6 +49,7 @@ from mag.errors import ConfigError, InputError
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
 from mag.pipelines import (
+    MEMORY_MODEL_POLICIES,
     SamplerConfig,
     StreamingGenerator,
     check_policy_name,
@@ -56,7 +57,6 @@ from mag.pipelines import (
     policy_from_name,
     writer_for,
 )
-from mag.pipelines.streaming import MEMORY_MODEL_POLICIES
 from mag.world import camera_track
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]

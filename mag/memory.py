@@ -116,7 +116,7 @@ def sample_start_position(num_frames: int, frames_per_block: int, max_positions:
 
 
 class MemoryWriter:
-    """Streaming :class:`~mag.pipelines.streaming.CacheWriter` that compresses blocks with the memory model.
+    """Streaming :class:`~mag.pipelines.writers.CacheWriter` that compresses blocks with the memory model.
 
     After the generator has denoised a block, the frozen memory model runs the clean block at t=0 with
     the empty prompt and ``cache_write=True`` on the generator's cache. The cache's

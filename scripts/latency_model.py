@@ -20,7 +20,7 @@ import numpy as np
 
 from mag.cache import CachePolicy, MagPolicy, retained_frames
 from mag.config import CacheConfig, Preset, get_preset
-from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, policy_from_name
+from mag.pipelines import MEMORY_MODEL_POLICIES, policy_from_name
 
 
 def plan_policy(name: str, preset: Preset) -> CachePolicy:

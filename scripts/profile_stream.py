@@ -15,8 +15,7 @@ import time
 import torch
 
 from mag.app import load_memory_for, text_cache
-from mag.pipelines import StreamingGenerator, policy_from_name, writer_for
-from mag.pipelines.streaming import load_generator
+from mag.pipelines import StreamingGenerator, load_generator, policy_from_name, writer_for
 
 PROMPT = "a camera panning slowly across a quiet desert at dusk with dunes, rocks and cacti"
 

@@ -15,10 +15,10 @@ from mag.bench.quality import (
     feature_images,
     parse_sampler_spec,
     real_clips,
-    run_quality_cli,
     sampler_for_stage,
     score_set,
 )
+from mag.bench.quality_cli import run_quality_cli
 from mag.cli import build_parser, main
 from mag.errors import CheckpointError, ConfigError
 from mag.pipelines import SamplerConfig

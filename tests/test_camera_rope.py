@@ -72,7 +72,7 @@ def test_streaming_generator_passes_camera_positions_to_both_phases(make_dit):
     """feed + teacher-forced prediction on a camera-anchored model == the [clean ; noisy] pass."""
     from mag.config import get_preset
     from mag.objectives.flow_matching import teacher_forcing_mask
-    from mag.pipelines.streaming import SamplerConfig, StreamingGenerator, policy_from_name
+    from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name
     from mag.schedulers import FlowMatchScheduler
 
     _, model = _pair(make_dit)

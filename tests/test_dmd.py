@@ -25,8 +25,8 @@ from mag.objectives.dmd import (
     x0_predictor,
 )
 from mag.objectives.flow_matching import teacher_flow_matching_loss
+from mag.pipelines import GeneratorWriter, StreamingGenerator
 from mag.pipelines.rollout import draw_exit_step, draw_rollout_noise, self_forcing_rollout
-from mag.pipelines.streaming import GeneratorWriter, StreamingGenerator
 from mag.schedulers import FlowMatchScheduler
 
 BATCH = 2

@@ -30,7 +30,7 @@ from mag.bench.consistency import (
 )
 from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon
 from mag.bench.memory_recon import write_results as write_recon_results
-from mag.bench.quality import add_quality_arguments, run_quality_cli
+from mag.bench.quality_cli import add_quality_arguments, run_quality_cli
 from mag.bench.speed import add_speed_arguments, run_speed_cli
 from mag.checkpoint import git_commit
 from mag.config import get_preset

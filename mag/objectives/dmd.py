@@ -1,4 +1,4 @@
-"""Self-Forcing DMD with a critic, and MAG's history loss (docs/design.md "Generator (MAG stage 2)", paper §4.2.1).
+"""Self-Forcing DMD with a critic, and MAG's history loss (docs/design.md §1, paper §4.2.1).
 
 One generator step:
 

@@ -1,19 +1,20 @@
-"""Pipelines: model + scheduler + cache combined into generation loops (streaming, benchmark feeding)."""
+"""Pipelines: model + scheduler + cache combined into generation loops (streaming, training rollouts)."""
 
-from mag.pipelines.streaming import (
+from mag.pipelines.loading import compile_stream, load_generator
+from mag.pipelines.streaming import SAMPLERS, SamplerConfig, SamplerKind, StreamingGenerator
+from mag.pipelines.writers import (
     AVAILABLE_POLICIES,
+    GENERATOR_ONLY_POLICIES,
+    MEMORY_MODEL_POLICIES,
     CacheWriter,
     GeneratorWriter,
-    SamplerConfig,
-    StreamingGenerator,
     check_policy_name,
-    compile_stream,
     default_writer,
-    load_generator,
     policy_from_name,
     writer_for,
 )
 
-__all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "StreamingGenerator",
+__all__ = ["AVAILABLE_POLICIES", "GENERATOR_ONLY_POLICIES", "MEMORY_MODEL_POLICIES", "SAMPLERS",
+           "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind", "StreamingGenerator",
            "check_policy_name", "compile_stream", "default_writer", "load_generator", "policy_from_name",
            "writer_for"]

@@ -37,7 +37,7 @@ from mag.cache import CachePolicy, KVCache
 from mag.errors import InputError
 from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import CacheWriter, default_writer
+from mag.pipelines.writers import CacheWriter, default_writer
 from mag.schedulers import FlowMatchScheduler
 
 __all__ = ["BlockContexts", "ContextSource", "draw_exit_step", "draw_rollout_noise", "self_forcing_rollout"]

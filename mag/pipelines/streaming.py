@@ -1,61 +1,36 @@
 """Block-causal streaming generation over a KV cache (Self-Forcing protocol, docs/design.md §1).
 
-One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the cross-attention K/V of
-the current prompt (computed once by :meth:`~mag.models.dit.WanDiT.encode_context`). A stream is a
-sequence of blocks of ``F = preset.cache.frames_per_block`` latent frames at absolute RoPE positions
-``0, 1, 2, ...``. Every block goes through the same two phases:
-
-1. *denoise* (``generate_block`` / ``predict_block_teacher_forced``): K sampler steps; each step runs
-   the generator on the noisy block, reading (never writing) the cache;
-2. *memorise*: one clean pass at t=0 with ``cache_write=True``. Who runs it is a :class:`CacheWriter`:
-   by default the generator itself (:class:`GeneratorWriter`); under the ``mag`` / ``bounded``
-   policies the MAG memory model (:class:`mag.memory.MemoryWriter`, handed to the generator) is another
-   writer running on the same cache with its own weights and the empty prompt.
-
-``feed`` runs phase 2 alone on known clean frames (teacher forcing the history, as the benchmark
-does); ``predict_block_teacher_forced`` runs phase 1 and then memorises the TRUE block, so each
-block is predicted from the true past (recall measured apart from drift).
-
-Samplers (:class:`SamplerConfig`): ``few_step`` walks the preset's shifted few-step list, predicting
-x0 and re-noising it to the next level with fresh noise (Self-Forcing; the last step returns x0);
-``euler`` integrates the probability-flow ODE over ``sampling_timesteps(N)`` down to 0 (for causal
-models that were not distilled). Optional classifier-free guidance runs the unconditional branch as a
-second stream: its own cache, written by the same writer with the empty prompt, so guided streaming
-equals guided full forwards over the sequence (history K/V depend on the text through cross-attention).
-
-The block loop keeps everything on the device: timesteps are ``[B]`` tensors built once per stream,
-cache bookkeeping is host-side Python ints, and nothing calls ``.item()``.
+One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the prompt's cross-attention K/V.
+Every block of ``F`` latent frames is first *denoised* (sampler steps that only read the cache), then
+*memorised* (one clean pass at ``t = 0`` by the stream's :class:`~mag.pipelines.writers.CacheWriter`).
+``feed`` memorises known clean frames; ``predict_block_teacher_forced`` memorises the true block after
+predicting it. Classifier-free guidance runs the unconditional branch as a second stream with its own
+cache. The block loop keeps everything on the device and never calls ``.item()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, MagPolicy, WindowPolicy
+from mag.cache import CachePolicy, KVCache
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
 from mag.memory import MemoryWriter
 from mag.models.attention import CrossAttentionCache
-from mag.models.compile import CompiledModules, compile_failure, compile_model
 from mag.models.dit import WanDiT
-from mag.registry import GENERATOR_STAGES, load_model
+from mag.pipelines.writers import CacheWriter, default_writer
 from mag.schedulers import FlowMatchScheduler
 
-__all__ = ["AVAILABLE_POLICIES", "CacheWriter", "GeneratorWriter", "SamplerConfig", "SamplerKind",
-           "StreamingGenerator", "check_policy_name", "compile_stream", "default_writer", "load_generator",
-           "policy_from_name", "writer_for"]
+__all__ = ["SAMPLERS", "SamplerConfig", "SamplerKind", "StreamingGenerator"]
 
 SamplerKind = Literal["few_step", "euler"]
 SAMPLERS: tuple[str, ...] = ("few_step", "euler")
 # Guidance scale at which classifier-free guidance is off (the conditional prediction alone).
 NO_GUIDANCE = 1.0
-# Policies whose cache is written by the trained memory model (mag.memory), which must be passed in.
-MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,103 +64,6 @@ class SamplerConfig:
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale != NO_GUIDANCE
-
-
-# Policies that need nothing but the generator.
-GENERATOR_ONLY_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
-AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POLICIES
-
-
-def check_policy_name(name: str, *, has_memory_model: bool = True) -> str:
-    """``name`` if it is a cache policy (and, for ``mag`` / ``bounded``, a memory model is at hand), else a
-    one-line ConfigError listing what is available: CLIs call this before loading any model."""
-    if name not in AVAILABLE_POLICIES:
-        raise ConfigError(f"unknown cache policy {name!r}; available policies:"
-                          f" {', '.join(AVAILABLE_POLICIES)}")
-    if name in MEMORY_MODEL_POLICIES and not has_memory_model:
-        raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model NAME|PATH"
-                          f" (a stage 'memory' model, e.g. tiny-memory), or use one of"
-                          f" {', '.join(GENERATOR_ONLY_POLICIES)}")
-    return name
-
-
-def policy_from_name(name: str, preset: Preset) -> CachePolicy:
-    """The cache policy called ``name``, sized by ``preset.cache``.
-
-    ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps
-    ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded);
-    ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is ``mag``
-    with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing.
-    """
-    cache = preset.cache
-    check_policy_name(name)
-    if name == "full":
-        return FullPolicy()
-    if name == "window":
-        return WindowPolicy(cache.sink_frames, cache.window_frames)
-    if name == "downsample":
-        return DownsamplePolicy(cache.memory_sink_frames)
-    return MagPolicy(cache.memory_sink_frames, cache.memory_slots if name == "bounded" else None)
-
-
-def writer_for(policy: CachePolicy, *, memory_model: WanDiT | None = None,
-               empty_context: Tensor | CrossAttentionCache | None = None) -> CacheWriter | None:
-    """The writer a stream under ``policy`` is handed: the memory model's (run with ``empty_context``, the
-    empty prompt's ``[1, L, text_dim]`` embeddings) under ``mag`` / ``bounded``, None (the generator) else."""
-    if not isinstance(policy, MagPolicy):
-        return None
-    if memory_model is None or empty_context is None:
-        missing = "memory_model" if memory_model is None else "empty_context"
-        raise ConfigError(
-            f"policy {policy.name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
-            f" given): writer_for(policy, memory_model=load_memory_model(path)[0],"
-            " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
-            f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
-        )
-    return MemoryWriter(memory_model, empty_context)
-
-
-# ---------------------------------------------------------------------------------------------
-# Who writes the cache
-
-
-class CacheWriter(Protocol):
-    """Runs the clean write pass of one finished block on ``cache`` (phase 2 in the module docstring).
-
-    Args of :meth:`write`:
-        cache: the stream's cache; the pass must use ``cache_write=True`` on it exactly once.
-        clean_block: ``[B, F, C, H, W]`` clean latents of the block.
-        frame_positions: ``[F]`` long absolute RoPE positions of the block.
-        context: the generator's prompt cross-attention cache (a memory model ignores it and uses
-            its own empty-text context).
-        width_offsets: ``[B, F]`` camera positions (patches) for camera-anchored models, else None.
-    """
-
-    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
-              context: CrossAttentionCache, *, width_offsets: Tensor | None = None) -> None:
-        ...
-
-
-class GeneratorWriter:
-    """Default writer: the generator itself runs the clean block at t=0 with the prompt (Self-Forcing)."""
-
-    def __init__(self, model: WanDiT) -> None:
-        self.model = model
-
-    def write(self, cache: KVCache, clean_block: Tensor, frame_positions: Tensor,
-              context: CrossAttentionCache, *, width_offsets: Tensor | None = None) -> None:
-        zero = torch.zeros(clean_block.shape[0], device=clean_block.device)
-        self.model(clean_block, zero, context, frame_positions=frame_positions, kv_cache=cache,
-                   cache_write=True, width_offsets=width_offsets)
-
-
-def default_writer(policy: CachePolicy, model: WanDiT) -> CacheWriter:
-    """The generator's own writer; a memory policy is refused (it would silently downsample)."""
-    if isinstance(policy, MagPolicy):
-        raise ConfigError(f"policy {policy.name!r} has no memory-model writer; pass"
-                          " writer=writer_for(policy, memory_model=..., empty_context=...)"
-                          " (or MemoryWriter(memory_model, empty_context))")
-    return GeneratorWriter(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,56 +398,3 @@ class _WrittenBlock:
     latents: Tensor
     width_offsets: Tensor | None
     slots: tuple[int, ...]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a trained generator
-
-
-def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[WanDiT, Preset,
-                                                                                  dict[str, Any]]:
-    """The generator stored in a training checkpoint or model file (EMA weights when present).
-
-    One loading path for the whole package: this is :func:`mag.registry.load_model`, which also takes
-    the names of shipped models.
-
-    Returns:
-        ``(model, preset, metadata)`` with the model in eval mode and the preset from the ``preset``
-        metadata; ``metadata`` keeps the recipe (``recipe.data.world`` is the training world).
-    Raises:
-        CheckpointError: missing, corrupt or foreign file, no preset metadata, weights that do not fit, or
-            a memory model (stage ``memory``) where a generator is expected.
-    """
-
-    return load_model(path, device=device, expect_stage=GENERATOR_STAGES)
-
-
-def compile_stream(gen: StreamingGenerator, context: Tensor, *, width_offsets: Tensor | None = None,
-                   mode: str = "default") -> tuple[list[CompiledModules], str | None]:
-    """``torch.compile`` the models a stream runs (the generator, and the memory model that writes its
-    cache) and stream one throw-away block so that compiling is not part of the caller's timing.
-
-    Returns the handles to restore the eager models with (:meth:`CompiledModules.restore`) and None, or, when
-    the compiler fails, no handles (the models are eager again) and a one-line description of the failure.
-    The stream is left mid-way: the caller resets it (:meth:`StreamingGenerator.reset`) before using it.
-
-    Args:
-        context: ``[B, L, text_dim]`` prompt embeddings for the warm-up block.
-        width_offsets: ``[B, F]`` camera positions of the warm-up block (camera-anchored models).
-    """
-    models = [gen.model]
-    writer_model = getattr(gen.writer, "model", None)
-    if isinstance(writer_model, WanDiT) and writer_model is not gen.model:
-        models.append(writer_model)
-    compiled = [compile_model(m, mode=mode) for m in models]
-    try:
-        gen.reset(context.shape[0], gen.frames_per_block)
-        gen.set_prompt(context)
-        gen.generate_block(torch.Generator(device=gen.device).manual_seed(0), width_offsets)
-    except Exception as err:  # backend compiler errors surface on the first forward
-        for c in compiled:
-            c.restore()
-        if isinstance(err, (ConfigError, InputError)):
-            raise
-        return [], compile_failure(err)
-    return compiled, None

@@ -14,7 +14,7 @@ from mag.app import (
     set_threads,
 )
 from mag.generate import DEFAULT_PROMPT
-from mag.pipelines.streaming import MEMORY_MODEL_POLICIES, check_policy_name
+from mag.pipelines import MEMORY_MODEL_POLICIES, check_policy_name
 from mag.serve.live import DEFAULT_POLICY, DEFAULT_PORT, GROWING_MAX_FRAMES, LiveStream, default_max_frames
 from mag.serve.viewer import Viewer
 

@@ -9,8 +9,8 @@ in teacher forcing). Three categories:
 - ``recall``: last shown more than ``window_frames`` frames ago -- a sliding window would have
   forgotten it; only long-term memory helps.
 
-If training works, ``loss_recall / loss_new`` falls clearly below 1 (the early probes of docs/design.md §3 saw 0.80–0.95 in a
-model that had not learned recall).
+If training works, ``loss_recall / loss_new`` falls clearly below 1 (the early probes of docs/design.md
+§3 saw 0.80–0.95 in a model that had not learned recall).
 """
 
 from __future__ import annotations

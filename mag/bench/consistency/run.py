@@ -23,7 +23,7 @@ from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError
 from mag.models.dit import WanDiT
-from mag.pipelines.streaming import (
+from mag.pipelines import (
     CacheWriter,
     StreamingGenerator,
     check_policy_name,

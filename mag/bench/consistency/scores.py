@@ -17,7 +17,7 @@ from torch import Tensor
 from mag.bench.consistency.episodes import UINT8_LEVELS, BenchEpisode
 from mag.bench.lpips import MIN_IMAGE_SIDE
 from mag.bench.metrics import lpips, psnr, ssim
-from mag.pipelines.streaming import (
+from mag.pipelines import (
     SamplerConfig,
 )
 

@@ -25,7 +25,7 @@ from mag.bench.speed.setup import (
 from mag.checkpoint import git_commit
 from mag.errors import ConfigError, InputError
 from mag.models.compile import COMPILE_MODES
-from mag.pipelines.streaming import (
+from mag.pipelines import (
     AVAILABLE_POLICIES,
 )
 

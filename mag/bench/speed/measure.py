@@ -32,7 +32,7 @@ from mag.bench.speed.setup import (
 from mag.cache import KVCache
 from mag.errors import ConfigError, InputError
 from mag.models.compile import CompiledModules, compile_failure, compile_model, compile_scope
-from mag.pipelines.streaming import (
+from mag.pipelines import (
     StreamingGenerator,
     policy_from_name,
     writer_for,

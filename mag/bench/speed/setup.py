@@ -18,11 +18,11 @@ from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.memory import load_memory_model, memory_model_mismatch
 from mag.models import WanDiT
-from mag.pipelines import load_generator
-from mag.pipelines.streaming import (
+from mag.pipelines import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
     check_policy_name,
+    load_generator,
 )
 
 # Video-frame horizons at which the KV size is reported (issue 6: "from 100 to 10,000 frames").
@@ -48,7 +48,7 @@ class SpeedConfig:
     """What to stream and how.
 
     Attributes:
-        policies: cache policy names (:data:`mag.pipelines.streaming.AVAILABLE_POLICIES`).
+        policies: cache policy names (:data:`mag.pipelines.AVAILABLE_POLICIES`).
         frames: video frames of the measured stream (rounded up to whole blocks).
         warmup_blocks: blocks of a separate, unmeasured stream per policy (allocator, kernels, compile).
         decode: decode every block through the preset's codec inside the timed region.

@@ -34,8 +34,8 @@ from mag.objectives.dmd import (
 from mag.objectives.flow_matching import (
     teacher_flow_matching_loss,
 )
+from mag.pipelines import policy_from_name, writer_for
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
-from mag.pipelines.streaming import policy_from_name, writer_for
 from mag.registry import GENERATOR_STAGES, load_model, model_stage
 from mag.schedulers import FlowMatchScheduler
 from mag.train.distributed import DistributedContext

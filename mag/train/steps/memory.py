@@ -53,7 +53,8 @@ class MemoryStep:
         if not ctx.recipe.init.model:
             warnings.warn(f"recipe {ctx.recipe.name!r} trains a memory model without init.model: it starts"
                           " from random weights, not from the generator whose blocks it will compress"
-                          " (docs/design.md §1); set init.model to the generator's model file or registry name",
+                          " (docs/design.md §1); set init.model to the generator's model file or registry"
+                          " name",
                           UserWarning, stacklevel=2)
 
     def draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int, ...]) -> MemoryDraws:
