@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from mag.config import Preset
-from mag.errors import ConfigError, InputError
+from mag.errors import InputError
+from mag.io.cli import add_runtime_arguments, set_threads
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, SamplerKind, load_generator
@@ -31,8 +32,6 @@ __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_c
            "empty_context", "load_memory_for", "load_models", "machine_info", "model_record", "recipe_data",
            "sampler_config", "set_threads", "synchronize", "text_cache"]
 
-# torch intra-op threads unless --threads says otherwise (measured: 12 blocks/s on 1, ~1 on 2 busy cores).
-DEFAULT_THREADS = 1
 # Text-encoder mode when a model file does not say (the tiny recipes use pooled MiniLM).
 DEFAULT_TEXT_MODE = "pooled"
 
@@ -202,10 +201,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps,
                         help=f"Euler steps (--sampler euler; default {DEFAULTS.steps})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"torch intra-op threads (default {DEFAULT_THREADS}: the tiny models' small"
-                             " matmuls run fastest on one thread, and more stall on a busy CPU)")
+    add_runtime_arguments(parser)
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
@@ -218,13 +214,6 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return replace(DEFAULTS, model=args.model, memory_model=args.memory_model, sampler=args.sampler,
                    steps=args.steps)
-
-
-def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def check_velocity(value: Any, where: str, max_px: float) -> float:

@@ -48,6 +48,7 @@ from mag.bench.consistency import (
 from mag.checkpoint import git_commit
 from mag.codecs import get_codec_for
 from mag.errors import ConfigError, InputError
+from mag.io.cli import add_out_argument
 from mag.io.paths import check_output_dir
 from mag.io.video import write_mp4, write_png_strip
 from mag.pipelines import StreamingGenerator
@@ -293,7 +294,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     " policy (the memory model writes the cache) and with the window policy from the same"
                     " switch point and noise, and write DIR/demo.mp4 (ground truth | MAG | window),"
                     " DIR/revisit.png and DIR/demo.json; prints each policy's revisit PSNR.")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    add_out_argument(p, "output folder")
     p.add_argument("--episode", type=int, default=DEFAULT_EPISODE,
                    help=f"test-split episode index (default {DEFAULT_EPISODE})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the same for both policies)")

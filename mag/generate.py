@@ -46,6 +46,7 @@ from mag.app import (
 )
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
+from mag.io.cli import add_out_argument
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
 from mag.pipelines import (
@@ -285,7 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"constant camera velocity, px/frame (default {DEFAULT_VELOCITY_PX:g})")
     p.add_argument("--actions", default=None,
                    help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} (px/frame)")
-    p.add_argument("-o", "--output", required=True, help="output mp4")
+    add_out_argument(p, "output mp4")
     add_compile_argument(p)
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -302,7 +303,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give --velocity or --actions, not both")
     config = config_from_args(args)
     sampler = sampler_config(config)
-    output = check_output_file(args.output)
+    output = check_output_file(args.out)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
     loaded = load_models(config, device=args.device, with_memory=needs_memory)
     preset = loaded.preset

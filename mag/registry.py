@@ -24,6 +24,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.config import Preset, preset_from_dict
 from mag.errors import CheckpointError
+from mag.io.cli import add_out_argument
 from mag.models import WanDiT
 
 MODEL_FORMAT = "mag-model-v1"
@@ -233,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Write the EMA weights of a training checkpoint, with its"
                                                " preset, recipe, commit and training cost, as one file.")
     export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors) or run folder")
-    export.add_argument("-o", "--out", required=True, help="output .safetensors")
+    add_out_argument(export, "output .safetensors")
     export.add_argument("--name", required=True, help="model name (e.g. tiny-causal)")
     export.add_argument("--stage", required=True, choices=STAGES)
     export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")

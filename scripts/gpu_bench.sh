@@ -66,7 +66,7 @@ run() {  # run NAME TIMEOUT_S [extra args...]
   shift 2
   log "start $name (timeout ${limit}s)"
   timeout --signal=INT --kill-after="$KILL_AFTER_S" "$limit" \
-    env PYTHONPATH=. "$PYTHON" -m mag bench speed "${COMMON[@]}" "$@" --json "$OUT/$name.json" \
+    env PYTHONPATH=. "$PYTHON" -m mag bench speed "${COMMON[@]}" "$@" --out "$OUT/$name.json" \
     > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 12 "$OUT/$name.log"

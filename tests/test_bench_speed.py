@@ -41,7 +41,7 @@ def run_cli(*args: str) -> int:
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     assert run_cli("--preset", "tiny", "--policies", ALL_POLICIES, "--frames", str(TINY_FRAMES),
-                   "--warmup-blocks", "0", "--json", str(out)) == 0
+                   "--warmup-blocks", "0", "--out", str(out)) == 0
     data = json.loads(out.read_text())
     data["_path"] = str(out)
     return data
@@ -87,7 +87,7 @@ def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report
 def test_rounds_interleave_policies_and_report_medians(tmp_path, capsys):
     out = tmp_path / "rounds.json"
     assert run_cli("--preset", "tiny", "--policies", "window,full", "--frames", "6", "--warmup-blocks", "0",
-                   "--rounds", "3", "--profile-blocks", "1", "--attention", "math", "--json", str(out)) == 0
+                   "--rounds", "3", "--profile-blocks", "1", "--attention", "math", "--out", str(out)) == 0
     data = json.loads(out.read_text())
     assert data["attention"] == "math"
     rows = data["policies"]
@@ -129,7 +129,7 @@ def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
     (["--steps", "0"], "--steps must be >= 1"),
 ])
 def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
-    assert run_cli(*args, "--json", str(tmp_path / "s.json")) == 2
+    assert run_cli(*args, "--out", str(tmp_path / "s.json")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "s.json").exists()
@@ -137,7 +137,7 @@ def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
 
 def test_unknown_compile_mode_is_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("--compile", "fastest", "--json", str(tmp_path / "s.json"))
+        run_cli("--compile", "fastest", "--out", str(tmp_path / "s.json"))
     assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
@@ -145,14 +145,14 @@ def test_unwritable_json_path_is_refused_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     for path in (blocker / "out.json", tmp_path, tmp_path / "out.txt"):
-        assert run_cli("--frames", "3", "--json", str(path)) == 2
+        assert run_cli("--frames", "3", "--out", str(path)) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "--json" in err[0]
+        assert len(err) == 1 and "--out" in err[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
-    assert run_cli("--preset", "wan-1.3b", "--device", "cuda", "--json", str(tmp_path / "s.json")) == 2
+    assert run_cli("--preset", "wan-1.3b", "--device", "cuda", "--out", str(tmp_path / "s.json")) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -191,7 +191,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch
 
     monkeypatch.setattr(speed.measure, "compile_model", broken_compile)
     out = tmp_path / "c.json"
-    assert run_cli("--policies", "full", "--frames", "3", "--compile", "--json", str(out)) == 0
+    assert run_cli("--policies", "full", "--frames", "3", "--compile", "--out", str(out)) == 0
     data = json.loads(out.read_text())
     assert data["compile"]["requested"] and not data["compile"]["used"]
     assert "simulated" in data["compile"]["error"]
@@ -205,7 +205,7 @@ def test_rope_table_can_grow_for_long_random_streams_only(tmp_path):
 
     assert speed_preset("tiny", rope_max_positions=12_000).dit.rope_max_positions == 12_000
     code = main(["bench", "speed", "--preset", "tiny", "--model", "tiny-causal-long", "--policies", "window",
-                 "--frames", "6", "--rope-max-positions", "12000", "--json", str(tmp_path / "s.json")])
+                 "--frames", "6", "--rope-max-positions", "12000", "--out", str(tmp_path / "s.json")])
     assert code == 2 and not (tmp_path / "s.json").exists()
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,84 +37,89 @@ from mag.bench.speed import add_speed_arguments, run_speed_cli
 from mag.checkpoint import git_commit
 from mag.config import get_preset
 from mag.errors import ConfigError
+from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, load_generator
 from mag.registry import GENERATOR_STAGES, load_model
 from mag.world import NUM_TEST_EPISODES
 
+MEMORY_DESCRIPTION = ("Reconstruct every block of held-out world clips from the memory model's compressed"
+                      " memory"
+                      " (the last frame of each block) with the empty prompt, one step per few-step level and"
+                      " with the full few-step sampler, and score them against the input blocks.")
 # Seed of the untrained model used when no --model is given (a floor, not a result).
 RANDOM_MODEL_SEED = 0
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """One ``mag bench`` subcommand: its options and what runs it."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks (consistency)",
-                                  description="Benchmarks of memory and consistency.")
+    bench = subparsers.add_parser("bench", help="benchmarks: consistency, memory, speed, quality",
+                                  description="Benchmarks of memory, consistency, speed and sample quality.")
     commands = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    c = commands.add_parser(
-        "consistency", help="MAG-Bench-style revisit consistency per cache policy",
-        description="Feed each episode's history into the KV cache under each policy, generate the rest,"
-                    " and score the frames vs ground truth and vs the history frame of the same view,"
-                    " within and beyond the window policy's attention.")
-    c.add_argument("--policies", default="full,window,downsample",
-                   help="comma-separated cache policies (full, window, downsample; mag and bounded with"
-                        " --memory-model)")
-    c.add_argument("--split", default="test", help="world split (train, val, test)")
-    c.add_argument("--episodes", type=int, default=None, help="number of episodes (default: all 176)")
-    c.add_argument("--seed-base", type=int, default=None,
-                   help="episode seeds start here instead of the split's range")
-    c.add_argument("--excursion-scale", type=float, default=1.0,
-                   help="multiply the world's excursion lengths (longer = more beyond-window revisits)")
-    c.add_argument("--episode-frames", type=int, default=None,
-                   help="episode length in frames (default: the world's, made long enough for the return"
-                        " leg); keep it within the model's training clip length to stay in distribution")
-    c.add_argument("--frames-after", type=int, default=None,
-                   help="frames to generate after the switch (whole blocks; default: to the episode end)")
-    c.add_argument("--teacher-forced", action="store_true",
-                   help="predict each block from the TRUE earlier frames (recall apart from drift)")
-    c.add_argument("--model", default=None,
-                   help="training checkpoint, model file or shipped model name (default: an untrained"
-                        " model of --preset, a floor)")
-    c.add_argument("--memory-model", default=None,
-                   help="stage-1 memory model (model file, training checkpoint or shipped name) that writes"
-                        " the cache under the mag and bounded policies; same preset as --model")
-    c.add_argument("--preset", default=None, help="preset of the untrained model (default tiny); with"
-                                                  " --model it must match the checkpoint's")
-    c.add_argument("--world", default=None,
-                   help="named world config (default: the checkpoint's training world, else 'default')")
-    c.add_argument("--videos", default=None,
-                   help="folder of mp4 files + switch_times.json: run the protocol on real videos")
-    c.add_argument("--sampler", choices=("few_step", "euler"), default="few_step")
-    c.add_argument("--steps", type=int, default=0, help="Euler steps (--sampler euler)")
-    c.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    c.add_argument("--batch-size", type=int, default=32, help="episodes streamed together at most")
-    c.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every policy)")
-    c.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
-    c.add_argument("--empty-prompt-after-switch", action="store_true",
-                   help="generate with the empty prompt after the switch (history fed with the real one):"
-                        " what comes back can only come from memory")
-    add_memory_cache_arguments(c)
-    c.add_argument("--device", default="cpu", help="torch device")
-    c.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.add_argument("--out", required=True, help="output folder (summary.json, summary.md, plots, episodes/)")
-    c.set_defaults(func=_consistency)
-    _register_memory(commands)
-    speed = commands.add_parser(
-        "speed", help="frames/s, per-block latency, peak memory and KV bytes of streaming, per cache policy",
-        description="Stream --frames video frames under each cache policy (random weights unless --model)"
-                    " and report fps, p50/p95 block latency, peak memory and KV bytes up to 10,000 frames.")
+    for benchmark in BENCHMARKS:
+        parser = commands.add_parser(benchmark.name, help=benchmark.help, description=benchmark.description)
+        benchmark.add_arguments(parser)
+        parser.set_defaults(func=benchmark.run)
 
-    add_speed_arguments(speed)
-    speed.set_defaults(func=_speed)
-    quality = commands.add_parser(
-        "quality", help="sample quality: Fréchet AlexNet distance of samples vs held-out real clips",
-        description="Sample one clip per held-out world clip (its prompt and camera track) with each model"
-                    " and report the Fréchet distance of AlexNet features to the real frames, PSNR / SSIM vs"
-                    " the real clips for reference, and a real-vs-real floor.")
 
-    add_quality_arguments(quality)
-    quality.set_defaults(func=_quality)
+def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mag bench consistency``."""
+    parser.add_argument("--policies", default="full,window,downsample",
+                        help="comma-separated cache policies (full, window, downsample; mag and bounded with"
+                             " --memory-model)")
+    parser.add_argument("--split", default="test", help="world split (train, val, test)")
+    parser.add_argument("--episodes", type=int, default=None, help="number of episodes (default: all 176)")
+    parser.add_argument("--seed-base", type=int, default=None,
+                        help="episode seeds start here instead of the split's range")
+    parser.add_argument("--excursion-scale", type=float, default=1.0,
+                        help="multiply the world's excursion lengths (longer = more beyond-window revisits)")
+    parser.add_argument("--episode-frames", type=int, default=None,
+                        help="episode length in frames (default: the world's, made long enough for the return"
+                             " leg); keep it within the model's training clip length to stay in distribution")
+    parser.add_argument("--frames-after", type=int, default=None,
+                        help="frames to generate after the switch (whole blocks; default: to the episode"
+                             " end)")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="predict each block from the TRUE earlier frames (recall apart from drift)")
+    parser.add_argument("--model", default=None,
+                        help="training checkpoint, model file or shipped model name (default: an untrained"
+                             " model of --preset, a floor)")
+    parser.add_argument("--memory-model", default=None,
+                        help="stage-1 memory model (model file, training checkpoint or shipped name) that"
+                             " writes"
+                             " the cache under the mag and bounded policies; same preset as --model")
+    parser.add_argument("--preset", default=None, help="preset of the untrained model (default tiny); with"
+                                                       " --model it must match the checkpoint's")
+    parser.add_argument("--world", default=None,
+                        help="named world config (default: the checkpoint's training world, else 'default')")
+    parser.add_argument("--videos", default=None,
+                        help="folder of mp4 files + switch_times.json: run the protocol on real videos")
+    parser.add_argument("--sampler", choices=("few_step", "euler"), default="few_step")
+    parser.add_argument("--steps", type=int, default=0, help="Euler steps (--sampler euler)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 ="
+                        " off)")
+    parser.add_argument("--batch-size", type=int, default=32, help="episodes streamed together at most")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every policy)")
+    parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    parser.add_argument("--empty-prompt-after-switch", action="store_true",
+                        help="generate with the empty prompt after the switch (history fed with the real"
+                             " one):"
+                             " what comes back can only come from memory")
+    add_memory_cache_arguments(parser)
+    add_runtime_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_out_argument(parser, "output folder (summary.json, summary.md, plots, episodes/)")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -132,11 +139,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _consistency(args: argparse.Namespace) -> int:
-    import torch
 
     started = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     if not policies:
         raise ConfigError("--policies is empty; give e.g. full,window,downsample")
@@ -197,42 +202,35 @@ def _consistency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_memory(commands: argparse._SubParsersAction) -> None:
-    m = commands.add_parser(
-        "memory", help="memory reconstruction: PSNR/SSIM of blocks sampled from compressed memory",
-        description="Reconstruct every block of held-out world clips from the memory model's compressed"
-                    " memory (the last frame of each block) with the empty prompt, one step per few-step"
-                    " level and with the full few-step sampler, and score them against the input blocks.")
-    m.add_argument("--memory-model", required=True,
-                   help="stage-1 memory model (model file, training checkpoint or shipped name)")
-    m.add_argument("--baseline-model", default=None,
-                   help="a generator run through the same pass untrained as a memory model (e.g. the"
-                        " model the memory model was initialised from): what stage-1 training buys")
-    m.add_argument("--split", choices=("val", "test"), default="val", help="held-out world split")
-    m.add_argument("--episodes", type=int, default=16, help="number of clips")
-    m.add_argument("--seed-base", type=int, default=None,
-                   help="episode seeds start here instead of the split's range")
-    m.add_argument("--world", default=None,
-                   help="named world config (default: the memory model's training world, else 'default')")
-    m.add_argument("--clip-frames", type=int, default=None,
-                   help="frames per clip (default: the memory model's training clip length, else the"
-                        " shortest episode), whole blocks")
-    m.add_argument("--batch-size", type=int, default=8, help="clips run together at most")
-    m.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every model)")
-    m.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
-    m.add_argument("--device", default="cpu", help="torch device")
-    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
-    m.add_argument("--out", required=True, help="output folder (summary.json, summary.md, strip.png)")
-    m.set_defaults(func=_memory)
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mag bench memory``."""
+    parser.add_argument("--memory-model", required=True,
+                        help="stage-1 memory model (model file, training checkpoint or shipped name)")
+    parser.add_argument("--baseline-model", default=None,
+                        help="a generator run through the same pass untrained as a memory model (e.g. the"
+                             " model the memory model was initialised from): what stage-1 training buys")
+    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out world split")
+    parser.add_argument("--episodes", type=int, default=16, help="number of clips")
+    parser.add_argument("--seed-base", type=int, default=None,
+                        help="episode seeds start here instead of the split's range")
+    parser.add_argument("--world", default=None,
+                        help="named world config (default: the memory model's training world, else"
+                             " 'default')")
+    parser.add_argument("--clip-frames", type=int, default=None,
+                        help="frames per clip (default: the memory model's training clip length, else the"
+                             " shortest episode), whole blocks")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips run together at most")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for every model)")
+    parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    add_runtime_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_out_argument(parser, "output folder (summary.json, summary.md, strip.png)")
 
 
 def _memory(args: argparse.Namespace) -> int:
-    import torch
 
     started = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
     memory, preset, memory_meta = load_memory_model(args.memory_model, device=args.device)
@@ -283,11 +281,22 @@ def _db(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} dB"
 
 
-def _speed(args: argparse.Namespace) -> int:
-
-    return run_speed_cli(args)
-
-
-def _quality(args: argparse.Namespace) -> int:
-
-    return run_quality_cli(args)
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("consistency", "MAG-Bench-style revisit consistency per cache policy",
+              "Feed each episode's history into the KV cache under each policy, generate the rest, and score"
+              " the frames vs ground truth and vs the history frame of the same view, within and beyond the"
+              " window policy's attention.", add_consistency_arguments, _consistency),
+    Benchmark("memory", "memory reconstruction: PSNR/SSIM of blocks sampled from compressed memory",
+              MEMORY_DESCRIPTION, add_memory_arguments, _memory),
+    Benchmark("speed", "frames/s, per-block latency, peak memory and KV bytes of streaming, per cache policy",
+              "Stream --frames video frames under each cache policy (random weights unless --model) and"
+              " report"
+              " fps, p50/p95 block latency, peak memory and KV bytes up to 10,000 frames.",
+              add_speed_arguments, run_speed_cli),
+    Benchmark("quality", "sample quality: Fréchet AlexNet distance of samples vs held-out real clips",
+              "Sample one clip per held-out world clip (its prompt and camera track) with each model and"
+              " report"
+              " the Fréchet distance of AlexNet features to the real frames, PSNR / SSIM vs the real clips"
+              " for"
+              " reference, and a real-vs-real floor.", add_quality_arguments, run_quality_cli),
+)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mag.app import machine_info, model_record, recipe_data, text_cache
 from mag.bench.lpips import alexnet_pooled_features
@@ -42,6 +41,7 @@ from mag.bench.quality import (
 from mag.checkpoint import git_commit
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.models.dit import WanDiT
 from mag.objectives.ode import few_step_indices
 from mag.pipelines import SAMPLERS, SamplerConfig
@@ -74,18 +74,16 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one model's sampler, e.g. tiny-causal-long=euler:8 (repeatable)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CLIPS, help="clips sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same for every model)")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", required=True, help="output folder (summary.json, summary.md, samples.png)")
+    add_out_argument(parser, "output folder (summary.json, summary.md, samples.png)")
 
 
 def run_quality_cli(args: argparse.Namespace) -> int:
     """``mag bench quality``: load and check every model first, then sample and score each."""
 
     started = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.clips < 2:
         raise ConfigError(f"--clips must be at least 2 (a Fréchet distance needs a covariance), got"
                           f" {args.clips}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mag.config import build_registered
 from mag.errors import InputError
+from mag.io.cli import add_out_argument
 from mag.text import PROMPT_TABLE_ENV, TEXT_ENCODERS, write_prompt_table
 from mag.world import THEMES, theme_prompts
 
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encode every prompt the panorama world can write (plus the empty prompt and any"
                     " --prompt) with a text encoder and save the embeddings, so that training and"
                     " benchmarks run where the encoder is not installed: set MAG_PROMPT_TABLE=FILE.")
-    t.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    add_out_argument(t, "output .safetensors file")
     t.add_argument("--encoder", default=DEFAULT_ENCODER, help="text encoder registry name (minilm, umt5)")
     t.add_argument("--mode", default=DEFAULT_MODE, choices=("pooled", "tokens"), help="minilm output mode")
     t.add_argument("--prompt", action="append", default=[], help="an extra prompt (repeatable)")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from mag.errors import InputError
+from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
 from mag.objectives.ode import save_ode_pairs
 from mag.train.distributed import destroy, init_distributed
@@ -25,16 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train one recipe into an output folder with resumable checkpoints, or (ode-pairs)"
                     " write the teacher trajectories the 'ode' objective regresses.")
     train.add_argument("--recipe", help="TOML recipe file (see recipes/); required unless a subcommand")
-    train.add_argument("--out", help="run folder: checkpoints/, metrics.jsonl, recipe.json")
+    add_out_argument(train, "run folder: checkpoints/, metrics.jsonl, recipe.json", required=False)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many more steps (a time-boxed sitting); resume later")
     train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                        help="stop with a checkpoint at the first log step after this many minutes; resume"
                             " later with --resume")
-    train.add_argument("--device", default="cpu",
-                       help="torch device (cpu, cuda); under torchrun each worker uses cuda:LOCAL_RANK")
-    train.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    add_runtime_arguments(train)  # under torchrun each worker uses cuda:LOCAL_RANK
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(func=_train)
 
@@ -44,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Integrate the teacher's guided ODE (many Euler steps) on world clips' prompts and store"
                     " its state at the few-step levels and its endpoint in one safetensors file.")
     pairs.add_argument("--teacher", required=True, help="teacher model file, checkpoint or registry name")
-    pairs.add_argument("--out", dest="pairs_out", required=True, help="output .safetensors")
+    add_out_argument(pairs, "output .safetensors", dest="pairs_out")
     pairs.add_argument("--clips", type=int, required=True, help="number of clips (trajectories)")
     pairs.add_argument("--steps", type=int, default=DEFAULT_ODE_STEPS,
                        help="Euler steps; the few-step levels must fall on the grid (default %(default)s)")
@@ -54,26 +53,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="latent frames per clip (default: the teacher recipe's data.clip_frames)")
     pairs.add_argument("--seed", type=int, default=0, help="seed of the clips' prompts and noise")
     pairs.add_argument("--batch", type=int, default=8, help="clips sampled together")
-    pairs.add_argument("--device", dest="pairs_device", default="cpu", help="torch device")
+    add_runtime_arguments(pairs, dest_prefix="pairs_")
     pairs.add_argument("--no-progress", dest="pairs_no_progress", action="store_true", help="no progress bar")
     pairs.set_defaults(func=_ode_pairs)
 
     plot = subparsers.add_parser("plot", help="plot training curves from metrics.jsonl",
                                  description="Draw loss and recall-signal curves of one or more runs.")
     plot.add_argument("metrics", nargs="+", help="metrics.jsonl files (or run folders)")
-    plot.add_argument("-o", "--out", required=True, help="output PNG")
+    add_out_argument(plot, "output PNG")
     plot.add_argument("--smooth", type=int, default=20, help="moving-average window in log records")
     plot.set_defaults(func=_plot)
 
 
 def _train(args: argparse.Namespace) -> int:
     """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group first."""
-    import torch
 
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     # lazy: torch.distributed.checkpoint (through the trainer) adds ~1.5 s to every `mag` start
     from mag.train.trainer import Trainer  # lazy: see above
 
@@ -98,6 +95,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
 
     from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _cmd_train
 
+    set_threads(args.pairs_threads)
     start = time.perf_counter()
     pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, frames=args.frames,

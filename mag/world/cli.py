@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mag.errors import InputError
+from mag.io.cli import add_out_argument
 from mag.io.video import DEFAULT_CRF, DEFAULT_SCALE, write_mp4, write_png_strip
 from mag.world.episodes import SPLIT_SEEDS, Episode, make_episode
 from mag.world.panorama import THEMES, WORLD_PRESETS, get_world_config
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="nearest-neighbour upscale before encoding (default %(default)s)")
     preview.add_argument("--crf", type=int, default=DEFAULT_CRF,
                          help="x264 quality, 0 = lossless (default %(default)s)")
-    preview.add_argument("-o", "--output", required=True, type=Path, help="mp4 file to write")
+    add_out_argument(preview, "mp4 file to write")
     preview.set_defaults(func=_preview)
 
     show = commands.add_parser(
@@ -91,7 +92,7 @@ def _episode(args: argparse.Namespace) -> Episode:
 def _preview(args: argparse.Namespace) -> int:
     episode = _episode(args)
     count = args.frames or len(episode.frames)
-    path = write_mp4(args.output, episode.frames[:count], args.fps, scale=args.scale, crf=args.crf)
+    path = write_mp4(Path(args.out), episode.frames[:count], args.fps, scale=args.scale, crf=args.crf)
     print(f"wrote {count} frames ({episode.frames.shape[2]}x{episode.frames.shape[1]} px, x{args.scale}"
           f" upscaled, {args.fps:g} fps) to {path}")
     return 0

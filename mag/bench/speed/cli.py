@@ -24,6 +24,7 @@ from mag.bench.speed.setup import (
 )
 from mag.checkpoint import git_commit
 from mag.errors import ConfigError, InputError
+from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.models.compile import COMPILE_MODES
 from mag.pipelines import (
     AVAILABLE_POLICIES,
@@ -52,7 +53,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory model (file or name) for mag/bounded (default: random weights)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights (the default when no --model is given)")
-    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    add_runtime_arguments(parser, devices=DEVICES)
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                         help="weights, activations and cache dtype (default: bfloat16 on cuda,"
                              " float32 on cpu)")
@@ -69,25 +70,24 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              f" MODE ({', '.join(COMPILE_MODES)}; default 'default'; reduce-overhead adds"
                              " CUDA graphs); falls back to eager on failure")
     parser.add_argument("--no-decode", action="store_true", help="do not decode latents (codec not timed)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--json", required=True, help="output JSON (the PNG plot is written next to it)")
+    add_out_argument(parser, "output .json file (the PNG plot is written next to it)")
 
 
 def _json_path(value: str) -> Path:
     path = Path(value)
     if path.suffix != ".json":
-        raise InputError(f"--json must name a .json file, got {value!r}")
+        raise InputError(f"--out must name a .json file, got {value!r}")
     if path.is_dir():
-        raise InputError(f"--json {value} is a folder; give a file path such as {value}/speed.json")
+        raise InputError(f"--out {value} is a folder; give a file path such as {value}/speed.json")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"cannot create the folder of --json {value}: {err}; choose a writable"
+        raise InputError(f"cannot create the folder of --out {value}: {err}; choose a writable"
                          " path") from err
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"--json {value} is not writable; choose a writable path")
+        raise InputError(f"--out {value} is not writable; choose a writable path")
     return path
 
 
@@ -100,11 +100,10 @@ def run_speed_cli(args: argparse.Namespace) -> int:
                          decode=not args.no_decode, compile=args.compile, rounds=args.rounds,
                          attention=args.attention, profile_blocks=args.profile_blocks,
                          seed=args.seed).validate()
-    json_path = _json_path(args.json)
+    json_path = _json_path(args.out)
     if args.random_weights and args.model is not None:
         raise ConfigError("--random-weights and --model exclude each other; give one")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     if args.device not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
