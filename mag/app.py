@@ -190,13 +190,29 @@ def sampler_config(config: DemoConfig) -> SamplerConfig:
     return SamplerConfig(config.sampler, config.steps).validate()
 
 
+def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memory_model: str | None,
+                    model_when_none: str = "", memory_when_none: str = "", with_model: bool = True,
+                    memory_required: bool = False) -> None:
+    """``--model`` (the generator) and ``--memory-model``, declared once for every command.
+
+    ``model`` / ``memory_model`` are the defaults; ``*_when_none`` says what a None default means.
+    """
+    if with_model:
+        shown = model if model is not None else model_when_none
+        parser.add_argument("--model", default=model,
+                            help=f"generator: shipped name, model file or training checkpoint (default"
+                                 f" {shown})")
+    shown = memory_model if memory_model is not None else memory_when_none
+    parser.add_argument("--memory-model", default=memory_model, required=memory_required,
+                        help="stage-1 memory model (shipped name, model file or training checkpoint) that"
+                             " writes"
+                             " the cache under the mag and bounded policies; same preset as the generator"
+                             + (f" (default {shown})" if shown else ""))
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model/--memory-model/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
-    parser.add_argument("--model", default=DEFAULTS.model,
-                        help=f"generator: shipped name, model file or checkpoint (default {DEFAULTS.model})")
-    parser.add_argument("--memory-model", default=DEFAULTS.memory_model,
-                        help="stage-1 memory model that writes the cache under the mag and bounded policies"
-                             f" (default {DEFAULTS.memory_model})")
+    add_model_flags(parser, model=DEFAULTS.model, memory_model=DEFAULTS.memory_model)
     parser.add_argument("--sampler", choices=("few_step", "euler"), default=DEFAULTS.sampler,
                         help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps,

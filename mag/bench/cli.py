@@ -14,6 +14,7 @@ from typing import Any
 
 from mag.app import (
     add_memory_cache_arguments,
+    add_model_flags,
     empty_context,
     load_memory_for,
     machine_info,
@@ -92,13 +93,8 @@ def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
                              " end)")
     parser.add_argument("--teacher-forced", action="store_true",
                         help="predict each block from the TRUE earlier frames (recall apart from drift)")
-    parser.add_argument("--model", default=None,
-                        help="training checkpoint, model file or shipped model name (default: an untrained"
-                             " model of --preset, a floor)")
-    parser.add_argument("--memory-model", default=None,
-                        help="stage-1 memory model (model file, training checkpoint or shipped name) that"
-                             " writes"
-                             " the cache under the mag and bounded policies; same preset as --model")
+    add_model_flags(parser, model=None, memory_model=None,
+                    model_when_none="an untrained model of --preset, a floor", memory_when_none="none")
     parser.add_argument("--preset", default=None, help="preset of the untrained model (default tiny); with"
                                                        " --model it must match the checkpoint's")
     parser.add_argument("--world", default=None,
@@ -204,8 +200,7 @@ def _consistency(args: argparse.Namespace) -> int:
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mag bench memory``."""
-    parser.add_argument("--memory-model", required=True,
-                        help="stage-1 memory model (model file, training checkpoint or shipped name)")
+    add_model_flags(parser, model=None, memory_model=None, with_model=False, memory_required=True)
     parser.add_argument("--baseline-model", default=None,
                         help="a generator run through the same pass untrained as a memory model (e.g. the"
                              " model the memory model was initialised from): what stage-1 training buys")

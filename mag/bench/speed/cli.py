@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mag.app import add_memory_cache_arguments, machine_info
+from mag.app import add_memory_cache_arguments, add_model_flags, machine_info
 from mag.bench.speed.measure import run_speed
 from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,
@@ -48,9 +48,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-blocks", type=int, default=0,
                         help="profile one more stream of this many blocks per policy (torch.profiler; top"
                              " operators in the JSON's 'profile')")
-    parser.add_argument("--model", default=None, help="generator checkpoint, model file or shipped name")
-    parser.add_argument("--memory-model", default=None,
-                        help="memory model (file or name) for mag/bounded (default: random weights)")
+    add_model_flags(parser, model=None, memory_model=None, model_when_none="random weights",
+                    memory_when_none="random weights")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights (the default when no --model is given)")
     add_runtime_arguments(parser, devices=DEVICES)
