@@ -71,8 +71,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
     set_threads(args.threads)
-    # lazy: torch.distributed.checkpoint (through the trainer) adds ~1.5 s to every `mag` start
-    from mag.train.trainer import Trainer  # lazy: see above
+    from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s to `mag` start
 
     recipe = load_recipe(args.recipe)
     ctx = init_distributed(args.device)
@@ -93,7 +92,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
     """Write the ODE-regression pairs of a teacher (``mag train ode-pairs``)."""
     import time
 
-    from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _cmd_train
+    from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _train
 
     set_threads(args.pairs_threads)
     start = time.perf_counter()
