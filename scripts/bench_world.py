@@ -1,6 +1,6 @@
 """Measure how fast the panorama world renders on one CPU core, and draw its documentation images.
 
-    .venv/bin/python scripts/bench_world.py            # writes bench/results/world_render.json
+    .venv/bin/python scripts/bench_world.py            # writes results/world_render.json
                                                        # and docs/img/world_*.png
 
 Rendering speed is a benchmark, not a test: numbers depend on the machine. Threads are pinned to one
@@ -140,7 +140,7 @@ def draw_images(folder: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "world_render.json")
+    parser.add_argument("--output", type=Path, default=REPO / "results" / "world_render.json")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "img",
                         help="folder for world_*.png (default docs/img)")
     parser.add_argument("--no-images", action="store_true", help="skip the documentation images")

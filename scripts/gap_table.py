@@ -1,6 +1,6 @@
 """Print a markdown table of PSNR vs GT by gap bin, one row per policy, from consistency summaries.
 
-Usage: python scripts/gap_table.py bench/results/recall/long-60/teacher-forced/summary.json [...]
+Usage: python scripts/gap_table.py results/recall/long-60/teacher-forced/summary.json [...]
 """
 
 from __future__ import annotations

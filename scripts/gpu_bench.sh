@@ -6,7 +6,7 @@
 # guarded by `timeout` (SIGINT first, so the JSON keeps the rounds that finished).
 #
 # Usage (from the repository root; the package need not be installed, no network needed):
-#   bash scripts/gpu_bench.sh [OUT_DIR]          # default bench/results/speed/gpu
+#   bash scripts/gpu_bench.sh [OUT_DIR]          # default results/speed/gpu
 # Environment: FRAMES (video frames per stream, default 120 -> 33 latent frames = 11 blocks), ROUNDS (default 2),
 #              PROFILE_BLOCKS (default 3), ATTENTION (backend of the last run, default cudnn), SYNC_S / EAGER_S /
 #              COMPILE_S / GRAPHS_S / ATTENTION_S (timeouts in seconds, default 30 / 145 / 190 / 120 / 75),
@@ -16,7 +16,7 @@
 # OUT_DIR/machine.txt (SMOKE=1: the tiny preset on the CPU under the same names, the sync check on meta).
 set -u
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/results/speed/gpu}
+OUT=${1:-results/speed/gpu}
 # SMOKE=1: the same runs on the CPU with the tiny preset and short streams, so the script itself can be checked
 # without a GPU (tests/test_bench_speed.py does).
 if [[ "${SMOKE:-0}" == 1 ]]; then

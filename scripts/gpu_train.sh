@@ -41,7 +41,7 @@ step() {  # step NAME CMD...: run, log rc; the chains go on after a failure wher
 log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
 python3 -c "import torch, mag; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
-long_run=bench/results/recall/training/camera-rope-long
+long_run=results/recall/training/camera-rope-long
 recall_chain() {
     step long $mag train --recipe recipes/tiny-causal-camera-long.toml --out "$long_run" --resume \
         --device "$device" --no-progress --time-limit "$(minutes 3.5)"

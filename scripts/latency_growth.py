@@ -5,7 +5,7 @@ ending at frame N (with ``--rounds``, each block's latency is already the median
 per policy, that latency at each ``--at`` mark and its ratio to the first mark (issue 8: bounded at 10,000
 frames <= 1.1x at 100), and with ``--json OUT`` writes the same table as JSON.
 
-Usage: python scripts/latency_growth.py bench/results/speed/cpu-tiny-10k-slots32.json [--at 100,1000,10000]
+Usage: python scripts/latency_growth.py results/speed/cpu-tiny-10k-slots32.json [--at 100,1000,10000]
            [--json-out TABLE.json] [--plot CURVE.png]
 """
 

@@ -6,7 +6,7 @@ the block's own frames are added. One least-squares line over every block of eve
 that does not depend on the cache (``a``: linear layers, norms, elementwise work, launches) from the cost per
 frame of keys (``c``: attention over cached tokens), and says how far each policy's mean is from the line.
 
-Usage: python scripts/latency_model.py bench/results/speed/gpu-h200/wan-1.3b-eager-prefix.json [--json-out F]
+Usage: python scripts/latency_model.py results/speed/gpu-h200/wan-1.3b-eager-prefix.json [--json-out F]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 set -euo pipefail
 model=${1:-tiny-causal}
 episodes=${2:-176}
-out=${3:-bench/results/recall}
+out=${3:-results/recall}
 mag=${MAG:-.venv/bin/mag}
 frames=${FRAMES:-36}
 memory=()
