@@ -2,7 +2,7 @@
 
 A *model file* is one safetensors file holding inference weights (the EMA weights of a training run)
 and, as metadata, everything needed to use and reproduce it: the preset, the recipe, the world it was
-trained on, the git commit and the training cost. Shipped models live in ``mag/checkpoints/`` and are
+trained on, the git commit and the training cost. Shipped models live in ``mag/shipped/`` and are
 listed by ``mag models``; anywhere a command takes ``--model`` it accepts a registry name, a model
 file or a training checkpoint.
 """
@@ -28,7 +28,7 @@ from mag.io.cli import add_out_argument
 from mag.models import WanDiT
 
 MODEL_FORMAT = "mag-model-v1"
-SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
 # Stages whose model can sit in a generator slot (stream, benchmark); "memory" only writes compressed K/V.
 GENERATOR_STAGES = ("teacher", "causal", "dmd", "mag-generator")

@@ -45,11 +45,11 @@ long_run=results/recall/training/camera-rope-long
 recall_chain() {
     step long $mag train --recipe recipes/tiny-causal-camera-long.toml --out "$long_run" --resume \
         --device "$device" --no-progress --time-limit "$(minutes 3.5)"
-    step export-long $mag export "$long_run" -o mag/checkpoints/tiny-causal-long.safetensors \
+    step export-long $mag export "$long_run" -o mag/shipped/tiny-causal-long.safetensors \
         --name tiny-causal-long --stage causal || return
     step memory $mag train --recipe recipes/tiny-memory.toml --out runs/tiny-memory --device "$device" \
         --no-progress --time-limit "$(minutes 2.0)"
-    step export-memory $mag export runs/tiny-memory -o mag/checkpoints/tiny-memory.safetensors \
+    step export-memory $mag export runs/tiny-memory -o mag/shipped/tiny-memory.safetensors \
         --name tiny-memory --stage memory || return
     FRAMES=60 MEMORY_MODEL=tiny-memory DEVICE=$device MAG=$mag EXTRA=--no-lpips step recall-eval \
         timeout 150 scripts/recall_eval.sh tiny-causal-long "${EPISODES:-176}" runs/recall-long
@@ -87,7 +87,7 @@ fi
 log "packing"
 keep=$(ls "$long_run"/checkpoints/step_*.safetensors 2>/dev/null | sort | tail -n 1)
 for old in "$long_run"/checkpoints/step_*.safetensors; do [[ "$old" == "$keep" ]] || rm -f "$old"; done
-files=(mag/checkpoints/tiny-causal-long.safetensors mag/checkpoints/tiny-memory.safetensors
+files=(mag/shipped/tiny-causal-long.safetensors mag/shipped/tiny-memory.safetensors
        models/tiny-teacher.safetensors models/tiny-ode-init.safetensors models/tiny-dmd.safetensors
        "$long_run" runs/recall-long runs/memory-recon runs/speed-gpu "$logs")
 for run in runs/tiny-*/; do files+=("${run}metrics.jsonl" "${run}recipe.json"); done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,18 @@ def test_a_planted_cycle_is_reported():
     cycles = _cycles(graph)
     assert len(cycles) == 1 and set(cycles[0]) == {"mag.a", "mag.b", "mag.c"}
 
+
+
+def test_package_data_globs_match_shipped_files():
+    """Every package-data pattern in pyproject.toml must ship something: the shipped models and the
+    viewer page leave a wheel silently when their folder is renamed and the pattern is not."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = data["mag"]
+    assert "shipped/**/*" in patterns
+    for pattern in patterns:
+        assert any(p.is_file() for p in PACKAGE.glob(pattern)), f"{pattern} matches no file under mag/"
+    assert {p.name for p in (PACKAGE / "shipped").glob("*.safetensors")} >= {"tiny-causal-long.safetensors",
+                                                                             "tiny-memory.safetensors"}
 
 def _redirect(original: Path, replacement: Path):
     read = Path.read_text
