@@ -18,6 +18,7 @@ from helpers import needs_inductor, random_dit
 from torch import nn
 
 from mag.bench import speed
+from mag.bench.speed.report import peak_bytes, peak_key
 from mag.cache import FullPolicy, MagPolicy, kv_bytes_per_frame
 from mag.cli import main
 from mag.config import CacheConfig, get_preset
@@ -25,10 +26,11 @@ from mag.info import KV_DTYPE, preset_info
 from mag.models import count_parameters
 from mag.models.compile import CompiledModules, compile_model
 
+REPO = Path(__file__).resolve().parents[1]
 ALL_POLICIES = "full,window,downsample,mag,bounded"
 # 9 video frames = 9 latent frames of the pixel codec = 3 blocks.
 TINY_FRAMES = 9
-POLICY_KEYS = {"fps", "latency_ms_p50", "latency_ms_p95", "peak_memory_bytes", "kv_bytes",
+POLICY_KEYS = {"fps", "latency_ms_p50", "latency_ms_p95", "peak_rss_bytes", "peak_method", "kv_bytes",
                "kv_bytes_streamed", "video_frames", "blocks"}
 META_KEYS = {"machine", "preset", "device", "dtype", "commit", "command", "text", "compile", "models"}
 
@@ -104,7 +106,7 @@ def test_rounds_interleave_policies_and_report_medians(tmp_path, capsys):
 
 def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
     def row(fps: float, blocks: list[float]) -> dict:
-        return {"fps": fps, "seconds": 1 / fps, "latency_ms_blocks": blocks, "peak_memory_bytes": int(fps)}
+        return {"fps": fps, "seconds": 1 / fps, "latency_ms_blocks": blocks, "peak_rss_bytes": int(fps)}
 
     merged = speed.merge_rounds({
         "window": [row(10.0, [1.0, 2.0]), row(20.0, [3.0, 4.0]), row(40.0, [5.0, 9.0])],
@@ -114,7 +116,20 @@ def test_merge_rounds_takes_per_round_ratios_and_per_block_medians():
     assert merged["mag"]["fps_over_window"] == pytest.approx(0.9)
     assert merged["mag"]["fps"] == 19.0 and merged["mag"]["latency_ms_blocks"] == [2.0, 2.0]
     assert merged["window"]["latency_ms_first"] == 3.0 and merged["window"]["latency_ms_last"] == 4.0
-    assert merged["mag"]["peak_memory_bytes"] == 20
+    assert merged["mag"]["peak_rss_bytes"] == 20 and "peak_device_bytes" not in merged["mag"]
+
+
+def test_peak_bytes_reads_the_key_of_results_written_before_the_rename():
+    """results/ keeps files whose rows say ``peak_memory_bytes`` (CPU and CUDA alike): still read."""
+    old = json.loads((REPO / "results" / "speed" / "cpu-tiny.json").read_text())["policies"]["window"]
+    assert "peak_rss_bytes" not in old and peak_bytes(old) == old["peak_memory_bytes"] > 0
+    gpu = json.loads((REPO / "results" / "speed" / "gpu-h200" / "wan-1.3b-eager.json").read_text())
+    assert {peak_key(row) for row in gpu["policies"].values()} == {"peak_memory_bytes"}
+    merged = speed.merge_rounds({"mag": [old, {**old, "peak_memory_bytes": old["peak_memory_bytes"] + 1}]})
+    assert merged["mag"]["peak_memory_bytes"] == old["peak_memory_bytes"] + 1
+    assert peak_bytes({"peak_device_bytes": 7, "fps": 1.0}) == 7
+    with pytest.raises(KeyError, match="no peak figure"):
+        peak_bytes({"fps": 1.0})
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -283,10 +283,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               " window policy's attention.", add_consistency_arguments, _consistency),
     Benchmark("memory", "memory reconstruction: PSNR/SSIM of blocks sampled from compressed memory",
               MEMORY_DESCRIPTION, add_memory_arguments, _memory),
-    Benchmark("speed", "frames/s, per-block latency, peak memory and KV bytes of streaming, per cache policy",
+    Benchmark("speed", "frames/s, per-block latency, peak RSS or GPU bytes, KV bytes, per cache policy",
               "Stream --frames video frames under each cache policy (random weights unless --model) and"
               " report"
-              " fps, p50/p95 block latency, peak memory and KV bytes up to 10,000 frames.",
+              " fps, p50/p95 block latency, peak RSS or device bytes and KV bytes up to 10,000 frames.",
               add_speed_arguments, run_speed_cli),
     Benchmark("quality", "sample quality: Fréchet AlexNet distance of samples vs held-out real clips",
               "Sample one clip per held-out world clip (its prompt and camera track) with each model and"

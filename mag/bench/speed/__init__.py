@@ -1,4 +1,4 @@
-"""``mag bench speed``: frames/s, per-block latency, peak memory and KV size of streaming generation.
+"""``mag bench speed``: frames/s, per-block latency, peak RSS or GPU bytes, KV size of a stream.
 
 ``setup`` (config, geometry, models), ``measure`` (timed streams), ``report`` (JSON, plot), ``cli``.
 What is measured and how: docs/benchmark.md, "Speed benchmark".

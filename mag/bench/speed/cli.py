@@ -14,6 +14,7 @@ import torch
 
 from mag.app import add_memory_cache_arguments, add_model_flags, machine_info
 from mag.bench.speed.measure import run_speed
+from mag.bench.speed.report import peak_bytes
 from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,
     CUDA_ONLY_ATTENTION,
@@ -128,7 +129,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     for name, row in report["policies"].items():
         kv = row["kv_bytes"][-1]
         print(f"{name:>10}: {row['fps']:8.2f} fps  p50 {row['latency_ms_p50']:8.1f} ms  p95"
-              f" {row['latency_ms_p95']:8.1f} ms  peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB"
+              f" {row['latency_ms_p95']:8.1f} ms  peak {peak_bytes(row) / 2**20:8.1f} MiB"
               f"  KV at {kv[0]} frames {kv[1] / 2**20:.1f} MiB"
               + (f"  x{row['fps_over_window']:.3f} window fps" if "fps_over_window" in row else ""))
     print(f"wrote {json_path} and {json_path.with_suffix('.png')} ({time.time() - started:.1f} s)")

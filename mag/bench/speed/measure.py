@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from mag.app import synchronize
-from mag.bench.speed.report import write_json, write_plot
+from mag.bench.speed.report import peak_bytes, peak_key, write_json, write_plot
 from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,
     TEXT_SEED_OFFSET,
@@ -52,11 +52,13 @@ CLEAR_REFS_RESET_PEAK = "5"
 KIB = 1024
 
 
-class _PeakMemory:
-    """Peak memory of a region: CUDA max allocated, or the CPU resident-set high-water-mark growth."""
+class _PeakUsage:
+    """Peak bytes of a region: CUDA max allocated (``peak_device_bytes``), or the growth of the CPU
+    resident-set high-water mark (``peak_rss_bytes``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.key = "peak_device_bytes" if device.type == "cuda" else "peak_rss_bytes"
         self.method = ("cuda max_memory_allocated (weights included)" if device.type == "cuda" else
                        "cpu VmHWM growth over VmRSS at the stream start (clear_refs reset)")
         self._start = 0
@@ -177,8 +179,8 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
     noise = torch.Generator(device=device).manual_seed(config.seed)
     if config.warmup_blocks:
         stream_blocks(gen, context, config.warmup_blocks, codec=codec, generator=noise)
-    memory = _PeakMemory(device)
-    memory.start()
+    usage = _PeakUsage(device)
+    usage.start()
     seconds, video_frames = stream_blocks(gen, context, blocks, codec=codec, generator=noise)
     cache = gen.cache
     assert cache is not None  # set by stream_blocks
@@ -189,8 +191,8 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
         "blocks": blocks,
         "latent_frames": blocks * preset.cache.frames_per_block,
         "video_frames": video_frames,
-        "peak_memory_bytes": memory.peak(),
-        "peak_memory_method": memory.method,
+        usage.key: usage.peak(),
+        "peak_method": usage.method,
         "kv_bytes": kv_bytes_curve(policy, preset, cache.k.dtype, horizons),
         "kv_bytes_streamed": cache.nbytes,
         "kv_capacity_bytes_streamed": cache.capacity_bytes,
@@ -222,7 +224,7 @@ def merge_rounds(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
             "latency_ms_first": per_block[0],
             "latency_ms_last": per_block[-1],
             "latency_ms_blocks": per_block,
-            "peak_memory_bytes": max(row["peak_memory_bytes"] for row in rows),
+            peak_key(rows[0]): max(peak_bytes(row) for row in rows),
         }
     window = rounds.get("window", [])
     for name, row in merged.items():
@@ -308,7 +310,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
             if progress:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {row['fps']:.2f} fps,"
                       f" p50 {_percentile(row['latency_ms_blocks'], P50):.1f} ms,"
-                      f" peak {row['peak_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+                      f" peak {peak_bytes(row) / 2**20:.0f} MiB", file=sys.stderr, flush=True)
             report["policies"] = merge_rounds(rounds)
             write_json(json_path, report)
     report["plot"] = write_plot(report, json_path.with_suffix(".png")).name

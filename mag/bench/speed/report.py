@@ -8,6 +8,22 @@ from pathlib import Path
 from typing import Any
 
 PLOT_DPI = 120
+# The peak figure of a policy row: device memory on CUDA, resident-set growth on the CPU. Files written
+# before the rename carry ``peak_memory_bytes`` (device on CUDA, resident set on the CPU alike).
+PEAK_KEYS = ("peak_device_bytes", "peak_rss_bytes", "peak_memory_bytes")
+
+
+def peak_key(row: dict[str, Any]) -> str:
+    """The key holding the row's peak figure, old result files included."""
+    for key in PEAK_KEYS:
+        if key in row:
+            return key
+    raise KeyError(f"no peak figure in the row (one of {', '.join(PEAK_KEYS)})")
+
+
+def peak_bytes(row: dict[str, Any]) -> int:
+    """The row's peak bytes, whichever key (:data:`PEAK_KEYS`) holds them."""
+    return row[peak_key(row)]
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
