@@ -90,7 +90,8 @@ def locate(mutants: Sequence[Mutant], root: Path) -> tuple[list[Located], list[O
 # Third-party modules the tests import, loaded once per worker before it forks a child per pytest run (the
 # imports cost more than most target tests). Never ``mag`` or the tests' own modules: a child must import
 # the mutated code fresh.
-PRELOAD = ("torch", "numpy", "safetensors.torch", "PIL.Image", "pytest", "torchmetrics")
+PRELOAD = ("torch", "numpy", "safetensors.torch", "PIL.Image", "pytest", "torchmetrics",
+           "anyio.pytest_plugin")
 PRELOAD_ATTRS = (("diffusers", "WanTransformer3DModel"),)
 
 
@@ -115,8 +116,13 @@ def serve(preload: bool = True) -> None:
             getattr(importlib.import_module(name), attr)
         except (ImportError, AttributeError):
             pass
+    import gc
+
     import pytest
 
+    # Preloaded objects never become garbage: freezing them spares every child's collections (pytest
+    # collects harder at exit) a walk over torch's heap, which cost more CPU than a small target's tests.
+    gc.freeze()
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -154,10 +160,10 @@ class Worker:
 
     def __init__(self, tree: Path, preload: bool = True) -> None:
         self.tree = tree
-        command = [sys.executable, str(Path(__file__).resolve()), "--serve"] + ([] if preload else ["--no-preload"])
-        self.proc = subprocess.Popen(command, cwd=tree,
-                                     env=_tree_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+        command += [] if preload else ["--no-preload"]
+        self.proc = subprocess.Popen(command, cwd=tree, env=_tree_env(tree), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
 
     def pytest(self, test: str, k: str | None) -> tuple[int, str, float]:
         """Run one test file; (exit code, output tail, seconds)."""
