@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mag.cache import DownsamplePolicy, FullPolicy, KVCache, MagPolicy, WindowPolicy, valid_slot_positions
+from mag.cache import (
+    DownsamplePolicy,
+    FullPolicy,
+    KVCache,
+    MagPolicy,
+    WindowPolicy,
+    kv_bytes_per_frame,
+    valid_slot_positions,
+)
 from mag.errors import InputError
 from mag.models import block_causal_mask, last_frame_memory_mask, sink_window_mask
 
@@ -195,19 +203,23 @@ def test_every_read_is_a_view_of_the_storage_even_after_a_ring_wraps(policy):
                                     DownsamplePolicy(2, memory_slots=3), MagPolicy(2),
                                     MagPolicy(2, memory_slots=3)],
                          ids=["full", "window", "downsample", "bounded-downsample", "mag", "bounded"])
-def test_kv_bytes_at_batch_above_one_equal_the_cache_tensors_own_nbytes(policy):
+def test_kv_bytes_at_batch_above_one_equal_the_cache_tensors_own_nbytes(policy, tiny_dit_cfg):
     """The accounting is checked against the storage itself, at batch 3 and in bfloat16: a size formula
     that drops the batch (or the dtype) cannot cancel out here as it does in a mag-vs-full ratio."""
-    blocks, block, layers, batch = 5, 3, 2, 3
-    cache = KVCache(policy, num_layers=layers, num_heads=2, head_dim=4, tokens_per_frame=5, batch_size=batch,
-                    capacity_frames=policy.capacity_frames(blocks * block, block), dtype=torch.bfloat16)
+    blocks, block, batch, tokens, dtype = 5, 3, 3, 5, torch.bfloat16
+    cfg = tiny_dit_cfg
+    cache = KVCache.for_model(cfg, policy, tokens_per_frame=tokens, horizon_frames=blocks * block,
+                              frames_per_block=block, batch_size=batch, dtype=dtype)
     assert cache.capacity_bytes == cache.k.nbytes + cache.v.nbytes
     gen = torch.Generator().manual_seed(0)
+    shape = (batch, cfg.num_heads, block * tokens, cfg.head_dim)
     for b in range(blocks):
         pending = cache.begin_write(block)
-        for layer in range(layers):
-            k, v = (torch.randn(batch, 2, block * 5, 4, generator=gen) for _ in range(2))
-            cache.write(layer, k, v, pending)
+        for layer in range(cfg.num_layers):
+            cache.write(layer, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), pending)
         cache.commit(pending, torch.arange(b * block, (b + 1) * block))
-        held = sum(k.nbytes + v.nbytes for k, v in map(cache.read, range(layers)))
+        held = sum(k.nbytes + v.nbytes for k, v in map(cache.read, range(cfg.num_layers)))
         assert cache.nbytes == held > 0, b
+    # The allocation-free formula the speed benchmark and `mag info` use agrees with the storage.
+    per_frame = held // cache.num_valid_frames
+    assert kv_bytes_per_frame(cfg, tokens, dtype, batch_size=batch) == cache.bytes_per_frame == per_frame
