@@ -144,7 +144,7 @@ def _streamed_reconstruction(preset, model, scheduler, x0, empty) -> dict[str, t
     noise = torch.stack([torch.randn((len(levels), *x0.shape[1:]), generator=torch.Generator().manual_seed(s))
                          for s in SEEDS], 1)
     writer = MemoryWriter(model, empty)
-    cache = KVCache.for_model(preset.dit, MagPolicy(writer=writer), tokens_per_frame=preset.tokens_per_frame,
+    cache = KVCache.for_model(preset.dit, MagPolicy(), tokens_per_frame=preset.tokens_per_frame,
                               horizon_frames=x0.shape[1], frames_per_block=F, batch_size=BATCH)
     context = empty.expand(BATCH, -1, -1)
     rows: dict[str, list[torch.Tensor]] = {one_step_label(level): [] for level in levels} | {FEW_STEP: []}
