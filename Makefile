@@ -21,8 +21,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mag demo -o out/demo
 
+# The suite, then the mutation check (docs/testing.md): every planted bug must make its test file fail.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	$(BIN)/python scripts/mutate.py -o out/mutate.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check mag tests scripts

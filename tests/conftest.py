@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_dit
+from helpers import random_dit, randomise_parameters_
 
 from mag.config import DiTConfig
 from mag.models import WanDiT
@@ -45,16 +45,18 @@ def make_dit() -> Callable[..., WanDiT]:
 
 @pytest.fixture
 def diffusers_twin() -> Callable[[DiTConfig], Any]:
-    """``diffusers_twin(cfg)``: a random diffusers ``WanTransformer3DModel`` with the same shapes."""
+    """``diffusers_twin(cfg)``: a diffusers ``WanTransformer3DModel`` with the same shapes and EVERY parameter
+    random (diffusers' init sets qk-norm weights to 1 and the cross-attention LayerNorm to 1 / 0, which
+    would hide a norm mapped to the wrong place)."""
     from diffusers import WanTransformer3DModel
 
     def build(cfg: DiTConfig) -> WanTransformer3DModel:
         torch.manual_seed(3)
-        return WanTransformer3DModel(
+        return randomise_parameters_(WanTransformer3DModel(
             patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
             in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
             freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
             cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions,
-        ).eval()
+        )).eval()
 
     return build

@@ -32,15 +32,27 @@ needs_inductor = pytest.mark.skipif(
     reason="TorchInductor's CPU backend needs a C compiler and the Python headers")
 
 
+# Spread of randomised parameters: large enough that every parameter visibly moves the output, small
+# enough that a tiny DiT stays well conditioned (no saturated softmax) in float32.
+RANDOM_PARAMETER_STD = 0.3
+
+
+def randomise_parameters_(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw EVERY parameter (norm weights and biases, modulation tables included) from the current torch
+    RNG. Default initialisations set norm weights to 1 and biases to 0, so a weight loaded into the wrong
+    norm (or a modulation table into the wrong slot) would change nothing; random values make every
+    mapping error visible in an output comparison."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * RANDOM_PARAMETER_STD)
+    return model
+
+
 def random_dit(cfg: DiTConfig, seed: int = 0) -> WanDiT:
     """A WanDiT whose every parameter is random (Wan's init zeroes the head, which would make output
     comparisons vacuous), in eval mode."""
     torch.manual_seed(seed)
-    model = WanDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return randomise_parameters_(WanDiT(cfg)).eval()
 
 
 def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **sections: Any) -> dict:

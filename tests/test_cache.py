@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mag.cache import DownsamplePolicy, FullPolicy, KVCache, WindowPolicy, valid_slot_positions
+from mag.cache import (
+    DownsamplePolicy,
+    FullPolicy,
+    KVCache,
+    MagPolicy,
+    WindowPolicy,
+    kv_bytes_per_frame,
+    valid_slot_positions,
+)
 from mag.errors import InputError
 from mag.models import block_causal_mask, last_frame_memory_mask, sink_window_mask
 
@@ -189,3 +197,29 @@ def test_every_read_is_a_view_of_the_storage_even_after_a_ring_wraps(policy):
         assert k._base is cache.k and v._base is cache.v, b
         assert k.shape[2] == cache.num_valid_frames * cache.tokens_per_frame
     assert len(set(valid_slot_positions(cache))) == cache.num_valid_frames
+
+
+@pytest.mark.parametrize("policy", [FullPolicy(), WindowPolicy(2, 6), DownsamplePolicy(2),
+                                    DownsamplePolicy(2, memory_slots=3), MagPolicy(2),
+                                    MagPolicy(2, memory_slots=3)],
+                         ids=["full", "window", "downsample", "bounded-downsample", "mag", "bounded"])
+def test_kv_bytes_at_batch_above_one_equal_the_cache_tensors_own_nbytes(policy, tiny_dit_cfg):
+    """The accounting is checked against the storage itself, at batch 3 and in bfloat16: a size formula
+    that drops the batch (or the dtype) cannot cancel out here as it does in a mag-vs-full ratio."""
+    blocks, block, batch, tokens, dtype = 5, 3, 3, 5, torch.bfloat16
+    cfg = tiny_dit_cfg
+    cache = KVCache.for_model(cfg, policy, tokens_per_frame=tokens, horizon_frames=blocks * block,
+                              frames_per_block=block, batch_size=batch, dtype=dtype)
+    assert cache.capacity_bytes == cache.k.nbytes + cache.v.nbytes
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, cfg.num_heads, block * tokens, cfg.head_dim)
+    for b in range(blocks):
+        pending = cache.begin_write(block)
+        for layer in range(cfg.num_layers):
+            cache.write(layer, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), pending)
+        cache.commit(pending, torch.arange(b * block, (b + 1) * block))
+        held = sum(k.nbytes + v.nbytes for k, v in map(cache.read, range(cfg.num_layers)))
+        assert cache.nbytes == held > 0, b
+    # The allocation-free formula the speed benchmark and `mag info` use agrees with the storage.
+    per_frame = held // cache.num_valid_frames
+    assert kv_bytes_per_frame(cfg, tokens, dtype, batch_size=batch) == cache.bytes_per_frame == per_frame

@@ -21,6 +21,7 @@ from mag.demo import (
     STATUS_BAND_PX,
     compose_panels,
     revisit_columns,
+    revisit_psnr,
     run_demo,
 )
 from mag.io.video import read_mp4
@@ -81,6 +82,14 @@ def test_same_seed_same_frames_and_policies_differ(models):
     assert not np.array_equal(first.frames["mag"], first.frames["window"])
     columns = revisit_columns(first)
     assert columns.size and (first.episode.history_match[columns] >= 0).all()
+    # The headline number against an independent computation: PSNR of the mean squared error between each
+    # revisited generated frame and the history frame of the same view (uint8, peak 255).
+    ep = first.episode
+    revisited = ep.history_match >= 0
+    for name in DEMO_POLICIES:
+        error = first.frames[name][revisited].astype(np.float64) - ep.frames[ep.history_match[revisited]]
+        expected = 10 * np.log10(255.0**2 / np.mean(error**2))
+        assert revisit_psnr(first, name, "all") == pytest.approx(expected, rel=1e-9)
 
 
 def test_compose_panels_places_each_panel_under_its_label():

@@ -12,11 +12,18 @@ from mag.models import WanDiT
 from mag.weights import load_into, load_state_dict_any
 
 TOLERANCE = 1e-5
+# Parity with diffusers, relative to the output's largest value: the two implementations order float32
+# sums differently (measured 1e-6 to 2.5e-6 of the output scale with every parameter random); swapping the
+# self-attention norm_q / norm_k weights, the subtlest mapping error, moves outputs by 8e-3 of it.
+PARITY_RELATIVE = 1e-5
 
 
 def test_matches_diffusers_wan_transformer(make_dit, diffusers_twin):
     model = make_dit()
     theirs = diffusers_twin(model.cfg)
+    # Every parameter random, none left at a constant initial value (norms at 1, biases at 0): a weight
+    # loaded into the wrong norm or modulation slot must change the output.
+    assert all(p.std() > 0.1 for p in theirs.parameters() if p.numel() > 1)
     load_into(model, load_state_dict_any(theirs.state_dict()))
     x = torch.randn(2, model.cfg.in_channels, 3, 8, 6)  # diffusers layout [B, C, F, H, W]
     t = torch.tensor([999.0, 317.0])
@@ -24,8 +31,9 @@ def test_matches_diffusers_wan_transformer(make_dit, diffusers_twin):
     with torch.no_grad():
         expected = theirs(x, t, ctx, return_dict=False)[0]
         ours = model(x.transpose(1, 2), t, ctx).transpose(1, 2)
-    assert expected.abs().max() > 0.1
-    assert (ours - expected).abs().max() <= TOLERANCE
+    scale = expected.abs().max()
+    assert scale > 0.1
+    assert (ours - expected).abs().max() <= PARITY_RELATIVE * scale
 
 
 def test_each_frame_is_modulated_by_its_own_timestep(make_dit):

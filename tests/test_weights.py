@@ -37,6 +37,20 @@ def test_diffusers_names_cover_the_real_diffusers_model(make_dit, diffusers_twin
         k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
 
+def test_diffusers_names_equal_diffusers_own_converter_tensor_for_tensor(make_dit):
+    # An independent reference for the key map: diffusers' converter of original Wan2.1 checkpoints. Every
+    # parameter of make_dit is random and distinct, so a swapped pair of names (say norm_q / norm_k) puts
+    # another tensor under the name and fails here even though every shape matches.
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ours = _ours(make_dit)
+    reference = convert_wan_transformer_to_diffusers(dict(ours))
+    mapped = wan_to_diffusers(ours)
+    assert mapped.keys() == reference.keys()
+    assert all(mapped[k] is reference[k] for k in mapped)
+    assert _same(diffusers_to_wan(reference), ours)
+
+
 def test_self_forcing_checkpoint_prefers_ema(tmp_path, make_dit):
     raw, ema = _ours(make_dit), {k: v + 1 for k, v in _ours(make_dit).items()}
     ckpt = {
