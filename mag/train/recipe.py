@@ -261,6 +261,45 @@ class DMDConfig:
                               f" {self.grad_last_frames}")
 
 
+MixedPrecision = Literal["fp32", "bf16"]
+MIXED_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+CheckpointFormat = Literal["file", "dcp"]
+CHECKPOINT_FORMATS: tuple[str, ...] = ("file", "dcp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the networks are sharded and computed (:mod:`mag.train.mesh`); none of it changes the math
+    beyond float rounding, so a run may resume under other values of ``shard_size``.
+
+    Attributes:
+        mixed_precision: ``fp32``, or ``bf16`` (FSDP2 gathers bf16 parameters and reduces gradients in
+            float32; master weights, optimiser state and EMA stay float32). ``bf16`` shards even a
+            single process (a one-rank group).
+        activation_checkpointing: recompute each transformer block's activations in backward instead
+            of keeping them (generator and critic; frozen networks run without gradient anyway).
+        shard_size: ranks that shard one copy of the weights (the inner mesh dimension); the world
+            size divided by it replicates (HSDP). 0: all ranks shard one copy (plain FSDP).
+        checkpoint: ``file`` (one atomic safetensors file of full tensors, gathered on rank 0) or
+            ``dcp`` (a ``torch.distributed.checkpoint`` folder written shard by shard by every rank).
+    """
+
+    mixed_precision: MixedPrecision = "fp32"
+    activation_checkpointing: bool = False
+    shard_size: int = 0
+    checkpoint: CheckpointFormat = "file"
+
+    def validate(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"parallel.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)},"
+                              f" got {self.mixed_precision!r}")
+        if self.checkpoint not in CHECKPOINT_FORMATS:
+            raise ConfigError(f"parallel.checkpoint must be one of {', '.join(CHECKPOINT_FORMATS)},"
+                              f" got {self.checkpoint!r}")
+        if self.shard_size < 0:
+            raise ConfigError(f"parallel.shard_size must be >= 0 (0: all ranks), got {self.shard_size}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -273,6 +312,7 @@ class Recipe:
     init: InitConfig = field(default_factory=InitConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def causal(self) -> bool:
@@ -287,6 +327,7 @@ class Recipe:
         self.objective.validate()
         self.optim.validate()
         self.loop.validate()
+        self.parallel.validate()
         self.data.validate(preset.cache.frames_per_block)
         if self.objective.kind == "ode" and not self.ode.pairs:
             raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
@@ -303,7 +344,8 @@ class Recipe:
 
 
 # Fields that may change between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last")}
+RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last"),
+                     ("parallel", "shard_size"), ("parallel", "activation_checkpointing")}
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

@@ -14,7 +14,6 @@ are reduced over ranks at log time; checkpoints hold full tensors in the single-
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -40,8 +39,9 @@ from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
 from mag.train.data import WorldClipSource
-from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
+from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, has_group
 from mag.train.ema import EMA
+from mag.train.mesh import make_parallelize
 from mag.train.parallelize import (
     full_model_state,
     full_optimizer_state,
@@ -50,7 +50,6 @@ from mag.train.parallelize import (
     load_full_model_state,
     load_full_optimizer_state,
     local_value,
-    parallelize_dit,
     shard_like,
 )
 from mag.train.recall import CATEGORY_NAMES, category_losses
@@ -92,8 +91,10 @@ class Trainer:
     generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
     EMA is what ``mag export`` ships.
 
-    ``dist`` places this process in a data-parallel group (its device then replaces ``device``); with
-    ``world_size > 1`` the model is sharded by ``parallelize`` (default :func:`parallelize_dit`).
+    ``dist`` places this process in a data-parallel group (its device then replaces ``device``); the
+    model is prepared by ``parallelize`` (default: the recipe's ``[parallel]`` section through
+    :func:`mag.train.mesh.make_parallelize`: sharded whenever a process group exists, activation
+    checkpointing when asked).
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
@@ -125,10 +126,10 @@ class Trainer:
         # the parameters (elementwise, hence the same math) and gathered only when saved. A resumed run
         # takes its weights from the checkpoint and does not read init.model.
         self.model = build_model(recipe, self.device, init=resume_state is None)
-        if parallelize is None and self.dist.is_distributed:
-            parallelize = functools.partial(parallelize_dit, mesh_or_ctx=self.dist)
-        if parallelize is not None:
-            self.model = parallelize(self.model)
+        shard_frozen: Parallelize | None = None
+        if parallelize is None:
+            parallelize, shard_frozen = make_parallelize(recipe.parallel, self.dist, grouped=has_group())
+        self.model = parallelize(self.model)
         self.ema = EMA(self.model, recipe.optim.ema_decay)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=recipe.optim.lr, betas=recipe.optim.betas,
@@ -143,8 +144,8 @@ class Trainer:
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
                            self.device)
         kind = recipe.objective.kind
-        self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize) if kind == "dmd"
-                                     else None)
+        self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize, shard_frozen)
+                                    if kind == "dmd" else None)
         self.runner: SupervisedStep | DMDStep = (
             self.dmd if self.dmd is not None else ODEStep(ctx) if kind == "ode"
             else MemoryStep(ctx) if kind == "memory" else FlowMatchingStep(ctx))
