@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from torch import Tensor
 from mag.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "mag-train-v1"
-_STEP_FILE = re.compile(r"^step_(\d{8})\.safetensors$")
+# One file per step, or a sharded folder (``mag.train.dcp``); both count for "latest" and keep_last.
+_STEP_FILE = re.compile(r"^step_(\d{8})\.(safetensors|dcp)$")
 # Key prefixes inside one checkpoint file.
 _MODEL, _EMA, _OPTIM, _RNG, _EXTRA = "model.", "ema.", "optim.", "rng.", "extra."
 
@@ -138,7 +140,7 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return final
 
 

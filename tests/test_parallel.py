@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_DIT
-from helpers import random_dit
+from helpers import free_port, random_dit
 
 from mag.cache import FullPolicy
 from mag.config import SchedulerConfig
@@ -129,12 +128,6 @@ def test_mesh_shape_is_replicate_by_shard_and_refuses_a_shard_size_that_does_not
 
 
 # ---------------------------------------------------------------------------------------- multi-rank
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grad_worker(rank: int, world: int, port: int, out: str, parallel: ParallelConfig) -> None:
     """One rank: shard a seeded tiny DiT under ``parallel``, backprop its slice of the batch, and (rank 0)
     save every parameter's full gradient."""
@@ -157,7 +150,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str, parallel: ParallelC
 
 def _spawn_grads(tmp: Path, world: int, parallel: ParallelConfig, name: str) -> dict:
     out = tmp / f"{name}.pt"
-    mp.spawn(_grad_worker, args=(world, _free_port(), str(out), parallel), nprocs=world, join=True)
+    mp.spawn(_grad_worker, args=(world, free_port(), str(out), parallel), nprocs=world, join=True)
     return torch.load(out)
 
 

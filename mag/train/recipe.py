@@ -269,8 +269,9 @@ CHECKPOINT_FORMATS: tuple[str, ...] = ("file", "dcp")
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the networks are sharded and computed (:mod:`mag.train.mesh`); none of it changes the math
-    beyond float rounding, so a run may resume under other values of ``shard_size``.
+    """How the networks are sharded, computed and checkpointed (:mod:`mag.train.mesh`,
+    :mod:`mag.train.dcp`). Only ``mixed_precision`` changes the numbers (beyond reduction order), so a
+    run may resume under another shard size, checkpointing or checkpoint format.
 
     Attributes:
         mixed_precision: ``fp32``, or ``bf16`` (FSDP2 gathers bf16 parameters and reduces gradients in
@@ -345,7 +346,8 @@ class Recipe:
 
 # Fields that may change between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last"),
-                     ("parallel", "shard_size"), ("parallel", "activation_checkpointing")}
+                     ("parallel", "shard_size"), ("parallel", "activation_checkpointing"),
+                     ("parallel", "checkpoint")}
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

@@ -39,6 +39,14 @@ from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
 from mag.train.data import WorldClipSource
+from mag.train.dcp import (
+    Trained,
+    check_memory_record,
+    is_dcp_checkpoint,
+    load_dcp,
+    read_dcp_metadata,
+    save_dcp,
+)
 from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, has_group
 from mag.train.ema import EMA
 from mag.train.mesh import make_parallelize
@@ -55,6 +63,7 @@ from mag.train.parallelize import (
 from mag.train.recall import CATEGORY_NAMES, category_losses
 from mag.train.recipe import Recipe, recipe_differences
 from mag.train.steps import (
+    MEMORY_MODEL_METADATA,
     DMDStep,
     FlowMatchingStep,
     MemoryStep,
@@ -119,7 +128,8 @@ class Trainer:
                 f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass --resume to"
                 " continue that run or choose another output directory"
             )
-        resume_state = self._load_resume_state(existing) if resume and existing is not None else None
+        resume_state: TrainingState | Path | None = (
+            self._load_resume_state(existing) if resume and existing is not None else None)
 
         # Every rank builds the full model from the recipe seed (or init.model), then shards it: all start
         # from the single-process weights. The EMA shadow is built after sharding, so it is sharded like
@@ -153,9 +163,12 @@ class Trainer:
             self._restore(resume_state)
 
     # ------------------------------------------------------------------ resume
-    def _load_resume_state(self, path: Path) -> TrainingState:
-        state = load_checkpoint(path)
-        stored = state.metadata.get("recipe")
+    def _load_resume_state(self, path: Path) -> TrainingState | Path:
+        """The checkpoint file's state, or a DCP folder's path (loaded into the built networks later),
+        after checking its recipe against this run's."""
+        dcp_folder = is_dcp_checkpoint(path)
+        state = None if dcp_folder else load_checkpoint(path)
+        stored = read_dcp_metadata(path).get("recipe") if state is None else state.metadata.get("recipe")
         if not isinstance(stored, dict):
             raise CheckpointError(f"{path} has no recipe metadata; cannot check it matches this run")
         diffs = recipe_differences(stored, self.recipe)
@@ -163,10 +176,24 @@ class Trainer:
             raise CheckpointError(
                 f"cannot resume from {path}: its recipe differs from this one in " + "; ".join(diffs[:5])
             )
-        return state
+        return path if state is None else state
 
-    def _restore(self, state: TrainingState) -> None:
+    def _trained(self) -> dict[str, Trained]:
+        """The networks a checkpoint carries with their optimisers (generator; DMD's critic)."""
+        nets = {"model": Trained(self.model, self.optimizer)}
+        if self.dmd is not None:
+            nets["critic"] = Trained(self.dmd.critic, self.dmd.critic_optimizer)
+        return nets
+
+    def _restore(self, state: TrainingState | Path) -> None:
         """Load a full checkpoint (from any world size); a sharded model keeps only its own shards."""
+        if isinstance(state, Path):
+            metadata = load_dcp(state, self._trained(), self.ema.state_dict())
+            if self.dmd is not None:
+                check_memory_record(metadata.get(MEMORY_MODEL_METADATA), self.dmd.memory_record)
+            self.step = int(metadata["step"])
+            self.train_seconds = float(metadata.get("train_seconds", 0.0))
+            return
         sharded = is_sharded(self.model)
         if sharded:
             load_full_model_state(self.model, state.model)
@@ -193,8 +220,15 @@ class Trainer:
         """Write a checkpoint of full tensors; the path on the main rank, None elsewhere.
 
         Under FSDP this gathers the shards (a collective: every rank calls it) and only the main rank
-        writes; the others wait at a barrier, so the file exists when any rank returns.
+        writes; the others wait at a barrier, so the file exists when any rank returns. With
+        ``parallel.checkpoint = "dcp"`` every rank writes its own shards instead (:mod:`mag.train.dcp`).
         """
+        if self.recipe.parallel.checkpoint == "dcp":
+            memory = self.dmd.memory_record if self.dmd is not None else {}
+            metadata = {**self._metadata(), **({MEMORY_MODEL_METADATA: memory} if memory else {})}
+            path = save_dcp(self.ckpt_dir, self.step, self._trained(), self.ema.state_dict(), metadata,
+                            self.dist, self.recipe.loop.keep_last)
+            return path if self.is_main else None
         if is_sharded(self.model):
             model = full_model_state(self.model)
             ema = gather_full(self.ema.state_dict(), self.dist)
@@ -206,23 +240,18 @@ class Trainer:
         if not self.is_main:
             barrier(self.dist)
             return None
-        metadata = {
-            "recipe": self.recipe.to_dict(),
-            "preset": self.preset.to_dict(),
-            "commit": git_commit(),
-            "kind": "training",
-            "train_seconds": self.train_seconds,
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "world_size": self.dist.world_size,
-            **extra_metadata,
-        }
+        metadata = {**self._metadata(), **extra_metadata}
         state = TrainingState(step=self.step, model=dict(model), ema=ema, optimizer=optimizer,
                               rng=capture_rng(), metadata=metadata, extra=extra)
         try:
             return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
         finally:
             barrier(self.dist)
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.to_dict(), "preset": self.preset.to_dict(), "commit": git_commit(),
+                "kind": "training", "train_seconds": self.train_seconds, "device": str(self.device),
+                "threads": torch.get_num_threads(), "world_size": self.dist.world_size}
 
     # ------------------------------------------------------------------ one step
     def _lr_scale(self, step: int) -> float:
