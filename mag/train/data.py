@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mag.codecs.base import frames_to_tensor
 from mag.config import Preset
+from mag.data import PromptFileSource
 from mag.train.recipe import DataConfig
 from mag.world import WorldConfig, camera_track, get_world_config, sample_clip
 
@@ -58,3 +59,10 @@ class WorldClipSource:
         offsets = torch.from_numpy(np.stack([c.offsets for c in clips]).astype(np.float32))
         camera = torch.from_numpy(np.stack([camera_track(c.velocities) for c in clips]))
         return ClipBatch(video=video, offsets=offsets, camera_px=camera, prompts=[c.prompt for c in clips])
+
+
+def clip_source(preset: Preset, data: DataConfig, seed: int) -> WorldClipSource | PromptFileSource:
+    """The recipe's data: world clips, or prompts from a file (``data.source``)."""
+    if data.source == "prompts":
+        return PromptFileSource(data.prompts, data.clip_frames, seed)
+    return WorldClipSource(preset, data, seed)

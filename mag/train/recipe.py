@@ -31,6 +31,8 @@ SELF_FORCING_DMD_BETAS = (0.0, 0.999)
 RolloutPolicy = Literal["full", "mag", "downsample"]
 ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
 
+DATA_SOURCES: tuple[str, ...] = ("world", "prompts")
+
 ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
 OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
 # Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional teacher,
@@ -86,13 +88,22 @@ class DataConfig:
         clip_frames: latent frames per training clip (a multiple of the block size).
         world: overrides of the world config (speeds, excursions, frame size, ...).
         text_mode: ``tokens`` (per-token MiniLM states) or ``pooled`` (one sentence vector).
+        source: ``world`` (procedural clips) or ``prompts`` (``data.prompts``, one prompt per line; the
+            data-free DMD stages only, :class:`mag.data.PromptFileSource`).
+        prompts: the prompt file of ``source = "prompts"``.
     """
 
     clip_frames: int = 24
     world: dict[str, Any] = field(default_factory=dict)
     text_mode: Literal["tokens", "pooled"] = "pooled"
+    source: Literal["world", "prompts"] = "world"
+    prompts: str = ""
 
     def validate(self, frames_per_block: int) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if self.source == "prompts" and not self.prompts:
+            raise ConfigError("data.source = 'prompts' needs data.prompts (a text file, one prompt per line)")
         if self.clip_frames <= 0 or self.clip_frames % frames_per_block:
             raise ConfigError(
                 f"data.clip_frames={self.clip_frames} must be a positive multiple of the block size"
@@ -136,8 +147,9 @@ class InitConfig:
     """Where the trained model's initial weights come from.
 
     Attributes:
-        model: a model file, training checkpoint (its EMA weights) or registry name, loaded with
-            :func:`mag.registry.load_model`; its ``dit`` config must equal the recipe's. Empty: random
+        model: a model file, training checkpoint (its EMA weights) or registry name, or official
+            weights (a Wan2.1 or diffusers folder, a Self-Forcing / MAG checkpoint), loaded with
+            :func:`mag.train.networks.load_network`; its ``dit`` config must equal the recipe's. Empty: random
             initialisation from ``loop.seed``. Read once at the start of a run, not on resume. A
             ``memory`` run should start from the generator whose blocks it will compress (docs/design.md §1);
             without one it trains from scratch and warns.
@@ -162,7 +174,8 @@ class DMDConfig:
     """Self-Forcing DMD (``objective.kind = "dmd"``): frozen teacher, trained critic, student rollouts.
 
     Attributes:
-        teacher: the frozen real score (model file, checkpoint or registry name).
+        teacher: the frozen real score (model file, checkpoint, registry name or official weights, e.g.
+            a Wan2.1-T2V-1.3B folder).
         critic: initial weights of the fake score; empty: a trainable copy of the teacher.
         critic_lr: the critic's AdamW learning rate (warmed up like ``optim.lr``).
         critic_betas: the critic's AdamW betas (Self-Forcing: (0, 0.999)).
@@ -334,6 +347,9 @@ class Recipe:
             raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
         if self.objective.kind == "dmd":
             self.dmd.validate(preset, self.data.clip_frames)
+        elif self.data.source != "world":
+            raise ConfigError(f"data.source = {self.data.source!r} gives prompts only: objective.kind ="
+                              f" {self.objective.kind!r} trains on clips; use data.source = 'world'")
         if self.objective.kind == "memory" and self.data.clip_frames > preset.dit.rope_max_positions:
             raise ConfigError(f"objective.kind = 'memory' trains on whole clips at random RoPE positions:"
                               f" data.clip_frames={self.data.clip_frames} must fit in"

@@ -38,7 +38,7 @@ from mag.checkpoint import (
 from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
-from mag.train.data import WorldClipSource
+from mag.train.data import clip_source
 from mag.train.dcp import (
     Trained,
     check_memory_record,
@@ -148,7 +148,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
 
-        self.data = WorldClipSource(self.preset, recipe.data, recipe.loop.seed)
+        self.data = clip_source(self.preset, recipe.data, recipe.loop.seed)
         self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
         self.empty_context = self.text.get([""]).to(self.device)
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from mag.config import Preset, config_differences
+from mag.data import PromptFileSource
 from mag.errors import CheckpointError
 from mag.models import WanDiT
-from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache
 from mag.train.data import WorldClipSource
+from mag.train.networks import load_network
 from mag.train.recall import view_categories
 from mag.train.recipe import Recipe
 
@@ -66,11 +67,11 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: boo
 
 
 def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
-    """Copy the weights of a model file / checkpoint / registry name into ``model`` (same ``dit`` config)."""
-
-    source, source_preset, _ = load_model(name_or_path)
-    if source_preset.dit != preset.dit:
-        differences = config_differences(preset.dit, source_preset.dit)
+    """Copy the weights of a model file / checkpoint / registry name, or of official weights
+    (:func:`mag.train.networks.load_network`), into ``model`` (same ``dit`` config)."""
+    source = load_network(name_or_path, preset.dit)
+    if source.cfg != preset.dit:
+        differences = config_differences(preset.dit, source.cfg)
         raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
                               f" from the recipe's ({differences}; recipe vs file)")
     with torch.no_grad():
@@ -84,7 +85,7 @@ class StepContext:
     recipe: Recipe
     preset: Preset
     scheduler: FlowMatchScheduler
-    data: WorldClipSource
+    data: WorldClipSource | PromptFileSource
     text: PromptEmbeddingCache
     empty_context: Tensor
     device: torch.device

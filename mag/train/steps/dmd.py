@@ -36,10 +36,11 @@ from mag.objectives.flow_matching import (
 )
 from mag.pipelines import policy_from_name, writer_for
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
-from mag.registry import GENERATOR_STAGES, load_model, model_stage
+from mag.registry import GENERATOR_STAGES, model_stage
 from mag.schedulers import FlowMatchScheduler
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
+from mag.train.networks import load_network
 from mag.train.parallelize import (
     full_model_state,
     full_optimizer_state,
@@ -77,7 +78,7 @@ class _Clips:
 class DMDStep:
     """Self-Forcing DMD: generator (the trainer's model), critic (trained here), teacher (frozen).
 
-    The teacher is loaded with :func:`mag.registry.load_model` (eval, no gradient, sharded by
+    The teacher is loaded with :func:`mag.train.networks.load_network` (eval, no gradient, sharded by
     ``shard_frozen`` like the generator but never activation-checkpointed); the critic starts from
     ``dmd.critic`` or a copy of the teacher, is prepared like the generator and has its own AdamW
     (``dmd.critic_lr``, ``dmd.critic_betas``; ``optim.weight_decay``, ``optim.grad_clip`` and the warm-up
@@ -107,12 +108,12 @@ class DMDStep:
         self.generator = generator
         self.dist = dist
         # Teacher and critic are score networks: any generator stage, never a memory model.
-        teacher = load_model(self.dmd.teacher, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        teacher = load_network(self.dmd.teacher, preset.dit, ctx.device, expect_stage=GENERATOR_STAGES)
         self.teacher = self._check(teacher, "dmd.teacher", self.dmd.teacher)
         self.teacher.requires_grad_(False)
         self.teacher = shard_frozen(self.teacher) if shard_frozen is not None else self.teacher
         critic_source = self.dmd.critic or self.dmd.teacher
-        critic = load_model(critic_source, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        critic = load_network(critic_source, preset.dit, ctx.device, expect_stage=GENERATOR_STAGES)
         critic = self._check(critic, "dmd.critic", critic_source).train()
         self.critic = parallelize(critic) if parallelize is not None else critic
         self.critic_optimizer = torch.optim.AdamW(
