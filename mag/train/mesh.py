@@ -30,9 +30,10 @@ PARAM_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfl
 
 
 def mesh_shape(world_size: int, shard_size: int) -> tuple[int, int]:
-    """``(replicate, shard)`` for ``world_size`` ranks; ``shard_size`` 0 means all of them."""
-    shard = shard_size or world_size
-    if shard > world_size or world_size % shard:
+    """``(replicate, shard)`` for ``world_size`` ranks; ``shard_size`` 0, or more than the world size
+    (a recipe written for nodes of 8 run on fewer GPUs), means all of them."""
+    shard = min(shard_size or world_size, world_size)
+    if world_size % shard:
         raise ConfigError(f"parallel.shard_size={shard_size} must divide the number of processes"
                           f" ({world_size}); use 0 to shard over all of them")
     return world_size // shard, shard
