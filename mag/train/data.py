@@ -16,7 +16,8 @@ from torch import Tensor
 from mag.codecs.base import frames_to_tensor
 from mag.config import Preset
 from mag.data import PromptFileSource
-from mag.train.recipe import DataConfig
+from mag.data.shards import LatentShardSource
+from mag.train.recipe import DataConfig, LoopConfig
 from mag.world import WorldConfig, camera_track, get_world_config, sample_clip
 
 
@@ -61,8 +62,14 @@ class WorldClipSource:
         return ClipBatch(video=video, offsets=offsets, camera_px=camera, prompts=[c.prompt for c in clips])
 
 
-def clip_source(preset: Preset, data: DataConfig, seed: int) -> WorldClipSource | PromptFileSource:
-    """The recipe's data: world clips, or prompts from a file (``data.source``)."""
+ClipSource = WorldClipSource | PromptFileSource | LatentShardSource
+
+
+def clip_source(preset: Preset, data: DataConfig, loop: LoopConfig) -> ClipSource:
+    """The recipe's data (``data.source``): world clips, prompts from a file, or latent shards."""
     if data.source == "prompts":
-        return PromptFileSource(data.prompts, data.clip_frames, seed)
-    return WorldClipSource(preset, data, seed)
+        return PromptFileSource(data.prompts, data.clip_frames, loop.seed)
+    if data.source == "shards":
+        return LatentShardSource(data.shards, data.clip_frames, loop.seed, loop.batch_size // loop.grad_accum,
+                                 loop.grad_accum)
+    return WorldClipSource(preset, data, loop.seed)

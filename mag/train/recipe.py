@@ -31,7 +31,7 @@ SELF_FORCING_DMD_BETAS = (0.0, 0.999)
 RolloutPolicy = Literal["full", "mag", "downsample"]
 ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
 
-DATA_SOURCES: tuple[str, ...] = ("world", "prompts")
+DATA_SOURCES: tuple[str, ...] = ("world", "prompts", "shards")
 
 ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
 OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
@@ -88,22 +88,27 @@ class DataConfig:
         clip_frames: latent frames per training clip (a multiple of the block size).
         world: overrides of the world config (speeds, excursions, frame size, ...).
         text_mode: ``tokens`` (per-token MiniLM states) or ``pooled`` (one sentence vector).
-        source: ``world`` (procedural clips) or ``prompts`` (``data.prompts``, one prompt per line; the
-            data-free DMD stages only, :class:`mag.data.PromptFileSource`).
+        source: ``world`` (procedural clips), ``prompts`` (``data.prompts``, one prompt per line; the
+            data-free DMD stages only, :class:`mag.data.PromptFileSource`) or ``shards`` (VAE latents
+            of real videos from ``mag data encode``, :class:`mag.data.shards.LatentShardSource`).
         prompts: the prompt file of ``source = "prompts"``.
+        shards: the shard folder of ``source = "shards"``.
     """
 
     clip_frames: int = 24
     world: dict[str, Any] = field(default_factory=dict)
     text_mode: Literal["tokens", "pooled"] = "pooled"
-    source: Literal["world", "prompts"] = "world"
+    source: Literal["world", "prompts", "shards"] = "world"
     prompts: str = ""
+    shards: str = ""
 
     def validate(self, frames_per_block: int) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
         if self.source == "prompts" and not self.prompts:
             raise ConfigError("data.source = 'prompts' needs data.prompts (a text file, one prompt per line)")
+        if self.source == "shards" and not self.shards:
+            raise ConfigError("data.source = 'shards' needs data.shards (a folder from `mag data encode`)")
         if self.clip_frames <= 0 or self.clip_frames % frames_per_block:
             raise ConfigError(
                 f"data.clip_frames={self.clip_frames} must be a positive multiple of the block size"
@@ -347,9 +352,9 @@ class Recipe:
             raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
         if self.objective.kind == "dmd":
             self.dmd.validate(preset, self.data.clip_frames)
-        elif self.data.source != "world":
-            raise ConfigError(f"data.source = {self.data.source!r} gives prompts only: objective.kind ="
-                              f" {self.objective.kind!r} trains on clips; use data.source = 'world'")
+        elif self.data.source == "prompts":
+            raise ConfigError(f"data.source = 'prompts' gives prompts only: objective.kind ="
+                              f" {self.objective.kind!r} trains on clips; use 'world' or 'shards'")
         if self.objective.kind == "memory" and self.data.clip_frames > preset.dit.rope_max_positions:
             raise ConfigError(f"objective.kind = 'memory' trains on whole clips at random RoPE positions:"
                               f" data.clip_frames={self.data.clip_frames} must fit in"

@@ -148,7 +148,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
 
-        self.data = clip_source(self.preset, recipe.data, recipe.loop.seed)
+        self.data = clip_source(self.preset, recipe.data, recipe.loop)
         self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
         self.empty_context = self.text.get([""]).to(self.device)
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from mag.config import Preset, config_differences
-from mag.data import PromptFileSource
 from mag.errors import CheckpointError
 from mag.models import WanDiT
 from mag.schedulers import FlowMatchScheduler
@@ -85,7 +84,7 @@ class StepContext:
     recipe: Recipe
     preset: Preset
     scheduler: FlowMatchScheduler
-    data: WorldClipSource | PromptFileSource
+    data: ClipSource
     text: PromptEmbeddingCache
     empty_context: Tensor
     device: torch.device
@@ -97,7 +96,11 @@ class StepContext:
         return (camera_px / self.preset.dit.patch_size[2]).to(self.device)
 
     def categories(self, offsets: Tensor) -> Tensor:
-        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``."""
+        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``
+        (all ``new`` for data without a world: latent shards)."""
+        if not isinstance(self.data, WorldClipSource):
+            return torch.zeros(*offsets.shape, self.preset.video.latent_width, dtype=torch.long,
+                               device=self.device)
         world = self.data.world
         return view_categories(offsets, world.frame_width, world.pano_width,
                                self.preset.cache.frames_per_block,
