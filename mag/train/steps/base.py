@@ -19,7 +19,7 @@ from mag.errors import CheckpointError
 from mag.models import WanDiT
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache
-from mag.train.data import WorldClipSource
+from mag.train.data import ClipSource, WorldClipSource
 from mag.train.networks import load_network
 from mag.train.recall import view_categories
 from mag.train.recipe import Recipe
@@ -97,8 +97,8 @@ class StepContext:
 
     def categories(self, offsets: Tensor) -> Tensor:
         """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``
-        (all ``new`` for data without a world: latent shards)."""
-        if not isinstance(self.data, WorldClipSource):
+        (all ``new`` where they are not the world's pixel columns: latent shards, VAE latents)."""
+        if not isinstance(self.data, WorldClipSource) or self.preset.video.spatial_compression != 1:
             return torch.zeros(*offsets.shape, self.preset.video.latent_width, dtype=torch.long,
                                device=self.device)
         world = self.data.world
