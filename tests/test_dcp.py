@@ -16,10 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import recipe_dict, torchrun_train
+from safetensors.torch import load_file
 
-from mag.checkpoint import TrainingState, latest_checkpoint, list_checkpoints, load_checkpoint
+from mag.checkpoint import (
+    DCP_METADATA_FILE,
+    TrainingState,
+    is_dcp_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_dcp_metadata,
+)
+from mag.cli import main
 from mag.errors import CheckpointError
-from mag.train.dcp import METADATA_FILE, is_dcp_checkpoint, read_dcp_metadata
 from mag.train.recipe import recipe_from_dict
 from mag.train.trainer import Trainer
 
@@ -111,8 +120,17 @@ def test_dcp_checkpoint_of_two_ranks_resumes_bit_exactly_on_two(runs):
     assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in start.model.items())
 
 
+def test_mag_export_reads_the_ema_of_a_dcp_run(runs, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(runs["dcp"]), "-o", str(out), "--name", "m", "--stage", "causal"]) == 0
+    exported = load_file(str(out))
+    ema = load_checkpoint(runs["file"] / "checkpoints" / "step_00000002.safetensors").ema
+    assert exported.keys() == ema.keys()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
 def test_an_incomplete_dcp_folder_is_refused(tmp_path):
     folder = tmp_path / "checkpoints" / "step_00000002.dcp"
     folder.mkdir(parents=True)
-    with pytest.raises(CheckpointError, match=METADATA_FILE):
+    with pytest.raises(CheckpointError, match=DCP_METADATA_FILE):
         read_dcp_metadata(folder)

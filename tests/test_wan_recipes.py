@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import WORLD_SIZE, free_port
-from mag.train.checkpoint import TrainingState, capture_rng, save_checkpoint
 from safetensors.torch import save_file
 
+from mag.checkpoint import TrainingState, capture_rng, is_dcp_checkpoint, save_checkpoint
 from mag.codecs import WanVAECodec
 from mag.config import get_preset
 from mag.data.encode import encode_videos
@@ -31,7 +31,6 @@ from mag.models import WanDiT
 from mag.objectives.ode import ODEPairs, save_ode_pairs
 from mag.registry import export_model
 from mag.schedulers import FlowMatchScheduler
-from mag.train.dcp import is_dcp_checkpoint
 from mag.train.distributed import DistributedContext
 from mag.train.recipe import recipe_from_dict
 from mag.train.trainer import Trainer

@@ -29,18 +29,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mag.checkpoint import capture_rng, list_checkpoints, restore_rng
+from mag.checkpoint import (
+    DCP_FORMAT,
+    DCP_METADATA_FILE,
+    DCP_SUFFIX,
+    EMA_KEY,
+    NO_GROUP_WARNING,
+    RNG_KEY,
+    capture_rng,
+    list_checkpoints,
+    read_dcp_metadata,
+    restore_rng,
+)
 from mag.errors import CheckpointError
 from mag.train.distributed import DistributedContext, barrier
 
-DCP_FORMAT = "mag-train-dcp-v1"
-DCP_SUFFIX = ".dcp"
-METADATA_FILE = "mag.json"
 TMP_SUFFIX = ".tmp"
-RNG_KEY, EMA_KEY = "rng", "ema"
-# DCP's warning without a process group: it then reads every shard into this process, as a 1-process
-# resume wants.
-NO_GROUP_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
 
 
 @dataclass
@@ -49,11 +53,6 @@ class Trained:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-
-
-def is_dcp_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and path.name.endswith(DCP_SUFFIX)
 
 
 def _state(networks: dict[str, Trained], ema: dict[str, Tensor]) -> dict[str, Any]:
@@ -80,7 +79,7 @@ def save_dcp(directory: str | Path, step: int, networks: dict[str, Trained], ema
     barrier(ctx)
     if ctx.is_main:
         record = {"format": DCP_FORMAT, "step": step, **metadata}
-        (tmp / METADATA_FILE).write_text(json.dumps(record))
+        (tmp / DCP_METADATA_FILE).write_text(json.dumps(record))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -88,19 +87,6 @@ def save_dcp(directory: str | Path, step: int, networks: dict[str, Trained], ema
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     barrier(ctx)
     return final
-
-
-def read_dcp_metadata(path: str | Path) -> dict[str, Any]:
-    """``mag.json`` of a DCP checkpoint folder (``step`` an int); CheckpointError if absent or foreign."""
-    meta_path = Path(path) / METADATA_FILE
-    try:
-        record = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a complete mag DCP checkpoint (cannot read {METADATA_FILE}:"
-                              f" {err})") from err
-    if record.get("format") != DCP_FORMAT:
-        raise CheckpointError(f"{path} has format {record.get('format')!r}, expected {DCP_FORMAT!r}")
-    return record
 
 
 def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tensor]) -> dict[str, Any]:

@@ -368,7 +368,9 @@ class Recipe:
 # Fields that may change between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last"),
                      ("parallel", "shard_size"), ("parallel", "activation_checkpointing"),
-                     ("parallel", "checkpoint")}
+                     ("parallel", "checkpoint"),
+                     # the global batch stays; moving between 8 and 64 GPUs changes how it is split
+                     ("loop", "grad_accum")}
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

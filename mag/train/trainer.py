@@ -30,8 +30,10 @@ from mag.checkpoint import (
     TrainingState,
     capture_rng,
     git_commit,
+    is_dcp_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    read_dcp_metadata,
     restore_rng,
     save_checkpoint,
 )
@@ -39,14 +41,7 @@ from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
 from mag.train.data import clip_source
-from mag.train.dcp import (
-    Trained,
-    check_memory_record,
-    is_dcp_checkpoint,
-    load_dcp,
-    read_dcp_metadata,
-    save_dcp,
-)
+from mag.train.dcp import Trained, check_memory_record, load_dcp, save_dcp
 from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, has_group
 from mag.train.ema import EMA
 from mag.train.mesh import make_parallelize
