@@ -93,6 +93,8 @@ class DataConfig:
             of real videos from ``mag data encode``, :class:`mag.data.shards.LatentShardSource`).
         prompts: the prompt file of ``source = "prompts"``.
         shards: the shard folder of ``source = "shards"``.
+        text_encoder_path: weights of a ``umt5`` text encoder (a diffusers Wan pipeline folder or a
+            UMT5 encoder folder); ``MAG_PROMPT_TABLE`` (``mag text table``) may stand in for it.
     """
 
     clip_frames: int = 24
@@ -101,6 +103,7 @@ class DataConfig:
     source: Literal["world", "prompts", "shards"] = "world"
     prompts: str = ""
     shards: str = ""
+    text_encoder_path: str = ""
 
     def validate(self, frames_per_block: int) -> None:
         if self.source not in DATA_SOURCES:

@@ -144,7 +144,8 @@ class Trainer:
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
 
         self.data = clip_source(self.preset, recipe.data, recipe.loop)
-        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
+        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode,
+                                 recipe.data.text_encoder_path)
         self.empty_context = self.text.get([""]).to(self.device)
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
                            self.device)
