@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mag.cli import main
 from mag.codecs import WanVAECodec
@@ -80,11 +81,14 @@ def test_encode_resumes_at_the_first_missing_shard(videos, shards, tmp_path):
     out = tmp_path / "again"
     assert _encode(videos, out) == 0
     first = (out / shard_name(0)).stat().st_mtime_ns
-    second = (out / shard_name(1)).read_bytes()
+    second = load_file(str(out / shard_name(1)))
     (out / shard_name(1)).unlink()
     assert _encode(videos, out) == 0
     assert (out / shard_name(0)).stat().st_mtime_ns == first  # not rewritten
-    assert (out / shard_name(1)).read_bytes() == second
+    again = load_file(str(out / shard_name(1)))
+    # The same clip re-encoded (the CPU convolutions may pick other kernels in a long test session).
+    torch.testing.assert_close(again["latents"], second["latents"], rtol=0, atol=1e-5)
+    assert [s["count"] for s in read_index(out)["shards"]] == [2, 1]
 
 
 def test_encode_refuses_missing_videos_before_writing(videos, tmp_path, capsys):

@@ -163,6 +163,8 @@ def bf16_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return {"one": _spawn_grads(tmp, 1, bf16, "one"),
             "two": _spawn_grads(tmp, 2, bf16_ac, "two"),
             "two_hsdp": _spawn_grads(tmp, 2, ParallelConfig(mixed_precision="bf16", shard_size=1), "hsdp"),
+            "two_fp32": _spawn_grads(tmp, 2, ParallelConfig(), "fp32"),
+            "two_fp32_ac": _spawn_grads(tmp, 2, ParallelConfig(activation_checkpointing=True), "fp32_ac"),
             "fp32": {"grads": _fp32_grads()}}
 
 
@@ -189,6 +191,14 @@ def test_bf16_gradients_of_two_ranks_equal_one_rank(bf16_runs, run):
     # What `mag train --plan` counts per GPU is what rank 0 holds (FSDP pads dim 0 of every parameter).
     shard = 1 if run == "two_hsdp" else 2
     assert bf16_runs[run]["local_numel"] == sharded_numel(random_dit(TINY_DIT), shard)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_on_two_ranks(bf16_runs):
+    """FSDP2 on 2 ranks, float32: checkpointed blocks give the gradients of plain blocks within 1e-6."""
+    plain, checkpointed = bf16_runs["two_fp32"]["grads"], bf16_runs["two_fp32_ac"]["grads"]
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=AC_TOLERANCE, msg=name)
 
 
 def test_bf16_policy_computes_in_bf16(bf16_runs):
