@@ -4,6 +4,7 @@ live here."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -64,6 +65,21 @@ def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **s
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return data
+
+
+def recipe_toml(data: dict) -> str:
+    """A recipe dict (as :func:`recipe_dict` makes) as TOML text, for runs through `mag train`."""
+    lines = [f'name = "{data["name"]}"', f'preset = "{data["preset"]}"']
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        lines.append(f"[{section}]")
+        lines += [f'"{k}" = {json.dumps(v)}' for k, v in values.items() if not isinstance(v, dict)]
+        for key, table in values.items():
+            if isinstance(table, dict):
+                lines.append(f"[{section}.{key}]")
+                lines += [f'"{k}" = {json.dumps(v)}' for k, v in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 def trained_model_file(root: Path, kind: str, name: str, stage: str, overrides: dict | None = None) -> Path:

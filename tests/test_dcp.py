@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import recipe_dict, torchrun_train
+from helpers import recipe_dict, recipe_toml, torchrun_train
 from safetensors.torch import load_file
 
 from mag.checkpoint import (
@@ -39,20 +39,8 @@ def _recipe(checkpoint: str) -> dict:
 
 
 def _recipe_toml(path: Path, checkpoint: str) -> Path:
-    data = _recipe(checkpoint)
-    lines = [f'name = "{data["name"]}"', f'preset = "{data["preset"]}"']
-    for section in ("preset_overrides", "objective", "loop", "optim", "data", "parallel"):
-        lines.append(f"[{section}]")
-        lines += [f'"{k}" = {_toml(v)}' for k, v in data[section].items() if not isinstance(v, dict)]
-    lines += ["[data.world]", "pano_width = 64"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(recipe_toml(_recipe(checkpoint)))
     return path
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @pytest.fixture(scope="module")
