@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mag.codecs import Codec, frames_to_tensor, get_codec
 from mag.data.shards import INDEX_FILE, read_index, shard_name, write_index, write_shard
 from mag.errors import InputError
+from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.io.video import read_mp4
 from mag.text import TextEncoder, get_text_encoder
 
@@ -121,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            description=__doc__.split("\n\n")[0])
     enc.add_argument("videos", help="folder of the mp4 files")
     enc.add_argument("captions", help="CSV with columns video (relative path) and caption")
-    enc.add_argument("-o", "--out", required=True, help="shard folder (created; resumed if present)")
+    add_out_argument(enc, "shard folder (created; resumed if present)")
     enc.add_argument("--frames", type=int, required=True, help="latent frames per clip")
     enc.add_argument("--codec", default="wan-vae", help="codec name (default %(default)s)")
     enc.add_argument("--vae", default=None, help="VAE weights (Wan2.1_VAE.pth or a diffusers folder)")
@@ -130,13 +131,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="store text-encoder states of the captions (default: captions only)")
     enc.add_argument("--text-encoder-path", default=None, help="UMT5 weights folder for --text-encoder umt5")
     enc.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard")
-    enc.add_argument("--device", default="cpu", help="torch device of the VAE and text encoder")
+    add_runtime_arguments(enc)  # --device of the VAE and text encoder, --threads
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode)
 
 
 def _encode(args: argparse.Namespace) -> int:
     read_captions(args.videos, args.captions)  # refuse bad input before loading any weights
+    set_threads(args.threads)
     kwargs = {"path": args.vae} if args.vae else {"tiny": True} if args.vae_tiny else {}
     codec = get_codec(args.codec, **kwargs).to(args.device) if args.codec != "pixel" else get_codec("pixel")
     text = None
