@@ -1,4 +1,4 @@
-"""Training data beyond the procedural world: prompt files for the data-free DMD stages."""
+"""Training data beyond the procedural world: latent shards of real videos and prompt files."""
 
 from mag.data.prompts import PromptBatch, PromptFileSource, read_prompt_file
 
