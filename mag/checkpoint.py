@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,8 @@ from torch import Tensor
 from mag.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "mag-train-v1"
-_STEP_FILE = re.compile(r"^step_(\d{8})\.safetensors$")
+# One file per step, or a sharded folder (``mag.train.dcp``); both count for "latest" and keep_last.
+_STEP_FILE = re.compile(r"^step_(\d{8})\.(safetensors|dcp)$")
 # Key prefixes inside one checkpoint file.
 _MODEL, _EMA, _OPTIM, _RNG, _EXTRA = "model.", "ema.", "optim.", "rng.", "extra."
 
@@ -138,7 +142,7 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return final
 
 
@@ -202,3 +206,53 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         metadata=metadata,
         extra=section(_EXTRA),
     )
+
+
+# ---------------------------------------------------------------------------- sharded (DCP) folders
+# ``step_XXXXXXXX.dcp/``: written and loaded shard by shard by mag.train.dcp; read whole here (export).
+DCP_FORMAT = "mag-train-dcp-v1"
+DCP_SUFFIX = ".dcp"
+DCP_METADATA_FILE = "mag.json"
+RNG_KEY, EMA_KEY = "rng", "ema"
+# DCP's warning without a process group: it then reads every shard into this process, as a 1-process
+# resume or an export wants.
+NO_GROUP_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and path.name.endswith(DCP_SUFFIX)
+
+
+def read_dcp_metadata(path: str | Path) -> dict[str, Any]:
+    """``mag.json`` of a DCP checkpoint folder (``step`` an int); CheckpointError if absent or foreign."""
+    meta_path = Path(path) / DCP_METADATA_FILE
+    try:
+        record = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a complete mag DCP checkpoint (cannot read {DCP_METADATA_FILE}:"
+                              f" {err})") from err
+    if record.get("format") != DCP_FORMAT:
+        raise CheckpointError(f"{path} has format {record.get('format')!r}, expected {DCP_FORMAT!r}")
+    return record
+
+
+def read_dcp_full(path: str | Path) -> TrainingState:
+    """The generator's full weights, EMA and metadata of a DCP checkpoint, in one process (for
+    ``mag export``); optimiser and critic states are left out."""
+    metadata = read_dcp_metadata(path)
+    # lazy: torch.distributed.checkpoint adds ~1.5 s to every `mag` start; only export reads DCP here
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_GROUP_WARNING)
+        full = Path(tmp) / "full.pt"
+        try:
+            dcp_to_torch_save(str(path), str(full))
+            state = torch.load(full, map_location="cpu", weights_only=True)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise CheckpointError(f"cannot read DCP checkpoint {path}: {err}") from err
+    step = int(metadata.pop("step"))
+    metadata.pop("format", None)
+    return TrainingState(step=step, model=state["model.model"], ema=state.get(EMA_KEY) or None,
+                         optimizer=None, rng=state.get(RNG_KEY, {}), metadata=metadata, extra={})

@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "mag.world.cli",
     "mag.info",
     "mag.train.cli",
+    "mag.data.encode",
     "mag.registry",
     "mag.bench.cli",
     "mag.text.cli",

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from mag.checkpoint import latest_checkpoint, load_checkpoint
+from mag.checkpoint import is_dcp_checkpoint, latest_checkpoint, load_checkpoint, read_dcp_full
 from mag.config import Preset, preset_from_dict
 from mag.errors import CheckpointError
 from mag.io.cli import add_out_argument
@@ -65,7 +65,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: s
 
     if stage not in STAGES:
         raise CheckpointError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-    state = load_checkpoint(checkpoint)
+    state = read_dcp_full(checkpoint) if is_dcp_checkpoint(checkpoint) else load_checkpoint(checkpoint)
     weights = state.ema if use_ema and state.ema is not None else state.model
     meta = state.metadata
     recipe = meta.get("recipe", {})
@@ -233,7 +233,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="turn a training checkpoint into a model file",
                                    description="Write the EMA weights of a training checkpoint, with its"
                                                " preset, recipe, commit and training cost, as one file.")
-    export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors) or run folder")
+    export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors or step_*.dcp) or run"
+                                           " folder")
     add_out_argument(export, "output .safetensors")
     export.add_argument("--name", required=True, help="model name (e.g. tiny-causal)")
     export.add_argument("--stage", required=True, choices=STAGES)
@@ -259,9 +260,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
     source = Path(args.checkpoint)
-    if source.is_dir():
+    if source.is_dir() and not is_dcp_checkpoint(source):
         found = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
         if found is None:
             raise CheckpointError(f"no checkpoints in {source}")

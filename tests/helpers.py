@@ -4,7 +4,12 @@ live here."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,10 @@ TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num
                   "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
 CAMERA = {"dit.camera_rope": True}
 SEED = 7
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+TORCHRUN_TIMEOUT_S = 300
+PORT_ATTEMPTS = 3
 
 # TorchInductor's CPU backend builds C++ kernels: it needs a C compiler and the Python headers.
 needs_inductor = pytest.mark.skipif(
@@ -70,6 +79,21 @@ def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **s
     return data
 
 
+def recipe_toml(data: dict) -> str:
+    """A recipe dict (as :func:`recipe_dict` makes) as TOML text, for runs through `mag train`."""
+    lines = [f'name = "{data["name"]}"', f'preset = "{data["preset"]}"']
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        lines.append(f"[{section}]")
+        lines += [f'"{k}" = {json.dumps(v)}' for k, v in values.items() if not isinstance(v, dict)]
+        for key, table in values.items():
+            if isinstance(table, dict):
+                lines.append(f"[{section}.{key}]")
+                lines += [f'"{k}" = {json.dumps(v)}' for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def trained_model_file(root: Path, kind: str, name: str, stage: str, overrides: dict | None = None) -> Path:
     """A model file after 2 steps of objective ``kind`` (exported like a shipped model)."""
     Trainer(recipe_from_dict(recipe_dict(kind, overrides=overrides)), root / "run", progress=False).run()
@@ -104,3 +128,29 @@ def assert_dmd_resume_is_bitwise(recipe: Any, root: Path, stop_at: int = 3) -> T
     for key in a:
         assert torch.equal(a[key], b[key]), key
     return straight
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
+    """``torchrun --nproc_per_node=2 -m mag.train`` on 127.0.0.1, one thread per process.
+
+    The free port is probed, then bound by torchrun a moment later; if another process took it in
+    between, the launch is retried on a new port.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for _ in range(PORT_ATTEMPTS):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress",
+               "--threads", "1", *extra]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=TORCHRUN_TIMEOUT_S)
+        output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        if done.returncode == 0 or "address already in use" not in output.lower():
+            break
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{output}"

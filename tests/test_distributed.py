@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import WORLD_SIZE, torchrun_train
 
 from mag.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
 from mag.errors import ConfigError
@@ -37,7 +34,6 @@ RECIPE = (
     + f"seed = 7\n[optim]\nlr = {LR}\nwarmup_steps = 2\nema_decay = 0.9\n"
     + "[data]\nclip_frames = 6\n[data.world]\npano_width = 64\n"
 )
-WORLD_SIZE = 2
 # Tolerances, each sized to the effect it guards (single process vs 2 ranks):
 # - weights and EMA, in units of the learning rate (AdamW moves a weight by about lr per step whatever the
 #   gradient's scale): float noise reaches 2e-3 lr after 4 steps, in cross_attn.k.bias, whose true gradient
@@ -50,35 +46,7 @@ WEIGHT_TOLERANCE = 1e-2 * LR
 STATE_RELATIVE = 1e-4
 # - logged losses and gradient norms, relative: float noise reaches 1e-7; a scaling bug changes them by 1.
 LOG_RELATIVE = 1e-5
-TORCHRUN_TIMEOUT_S = 300
-PORT_ATTEMPTS = 3
 LOGGED = ("loss", "grad_norm", "loss_new", "loss_recent", "loss_recall")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
-    """``torchrun --nproc_per_node=2 -m mag.train`` on 127.0.0.1, one thread per process.
-
-    The free port is probed, then bound by torchrun a moment later; if another process took it in
-    between, the launch is retried on a new port.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for _ in range(PORT_ATTEMPTS):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-               "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress",
-               "--threads", "1", *extra]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=TORCHRUN_TIMEOUT_S)
-        output = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        if done.returncode == 0 or "address already in use" not in output.lower():
-            break
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{output}"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +56,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     recipe = root / "dist.toml"
     recipe.write_text(RECIPE)
     Trainer(load_recipe(recipe), root / "single", progress=False).run()
-    _torchrun_train(recipe, root / "fsdp", "--max-steps", "2")
+    torchrun_train(recipe, root / "fsdp", "--max-steps", "2")
     return {"root": root, "recipe": recipe, "single": root / "single", "fsdp": root / "fsdp"}
 
 
@@ -161,7 +129,7 @@ def test_two_ranks_resume_from_a_single_process_checkpoint(runs):
     out = runs["root"] / "single_then_fsdp"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copy(runs["single"] / "checkpoints" / "step_00000002.safetensors", out / "checkpoints")
-    _torchrun_train(runs["recipe"], out, "--resume")
+    torchrun_train(runs["recipe"], out, "--resume")
     _assert_states_close(_ckpt(runs["single"], 4), _ckpt(out, 4))
     _assert_logs_close(_records(runs["single"])[2:], _records(out))
 

@@ -53,6 +53,9 @@ def get_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
 
 
 @functools.lru_cache(maxsize=4)
-def prompt_cache(encoder_name: str, mode: str) -> PromptEmbeddingCache:
-    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat."""
+def prompt_cache(encoder_name: str, mode: str, path: str = "") -> PromptEmbeddingCache:
+    """One encoder + embedding cache per process: loading MiniLM takes seconds, prompts repeat.
+    ``mode`` applies to MiniLM; ``path`` names UMT5's weights (a recipe's ``data.text_encoder_path``)."""
+    if encoder_name == "umt5":
+        return PromptEmbeddingCache(get_text_encoder(encoder_name, path=path or None))
     return PromptEmbeddingCache(get_text_encoder(encoder_name, mode=mode))

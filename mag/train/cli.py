@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             " later with --resume")
     add_runtime_arguments(train)  # under torchrun each worker uses cuda:LOCAL_RANK
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    train.add_argument("--plan", action="store_true",
+                       help="print per-GPU memory and step FLOPs of --recipe on --gpus x --nodes GPUs (meta"
+                            " device, nothing allocated) instead of training")
+    train.add_argument("--gpus", type=int, default=1, help="GPUs per node for --plan (default %(default)s)")
+    train.add_argument("--nodes", type=int, default=1, help="nodes for --plan (default %(default)s)")
     train.set_defaults(func=_train)
 
     tools = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=False)
@@ -68,13 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group first."""
 
+    if args.plan:
+        return _plan(args)
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
     set_threads(args.threads)
+    from mag.train.mesh import needs_process_group  # lazy: FSDP and DCP imports add ~1.5 s to `mag` start
     from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s to `mag` start
 
     recipe = load_recipe(args.recipe)
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, single_group=needs_process_group(recipe.parallel))
     try:
         trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress, dist=ctx)
         limit_s = None if args.time_limit is None else args.time_limit * SECONDS_PER_MINUTE
@@ -85,6 +93,18 @@ def _train(args: argparse.Namespace) -> int:
         stopped = (f" (time limit of {args.time_limit} min; resume with --resume)"
                    if result.stopped_early else "")
         print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}{stopped}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``mag train --plan``: the recipe's memory per GPU and step FLOPs, with and without checkpointing."""
+    from mag.train.plan import plan_training  # lazy: FSDP and DCP imports add ~1.5 s to `mag` start
+
+    if not args.recipe:
+        raise InputError("mag train --plan needs --recipe")
+    if args.gpus < 1 or args.nodes < 1:
+        raise InputError(f"--gpus and --nodes must be >= 1, got {args.gpus} and {args.nodes}")
+    print(plan_training(load_recipe(args.recipe), args.gpus, args.nodes).format())
     return 0
 
 

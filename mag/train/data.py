@@ -15,7 +15,9 @@ from torch import Tensor
 
 from mag.codecs.base import frames_to_tensor
 from mag.config import Preset
-from mag.train.recipe import DataConfig
+from mag.data import PromptFileSource
+from mag.data.shards import LatentShardSource
+from mag.train.recipe import DataConfig, LoopConfig
 from mag.world import WorldConfig, camera_track, get_world_config, sample_clip
 
 
@@ -58,3 +60,16 @@ class WorldClipSource:
         offsets = torch.from_numpy(np.stack([c.offsets for c in clips]).astype(np.float32))
         camera = torch.from_numpy(np.stack([camera_track(c.velocities) for c in clips]))
         return ClipBatch(video=video, offsets=offsets, camera_px=camera, prompts=[c.prompt for c in clips])
+
+
+ClipSource = WorldClipSource | PromptFileSource | LatentShardSource
+
+
+def clip_source(preset: Preset, data: DataConfig, loop: LoopConfig) -> ClipSource:
+    """The recipe's data (``data.source``): world clips, prompts from a file, or latent shards."""
+    if data.source == "prompts":
+        return PromptFileSource(data.prompts, data.clip_frames, loop.seed)
+    if data.source == "shards":
+        return LatentShardSource(data.shards, data.clip_frames, loop.seed, loop.batch_size // loop.grad_accum,
+                                 loop.grad_accum)
+    return WorldClipSource(preset, data, loop.seed)

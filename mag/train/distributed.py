@@ -86,16 +86,20 @@ def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
     return ENV_WORLD_SIZE in (os.environ if env is None else env)
 
 
-def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] | None = None,
-                     ) -> DistributedContext:
+def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] | None = None, *,
+                     single_group: bool = False) -> DistributedContext:
     """Join the process group described by the torchrun environment, or run as a single process.
 
     ``device`` is the device *type* the user asked for: ``cuda`` becomes ``cuda:LOCAL_RANK`` (nccl),
-    ``cpu`` stays ``cpu`` (gloo). With no torchrun variables, or ``WORLD_SIZE=1``, no group is created.
+    ``cpu`` stays ``cpu`` (gloo). With no torchrun variables, or ``WORLD_SIZE=1``, no group is created
+    unless ``single_group`` asks for a one-rank group (in-process store; FSDP2's bf16 policy needs one).
     """
     env = os.environ if env is None else env
     device = torch.device(device)
     if not launched_by_torchrun(env) or _env_int(env, ENV_WORLD_SIZE) == 1:
+        if single_group and not dist.is_initialized():
+            backend = _backend(device)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         return DistributedContext(device=device)
     world_size, rank = _env_int(env, ENV_WORLD_SIZE), _env_int(env, ENV_RANK)
     local_rank = _env_int(env, ENV_LOCAL_RANK) if ENV_LOCAL_RANK in env else rank
@@ -105,10 +109,7 @@ def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] 
                           " launch with torchrun")
     if not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
-    backend = BACKEND_BY_DEVICE.get(device.type)
-    if backend is None:
-        raise ConfigError(f"distributed training runs on {' or '.join(BACKEND_BY_DEVICE)},"
-                          f" not {device.type!r}")
+    backend = _backend(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -118,9 +119,22 @@ def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] 
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def _backend(device: torch.device) -> str:
+    backend = BACKEND_BY_DEVICE.get(device.type)
+    if backend is None:
+        raise ConfigError(f"distributed training runs on {' or '.join(BACKEND_BY_DEVICE)},"
+                          f" not {device.type!r}")
+    return backend
+
+
+def has_group() -> bool:
+    """Whether this process is in a process group (torchrun's, or a one-rank group)."""
+    return dist.is_initialized()
+
+
 def destroy(ctx: DistributedContext) -> None:
-    """Leave the process group (no-op for a single process)."""
-    if ctx.is_distributed and dist.is_initialized():
+    """Leave the process group, including a one-rank group (no-op without one)."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

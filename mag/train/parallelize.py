@@ -62,7 +62,8 @@ def parallelize_dit(model: nn.Module, mesh_or_ctx: DeviceMesh | DistributedConte
     """Shard ``model`` (a ``WanDiT`` with materialised weights) in place with FSDP2; returns it.
 
     Args:
-        mesh_or_ctx: the 1-D data-parallel mesh, or a context that builds it.
+        mesh_or_ctx: the data-parallel mesh (1-D, or 2-D ``(replicate, shard)`` for HSDP), or a context
+            that builds the 1-D one.
         reshard_after_forward: free gathered weights after each unit's forward (ZeRO-3); False keeps
             them until backward (ZeRO-2: less communication, more memory).
         mixed_precision: e.g. ``MixedPrecisionPolicy(param_dtype=torch.bfloat16,

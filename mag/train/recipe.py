@@ -31,6 +31,8 @@ SELF_FORCING_DMD_BETAS = (0.0, 0.999)
 RolloutPolicy = Literal["full", "mag", "downsample"]
 ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
 
+DATA_SOURCES: tuple[str, ...] = ("world", "prompts", "shards")
+
 ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
 OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
 # Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional teacher,
@@ -86,13 +88,30 @@ class DataConfig:
         clip_frames: latent frames per training clip (a multiple of the block size).
         world: overrides of the world config (speeds, excursions, frame size, ...).
         text_mode: ``tokens`` (per-token MiniLM states) or ``pooled`` (one sentence vector).
+        source: ``world`` (procedural clips), ``prompts`` (``data.prompts``, one prompt per line; the
+            data-free DMD stages only, :class:`mag.data.PromptFileSource`) or ``shards`` (VAE latents
+            of real videos from ``mag data encode``, :class:`mag.data.shards.LatentShardSource`).
+        prompts: the prompt file of ``source = "prompts"``.
+        shards: the shard folder of ``source = "shards"``.
+        text_encoder_path: weights of a ``umt5`` text encoder (a diffusers Wan pipeline folder or a
+            UMT5 encoder folder); ``MAG_PROMPT_TABLE`` (``mag text table``) may stand in for it.
     """
 
     clip_frames: int = 24
     world: dict[str, Any] = field(default_factory=dict)
     text_mode: Literal["tokens", "pooled"] = "pooled"
+    source: Literal["world", "prompts", "shards"] = "world"
+    prompts: str = ""
+    shards: str = ""
+    text_encoder_path: str = ""
 
     def validate(self, frames_per_block: int) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if self.source == "prompts" and not self.prompts:
+            raise ConfigError("data.source = 'prompts' needs data.prompts (a text file, one prompt per line)")
+        if self.source == "shards" and not self.shards:
+            raise ConfigError("data.source = 'shards' needs data.shards (a folder from `mag data encode`)")
         if self.clip_frames <= 0 or self.clip_frames % frames_per_block:
             raise ConfigError(
                 f"data.clip_frames={self.clip_frames} must be a positive multiple of the block size"
@@ -136,8 +155,9 @@ class InitConfig:
     """Where the trained model's initial weights come from.
 
     Attributes:
-        model: a model file, training checkpoint (its EMA weights) or registry name, loaded with
-            :func:`mag.registry.load_model`; its ``dit`` config must equal the recipe's. Empty: random
+        model: a model file, training checkpoint (its EMA weights) or registry name, or official
+            weights (a Wan2.1 or diffusers folder, a Self-Forcing / MAG checkpoint), loaded with
+            :func:`mag.train.networks.load_network`; its ``dit`` config must equal the recipe's. Empty: random
             initialisation from ``loop.seed``. Read once at the start of a run, not on resume. A
             ``memory`` run should start from the generator whose blocks it will compress (docs/design.md §1);
             without one it trains from scratch and warns.
@@ -162,7 +182,8 @@ class DMDConfig:
     """Self-Forcing DMD (``objective.kind = "dmd"``): frozen teacher, trained critic, student rollouts.
 
     Attributes:
-        teacher: the frozen real score (model file, checkpoint or registry name).
+        teacher: the frozen real score (model file, checkpoint, registry name or official weights, e.g.
+            a Wan2.1-T2V-1.3B folder).
         critic: initial weights of the fake score; empty: a trainable copy of the teacher.
         critic_lr: the critic's AdamW learning rate (warmed up like ``optim.lr``).
         critic_betas: the critic's AdamW betas (Self-Forcing: (0, 0.999)).
@@ -261,6 +282,46 @@ class DMDConfig:
                               f" {self.grad_last_frames}")
 
 
+MixedPrecision = Literal["fp32", "bf16"]
+MIXED_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+CheckpointFormat = Literal["file", "dcp"]
+CHECKPOINT_FORMATS: tuple[str, ...] = ("file", "dcp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the networks are sharded, computed and checkpointed (:mod:`mag.train.mesh`,
+    :mod:`mag.train.dcp`). Only ``mixed_precision`` changes the numbers (beyond reduction order), so a
+    run may resume under another shard size, checkpointing or checkpoint format.
+
+    Attributes:
+        mixed_precision: ``fp32``, or ``bf16`` (FSDP2 gathers bf16 parameters and reduces gradients in
+            float32; master weights, optimiser state and EMA stay float32). ``bf16`` shards even a
+            single process (a one-rank group).
+        activation_checkpointing: recompute each transformer block's activations in backward instead
+            of keeping them (generator and critic; frozen networks run without gradient anyway).
+        shard_size: ranks that shard one copy of the weights (the inner mesh dimension); the world
+            size divided by it replicates (HSDP). 0: all ranks shard one copy (plain FSDP).
+        checkpoint: ``file`` (one atomic safetensors file of full tensors, gathered on rank 0) or
+            ``dcp`` (a ``torch.distributed.checkpoint`` folder written shard by shard by every rank).
+    """
+
+    mixed_precision: MixedPrecision = "fp32"
+    activation_checkpointing: bool = False
+    shard_size: int = 0
+    checkpoint: CheckpointFormat = "file"
+
+    def validate(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"parallel.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)},"
+                              f" got {self.mixed_precision!r}")
+        if self.checkpoint not in CHECKPOINT_FORMATS:
+            raise ConfigError(f"parallel.checkpoint must be one of {', '.join(CHECKPOINT_FORMATS)},"
+                              f" got {self.checkpoint!r}")
+        if self.shard_size < 0:
+            raise ConfigError(f"parallel.shard_size must be >= 0 (0: all ranks), got {self.shard_size}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -273,6 +334,7 @@ class Recipe:
     init: InitConfig = field(default_factory=InitConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def causal(self) -> bool:
@@ -287,11 +349,15 @@ class Recipe:
         self.objective.validate()
         self.optim.validate()
         self.loop.validate()
+        self.parallel.validate()
         self.data.validate(preset.cache.frames_per_block)
         if self.objective.kind == "ode" and not self.ode.pairs:
             raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
         if self.objective.kind == "dmd":
             self.dmd.validate(preset, self.data.clip_frames)
+        elif self.data.source == "prompts":
+            raise ConfigError(f"data.source = 'prompts' gives prompts only: objective.kind ="
+                              f" {self.objective.kind!r} trains on clips; use 'world' or 'shards'")
         if self.objective.kind == "memory" and self.data.clip_frames > preset.dit.rope_max_positions:
             raise ConfigError(f"objective.kind = 'memory' trains on whole clips at random RoPE positions:"
                               f" data.clip_frames={self.data.clip_frames} must fit in"
@@ -303,7 +369,11 @@ class Recipe:
 
 
 # Fields that may change between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last")}
+RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last"),
+                     ("parallel", "shard_size"), ("parallel", "activation_checkpointing"),
+                     ("parallel", "checkpoint"),
+                     # the global batch stays; moving between 8 and 64 GPUs changes how it is split
+                     ("loop", "grad_accum")}
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

@@ -14,7 +14,6 @@ are reduced over ranks at log time; checkpoints hold full tensors in the single-
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -31,17 +30,21 @@ from mag.checkpoint import (
     TrainingState,
     capture_rng,
     git_commit,
+    is_dcp_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    read_dcp_metadata,
     restore_rng,
     save_checkpoint,
 )
 from mag.errors import CheckpointError, ConfigError
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
-from mag.train.data import WorldClipSource
-from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier
+from mag.train.data import clip_source
+from mag.train.dcp import Trained, check_memory_record, load_dcp, save_dcp
+from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, has_group
 from mag.train.ema import EMA
+from mag.train.mesh import make_parallelize
 from mag.train.parallelize import (
     full_model_state,
     full_optimizer_state,
@@ -50,12 +53,12 @@ from mag.train.parallelize import (
     load_full_model_state,
     load_full_optimizer_state,
     local_value,
-    parallelize_dit,
     shard_like,
 )
 from mag.train.recall import CATEGORY_NAMES, category_losses
 from mag.train.recipe import Recipe, recipe_differences
 from mag.train.steps import (
+    MEMORY_MODEL_METADATA,
     DMDStep,
     FlowMatchingStep,
     MemoryStep,
@@ -92,8 +95,10 @@ class Trainer:
     generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
     EMA is what ``mag export`` ships.
 
-    ``dist`` places this process in a data-parallel group (its device then replaces ``device``); with
-    ``world_size > 1`` the model is sharded by ``parallelize`` (default :func:`parallelize_dit`).
+    ``dist`` places this process in a data-parallel group (its device then replaces ``device``); the
+    model is prepared by ``parallelize`` (default: the recipe's ``[parallel]`` section through
+    :func:`mag.train.mesh.make_parallelize`: sharded whenever a process group exists, activation
+    checkpointing when asked).
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
@@ -118,17 +123,18 @@ class Trainer:
                 f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass --resume to"
                 " continue that run or choose another output directory"
             )
-        resume_state = self._load_resume_state(existing) if resume and existing is not None else None
+        resume_state: TrainingState | Path | None = (
+            self._load_resume_state(existing) if resume and existing is not None else None)
 
         # Every rank builds the full model from the recipe seed (or init.model), then shards it: all start
         # from the single-process weights. The EMA shadow is built after sharding, so it is sharded like
         # the parameters (elementwise, hence the same math) and gathered only when saved. A resumed run
         # takes its weights from the checkpoint and does not read init.model.
         self.model = build_model(recipe, self.device, init=resume_state is None)
-        if parallelize is None and self.dist.is_distributed:
-            parallelize = functools.partial(parallelize_dit, mesh_or_ctx=self.dist)
-        if parallelize is not None:
-            self.model = parallelize(self.model)
+        shard_frozen: Parallelize | None = None
+        if parallelize is None:
+            parallelize, shard_frozen = make_parallelize(recipe.parallel, self.dist, grouped=has_group())
+        self.model = parallelize(self.model)
         self.ema = EMA(self.model, recipe.optim.ema_decay)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=recipe.optim.lr, betas=recipe.optim.betas,
@@ -137,14 +143,15 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
 
-        self.data = WorldClipSource(self.preset, recipe.data, recipe.loop.seed)
-        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode)
+        self.data = clip_source(self.preset, recipe.data, recipe.loop)
+        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode,
+                                 recipe.data.text_encoder_path)
         self.empty_context = self.text.get([""]).to(self.device)
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
                            self.device)
         kind = recipe.objective.kind
-        self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize) if kind == "dmd"
-                                     else None)
+        self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize, shard_frozen)
+                                    if kind == "dmd" else None)
         self.runner: SupervisedStep | DMDStep = (
             self.dmd if self.dmd is not None else ODEStep(ctx) if kind == "ode"
             else MemoryStep(ctx) if kind == "memory" else FlowMatchingStep(ctx))
@@ -152,9 +159,12 @@ class Trainer:
             self._restore(resume_state)
 
     # ------------------------------------------------------------------ resume
-    def _load_resume_state(self, path: Path) -> TrainingState:
-        state = load_checkpoint(path)
-        stored = state.metadata.get("recipe")
+    def _load_resume_state(self, path: Path) -> TrainingState | Path:
+        """The checkpoint file's state, or a DCP folder's path (loaded into the built networks later),
+        after checking its recipe against this run's."""
+        dcp_folder = is_dcp_checkpoint(path)
+        state = None if dcp_folder else load_checkpoint(path)
+        stored = read_dcp_metadata(path).get("recipe") if state is None else state.metadata.get("recipe")
         if not isinstance(stored, dict):
             raise CheckpointError(f"{path} has no recipe metadata; cannot check it matches this run")
         diffs = recipe_differences(stored, self.recipe)
@@ -162,10 +172,24 @@ class Trainer:
             raise CheckpointError(
                 f"cannot resume from {path}: its recipe differs from this one in " + "; ".join(diffs[:5])
             )
-        return state
+        return path if state is None else state
 
-    def _restore(self, state: TrainingState) -> None:
+    def _trained(self) -> dict[str, Trained]:
+        """The networks a checkpoint carries with their optimisers (generator; DMD's critic)."""
+        nets = {"model": Trained(self.model, self.optimizer)}
+        if self.dmd is not None:
+            nets["critic"] = Trained(self.dmd.critic, self.dmd.critic_optimizer)
+        return nets
+
+    def _restore(self, state: TrainingState | Path) -> None:
         """Load a full checkpoint (from any world size); a sharded model keeps only its own shards."""
+        if isinstance(state, Path):
+            metadata = load_dcp(state, self._trained(), self.ema.state_dict())
+            if self.dmd is not None:
+                check_memory_record(metadata.get(MEMORY_MODEL_METADATA), self.dmd.memory_record)
+            self.step = int(metadata["step"])
+            self.train_seconds = float(metadata.get("train_seconds", 0.0))
+            return
         sharded = is_sharded(self.model)
         if sharded:
             load_full_model_state(self.model, state.model)
@@ -192,8 +216,15 @@ class Trainer:
         """Write a checkpoint of full tensors; the path on the main rank, None elsewhere.
 
         Under FSDP this gathers the shards (a collective: every rank calls it) and only the main rank
-        writes; the others wait at a barrier, so the file exists when any rank returns.
+        writes; the others wait at a barrier, so the file exists when any rank returns. With
+        ``parallel.checkpoint = "dcp"`` every rank writes its own shards instead (:mod:`mag.train.dcp`).
         """
+        if self.recipe.parallel.checkpoint == "dcp":
+            memory = self.dmd.memory_record if self.dmd is not None else {}
+            metadata = {**self._metadata(), **({MEMORY_MODEL_METADATA: memory} if memory else {})}
+            path = save_dcp(self.ckpt_dir, self.step, self._trained(), self.ema.state_dict(), metadata,
+                            self.dist, self.recipe.loop.keep_last)
+            return path if self.is_main else None
         if is_sharded(self.model):
             model = full_model_state(self.model)
             ema = gather_full(self.ema.state_dict(), self.dist)
@@ -205,23 +236,18 @@ class Trainer:
         if not self.is_main:
             barrier(self.dist)
             return None
-        metadata = {
-            "recipe": self.recipe.to_dict(),
-            "preset": self.preset.to_dict(),
-            "commit": git_commit(),
-            "kind": "training",
-            "train_seconds": self.train_seconds,
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "world_size": self.dist.world_size,
-            **extra_metadata,
-        }
+        metadata = {**self._metadata(), **extra_metadata}
         state = TrainingState(step=self.step, model=dict(model), ema=ema, optimizer=optimizer,
                               rng=capture_rng(), metadata=metadata, extra=extra)
         try:
             return save_checkpoint(self.ckpt_dir, state, keep_last=self.recipe.loop.keep_last)
         finally:
             barrier(self.dist)
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.to_dict(), "preset": self.preset.to_dict(), "commit": git_commit(),
+                "kind": "training", "train_seconds": self.train_seconds, "device": str(self.device),
+                "threads": torch.get_num_threads(), "world_size": self.dist.world_size}
 
     # ------------------------------------------------------------------ one step
     def _lr_scale(self, step: int) -> float:

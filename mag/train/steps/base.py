@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from mag.config import Preset, config_differences
 from mag.errors import CheckpointError
 from mag.models import WanDiT
-from mag.registry import load_model
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache
-from mag.train.data import WorldClipSource
+from mag.train.data import ClipSource, WorldClipSource
+from mag.train.networks import load_network
 from mag.train.recall import view_categories
 from mag.train.recipe import Recipe
 
@@ -66,11 +66,11 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: boo
 
 
 def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
-    """Copy the weights of a model file / checkpoint / registry name into ``model`` (same ``dit`` config)."""
-
-    source, source_preset, _ = load_model(name_or_path)
-    if source_preset.dit != preset.dit:
-        differences = config_differences(preset.dit, source_preset.dit)
+    """Copy the weights of a model file / checkpoint / registry name, or of official weights
+    (:func:`mag.train.networks.load_network`), into ``model`` (same ``dit`` config)."""
+    source = load_network(name_or_path, preset.dit)
+    if source.cfg != preset.dit:
+        differences = config_differences(preset.dit, source.cfg)
         raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
                               f" from the recipe's ({differences}; recipe vs file)")
     with torch.no_grad():
@@ -84,7 +84,7 @@ class StepContext:
     recipe: Recipe
     preset: Preset
     scheduler: FlowMatchScheduler
-    data: WorldClipSource
+    data: ClipSource
     text: PromptEmbeddingCache
     empty_context: Tensor
     device: torch.device
@@ -96,7 +96,11 @@ class StepContext:
         return (camera_px / self.preset.dit.patch_size[2]).to(self.device)
 
     def categories(self, offsets: Tensor) -> Tensor:
-        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``."""
+        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``
+        (all ``new`` where they are not the world's pixel columns: latent shards, VAE latents)."""
+        if not isinstance(self.data, WorldClipSource) or self.preset.video.spatial_compression != 1:
+            return torch.zeros(*offsets.shape, self.preset.video.latent_width, dtype=torch.long,
+                               device=self.device)
         world = self.data.world
         return view_categories(offsets, world.frame_width, world.pano_width,
                                self.preset.cache.frames_per_block,

@@ -36,10 +36,11 @@ from mag.objectives.flow_matching import (
 )
 from mag.pipelines import policy_from_name, writer_for
 from mag.pipelines.rollout import BlockContexts, draw_exit_step, draw_rollout_noise, self_forcing_rollout
-from mag.registry import GENERATOR_STAGES, load_model, model_stage
+from mag.registry import GENERATOR_STAGES, model_stage
 from mag.schedulers import FlowMatchScheduler
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
+from mag.train.networks import load_network
 from mag.train.parallelize import (
     full_model_state,
     full_optimizer_state,
@@ -77,19 +78,20 @@ class _Clips:
 class DMDStep:
     """Self-Forcing DMD: generator (the trainer's model), critic (trained here), teacher (frozen).
 
-    The teacher is loaded with :func:`mag.registry.load_model` (eval, no gradient, never sharded); the
-    critic starts from ``dmd.critic`` or a copy of the teacher, is sharded like the generator and has
-    its own AdamW (``dmd.critic_lr``, ``dmd.critic_betas``; ``optim.weight_decay``, ``optim.grad_clip``
-    and the warm-up are shared).
+    The teacher is loaded with :func:`mag.train.networks.load_network` (eval, no gradient, sharded by
+    ``shard_frozen`` like the generator but never activation-checkpointed); the critic starts from
+    ``dmd.critic`` or a copy of the teacher, is prepared like the generator and has its own AdamW
+    (``dmd.critic_lr``, ``dmd.critic_betas``; ``optim.weight_decay``, ``optim.grad_clip`` and the warm-up
+    are shared).
 
     Every rollout (generator, history, critic) runs under ``dmd.rollout_policy``: ``full`` keeps every
     frame (Self-Forcing); ``mag`` is MAG stage 2 (docs/design.md §1): after each block the frozen memory model
     (``dmd.memory_model``: a ``memory`` file whose ``dit`` config equals the generator's; loaded once,
-    eval, no gradient, never sharded) runs the clean block at t=0 with the empty prompt and writes the
-    compressed K/V (sinks + each block's last frame), which the generator only reads; ``downsample``
-    keeps the same frames but the generator writes them (the "w/o stage 1" ablation). Rollouts may be
-    longer than the teacher: they are scored window by window (``dmd.teacher_frames``), and the history
-    loss generates every window after the first with the empty text under the same policy.
+    eval, no gradient, sharded like the teacher) runs the clean block at t=0 with the empty prompt and
+    writes the compressed K/V (sinks + each block's last frame), which the generator only reads;
+    ``downsample`` keeps the same frames but the generator writes them (the "w/o stage 1" ablation).
+    Rollouts may be longer than the teacher: they are scored window by window (``dmd.teacher_frames``),
+    and the history loss generates every window after the first with the empty text under the same policy.
 
     Gradient reaches the generator through each block's exit step; ``dmd.grad_last_frames > 0`` keeps it
     only for blocks in the last frames (earlier chunks are generated, and shape the cache, without
@@ -97,8 +99,7 @@ class DMDStep:
     """
 
     def __init__(self, ctx: StepContext, generator: nn.Module, dist: DistributedContext,
-                 parallelize: Parallelize | None = None) -> None:
-
+                 parallelize: Parallelize | None = None, shard_frozen: Parallelize | None = None) -> None:
         self.ctx = ctx
         recipe, preset = ctx.recipe, ctx.preset
         self.dmd = recipe.dmd
@@ -107,17 +108,20 @@ class DMDStep:
         self.generator = generator
         self.dist = dist
         # Teacher and critic are score networks: any generator stage, never a memory model.
-        teacher = load_model(self.dmd.teacher, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        teacher = load_network(self.dmd.teacher, preset.dit, ctx.device, expect_stage=GENERATOR_STAGES)
         self.teacher = self._check(teacher, "dmd.teacher", self.dmd.teacher)
         self.teacher.requires_grad_(False)
+        self.teacher = shard_frozen(self.teacher) if shard_frozen is not None else self.teacher
         critic_source = self.dmd.critic or self.dmd.teacher
-        critic = load_model(critic_source, ctx.device, expect_stage=GENERATOR_STAGES)[0]
+        critic = load_network(critic_source, preset.dit, ctx.device, expect_stage=GENERATOR_STAGES)
         critic = self._check(critic, "dmd.critic", critic_source).train()
         self.critic = parallelize(critic) if parallelize is not None else critic
         self.critic_optimizer = torch.optim.AdamW(
             self.critic.parameters(), lr=self.dmd.critic_lr, betas=self.dmd.critic_betas,
             weight_decay=recipe.optim.weight_decay)
         self.memory_model, self.memory_record = self._load_memory_model()
+        if self.memory_model is not None and shard_frozen is not None:
+            self.memory_model = shard_frozen(self.memory_model)
         self.policy: CachePolicy = policy_from_name(self.dmd.rollout_policy, preset)
         self.writer = writer_for(self.policy, memory_model=self.memory_model, empty_context=ctx.empty_context)
         # Camera tracks go to whichever of the three networks is camera-anchored (each gets its own
