@@ -48,7 +48,7 @@ from mag.bench.consistency import (
 from mag.checkpoint import git_commit
 from mag.codecs import get_codec_for
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument
+from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_dir
 from mag.io.video import write_mp4, write_png_strip
 from mag.pipelines import StreamingGenerator
@@ -309,7 +309,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     sampler_config(config)
     out = check_output_dir(args.out)
-    loaded = load_models(config, device=args.device)
+    loaded = load_models(config, device=args.device, dtype=dtype_from_args(args))
     result = run_demo(loaded, config, episode_index=args.episode, seed=args.seed,
                       progress=not args.no_progress)
     write_demo_video(out / "demo.mp4", result)

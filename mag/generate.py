@@ -46,7 +46,7 @@ from mag.app import (
 )
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument
+from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
 from mag.pipelines import (
@@ -305,7 +305,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampler = sampler_config(config)
     output = check_output_file(args.out)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
-    loaded = load_models(config, device=args.device, with_memory=needs_memory)
+    loaded = load_models(config, device=args.device, with_memory=needs_memory, dtype=dtype_from_args(args))
     preset = loaded.preset
     width = float(preset.video.width)
     if args.actions is not None:

@@ -38,7 +38,7 @@ from mag.bench.speed import add_speed_arguments, run_speed_cli
 from mag.checkpoint import git_commit
 from mag.config import get_preset
 from mag.errors import ConfigError
-from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
+from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, load_generator
@@ -147,6 +147,7 @@ def _consistency(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips,
         empty_prompt_after_switch=args.empty_prompt_after_switch)
     model, preset, model_meta = _load(args)
+    model = model.to(dtype_from_args(args))
     cache_overrides = {name: value for name, value in (("memory_slots", args.memory_slots),
                                                         ("memory_sink_frames", args.memory_sink_frames))
                        if value is not None}
@@ -156,7 +157,8 @@ def _consistency(args: argparse.Namespace) -> int:
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None
     if args.memory_model is not None:
-        memory_model, memory_meta, empty_context = load_memory_for(args.memory_model, preset, args.device)
+        memory_model, memory_meta, empty_context = load_memory_for(args.memory_model, preset, args.device,
+                                                                   dtype_from_args(args))
     build_policies(policies, preset, memory_model=memory_model,  # fail before any episode is built
                    empty_context=empty_context)
     data = recipe_data(model_meta)
@@ -228,16 +230,17 @@ def _memory(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
+    dtype = dtype_from_args(args)
     memory, preset, memory_meta = load_memory_model(args.memory_model, device=args.device)
-    models = {"memory": memory}
-    contexts = {"memory": empty_context(preset, memory_meta)}
+    models = {"memory": memory.to(dtype)}
+    contexts = {"memory": empty_context(preset, memory_meta).to(dtype)}
     records = {"memory": model_record(args.memory_model, memory_meta)}
     if args.baseline_model is not None:
         baseline, baseline_preset, baseline_meta = load_model(args.baseline_model, device=args.device,
                                                               expect_stage=GENERATOR_STAGES)
         check_memory_model(baseline_preset, preset)
-        models["baseline"] = baseline
-        contexts["baseline"] = empty_context(baseline_preset, baseline_meta)
+        models["baseline"] = baseline.to(dtype)
+        contexts["baseline"] = empty_context(baseline_preset, baseline_meta).to(dtype)
         records["baseline"] = model_record(args.baseline_model, baseline_meta)
     data = recipe_data(memory_meta)
     world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None)

@@ -14,6 +14,7 @@ from mag.app import (
     set_threads,
 )
 from mag.generate import DEFAULT_PROMPT
+from mag.io.cli import dtype_from_args
 from mag.pipelines import MEMORY_MODEL_POLICIES, check_policy_name
 from mag.serve.live import DEFAULT_POLICY, DEFAULT_PORT, GROWING_MAX_FRAMES, LiveStream, default_max_frames
 from mag.serve.viewer import Viewer
@@ -53,7 +54,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     viewer = Viewer(args.port)  # a taken port fails before any model is loaded
     try:
         needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
-        loaded = load_models(config, device=args.device, with_memory=needs_memory)
+        loaded = load_models(config, device=args.device, with_memory=needs_memory,
+                             dtype=dtype_from_args(args))
         max_frames = args.max_frames
         if max_frames is None:
             max_frames = default_max_frames(args.policy, loaded.model.cfg.rope_max_positions)

@@ -27,7 +27,6 @@ from mag.pipelines import (
 
 # Video-frame horizons at which the KV size is reported (issue 6: "from 100 to 10,000 frames").
 KV_HORIZONS: tuple[int, ...] = (100, 300, 1000, 3000, 10000)
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # --attention: SDPA backends a run may pin (auto: PyTorch's own choice per call).
 ATTENTION_BACKENDS: dict[str, SDPBackend | None] = {
