@@ -1,18 +1,10 @@
 """``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and under a
 sliding window from the same switch point and the same noise, side by side with the ground truth.
 
-The episode is a test-split panorama-world episode (:func:`mag.bench.consistency.world_episodes`, in
-the generator's training world): the camera pans away, turns and comes back. Its history (the frames
-before the switch) is fed into each policy's KV cache, then the rest is generated autoregressively with
-the benchmark's own streaming loop (:func:`mag.bench.consistency.stream_episodes`). Under ``mag`` the
-memory model writes the cache (each block compressed to one frame); under ``window`` the generator
-keeps the sinks and the last frames only, so views seen long ago are gone when the camera returns.
-Revisit PSNR compares each generated frame that shows an already-seen view with the history frame of
-that view (the consistency benchmark's ``vs_history``); one episode is an illustration, the benchmark
-over all test episodes is the measurement (``mag bench consistency``).
-
-:class:`DemoConfig` is the one place that names the default generator, memory model and sampler, for
-``mag demo`` and ``mag generate`` alike.
+The episode's history is fed into each policy's cache, then the rest is generated through the
+consistency benchmark's own streaming loop; revisit PSNR compares generated frames with the history
+frame of the same view. One episode is an illustration; the measurement is ``mag bench consistency``.
+:class:`DemoConfig` (in :mod:`mag.app`) names the default models and sampler. Details: docs/generate.md.
 """
 
 from __future__ import annotations

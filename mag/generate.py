@@ -1,23 +1,10 @@
 """``mag generate``: stream a video from a prompt under a cache policy, with the camera steered per frame
-and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV memory.
+and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV bytes.
 
-Camera: the tiny models are camera-anchored (RoPE column positions follow the camera, ``dit.camera_rope``),
-so the camera track *is* the conditioning: frame ``i`` is generated at horizontal position
-``track[i] = sum(velocity[1..i])`` px (the world's convention, :func:`mag.world.camera_track`). The
-velocity is constant (``--velocity``, px/frame) or read from ``--actions FILE``:
-
-- a JSON list of ``--frames`` numbers: the velocity of every frame (entry ``i`` moves the camera from
-  frame ``i-1`` to frame ``i``; entry 0 has no earlier frame and is ignored);
-- or a JSON object of keyframes ``{"frame": velocity}``: each velocity holds from its frame until the
-  next keyframe; frames before the first keyframe stand still.
-
-Velocities are px/frame, finite, at most one frame width in magnitude (beyond that consecutive frames
-share nothing). The shipped tiny models were trained at -4, 0 and +4 px/frame.
-
-Prompts: ``--prompt`` from frame 0, or ``--prompts FILE``: a JSON list ``[{"frame": 0, "prompt": "..."},
-...]`` with increasing frames (the first may be omitted when ``--prompt`` is given). A switch takes
-effect at the first block boundary at or after its frame: the generator's cached K/V of the frames it
-still holds are rewritten under the new prompt (:meth:`~mag.pipelines.StreamingGenerator.recache`).
+The camera track is the conditioning of camera-anchored models: frame ``i`` is generated at
+``track[i] = sum(velocity[1..i])`` px (:func:`mag.world.camera_track`). Velocities are finite and at most
+one frame width; a prompt switch takes effect at the first block boundary at or after its frame. The
+``--actions`` and ``--prompts`` file formats and the measured camera response: docs/generate.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """The Wan2.1 causal video VAE (diffusers ``AutoencoderKLWan``) behind the codec interface.
 
-Facts this wrapper relies on (read from diffusers 0.42, ``autoencoder_kl_wan.py`` and the Wan pipelines):
-- The VAE is causal in time: the first video frame is coded alone, then each group of
-  ``temporal_compression`` (4) frames gives one latent frame, so T = 1 + 4k video frames <-> 1 + k latent
-  frames. Space is down-sampled 8x; a latent frame has ``z_dim`` (16) channels.
-- The encoder posterior's mean is used as the latent (the pipelines' ``sample_mode="argmax"``), then
-  normalised per channel with the config's ``latents_mean`` / ``latents_std``:
-  ``z = (mu - mean) / std``; decoding inverts it, ``mu = z * std + mean``, which is exactly what
-  ``WanPipeline`` does before ``vae.decode``.
-- diffusers decodes one latent frame at a time through a per-conv feature cache (``feat_cache`` lists
-  passed to ``decoder(x, feat_cache, feat_idx, first_chunk)``). ``WanStreamDecoder`` keeps its own such
-  list, so a stream can be decoded as its latent frames arrive and still equal one-shot decoding.
-
-The VAE is frozen in MAG: encode / decode run without gradients.
+T = 1 + 4k video frames <-> 1 + k latent frames of ``z_dim`` channels, 8x smaller in space; latents are
+the posterior mean normalised per channel with the config's ``latents_mean`` / ``latents_std``.
+:class:`WanStreamDecoder` decodes latent frames as they arrive and equals one-shot decoding. The VAE is
+frozen: encode / decode run without gradients. What this relies on in diffusers: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
