@@ -13,6 +13,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any
 
+import ftfy
 import torch
 from torch import Tensor
 
@@ -32,8 +33,10 @@ def check_prompts(prompts: Any) -> list[str]:
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt clean-up without ftfy: unescape HTML entities twice, collapse whitespace, strip."""
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+    """Wan's prompt clean-up (its tokenizer's ``clean="whitespace"``): ``ftfy.fix_text``, unescape HTML
+    entities twice, strip, collapse whitespace runs to one space, strip."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder(ABC):
