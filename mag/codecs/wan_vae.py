@@ -29,9 +29,12 @@ TINY_WAN_VAE_CONFIG: dict[str, Any] = {
 }
 """A random Wan-layout VAE small enough for CPU tests (same 4x temporal / 8x spatial compression)."""
 
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+"""The VAE file's name in the original Wan2.1 release folder."""
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 """Single-file VAE checkpoints ``from_pretrained`` accepts (the original release is ``Wan2.1_VAE.pth``)."""
 _DIFFUSERS_MARKER_KEY = "encoder.conv_in.weight"
+_POST_QUANT_KEY = "post_quant_conv.weight"
 _SHOWN_KEYS = 5
 
 
@@ -96,20 +99,23 @@ class WanVAECodec(Codec):
                         config: dict[str, Any] | None = None) -> WanVAECodec:
         """Load real weights, offline.
 
-        ``path`` is either a diffusers folder (``config.json`` + weights, or a pipeline root holding
-        ``vae/``) or one original-format checkpoint file such as ``Wan2.1_VAE.pth`` (converted with
+        ``path`` is a diffusers folder (``config.json`` + weights, or a pipeline root holding ``vae/``), the
+        original Wan2.1 folder (its ``Wan2.1_VAE.pth`` is read), or one original-format checkpoint file such
+        as ``Wan2.1_VAE.pth`` (widths read from its shapes, converted with
         diffusers' ``convert_wan_vae_to_diffusers``; the architecture is AutoencoderKLWan's default, which
         is the Wan2.1 VAE; ``config`` overrides it, for single files only).
         """
         from diffusers import AutoencoderKLWan
 
         path = Path(path)
+        if path.is_dir() and (path / WAN_VAE_FILE).is_file():
+            path = path / WAN_VAE_FILE
         if path.is_dir():
             folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
             if not (folder / "config.json").is_file():
                 raise CheckpointError(
-                    f"{path} is not a diffusers AutoencoderKLWan folder: expected config.json in it or in"
-                    " vae/; pass the folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a Wan2.1_VAE.pth file"
+                    f"{path} is not a Wan VAE folder: expected {WAN_VAE_FILE}, or config.json in it or in"
+                    " vae/; pass the Wan2.1-T2V-1.3B folder, its -Diffusers folder, or a Wan2.1_VAE.pth file"
                 )
             try:
                 vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
@@ -225,6 +231,13 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: dict[str, Any]) ->
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     if _DIFFUSERS_MARKER_KEY not in state:
         state = convert_wan_vae_to_diffusers(state)
+    if _DIFFUSERS_MARKER_KEY not in state or _POST_QUANT_KEY not in state:
+        found = list(state)[:_SHOWN_KEYS]
+        raise CheckpointError(f"{path} is not a Wan2.1 VAE checkpoint (found keys {found}); expected the"
+                              " layout of Wan2.1_VAE.pth or of a diffusers AutoencoderKLWan")
+    # widths the shapes give (the original release is base_dim 96, z_dim 16; smaller files are test copies)
+    config = {"base_dim": int(state[_DIFFUSERS_MARKER_KEY].shape[0]),
+              "z_dim": int(state[_POST_QUANT_KEY].shape[0]), **config}
     meta = torch.device("meta")
     with meta:
         vae = AutoencoderKLWan(**config)
