@@ -131,7 +131,9 @@ class WanVAECodec(Codec):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanVAECodec:
         """Move the VAE (and its normalisation constants) to ``device`` / cast its weights to ``dtype``."""
-        self.vae.to(device=device, dtype=dtype)
+        if dtype is not None:  # diffusers warns on a .to() that names a dtype, even None
+            self.vae.to(dtype=dtype)
+        self.vae.to(device=device)
         self.latents_mean = self.latents_mean.to(device=device)
         self.latents_std = self.latents_std.to(device=device)
         return self
@@ -139,6 +141,9 @@ class WanVAECodec(Codec):
     @property
     def device(self) -> torch.device:
         return self.vae.device
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.vae.parameters())
 
     @property
     def dtype(self) -> torch.dtype:

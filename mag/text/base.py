@@ -66,6 +66,10 @@ class TextEncoder(ABC):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
         """Move the weights; returns self."""
 
+    def parameter_bytes(self) -> int:
+        """Bytes of the encoder's weights where they live (0 for encoders without a network)."""
+        return 0
+
 
 class HFTokenEncoder:
     """A transformers tokenizer + encoder pair run the Wan way (shared by ``minilm`` and ``umt5``)."""
@@ -78,6 +82,9 @@ class HFTokenEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @torch.no_grad()
     def hidden_states(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:

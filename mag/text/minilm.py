@@ -79,6 +79,9 @@ class MiniLMEncoder(TextEncoder):
         self._hf.model.to(device=device, dtype=dtype)
         return self
 
+    def parameter_bytes(self) -> int:
+        return self._hf.parameter_bytes()
+
     def encode_with_lengths(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts -> (embeddings [B, L, 384], valid rows [B]); L = max_tokens, or 1 when pooled."""
         prompts = check_prompts(prompts)

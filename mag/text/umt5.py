@@ -131,6 +131,9 @@ class UMT5Encoder(TextEncoder):
         self._hf.model.save_pretrained(folder)
         self._hf.tokenizer.save_pretrained(folder)
 
+    def parameter_bytes(self) -> int:
+        return self._hf.parameter_bytes()
+
     def encode_with_lengths(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts -> (embeddings [B, max_tokens, d_model], valid rows per prompt [B])."""
         prompts = [clean_prompt(p) for p in check_prompts(prompts)]
