@@ -72,7 +72,7 @@ def test_unknown_things_name_what_was_found_and_what_was_expected(tmp_path, make
     with pytest.raises(CheckpointError, match="without mag metadata and without a config.json"):
         detect_source(bare)
     torch.save({"something": torch.zeros(1)}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="cannot tell the checkpoint layout"):
+    with pytest.raises(CheckpointError, match=r"holds 1 entries \(e.g. \['something'\]\), not a DiT"):
         read_external_dit(tmp_path / "x.pt")
 
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from mag.errors import CheckpointError
-from mag.weights.load import load_state_dict_any
+from mag.weights.load import SELF_FORCING_EMA, SELF_FORCING_RAW, load_state_dict_any
 
 __all__ = ["MAG_MODEL_FORMAT", "SOURCE_KINDS", "ExternalDiT", "SourceKind", "WeightSource", "detect_source",
            "dit_fields_from_state", "read_dit_config", "read_external_dit"]
@@ -42,6 +43,8 @@ DIFFUSERS_CLASS = "WanTransformer3DModel"
 WAN_HEAD_DIM = 128
 """Head width of every released Wan2.1 model; used for ``num_heads`` only when no config.json says it."""
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# A key every Wan DiT layout has (ours / Wan2.1 / Self-Forcing: patch_embedding; diffusers: the same name).
+DIT_MARKER = "patch_embedding.weight"
 _FILES_SHOWN = 6
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 EXPECTED = ("a mag model file (.safetensors), a Wan2.1 folder, an official MAG generator/memory folder"
@@ -83,6 +86,7 @@ def detect_source(path: str | Path) -> WeightSource:
         raise CheckpointError(f"{path} is a safetensors file without mag metadata and without a config.json"
                               f" beside it; expected {EXPECTED}")
     if path.suffix in TORCH_SUFFIXES:
+        _check_torch_dit(path)
         return WeightSource("self-forcing", path, path)
     raise CheckpointError(f"{path} has the unknown suffix {path.suffix!r}; expected {EXPECTED}")
 
@@ -108,6 +112,21 @@ def _with_config(folder: Path, weights: Path, config: Path) -> WeightSource:
     if (folder / WAN_VAE_FILE).is_file() or (folder / WAN_T5_FILE).is_file():
         return WeightSource("wan2.1", folder, weights, config)
     return WeightSource("official-mag", folder, weights, config)
+
+
+def _check_torch_dit(path: Path) -> None:
+    """A ``.pt`` must hold a Self-Forcing dict or a DiT state dict; read memory-mapped (no tensor data)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for a damaged, legacy or non-weights-only file
+        raise CheckpointError(f"cannot read {path} as a weights-only torch file: {err}") from err
+    keys = list(data) if isinstance(data, dict) else []
+    inner = data.get(SELF_FORCING_EMA, data.get(SELF_FORCING_RAW)) if isinstance(data, dict) else None
+    names = [str(k) for k in (inner if isinstance(inner, dict) else keys)]
+    if not any(name.endswith(DIT_MARKER) for name in names):
+        shown = [str(k) for k in keys[:_FILES_SHOWN]]
+        raise CheckpointError(f"{path} holds {len(keys)} entries (e.g. {shown}), not a DiT; expected"
+                              f" {EXPECTED}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
