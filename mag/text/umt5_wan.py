@@ -108,7 +108,7 @@ def wan_t5_config(state: Mapping[str, Tensor]) -> dict[str, object]:
 
 
 def load_wan_t5(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """Build a ``UMT5EncoderModel`` holding the weights of the original Wan file at ``path``."""
+    """A ``UMT5EncoderModel`` (eval mode, frozen) holding the weights of the original Wan file at ``path``."""
     from transformers import UMT5Config, UMT5EncoderModel  # lazy: transformers takes seconds to import
 
     try:
@@ -131,4 +131,4 @@ def load_wan_t5(path: Path, dtype: torch.dtype) -> torch.nn.Module:
                               f" wrong shapes {wrong[:_KEYS_SHOWN]}")
     model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=True, assign=True)
     model.tie_weights()
-    return model
+    return model.eval().requires_grad_(False)
