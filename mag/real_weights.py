@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mag.app import LoadedModels
+from mag.codecs import Codec
 from mag.errors import ConfigError
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
@@ -23,7 +25,8 @@ from mag.pipelines.pretrained import latent_frames_for_seconds
 from mag.registry import shipped_models
 from mag.weights import detect_source
 
-__all__ = ["DTYPES", "add_real_weights_arguments", "pipeline_from_args", "run_generate", "uses_real_weights"]
+__all__ = ["DTYPES", "add_real_weights_arguments", "loaded_from_pipeline", "pipeline_from_args",
+           "run_generate", "uses_real_weights"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GIB = 2 ** 30
@@ -72,13 +75,22 @@ def _check_files(args: argparse.Namespace) -> None:
             detect_source(path)
 
 
-def pipeline_from_args(args: argparse.Namespace, **preset_overrides: object) -> MagPipeline:
+def pipeline_from_args(args: argparse.Namespace, *, policy: str | None = None,
+                       **preset_overrides: object) -> MagPipeline:
     """The :class:`MagPipeline` the flags describe (device, dtype, policy, weights, video size)."""
     _check_files(args)
     return MagPipeline.from_pretrained(
         args.weights, wan_dir=args.wan_dir, memory_weights=getattr(args, "memory_weights", None),
-        policy=getattr(args, "policy", None), device=args.device, dtype=_dtype(args), sampler=SamplerConfig(),
-        **preset_overrides)
+        policy=policy or getattr(args, "policy", None), device=args.device, dtype=_dtype(args),
+        sampler=SamplerConfig(), **preset_overrides)
+
+
+def loaded_from_pipeline(pipe: MagPipeline) -> tuple[LoadedModels, Codec]:
+    """What the tiny-model commands load (:class:`LoadedModels`), and the codec, from a pipeline."""
+    empty = pipe.encode([""]) if pipe.memory is not None else None
+    loaded = LoadedModels(pipe.generator.model, pipe.preset, pipe.generator.meta, pipe.text,
+                          memory=pipe.memory, memory_meta=None, empty_context=empty)
+    return loaded, pipe.codec
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -16,6 +16,6 @@ from mag.pipelines.writers import (
 )
 
 __all__ = ["AVAILABLE_POLICIES", "GENERATOR_ONLY_POLICIES", "MEMORY_MODEL_POLICIES", "SAMPLERS",
-           "CacheWriter", "GeneratorWriter", "MagPipeline", "SamplerConfig", "SamplerKind", "StreamingGenerator",
-           "check_policy_name", "compile_stream", "default_writer", "load_any_dit", "load_generator",
-           "policy_from_name", "writer_for"]
+           "CacheWriter", "GeneratorWriter", "MagPipeline", "SamplerConfig", "SamplerKind",
+           "StreamingGenerator", "check_policy_name", "compile_stream", "default_writer", "load_any_dit",
+           "load_generator", "policy_from_name", "writer_for"]

@@ -29,6 +29,7 @@ from mag.models.compile import COMPILE_MODES
 from mag.pipelines import (
     AVAILABLE_POLICIES,
 )
+from mag.real_weights import add_real_weights_arguments
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +70,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     add_out_argument(parser, "output .json file (the PNG plot is written next to it)")
+    add_real_weights_arguments(parser)
 
 
 def _json_path(value: str) -> Path:
@@ -109,7 +111,9 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     if args.device == "cpu" and config.attention in CUDA_ONLY_ATTENTION:
         raise ConfigError(f"--attention {config.attention} runs on CUDA only; on the CPU use auto, flash or"
                           " math")
-    models = build_models(args.preset, model=args.model, memory_model=args.memory_model, policies=policies,
+    models = build_models(args.preset, model=args.weights or args.model,
+                          memory_model=args.memory_weights or args.memory_model, policies=policies,
+                          wan_dir=args.wan_dir,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
                           height=args.height, width=args.width, rope_max_positions=args.rope_max_positions,
                           memory_sink_frames=args.memory_sink_frames, memory_slots=args.memory_slots)
