@@ -6,20 +6,27 @@ VAE decode, the mp4 writer) writes a video here, on the CPU."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import shlex
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import TINY_DIT  # noqa: E402
 from helpers import random_dit  # noqa: E402
 from official_files import write_mag_folder, write_self_forcing, write_wan_folder  # noqa: E402
 
-from mag.cli import main  # noqa: E402
+from mag.cli import build_parser, main  # noqa: E402
 from mag.codecs import WanVAECodec, tensor_to_frames  # noqa: E402
-from mag.io import read_mp4  # noqa: E402
-from mag.pipelines.pretrained import MagPipeline  # noqa: E402
+from mag.io import read_mp4, write_mp4  # noqa: E402
+from mag.pipelines import MagPipeline, SamplerConfig  # noqa: E402
+from mag.real_weights import loaded_from_pipeline, pipeline_from_args  # noqa: E402
+from mag.serve.live import LiveStream  # noqa: E402
 from mag.text import UMT5Encoder, minilm_path  # noqa: E402
 
 # Wan's layout at toy widths: 16 latent channels (the Wan VAE's), UMT5 32 wide, 2 layers of 24.
@@ -120,3 +127,77 @@ def test_generate_help_names_every_file_a_user_passes(capsys):
                  ".pt"):
         assert name in text, name
 
+
+def _doc_commands() -> list[list[str]]:
+    """The ``mag ...`` commands of docs/real-weights.md's bash blocks, continuation lines joined."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "real-weights.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", doc, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("mag "):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_documented_commands_parse_and_the_generate_ones_run(files, tmp_path):
+    """The doc's commands are the tested ones: every one parses with the real parser, and the generate
+    commands run as written, with the downloaded paths pointing at the small files, the device set to the
+    CPU and the length and size cut to what a CPU test affords."""
+    commands = _doc_commands()
+    assert [c[:2] for c in commands] == [["weights", "download"], ["generate", "--wan-dir"],
+                                         ["generate", "--wan-dir"], ["weights", "convert"],
+                                         ["bench", "speed"]]
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)
+    paths = {"weights/Wan2.1-T2V-1.3B": files["wan"], "weights/MAG/generator": files["generator"],
+             "weights/MAG/memory": files["memory"],
+             "weights/Self-Forcing/checkpoints/self_forcing_dmd.pt": files["self_forcing"]}
+    for argv in commands[1:3]:
+        argv = [str(paths.get(a, a)) for a in argv]
+        argv[argv.index("--device") + 1] = "cpu"
+        argv[argv.index("--seconds") + 1] = "0.5"
+        argv[argv.index("-o") + 1] = str(tmp_path / argv[argv.index("-o") + 1])
+        assert main([*argv, "--height", str(HEIGHT), "--width", str(WIDTH), "--no-progress"]) == 0, argv
+        assert read_mp4(tmp_path / Path(argv[argv.index("-o") + 1]).name, downscale=2).shape == (
+            9, HEIGHT, WIDTH, 3)
+
+
+def _files_args(files, command: str) -> list[str]:
+    return [*command.split(), "--wan-dir", str(files["wan"]), "--weights", str(files["generator"]),
+            "--memory-weights", str(files["memory"]), "--device", "cpu"]
+
+
+def test_serve_publishes_every_decoded_frame_of_the_official_files(files):
+    args = build_parser().parse_args(_files_args(files, "serve"))
+    pipe = pipeline_from_args(args, **SIZE)
+    loaded, codec = loaded_from_pipeline(pipe)
+    live = LiveStream(loaded, pipe.policy_name, SamplerConfig(), "a boat", max_frames=9, seed=0, codec=codec)
+    first, second = live.step(), live.step()
+    assert pipe.policy_name == "official"
+    assert [len(first), len(second)] == [9, 12]  # the causal VAE: 1 + 4 + 4, then 4 + 4 + 4
+    assert [f.index for f in first + second] == list(range(21))
+    assert [f.stream_frame for f in second][::4] == [3, 4, 5]
+
+
+def test_bench_speed_streams_the_official_files_with_their_vae(files, tmp_path):
+    out = tmp_path / "speed.json"
+    argv = _files_args(files, "bench speed")
+    assert main([*argv, "--policies", "official,window", "--frames", "9", "--height", str(HEIGHT),
+                 "--width", str(WIDTH), "--rounds", "1", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["policies"]) == {"official", "window"}
+
+
+def test_bench_consistency_loads_the_official_files_and_says_why_frames_cannot_align(files, tmp_path,
+                                                                                       capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    frames = np.zeros((24, 480, 832, 3), np.uint8)
+    write_mp4(videos / "clip.mp4", frames, 16)
+    (videos / "switch_times.json").write_text(json.dumps({"clip.mp4": 12}))
+    argv = _files_args(files, "bench consistency")
+    assert main([*argv, "--videos", str(videos), "--policies", "official", "--no-lpips", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a codec without temporal compression" in err and err.count("\n") == 1
