@@ -184,7 +184,7 @@ def test_bench_speed_streams_the_official_files_with_their_vae(files, tmp_path):
     out = tmp_path / "speed.json"
     argv = _files_args(files, "bench speed")
     assert main([*argv, "--policies", "official,window", "--frames", "9", "--height", str(HEIGHT),
-                 "--width", str(WIDTH), "--rounds", "1", "--no-progress", "--json", str(out)]) == 0
+                 "--width", str(WIDTH), "--rounds", "1", "--no-progress", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["policies"]) == {"official", "window"}
 
