@@ -100,6 +100,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} steer the tiny world's camera / prompt schedule;"
                           " with --wan-dir give --prompt and --seconds")
+    if args.prompt is None:
+        raise ConfigError("--prompt is needed with --wan-dir / --weights")
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, got {args.seconds}")
     _check_files(args)
@@ -115,7 +117,7 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = str(_dtype(args)).removeprefix("torch.")
     print(f"memory ({dtype}): weights {sum(plan.values()) / GIB:.2f} GiB ({parts}), KV cache"
           f" {kv / GIB:.2f} GiB ({pipe.policy_name}); activations come on top", flush=True)
-    prompt = args.prompt if args.prompt is not None else ""
+    prompt = args.prompt
     total = pipe.codec.video_frames(latent)
     started = time.perf_counter()
     stream = pipe.stream(prompt, latent_frames=latent, seed=args.seed)

@@ -76,6 +76,7 @@ def test_the_pipeline_equals_generating_all_latents_then_one_whole_video_decode(
     with torch.no_grad():
         latents = torch.cat([gen.generate_block(noise) for _ in range(2)], 1)
     whole = tensor_to_frames(pipe.codec.decode(latents)[0])
+    assert pipe.kv_cache_bytes(6) == gen.cache.capacity_bytes  # the plan is what the stream allocates
     assert len(streamed) == len(whole) == 21
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(streamed, whole, strict=True))
     assert diff <= 1  # uint8 rounding of float-identical decodes

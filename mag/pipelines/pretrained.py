@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mag.cache import MagPolicy
+from mag.cache import MagPolicy, kv_bytes_per_frame
 from mag.codecs import Codec, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
@@ -176,11 +176,15 @@ class MagPipeline:
         return plan
 
     def kv_cache_bytes(self, latent_frames: int) -> int:
-        """Bytes the KV cache allocates for a stream of ``latent_frames`` (the cache's own accounting)."""
-        gen = self.streaming_generator()
+        """Bytes the KV cache allocates for a stream of ``latent_frames``, from the policy's capacity and the
+        cache's per-frame size (nothing is allocated)."""
+        policy = policy_from_name(self.policy_name, self.preset)
         block = self.preset.cache.frames_per_block
-        gen.reset(1, block * math.ceil(latent_frames / block))
-        return sum(c.capacity_bytes for c in (gen.cache, gen.uncond_cache) if c is not None)
+        horizon = block * math.ceil(latent_frames / block)
+        dtype = self.generator.model.patch_embedding.weight.dtype
+        per_frame = kv_bytes_per_frame(self.preset.dit, self.preset.tokens_per_frame, dtype)
+        caches = 2 if self.sampler.uses_guidance else 1  # guidance keeps an unconditional cache too
+        return caches * policy.capacity_frames(horizon, block) * per_frame
 
 
 def _check_same_network(generator: Preset, memory: Preset) -> None:
