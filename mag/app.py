@@ -26,6 +26,7 @@ from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, SamplerKind, load_generator
 from mag.text import PromptEmbeddingCache, prompt_cache
+from mag.text.umt5 import UMT5_MODE
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_compile_argument",
            "add_memory_cache_arguments", "add_model_arguments", "check_velocity", "config_from_args",
@@ -63,8 +64,9 @@ def model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def text_cache(preset: Preset, meta: dict[str, Any]) -> PromptEmbeddingCache:
-    """The prompt cache of the text encoder and mode the model was trained with."""
-    return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
+    """The prompt cache of the text encoder and mode the model was trained with (umT5 has one mode)."""
+    default = UMT5_MODE if preset.text_encoder == "umt5" else DEFAULT_TEXT_MODE
+    return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", default))
 
 
 def empty_context(preset: Preset, meta: dict[str, Any]) -> torch.Tensor:

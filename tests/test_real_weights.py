@@ -21,8 +21,11 @@ from conftest import TINY_DIT  # noqa: E402
 from helpers import random_dit  # noqa: E402
 from official_files import write_mag_folder, write_self_forcing, write_wan_folder  # noqa: E402
 
+from mag.app import text_cache  # noqa: E402
 from mag.cli import build_parser, main  # noqa: E402
 from mag.codecs import WanVAECodec, tensor_to_frames  # noqa: E402
+from mag.config import get_preset  # noqa: E402
+from mag.errors import ConfigError  # noqa: E402
 from mag.io import read_mp4, write_mp4  # noqa: E402
 from mag.pipelines import MagPipeline, SamplerConfig  # noqa: E402
 from mag.real_weights import loaded_from_pipeline, pipeline_from_args  # noqa: E402
@@ -202,3 +205,10 @@ def test_bench_consistency_loads_the_official_files_and_says_why_frames_cannot_a
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "needs a codec without temporal compression" in err and err.count("\n") == 1
+
+
+def test_a_wan_model_file_without_a_text_mode_asks_for_the_umt5_weights_not_a_mode():
+    """A wan-1.3b model file says no text mode; umT5 has only per-token outputs, so the app asks for the
+    encoder's weights (the Wan2.1 folder) instead of failing on the tiny models' pooled mode."""
+    with pytest.raises(ConfigError, match="needs weights: path="):
+        text_cache(get_preset("wan-1.3b"), {})
