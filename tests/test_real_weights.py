@@ -212,3 +212,18 @@ def test_a_wan_model_file_without_a_text_mode_asks_for_the_umt5_weights_not_a_mo
     encoder's weights (the Wan2.1 folder) instead of failing on the tiny models' pooled mode."""
     with pytest.raises(ConfigError, match="needs weights: path="):
         text_cache(get_preset("wan-1.3b"), {})
+
+
+def test_a_converted_model_file_streams_the_same_frames_as_the_folder_it_came_from(files, tmp_path):
+    for name in ("generator", "memory"):
+        stage = "memory" if name == "memory" else "mag-generator"
+        assert main(["weights", "convert", str(files[name]), "--stage", stage,
+                     "-o", str(tmp_path / f"{name}.safetensors")]) == 0
+    kwargs = {"wan_dir": files["wan"], **SIZE}
+    ours = MagPipeline.from_pretrained(tmp_path / "generator.safetensors",
+                                       memory_weights=tmp_path / "memory.safetensors", **kwargs)
+    theirs = MagPipeline.from_pretrained(files["generator"], memory_weights=files["memory"], **kwargs)
+    assert ours.generator.meta["source_format"] == "mag-model" and ours.policy_name == "official"
+    for a, b in zip(ours.stream("a kite", latent_frames=6), theirs.stream("a kite", latent_frames=6),
+                    strict=True):
+        assert np.array_equal(a, b)

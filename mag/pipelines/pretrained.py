@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mag.cache import MagPolicy, kv_bytes_per_frame
 from mag.codecs import Codec, get_codec_for, tensor_to_frames
-from mag.config import Preset
+from mag.config import Preset, replace_nested
 from mag.errors import ConfigError, InputError
 from mag.models import WanDiT
 from mag.pipelines.streaming import SamplerConfig, StreamingGenerator
@@ -38,6 +38,8 @@ from mag.weights.model import build_dit, preset_for
 __all__ = ["LoadedDiT", "MagPipeline", "latent_frames_for_seconds", "load_any_dit"]
 
 MEMORY_STAGE = "memory"
+# Preset fields a stream may change for a model file (video size, cache geometry), never the network's.
+RUNTIME_FIELDS = ("video.", "cache.")
 # Text-encoder mode when a model file does not say: the tiny recipes use pooled MiniLM, Wan per-token UMT5.
 DEFAULT_TEXT_MODES = {"minilm": "pooled", "umt5": "tokens"}
 
@@ -63,9 +65,11 @@ def load_any_dit(path: str | Path, *, stages: tuple[str, ...] = GENERATOR_STAGES
     name = str(path)
     if not Path(name).exists() or detect_source(name).kind == "mag-model":
         model, preset, meta = load_model(name, device=device, expect_stage=stages)
-        if preset_overrides:
-            raise ConfigError(f"{name} is a mag model file; its preset is fixed ({sorted(preset_overrides)}"
-                              " cannot be changed)")
+        fixed = sorted(k for k in preset_overrides if not k.startswith(RUNTIME_FIELDS))
+        if fixed:
+            raise ConfigError(f"{name} is a mag model file: its network is fixed ({fixed} cannot change;"
+                              f" only {', '.join(RUNTIME_FIELDS)}* can)")
+        preset = replace_nested(preset, preset_overrides).validate() if preset_overrides else preset
         return LoadedDiT(model.to(dtype=dtype) if dtype is not None else model, preset,
                          {**meta, "source_format": "mag-model"})
     shapes_from = detect_source(wan_dir) if wan_dir is not None else None
