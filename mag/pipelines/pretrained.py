@@ -137,6 +137,7 @@ class MagPipeline:
         weight = self.generator.model.patch_embedding.weight
         return self.text.get(prompts).to(device=weight.device, dtype=weight.dtype)
 
+    @torch.no_grad()  # as a decorator: grad mode is set per step of the generator, never left behind
     def stream(self, prompt: str, *, seconds: float | None = None, latent_frames: int | None = None,
                seed: int = 0) -> Iterator[np.ndarray]:
         """Yield the video's frames (uint8 ``[H, W, 3]``) as each block is generated and decoded.
@@ -156,10 +157,8 @@ class MagPipeline:
         gen.set_prompt(self.encode([prompt]))
         noise = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.codec.stream_decoder()
-        with torch.no_grad():
-            for _ in range(0, horizon, block):
-                video = decoder.decode(gen.generate_block(noise))
-                yield from tensor_to_frames(video[0])
+        for _ in range(0, horizon, block):
+            yield from tensor_to_frames(decoder.decode(gen.generate_block(noise))[0])
 
     def streaming_generator(self) -> StreamingGenerator:
         """A fresh :class:`StreamingGenerator` under this pipeline's policy, sampler and memory model."""
