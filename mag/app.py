@@ -21,11 +21,12 @@ from torch import Tensor
 
 from mag.config import Preset
 from mag.errors import InputError
-from mag.io.cli import add_runtime_arguments, set_threads
+from mag.io.cli import add_dtype_argument, add_runtime_arguments, set_threads
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, SamplerKind, load_generator
 from mag.text import PromptEmbeddingCache, prompt_cache
+from mag.text.umt5 import UMT5_MODE
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_compile_argument",
            "add_memory_cache_arguments", "add_model_arguments", "check_velocity", "config_from_args",
@@ -63,8 +64,9 @@ def model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def text_cache(preset: Preset, meta: dict[str, Any]) -> PromptEmbeddingCache:
-    """The prompt cache of the text encoder and mode the model was trained with."""
-    return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", DEFAULT_TEXT_MODE))
+    """The prompt cache of the text encoder and mode the model was trained with (umT5 has one mode)."""
+    default = UMT5_MODE if preset.text_encoder == "umt5" else DEFAULT_TEXT_MODE
+    return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", default))
 
 
 def empty_context(preset: Preset, meta: dict[str, Any]) -> torch.Tensor:
@@ -72,12 +74,13 @@ def empty_context(preset: Preset, meta: dict[str, Any]) -> torch.Tensor:
     return text_cache(preset, meta).get([""])
 
 
-def load_memory_for(path: str, preset: Preset, device: str) -> tuple[WanDiT, dict[str, Any], Tensor]:
-    """``(memory model, its metadata, empty-prompt embeddings)`` for a generator of ``preset``; a
-    generator file or a memory model of another preset is a clear error."""
+def load_memory_for(path: str, preset: Preset, device: str,
+                    dtype: torch.dtype = torch.float32) -> tuple[WanDiT, dict[str, Any], Tensor]:
+    """``(memory model, its metadata, empty-prompt embeddings)`` for a generator of ``preset``, in
+    ``dtype``; a generator file or a memory model of another preset is a clear error."""
     memory, memory_preset, meta = load_memory_model(path, device=device)
     check_memory_model(preset, memory_preset)
-    return memory, meta, empty_context(memory_preset, meta)
+    return memory.to(dtype), meta, empty_context(memory_preset, meta).to(device, dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,7 +154,8 @@ class LoadedModels:
     empty_context: Tensor | None = None
 
     def encode(self, prompts: list[str]) -> Tensor:
-        return self.text.get(prompts).to(self.model.patch_embedding.weight.device)
+        weight = self.model.patch_embedding.weight
+        return self.text.get(prompts).to(weight.device, weight.dtype)
 
     def records(self, config: DemoConfig) -> dict[str, Any]:
         """What a result file says about the models (source, stage, recipe, steps, commit)."""
@@ -171,17 +175,19 @@ class LoadedModels:
         return world if isinstance(world, dict) and world else None
 
 
-def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True) -> LoadedModels:
-    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) and their text encoder.
+def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True,
+                dtype: torch.dtype = torch.float32) -> LoadedModels:
+    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) in ``dtype``, and their
+    text encoder.
 
     Raises:
         CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another preset.
     """
     model, preset, meta = load_generator(config.model, device=device)
-    loaded = LoadedModels(model, preset, meta, text_cache(preset, meta))
+    loaded = LoadedModels(model.to(dtype), preset, meta, text_cache(preset, meta))
     if with_memory:
         loaded.memory, loaded.memory_meta, loaded.empty_context = load_memory_for(config.memory_model, preset,
-                                                                                  device)
+                                                                                  device, dtype)
     return loaded
 
 
@@ -192,11 +198,13 @@ def sampler_config(config: DemoConfig) -> SamplerConfig:
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memory_model: str | None,
                     model_when_none: str = "", memory_when_none: str = "", with_model: bool = True,
-                    memory_required: bool = False) -> None:
-    """``--model`` (the generator) and ``--memory-model``, declared once for every command.
+                    memory_required: bool = False, cuda_dtype: str = "float32") -> None:
+    """``--model`` (the generator), ``--memory-model`` and ``--dtype``, declared once for every command.
 
-    ``model`` / ``memory_model`` are the defaults; ``*_when_none`` says what a None default means.
+    ``model`` / ``memory_model`` are the defaults; ``*_when_none`` says what a None default means;
+    ``cuda_dtype`` is ``--dtype``'s default on a CUDA device (read it with ``dtype_from_args``).
     """
+    add_dtype_argument(parser, cuda_default=cuda_dtype)
     if with_model:
         shown = model if model is not None else model_when_none
         parser.add_argument("--model", default=model,
@@ -211,7 +219,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memor
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model/--memory-model/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
+    """``--model/--memory-model/--dtype/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
     add_model_flags(parser, model=DEFAULTS.model, memory_model=DEFAULTS.memory_model)
     parser.add_argument("--sampler", choices=("few_step", "euler"), default=DEFAULTS.sampler,
                         help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")

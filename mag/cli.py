@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "mag.demo",
     "mag.generate",
     "mag.serve",
+    "mag.weights.cli",
 ]
 
 

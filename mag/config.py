@@ -134,7 +134,8 @@ class CacheConfig:
         memory_sink_frames: first frames of the stream the compressed policies (``downsample``, ``mag``,
             ``bounded``) keep uncompressed beside one frame per block.
         window_frames: most recent frames the ``window`` policy keeps besides the sinks.
-        memory_slots: ring-buffer size (compressed frames) of the bounded ``mag`` variant.
+        memory_slots: ring-buffer size (compressed frames) of the ``bounded`` and ``official`` policies.
+        default_policy: the policy commands use when none is asked for.
     """
 
     frames_per_block: int = 3
@@ -142,6 +143,7 @@ class CacheConfig:
     memory_sink_frames: int = 3
     window_frames: int = 9
     memory_slots: int = 32
+    default_policy: str = "mag"
 
     def validate(self) -> None:
         _positive(self, "frames_per_block", "window_frames", "memory_slots")
@@ -269,11 +271,11 @@ def _wan_1_3b() -> Preset:
         name="wan-1.3b",
         dit=DiTConfig(),
         scheduler=SchedulerConfig(shift=5.0),
-        # LongLive v1: 12-frame window including 3 sink frames. The bounded ring matches it: 3 sinks + 9
-        # compressed frames are the window's KV (12 x 274 MiB of bf16) and per-block attention cost, but reach
-        # back 27 frames instead of 9. At this size attention over one more cached frame costs ~18 ms per
-        # block (docs/performance.md), so a 96-slot ring would run at ~2 s per block once full.
-        cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_slots=9),
+        # LongLive v1 window: 12 frames including 3 sinks. The released MAG's inference geometry
+        # (configs/magbench_inference.yaml: sink_size 2, local_attn_size 21) is the default: 2 uncompressed
+        # sinks + a ring of 21 compressed frames, 23 cached frames in all (docs/real-weights.md).
+        cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_sink_frames=2,
+                          memory_slots=21, default_policy="official"),
         video=VideoConfig(),
         text_encoder="umt5",
         text_max_tokens=512,

@@ -1,18 +1,10 @@
 """``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and under a
 sliding window from the same switch point and the same noise, side by side with the ground truth.
 
-The episode is a test-split panorama-world episode (:func:`mag.bench.consistency.world_episodes`, in
-the generator's training world): the camera pans away, turns and comes back. Its history (the frames
-before the switch) is fed into each policy's KV cache, then the rest is generated autoregressively with
-the benchmark's own streaming loop (:func:`mag.bench.consistency.stream_episodes`). Under ``mag`` the
-memory model writes the cache (each block compressed to one frame); under ``window`` the generator
-keeps the sinks and the last frames only, so views seen long ago are gone when the camera returns.
-Revisit PSNR compares each generated frame that shows an already-seen view with the history frame of
-that view (the consistency benchmark's ``vs_history``); one episode is an illustration, the benchmark
-over all test episodes is the measurement (``mag bench consistency``).
-
-:class:`DemoConfig` is the one place that names the default generator, memory model and sampler, for
-``mag demo`` and ``mag generate`` alike.
+The episode's history is fed into each policy's cache, then the rest is generated through the
+consistency benchmark's own streaming loop; revisit PSNR compares generated frames with the history
+frame of the same view. One episode is an illustration; the measurement is ``mag bench consistency``.
+:class:`DemoConfig` (in :mod:`mag.app`) names the default models and sampler. Details: docs/generate.md.
 """
 
 from __future__ import annotations
@@ -48,7 +40,7 @@ from mag.bench.consistency import (
 from mag.checkpoint import git_commit
 from mag.codecs import get_codec_for
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument
+from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_dir
 from mag.io.video import write_mp4, write_png_strip
 from mag.pipelines import StreamingGenerator
@@ -309,7 +301,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     sampler_config(config)
     out = check_output_dir(args.out)
-    loaded = load_models(config, device=args.device)
+    loaded = load_models(config, device=args.device, dtype=dtype_from_args(args))
     result = run_demo(loaded, config, episode_index=args.episode, seed=args.seed,
                       progress=not args.no_progress)
     write_demo_video(out / "demo.mp4", result)

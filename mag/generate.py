@@ -1,23 +1,10 @@
 """``mag generate``: stream a video from a prompt under a cache policy, with the camera steered per frame
-and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV memory.
+and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV bytes.
 
-Camera: the tiny models are camera-anchored (RoPE column positions follow the camera, ``dit.camera_rope``),
-so the camera track *is* the conditioning: frame ``i`` is generated at horizontal position
-``track[i] = sum(velocity[1..i])`` px (the world's convention, :func:`mag.world.camera_track`). The
-velocity is constant (``--velocity``, px/frame) or read from ``--actions FILE``:
-
-- a JSON list of ``--frames`` numbers: the velocity of every frame (entry ``i`` moves the camera from
-  frame ``i-1`` to frame ``i``; entry 0 has no earlier frame and is ignored);
-- or a JSON object of keyframes ``{"frame": velocity}``: each velocity holds from its frame until the
-  next keyframe; frames before the first keyframe stand still.
-
-Velocities are px/frame, finite, at most one frame width in magnitude (beyond that consecutive frames
-share nothing). The shipped tiny models were trained at -4, 0 and +4 px/frame.
-
-Prompts: ``--prompt`` from frame 0, or ``--prompts FILE``: a JSON list ``[{"frame": 0, "prompt": "..."},
-...]`` with increasing frames (the first may be omitted when ``--prompt`` is given). A switch takes
-effect at the first block boundary at or after its frame: the generator's cached K/V of the frames it
-still holds are rewritten under the new prompt (:meth:`~mag.pipelines.StreamingGenerator.recache`).
+The camera track is the conditioning of camera-anchored models: frame ``i`` is generated at
+``track[i] = sum(velocity[1..i])`` px (:func:`mag.world.camera_track`). Velocities are finite and at most
+one frame width; a prompt switch takes effect at the first block boundary at or after its frame. The
+``--actions`` and ``--prompts`` file formats and the measured camera response: docs/generate.md.
 """
 
 from __future__ import annotations
@@ -46,7 +33,7 @@ from mag.app import (
 )
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument
+from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
 from mag.pipelines import (
@@ -58,6 +45,7 @@ from mag.pipelines import (
     policy_from_name,
     writer_for,
 )
+from mag.real_weights import add_real_weights_arguments, run_generate, uses_real_weights
 from mag.world import camera_track
 
 __all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
@@ -69,8 +57,6 @@ DEFAULT_POLICY = "mag"
 # A prompt of the world's test split (in distribution for the tiny models' text conditioning).
 DEFAULT_PROMPT = ("a camera panning slowly across a calm, sunlit underwater coral reef with fish and sea"
                   " plants")
-# Nearest-neighbour upscale of the saved mp4 (16x16 frames become 128x128).
-VIDEO_SCALE = 8
 
 
 @dataclass(frozen=True)
@@ -279,8 +265,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                   " unless --prompts gives frame 0)")
     p.add_argument("--prompts", default=None, help='JSON list [{"frame": 0, "prompt": "..."}, ...]')
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"frames (default {DEFAULT_FRAMES})")
-    p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help=f"cache policy: full, window, downsample, mag, bounded (default {DEFAULT_POLICY})")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="video length in seconds at the preset's fps (instead of --frames; 30 s at Wan scale"
+                        " = 120 latent frames = 477 video frames)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the preset's, 480)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the preset's, 832)")
+    p.add_argument("--policy", default=None,
+                   help="cache policy: full, window, downsample, mag, bounded, official (default: the"
+                        f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--velocity", type=float, default=None,
                    help=f"constant camera velocity, px/frame (default {DEFAULT_VELOCITY_PX:g})")
@@ -289,13 +281,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_out_argument(p, "output mp4")
     add_compile_argument(p)
     add_model_arguments(p)
+    add_real_weights_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-
     set_threads(args.threads)
+    if uses_real_weights(args):
+        return run_generate(args)
+    if args.seconds is not None or args.height is not None or args.width is not None:
+        raise ConfigError("--seconds, --height and --width go with --wan-dir / --weights (real weights); the"
+                          " shipped tiny models take --frames at their own size")
+    args.policy = args.policy or DEFAULT_POLICY
     check_policy_name(args.policy, has_memory_model=bool(args.memory_model))  # before any model loads
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
@@ -305,7 +303,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampler = sampler_config(config)
     output = check_output_file(args.out)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
-    loaded = load_models(config, device=args.device, with_memory=needs_memory)
+    loaded = load_models(config, device=args.device, with_memory=needs_memory, dtype=dtype_from_args(args))
     preset = loaded.preset
     width = float(preset.video.width)
     if args.actions is not None:
@@ -317,7 +315,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     switches = parse_prompts(args.prompts, prompt, args.frames, preset.cache.frames_per_block)
     result = stream(loaded, args.policy, sampler, velocities, switches, seed=args.seed,
                     progress=not args.no_progress, compile_model=args.compile)
-    write_mp4(output, result.frames, preset.video.fps, scale=VIDEO_SCALE)
+    write_mp4(output, result.frames, preset.video.fps)  # small frames are upscaled to a 128 px side
     for switch in result.switches[1:]:
         print(f"prompt switch at frame {switch.block_frame} (asked {switch.frame}): {switch.prompt!r}")
     print(f"wrote {output}: {args.frames} frames, policy {args.policy}, {result.fps:.1f} FPS"

@@ -1,18 +1,10 @@
 """The MAG memory model (stage 1): what it may attend to, and how it compresses blocks while streaming.
 
-The memory model is a second DiT of the generator's architecture (initialised from it, own weights,
-always run with the empty prompt). Its job is to squeeze each finished block of ``F`` latent frames
-into the self-attention K/V of the block's LAST frame, so the generator's KV cache grows by one frame
-per block instead of ``F`` (docs/design.md, "Memory model (MAG stage 1)").
-
-Training (:func:`memory_training_mask`, :func:`mag.objectives.memory.memory_reconstruction_loss`) runs
-one parallel pass over ``[clean ; noisy]``; the clean half plays the memory writes and the noisy half
-must reconstruct every block from compressed memory plus noise. Streaming (:class:`MemoryWriter`) runs
-the clean block at t=0 with ``cache_write=True`` on the generator's cache under a
-:class:`~mag.cache.MagPolicy`, which keeps only the last frame of the block at its own RoPE position.
-The write pass sees exactly what a clean query sees in training: its own block (bidirectional) and the
-compressed frames of earlier blocks; uncompressed sink frames, which the generator reads, are hidden
-from it.
+The memory model is a second DiT of the generator's architecture, always run with the empty prompt; it
+squeezes each finished block of ``F`` latent frames into the K/V of the block's last frame.
+Training (:func:`memory_training_mask`) and streaming (:class:`MemoryWriter`, writing under a
+:class:`~mag.cache.MagPolicy`) see the same thing: a clean query sees its own block and the compressed
+frames of earlier blocks, never the uncompressed sinks. docs/memory.md.
 """
 
 from __future__ import annotations

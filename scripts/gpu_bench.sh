@@ -24,6 +24,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   SYNC_ARGS=(--preset tiny --device meta --dtype float32)
   FRAMES=${FRAMES:-6}
   ATTENTION=${ATTENTION:-flash}
+  SYNC_S=${SYNC_S:-120}  # the meta-device audit of every policy takes ~25 s on a loaded shared CPU
 else
   MODEL_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832)
   SYNC_ARGS=(--preset wan-1.3b --device cuda --dtype bfloat16)

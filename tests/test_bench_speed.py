@@ -376,17 +376,19 @@ def test_latency_model_recovers_a_known_line_from_replayed_cache_sizes():
     assert all(row["rms_residual_ms"] < 1e-6 for row in result["policies"].values())
 
 
-def test_wan_bounded_ring_costs_the_window_and_is_full_within_120_video_frames():
-    """The Wan preset's bounded ring holds as many frames as LongLive's window (same KV, same attention
-    cost per block) and fills within the first 120 video frames, so its cost is flat from there on."""
+def test_wan_ring_is_the_released_mags_23_frames_and_is_full_by_video_frame_252():
+    """The Wan preset's ring is the released MAG's inference geometry (2 uncompressed sinks + 21 compressed
+    frames): block 0 keeps 3 frames, every later block one, so the ring is full after 21 blocks (63 latent,
+    249 video frames) and the KV stays at 23 frames (23 x 274 MiB in bf16) however long the stream."""
     preset = speed.speed_preset("wan-1.3b")
     cache = preset.cache
-    bounded = MagPolicy(cache.memory_sink_frames, cache.memory_slots)
-    window_frames = cache.sink_frames + cache.window_frames
-    assert cache.memory_sink_frames + cache.memory_slots == window_frames
-    curve = dict(speed.kv_bytes_curve(bounded, preset, KV_DTYPE, [120, 1000, 10000]))
-    per_frame = kv_bytes_per_frame(preset.dit, preset.tokens_per_frame, KV_DTYPE)
-    assert curve[120] == curve[1000] == curve[10000] == window_frames * per_frame
+    assert (cache.memory_sink_frames, cache.memory_slots, cache.default_policy) == (2, 21, "official")
+    official = MagPolicy(cache.memory_sink_frames, cache.memory_slots, memory_sees_sinks=True)
+    curve = dict(speed.kv_bytes_curve(official, preset, torch.bfloat16, [228, 252, 1000, 10000]))
+    per_frame = kv_bytes_per_frame(preset.dit, preset.tokens_per_frame, torch.bfloat16)
+    assert per_frame == 2 * 30 * 1560 * 1536 * 2  # K and V, 30 layers, 1560 tokens, 1536 wide, bf16
+    assert curve[228] == 22 * per_frame  # 60 latent frames: 20 blocks, one ring slot still free
+    assert curve[252] == curve[1000] == curve[10000] == 23 * per_frame
 
 
 def test_tiny_bounded_ring_is_full_by_frame_100():

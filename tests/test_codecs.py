@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
+from official_files import vae_original_name
 
 from mag.codecs import (
     PixelCodec,
@@ -154,7 +153,7 @@ def test_wan_from_pretrained_missing_or_wrong_path(tmp_path):
         WanVAECodec.from_pretrained(tmp_path)
     bad = tmp_path / "Wan2.1_VAE.pth"
     torch.save({"something.else": torch.zeros(1)}, bad)
-    with pytest.raises(CheckpointError, match="missing keys"):
+    with pytest.raises(CheckpointError, match="not a Wan2.1 VAE checkpoint"):
         WanVAECodec.from_pretrained(bad)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
@@ -174,42 +173,13 @@ def test_uint8_helpers_round_trip_and_range():
         frames_to_tensor(frames.astype(np.float32))
 
 
-# Original Wan2.1 VAE names of the diffusers parameters (the checkpoint ``Wan2.1_VAE.pth`` uses these).
-# Written from the structure; the test below checks it against diffusers' own converter.
-_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-             "conv_shortcut": "shortcut"}
-_HEAD = {"norm_out": "head.0", "conv_out": "head.2", "conv_in": "conv1"}
-
-
-def _original_name(key: str) -> str:
-    name, param = key.rsplit(".", 1)
-    if name in ("quant_conv", "post_quant_conv"):
-        return f"{'conv1' if name == 'quant_conv' else 'conv2'}.{param}"
-    part, rest = name.split(".", 1)
-    if rest in _HEAD:
-        return f"{part}.{_HEAD[rest]}.{param}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", rest):
-        return f"{part}.middle.{2 * int(m[1])}.{_RESIDUAL[m[2]]}.{param}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
-        return f"{part}.middle.1.{m[1]}.{param}"
-    if (m := re.fullmatch(r"down_blocks\.(\d+)\.(\w+)", rest)) and m[2] in _RESIDUAL:
-        return f"{part}.downsamples.{m[1]}.{_RESIDUAL[m[2]]}.{param}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest):
-        return f"{part}.downsamples.{m[1]}.{m[2]}.{param}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", rest):
-        return f"{part}.upsamples.{4 * int(m[1]) + int(m[2])}.{_RESIDUAL[m[3]]}.{param}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest):
-        return f"{part}.upsamples.{4 * int(m[1]) + 3}.{m[2]}.{param}"
-    raise AssertionError(f"no original name for {key}")
-
-
 def test_wan_from_original_single_file_checkpoint(tmp_path):
     """An original-layout .pth (Wan2.1 structure, tiny widths) loads through diffusers' converter."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     codec = WanVAECodec.tiny_random(seed=3, num_res_blocks=2)  # the converter assumes Wan2.1's 2 res blocks
     state = codec.vae.state_dict()
-    original = {_original_name(k): v for k, v in state.items()}
+    original = {vae_original_name(k): v for k, v in state.items()}
     converted = convert_wan_vae_to_diffusers(original)
     assert converted.keys() == state.keys() and all(converted[k] is state[k] for k in state)
     path = tmp_path / "Wan2.1_VAE.pth"
@@ -217,3 +187,15 @@ def test_wan_from_original_single_file_checkpoint(tmp_path):
     loaded = WanVAECodec.from_pretrained(path, config=dict(codec.vae.config))
     video = _video(5, b=1)
     torch.testing.assert_close(loaded.encode(video), codec.encode(video))
+
+
+def test_wan_vae_from_a_wan_folder_reads_its_widths_from_the_file(tmp_path):
+    """The original folder's Wan2.1_VAE.pth at test widths loads with no config: base_dim and z_dim come
+    from the shapes, the latent normalisation is Wan2.1's (z_dim 16)."""
+    codec = WanVAECodec.from_config({"base_dim": 8}, seed=4)
+    original = {vae_original_name(k): v for k, v in codec.vae.state_dict().items()}
+    torch.save(original, tmp_path / "Wan2.1_VAE.pth")
+    loaded = get_codec("wan-vae", path=tmp_path)
+    assert loaded.vae.config.base_dim == 8 and loaded.latent_channels == 16
+    latents = torch.randn(1, 3, 16, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.decode(latents), codec.decode(latents))

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from mag.bench.host import HostSyncAudit, HostSyncError, KernelCounter
 from mag.config import get_preset
 from mag.models import WanDiT
-from mag.pipelines import SamplerConfig, StreamingGenerator, policy_from_name, writer_for
+from mag.pipelines import AVAILABLE_POLICIES, SamplerConfig, StreamingGenerator, policy_from_name, writer_for
 
 META = torch.device("meta")
 BATCH = 2
@@ -142,7 +142,7 @@ def test_sync_check_script_passes_the_stream_and_catches_a_planted_sync(monkeypa
     sync_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sync_check)
     clean = sync_check.check("tiny", 1, META, torch.float32, blocks=2)
-    assert set(clean["policies"]) == {"full", "window", "downsample", "mag", "bounded"}
+    assert set(clean["policies"]) == set(AVAILABLE_POLICIES)  # the official geometry included
     assert set(clean["policies"].values()) == {"no host sync"}
 
     commit = KVCache.commit

@@ -215,12 +215,13 @@ def test_random_draws_stay_on_the_few_step_list_and_block_grid():
 
 
 def _reference_stream(gen_model, mem_model, scheduler, preset, text, empty, num_blocks, sink_frames,
-                      memory_slots):
+                      memory_slots, memory_sees_sinks=False):
     """Generate blocks with full forwards (no incremental cache) under the equivalent compressed masks.
 
     For block i: ONE parallel memory-model pass over the whole history writes every history frame's K/V
     into a full cache, each clean block seeing its own block and the compressed frames the policy held
-    when it was written; then the generator denoises block i reading only the frames the policy keeps.
+    when it was written (and the uncompressed sinks, for the released MAG's ``official`` policy); then the
+    generator denoises block i reading only the frames the policy keeps.
     Block i draws its noise from a generator seeded ``NOISE_SEED + i``.
     """
     batch = text.shape[0]
@@ -233,7 +234,8 @@ def _reference_stream(gen_model, mem_model, scheduler, preset, text, empty, num_
             write_mask = torch.zeros(n, n, dtype=torch.bool)
             for b in range(i):
                 write_mask[b * F:(b + 1) * F, b * F:(b + 1) * F] = True
-                compressed = [f for f in _retained_after(b * F, sink_frames, memory_slots) if f % F == F - 1]
+                compressed = [f for f in _retained_after(b * F, sink_frames, memory_slots)
+                              if memory_sees_sinks or f % F == F - 1]
                 write_mask[b * F:(b + 1) * F, compressed] = True
             if sink_frames == 0 and memory_slots is None:  # the write pass IS the training mask's clean rows
                 assert torch.equal(write_mask, memory_training_mask(n, F)[:n, :n])
@@ -266,22 +268,25 @@ def _stream(gen: StreamingGenerator, text: torch.Tensor, num_blocks: int) -> tor
                           for b in range(num_blocks)], 1)
 
 
-@pytest.mark.parametrize(("sink_frames", "memory_slots"), [(0, None), (3, None), (1, None), (3, 2)],
-                         ids=["mag", "mag-sinks", "mag-partial-sink", "bounded-ring"])
-def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(sink_frames, memory_slots):
+@pytest.mark.parametrize(("sink_frames", "memory_slots", "name"),
+                         [(0, None, "mag"), (3, None, "mag"), (1, None, "mag"), (3, 2, "bounded"),
+                          (2, 3, "official")],
+                         ids=["mag", "mag-sinks", "mag-partial-sink", "bounded-ring", "official-ring"])
+def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(sink_frames, memory_slots,
+                                                                                name):
     preset = _preset(**{"cache.memory_sink_frames": sink_frames, "cache.memory_slots": memory_slots or 64})
     num_blocks = 5
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     text, empty = _text(preset, BATCH, seed=5), _text(preset, 1, seed=9)
-    policy = policy_from_name("mag" if memory_slots is None else "bounded", preset)
+    policy = policy_from_name(name, preset)
     writer = writer_for(policy, memory_model=memory_model, empty_context=empty)
     gen = StreamingGenerator(generator_model, scheduler, preset, policy, writer=writer)
     assert gen.writer is writer
     streamed = _stream(gen, text, num_blocks)
     with torch.no_grad():
         reference = _reference_stream(generator_model, memory_model, scheduler, preset, text, empty,
-                                      num_blocks, sink_frames, memory_slots)
+                                      num_blocks, sink_frames, memory_slots, name == "official")
     assert (streamed - reference).abs().max().item() <= TOLERANCE
     assert streamed.abs().max() > 0.1
     kept = _retained_after(num_blocks * F, sink_frames, memory_slots)
@@ -290,6 +295,22 @@ def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(
     self_written = StreamingGenerator(generator_model, scheduler, preset, policy,
                                       writer=GeneratorWriter(generator_model))
     assert (streamed[:, F:] - _stream(self_written, text, num_blocks)[:, F:]).abs().max() > 1e-3
+
+
+def test_official_memory_model_reads_the_sinks_and_hiding_them_changes_the_stream():
+    preset = _preset(**{"cache.memory_sink_frames": 2, "cache.memory_slots": 3})
+    generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
+    scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
+    text, empty = _text(preset, BATCH, seed=5), _text(preset, 1, seed=9)
+    streams = {}
+    for policy in (policy_from_name("official", preset), MagPolicy(2, 3)):
+        writer = writer_for(policy, memory_model=memory_model, empty_context=empty)
+        gen = StreamingGenerator(generator_model, scheduler, preset, policy, writer=writer)
+        streams[policy.name] = _stream(gen, text, 3)
+        assert (policy.memory_view(gen.cache, F) is None) == (policy.name == "official")
+    assert streams["official"].shape == streams["bounded"].shape
+    torch.testing.assert_close(streams["official"][:, :2 * F], streams["bounded"][:, :2 * F])  # same plan
+    assert (streams["official"][:, 2 * F:] - streams["bounded"][:, 2 * F:]).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

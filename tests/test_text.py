@@ -23,6 +23,8 @@ from mag.text import (  # noqa: E402
     get_text_encoder,
     minilm_path,
 )
+from mag.text.base import clean_prompt  # noqa: E402
+from mag.text.umt5_wan import WAN_T5_FILE, WAN_T5_TOKENIZER, hf_to_wan_t5, wan_t5_to_hf  # noqa: E402
 
 SUNSET = "a red sunset over a calm ocean"
 DUSK = "orange evening sky above the sea"
@@ -150,6 +152,49 @@ def test_umt5_from_pretrained_round_trip_both_layouts(tiny_umt5, tmp_path):
     shutil.copytree(minilm_path(), root / "tokenizer")
     loaded = get_text_encoder("umt5", path=root, max_tokens=16)
     torch.testing.assert_close(loaded.encode([SUNSET]), reference)
+
+
+def _wan_t5_folder(encoder: UMT5Encoder, folder):
+    """Write ``encoder`` as an original Wan2.1 folder: the .pth in Wan's key layout + google/umt5-xxl/."""
+    folder.mkdir(parents=True)
+    torch.save(hf_to_wan_t5(encoder._hf.model.state_dict()), folder / WAN_T5_FILE)
+    shutil.copytree(minilm_path(), folder / WAN_T5_TOKENIZER)
+    return folder
+
+
+def test_umt5_from_the_original_wan_file_equals_the_encoder_it_was_written_from(offline, tmp_path):
+    source = UMT5Encoder.tiny_random(minilm_path(), seed=3, max_tokens=16,
+                                     relative_attention_max_distance=128)
+    with torch.no_grad():  # every weight random, norms included, so no swapped key can hide
+        for param in source._hf.model.parameters():
+            param.copy_(torch.randn_like(param) * 0.5 + 0.5)
+    folder = _wan_t5_folder(source, tmp_path / "Wan2.1-T2V-1.3B")
+    prompts = [SUNSET, "a  cat\n on a mat ", ""]
+    expected = source.encode(prompts)
+    for path in (folder, folder / WAN_T5_FILE):
+        loaded = get_text_encoder("umt5", path=path, max_tokens=16)
+        assert loaded.fingerprint != source.fingerprint
+        torch.testing.assert_close(loaded.encode(prompts), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_wan_t5_file_with_foreign_keys_names_them(tmp_path):
+    path = tmp_path / WAN_T5_FILE
+    torch.save({"token_embedding.weight": torch.zeros(4, 8), "decoder.x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="decoder.x|pos_embedding"):
+        UMT5Encoder.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="decoder.x"):
+        wan_t5_to_hf({"token_embedding.weight": torch.zeros(4, 8), "decoder.x": torch.zeros(1)})
+
+
+def test_umt5_accepts_its_one_mode_and_refuses_others():
+    assert get_text_encoder("umt5", tiny=True, mode="tokens", max_tokens=8).max_tokens == 8
+    with pytest.raises(ConfigError, match="only mode 'tokens'"):
+        get_text_encoder("umt5", tiny=True, mode="pooled")
+
+
+def test_prompt_cleaning_is_wans_ftfy_html_and_whitespace():
+    assert clean_prompt("  The Mona Lisa doesn\u00c3\u00a2\u00e2\u201a\u00ac\u00e2\u201e\u00a2t"
+                        " &amp;amp; smile\n\t ") == "The Mona Lisa doesn't & smile"
 
 
 def test_umt5_bad_folders_are_checkpoint_errors(tiny_umt5, tmp_path):

@@ -1,3 +1,4 @@
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -5,6 +6,7 @@ from PIL import Image
 from mag.cli import main
 from mag.errors import InputError
 from mag.io import read_mp4, write_mp4, write_png_strip
+from mag.io.video import MIN_SIDE_PX, auto_scale
 from mag.world import WorldConfig, make_episode
 
 MIN_ROUND_TRIP_PSNR_DB = 35.0
@@ -102,3 +104,20 @@ def test_cli_world_show_writes_a_png_and_errors_are_one_line(tmp_path, capsys):
     blocker.write_text("")
     assert main(["world", "preview", "--frames", "3", "-o", str(blocker / "x.mp4")]) == 2
     assert capsys.readouterr().err.startswith("mag: error: cannot write")
+
+
+def test_real_size_video_is_written_at_native_size_with_every_frame_at_16_fps(tmp_path):
+    t, y, x = np.meshgrid(np.arange(5), np.arange(480), np.arange(832), indexing="ij")
+    smooth = np.stack([x / 832, y / 480, (x + y + 40 * t) % 400 / 400], axis=-1)  # every frame differs
+    frames = (smooth * 255).astype(np.uint8)
+    path = write_mp4(tmp_path / "wan.mp4", frames, 16)
+    decoded = read_mp4(path)
+    assert decoded.shape == (5, 480, 832, 3)
+    assert _psnr(decoded, frames) >= MIN_ROUND_TRIP_PSNR_DB
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == 16
+
+
+def test_small_frames_are_upscaled_to_the_minimum_side_and_large_ones_are_not():
+    assert auto_scale(16, 16) * 16 == MIN_SIDE_PX and auto_scale(32, 32) * 32 == MIN_SIDE_PX
+    assert auto_scale(480, 832) == 1 and auto_scale(100, 200) == 2

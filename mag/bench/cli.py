@@ -38,10 +38,11 @@ from mag.bench.speed import add_speed_arguments, run_speed_cli
 from mag.checkpoint import git_commit
 from mag.config import get_preset
 from mag.errors import ConfigError
-from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
+from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, load_generator
+from mag.real_weights import add_real_weights_arguments, pipeline_from_args, uses_real_weights
 from mag.registry import GENERATOR_STAGES, load_model
 from mag.world import NUM_TEST_EPISODES
 
@@ -113,6 +114,7 @@ def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
                              " one):"
                              " what comes back can only come from memory")
     add_memory_cache_arguments(parser)
+    add_real_weights_arguments(parser)
     add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_out_argument(parser, "output folder (summary.json, summary.md, plots, episodes/)")
@@ -146,7 +148,12 @@ def _consistency(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
         batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips,
         empty_prompt_after_switch=args.empty_prompt_after_switch)
-    model, preset, model_meta = _load(args)
+    pipe = pipeline_from_args(args, policy=policies[0]) if uses_real_weights(args) else None
+    if pipe is not None:
+        model, preset, model_meta = pipe.generator.model, pipe.preset, pipe.generator.meta
+    else:
+        model, preset, model_meta = _load(args)
+        model = model.to(dtype_from_args(args))
     cache_overrides = {name: value for name, value in (("memory_slots", args.memory_slots),
                                                         ("memory_sink_frames", args.memory_sink_frames))
                        if value is not None}
@@ -155,8 +162,11 @@ def _consistency(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, cache=cache).validate()
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None
-    if args.memory_model is not None:
-        memory_model, memory_meta, empty_context = load_memory_for(args.memory_model, preset, args.device)
+    if pipe is not None and pipe.memory is not None:
+        memory_model, memory_meta, empty_context = pipe.memory, {}, pipe.encode([""])
+    elif args.memory_model is not None:
+        memory_model, memory_meta, empty_context = load_memory_for(args.memory_model, preset, args.device,
+                                                                   dtype_from_args(args))
     build_policies(policies, preset, memory_model=memory_model,  # fail before any episode is built
                    empty_context=empty_context)
     data = recipe_data(model_meta)
@@ -174,16 +184,18 @@ def _consistency(args: argparse.Namespace) -> int:
                                   frames_after=args.frames_after)
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
-    text = text_cache(preset, model_meta)
-    result = run_consistency(model, preset, episodes, text.get, config, progress=not args.no_progress,
-                             memory_model=memory_model, empty_context=empty_context)
+    encode = pipe.encode if pipe is not None else text_cache(preset, model_meta).get
+    result = run_consistency(model, preset, episodes, encode, config, progress=not args.no_progress,
+                             memory_model=memory_model, empty_context=empty_context,
+                             codec=None if pipe is None else pipe.codec)
     metadata = {
         "command": shlex.join(["mag", *sys.argv[1:]]),
         "commit": git_commit(),
         "machine": machine_info(args.device),
         "preset": preset.to_dict(),
-        "model": model_record(args.model, model_meta),
-        "memory_model": None if memory_meta is None else model_record(args.memory_model, memory_meta),
+        "model": model_record(args.weights or args.model, model_meta),
+        "memory_model": None if memory_meta is None else model_record(
+            args.memory_weights or args.memory_model, memory_meta),
         "world": world_info,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
@@ -228,16 +240,17 @@ def _memory(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
+    dtype = dtype_from_args(args)
     memory, preset, memory_meta = load_memory_model(args.memory_model, device=args.device)
-    models = {"memory": memory}
-    contexts = {"memory": empty_context(preset, memory_meta)}
+    models = {"memory": memory.to(dtype)}
+    contexts = {"memory": empty_context(preset, memory_meta).to(dtype)}
     records = {"memory": model_record(args.memory_model, memory_meta)}
     if args.baseline_model is not None:
         baseline, baseline_preset, baseline_meta = load_model(args.baseline_model, device=args.device,
                                                               expect_stage=GENERATOR_STAGES)
         check_memory_model(baseline_preset, preset)
-        models["baseline"] = baseline
-        contexts["baseline"] = empty_context(baseline_preset, baseline_meta)
+        models["baseline"] = baseline.to(dtype)
+        contexts["baseline"] = empty_context(baseline_preset, baseline_meta).to(dtype)
         records["baseline"] = model_record(args.baseline_model, baseline_meta)
     data = recipe_data(memory_meta)
     world, source = bench_world(preset, name=args.world, training_world=data.get("world") or None)

@@ -1,16 +1,9 @@
 """What a stream asks of the host: device syncs and kernel launches, audited without the device.
 
-A GPU stream is fast only while the host runs ahead of the device, queueing kernels. Two things break
-that, and both can be checked here, on a CPU-only machine, by running the stream on the ``meta`` device
-(tensors with shapes and no data, standing in for a GPU):
-
-- **host syncs** (:class:`HostSyncAudit`): reading a device value on the host (``.item()``, ``.tolist()``,
-  ``bool(t)``, ``.cpu()``, ``nonzero``, ...) and blocking host-to-device copies (``torch.tensor(list,
-  device=...)``, ``.to(device)`` of a host tensor without ``non_blocking``) make the host wait for every
-  queued kernel. One per block is enough to drain the queue; they also make CUDA-graph capture fail.
-- **kernel launches** (:class:`KernelCounter`): in eager mode every non-view operator is one launch with
-  ~5-20 us of host work; at Wan scale thousands per block can leave the device idle between kernels.
-  Fused attention counts as one kernel (on ``meta`` it would run as its decomposed math).
+Streams run on the ``meta`` device (shapes, no data) stand in for a GPU. :class:`HostSyncAudit` flags
+every host read of a device value and every blocking host-to-device copy; :class:`KernelCounter` counts
+the operators a block dispatches (views apart, fused attention as one kernel). Why both matter and the
+Wan-1.3B counts: docs/performance.md, "Host syncs and kernel launches".
 """
 
 from __future__ import annotations

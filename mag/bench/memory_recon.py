@@ -1,32 +1,11 @@
-"""Memory reconstruction benchmark: how much of a block comes back from its compressed memory?
+"""Memory reconstruction benchmark (``mag bench memory``): how much of a block comes back from its
+compressed memory?
 
-The stage-1 memory model squeezes every block of ``F`` latent frames into the K/V of the block's last
-frame (:mod:`mag.memory`). This benchmark measures what that keeps, on held-out panorama-world clips
-(val / test split, the world the consistency benchmark builds: :func:`mag.bench.consistency.bench_world`).
-
-For each clip ``x0: [B, N, C, H, W]`` it runs the memory model's training-style pass: one parallel
-forward over ``[clean ; noisy]`` under :func:`mag.memory.memory_training_mask`, the empty prompt, RoPE
-positions from 0. Each noisy block sees only the retained (last) clean frame of every block up to its own,
-which is exactly what the generator reads from a ``mag`` cache (``memory_training_mask`` equals the
-streaming :class:`~mag.memory.MemoryWriter` path; ``tests/test_memory.py`` checks it). Two reconstructions
-per block, decoded through the preset's codec and scored against the input frames (PSNR / SSIM / LPIPS
-on uint8 frames, :func:`mag.bench.consistency.score_pairs`):
-
-- ``one-step t=<level>``: the x0 prediction from the input noised to each few-step level (the view the
-  training loss has, per level: high levels say what memory alone recalls);
-- ``few-step``: the full few-step sampler from pure noise (x0 prediction, re-noise to the next level with
-  fresh noise, ...), i.e. "sample the block from compressed memory".
-
-Rows are split into ``retained`` frames (the block's last frame, whose own K/V are in memory) and
-``non_retained`` frames (the other ``F - 1``, which must come back from one frame's K/V): the second is
-the compression's real test. A ``baseline`` model (the generator the memory model was initialised from,
-untrained as a memory model) run through the same pass shows what stage-1 training buys. Two reference
-rows need no model: ``codec`` is the input's codec round trip (the ceiling of any reconstruction in pixel
-space) and ``copy-retained`` repeats each block's retained frame over the block (the floor: what keeping
-one frame per block gives without any reconstruction).
-
-Noise is drawn on the CPU from a generator seeded by ``(seed, episode index)`` and moved to the device, so
-results do not depend on the device, the batch size, or which model runs.
+Held-out clips run the memory model's training-style pass (:func:`mag.memory.memory_training_mask`, empty
+prompt, RoPE from 0), which equals the streaming path; one-step and few-step reconstructions are scored
+per level on retained and non-retained frames, beside an optional baseline model and two model-free
+reference rows (codec round trip, copy-retained). Noise is drawn on the CPU from ``(seed, episode)``,
+so results do not depend on the device, the batch size or the model. Protocol: docs/memory.md.
 """
 
 from __future__ import annotations

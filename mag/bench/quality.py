@@ -1,35 +1,10 @@
 """``mag bench quality``: how close are a model's samples to real panorama-world clips?
 
-For each model (a shipped name, model file or training checkpoint of a generator stage) this samples one
-clip per held-out real clip -- same prompt, same camera track, ``--frames`` frames -- and scores the set:
-
-- ``fd``: Fréchet distance between AlexNet features (global-average-pooled conv5 of the LPIPS AlexNet,
-  :func:`mag.bench.metrics.frechet_alexnet_distance`) of all generated frames and all real frames. This is
-  the quality figure: it compares distributions, so a model is not asked to redraw the real clip. Frames
-  smaller than AlexNet's useful input are upscaled by an integer nearest-neighbour factor to at least
-  :data:`FEATURE_MIN_SIDE` pixels (the same for both sets), so the numbers are comparable between models
-  but not to FID or to other resolutions.
-- ``psnr`` / ``ssim``: mean over frames of generated clip ``i`` vs real clip ``i``. These measure copying
-  the real clip (the prompt and camera do not determine the world's layout), so they are a reference,
-  not a quality score.
-
-Reference row ``real vs real``: a second, disjoint set of real clips of the same split (indices
-``[N, 2N)``) scored like a model against the first (``[0, N)``): its FD is the noise floor of a set of
-this size, its PSNR / SSIM what two unrelated real clips share.
-
-Samplers, by the model's stage:
-
-- ``teacher``: bidirectional, the whole clip at once: the teacher's guided probability-flow ODE with Euler
-  steps (:func:`mag.objectives.ode.sample_ode_trajectory`, the ODE-pairs sampler; its step count must land
-  on the few-step levels, e.g. 48), classifier-free guidance ``--guidance-scale`` (default the DMD
-  recipe's 4.0). Noise is drawn per clip, so a clip's sample does not depend on the batch.
-- ``causal`` / ``dmd`` / ``mag-generator``: block-causal streaming with a full KV cache
-  (:class:`mag.pipelines.StreamingGenerator`), the few-step sampler by default or Euler ``K`` steps.
-  Noise is drawn per chunk of clips from ``(seed, first clip)``.
-
-Real clips come from the world the first model was trained in (its recipe's ``data.world`` at its
-preset's frame size, :func:`mag.train.data.preset_world`, the distribution of its training clips) unless
-``--world`` names one; clip ``i`` of a split is world seed ``SPLIT_SEEDS[split][i]``, never a training seed.
+Each model samples one clip per held-out real clip (same prompt, same camera track) and the set is scored:
+``fd`` (Fréchet distance of AlexNet features, the quality figure), ``psnr`` / ``ssim`` against the paired
+real clip (a copying reference, not a score), beside a ``real vs real`` row from a disjoint set of real
+clips. The sampler follows the model's stage; noise is drawn per clip or per chunk from fixed seeds, so a
+clip's sample does not depend on the batch. Protocol and results: docs/training.md, "Sample quality".
 """
 
 from __future__ import annotations

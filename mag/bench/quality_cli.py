@@ -41,7 +41,13 @@ from mag.bench.quality import (
 from mag.checkpoint import git_commit
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
+from mag.io.cli import (
+    add_dtype_argument,
+    add_out_argument,
+    add_runtime_arguments,
+    dtype_from_args,
+    set_threads,
+)
 from mag.models.dit import WanDiT
 from mag.objectives.ode import few_step_indices
 from mag.pipelines import SAMPLERS, SamplerConfig
@@ -75,6 +81,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CLIPS, help="clips sampled together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same for every model)")
     add_runtime_arguments(parser)
+    add_dtype_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_out_argument(parser, "output folder (summary.json, summary.md, samples.png)")
 
@@ -101,6 +108,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     loaded: list[tuple[ModelRun, WanDiT, Preset, dict[str, Any]]] = []
     for spec in specs:
         model, preset, meta = load_model(spec, device=args.device, expect_stage=GENERATOR_STAGES)
+        model = model.to(dtype_from_args(args))
         stage = model_stage(meta) or "causal"
         name = row_name(spec, meta)
         if any(run.name == name for run, *_ in loaded):

@@ -156,21 +156,32 @@ class MagPolicy(DownsamplePolicy):
     The plan is unchanged (sinks in full, then each block's last frame at its own RoPE position; with
     ``memory_slots`` a ring of that many compressed frames whose oldest is evicted: the ``bounded``
     variant). The write pass is run by the memory model, which the streaming generator is handed as its
-    writer; the policy adds :meth:`memory_view`, the cached frames the memory model may read (it was
-    trained to see only compressed frames, so uncompressed sinks are hidden from its write pass).
+    writer; the policy adds :meth:`memory_view`, the cached frames the memory model may read. Ours
+    (``mag`` / ``bounded``) were trained to see only compressed frames, so uncompressed sinks are hidden
+    from their write pass; the released MAG memory model reads the sinks like the generator does
+    (``memory_sees_sinks``: the ``official`` geometry, 2 sinks + a ring of 21 at Wan scale).
     """
 
-    def __init__(self, sink_frames: int = 0, memory_slots: int | None = None) -> None:
+    def __init__(self, sink_frames: int = 0, memory_slots: int | None = None, *,
+                 memory_sees_sinks: bool = False) -> None:
         super().__init__(sink_frames, memory_slots)
-        self.name = "mag" if memory_slots is None else "bounded"
+        self.memory_sees_sinks = memory_sees_sinks
+        if memory_sees_sinks:
+            if memory_slots is None:
+                raise ConfigError("the official MAG geometry is a ring: give memory_slots")
+            self.name = "official"
+        else:
+            self.name = "mag" if memory_slots is None else "bounded"
 
     def memory_view(self, cache: CacheState, frames_per_block: int) -> tuple[bool, ...] | None:
         """Per valid cached frame (read order): may the memory model attend to it? None: to all.
 
         Sinks occupy slots ``0..sink_frames-1`` and hold stream frames ``0..sink_frames-1`` (the first
-        retained frames); a sink that is not a block's last frame is hidden. Every other slot holds a
-        block's last frame.
+        retained frames); unless ``memory_sees_sinks``, a sink that is not a block's last frame is hidden.
+        Every other slot holds a block's last frame.
         """
+        if self.memory_sees_sinks:
+            return None
         hidden = {s for s in range(self.sink_frames) if s % frames_per_block != frames_per_block - 1}
         if hidden.isdisjoint(cache.valid_slots):
             return None

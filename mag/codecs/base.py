@@ -86,6 +86,10 @@ class Codec(ABC):
         """Move any weights; parameter-free codecs return themselves."""
         return self
 
+    def parameter_bytes(self) -> int:
+        """Bytes of the codec's weights (0 for parameter-free codecs)."""
+        return 0
+
     # -- shared input checks ------------------------------------------------------------------
 
     def _check_video(self, video: Tensor) -> None:

@@ -1,18 +1,9 @@
 """The Wan2.1 causal video VAE (diffusers ``AutoencoderKLWan``) behind the codec interface.
 
-Facts this wrapper relies on (read from diffusers 0.42, ``autoencoder_kl_wan.py`` and the Wan pipelines):
-- The VAE is causal in time: the first video frame is coded alone, then each group of
-  ``temporal_compression`` (4) frames gives one latent frame, so T = 1 + 4k video frames <-> 1 + k latent
-  frames. Space is down-sampled 8x; a latent frame has ``z_dim`` (16) channels.
-- The encoder posterior's mean is used as the latent (the pipelines' ``sample_mode="argmax"``), then
-  normalised per channel with the config's ``latents_mean`` / ``latents_std``:
-  ``z = (mu - mean) / std``; decoding inverts it, ``mu = z * std + mean``, which is exactly what
-  ``WanPipeline`` does before ``vae.decode``.
-- diffusers decodes one latent frame at a time through a per-conv feature cache (``feat_cache`` lists
-  passed to ``decoder(x, feat_cache, feat_idx, first_chunk)``). ``WanStreamDecoder`` keeps its own such
-  list, so a stream can be decoded as its latent frames arrive and still equal one-shot decoding.
-
-The VAE is frozen in MAG: encode / decode run without gradients.
+T = 1 + 4k video frames <-> 1 + k latent frames of ``z_dim`` channels, 8x smaller in space; latents are
+the posterior mean normalised per channel with the config's ``latents_mean`` / ``latents_std``.
+:class:`WanStreamDecoder` decodes latent frames as they arrive and equals one-shot decoding. The VAE is
+frozen: encode / decode run without gradients. What this relies on in diffusers: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
@@ -38,9 +29,12 @@ TINY_WAN_VAE_CONFIG: dict[str, Any] = {
 }
 """A random Wan-layout VAE small enough for CPU tests (same 4x temporal / 8x spatial compression)."""
 
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+"""The VAE file's name in the original Wan2.1 release folder."""
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 """Single-file VAE checkpoints ``from_pretrained`` accepts (the original release is ``Wan2.1_VAE.pth``)."""
 _DIFFUSERS_MARKER_KEY = "encoder.conv_in.weight"
+_POST_QUANT_KEY = "post_quant_conv.weight"
 _SHOWN_KEYS = 5
 
 
@@ -105,20 +99,23 @@ class WanVAECodec(Codec):
                         config: dict[str, Any] | None = None) -> WanVAECodec:
         """Load real weights, offline.
 
-        ``path`` is either a diffusers folder (``config.json`` + weights, or a pipeline root holding
-        ``vae/``) or one original-format checkpoint file such as ``Wan2.1_VAE.pth`` (converted with
+        ``path`` is a diffusers folder (``config.json`` + weights, or a pipeline root holding ``vae/``), the
+        original Wan2.1 folder (its ``Wan2.1_VAE.pth`` is read), or one original-format checkpoint file such
+        as ``Wan2.1_VAE.pth`` (widths read from its shapes, converted with
         diffusers' ``convert_wan_vae_to_diffusers``; the architecture is AutoencoderKLWan's default, which
         is the Wan2.1 VAE; ``config`` overrides it, for single files only).
         """
         from diffusers import AutoencoderKLWan
 
         path = Path(path)
+        if path.is_dir() and (path / WAN_VAE_FILE).is_file():
+            path = path / WAN_VAE_FILE
         if path.is_dir():
             folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
             if not (folder / "config.json").is_file():
                 raise CheckpointError(
-                    f"{path} is not a diffusers AutoencoderKLWan folder: expected config.json in it or in"
-                    " vae/; pass the folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a Wan2.1_VAE.pth file"
+                    f"{path} is not a Wan VAE folder: expected {WAN_VAE_FILE}, or config.json in it or in"
+                    " vae/; pass the Wan2.1-T2V-1.3B folder, its -Diffusers folder, or a Wan2.1_VAE.pth file"
                 )
             try:
                 vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
@@ -134,7 +131,9 @@ class WanVAECodec(Codec):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanVAECodec:
         """Move the VAE (and its normalisation constants) to ``device`` / cast its weights to ``dtype``."""
-        self.vae.to(device=device, dtype=dtype)
+        if dtype is not None:  # diffusers warns on a .to() that names a dtype, even None
+            self.vae.to(dtype=dtype)
+        self.vae.to(device=device)
         self.latents_mean = self.latents_mean.to(device=device)
         self.latents_std = self.latents_std.to(device=device)
         return self
@@ -142,6 +141,9 @@ class WanVAECodec(Codec):
     @property
     def device(self) -> torch.device:
         return self.vae.device
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.vae.parameters())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -234,6 +236,13 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: dict[str, Any]) ->
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     if _DIFFUSERS_MARKER_KEY not in state:
         state = convert_wan_vae_to_diffusers(state)
+    if _DIFFUSERS_MARKER_KEY not in state or _POST_QUANT_KEY not in state:
+        found = list(state)[:_SHOWN_KEYS]
+        raise CheckpointError(f"{path} is not a Wan2.1 VAE checkpoint (found keys {found}); expected the"
+                              " layout of Wan2.1_VAE.pth or of a diffusers AutoencoderKLWan")
+    # widths the shapes give (the original release is base_dim 96, z_dim 16; smaller files are test copies)
+    config = {"base_dim": int(state[_DIFFUSERS_MARKER_KEY].shape[0]),
+              "z_dim": int(state[_POST_QUANT_KEY].shape[0]), **config}
     meta = torch.device("meta")
     with meta:
         vae = AutoencoderKLWan(**config)

@@ -1,4 +1,5 @@
-"""Command-line flags every ``mag`` command shares, declared once: the output path and the runtime."""
+"""Command-line flags every ``mag`` command shares, declared once: the output path, the runtime and the
+dtype."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from mag.errors import ConfigError
 # thread, and more stall on a busy CPU (docs/performance.md).
 DEFAULT_THREADS = 1
 DEFAULT_DEVICE = "cpu"
+# ``--dtype`` names: weights, activations and KV cache of the models a command loads.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def add_out_argument(parser: argparse.ArgumentParser, help: str, *, required: bool = True,
@@ -29,6 +32,24 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, devices: Sequence[
                         help=f"torch device (default {DEFAULT_DEVICE})")
     parser.add_argument("--threads", dest=f"{dest_prefix}threads", type=int, default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU (default {DEFAULT_THREADS})")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, *, cuda_default: str = "float32") -> None:
+    """``--dtype`` (default float32, and ``cuda_default`` on a CUDA ``--device``); read it with
+    :func:`dtype_from_args`."""
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                        help=f"weights, activations and KV cache dtype (default: {cuda_default} on cuda,"
+                             " float32 elsewhere)")
+    parser.set_defaults(dtype_cuda_default=cuda_default)
+
+
+def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
+    """The ``--dtype`` of ``args``, or its device's default (see :func:`add_dtype_argument`)."""
+    name = args.dtype
+    if name is None:
+        on_cuda = str(args.device).startswith("cuda")
+        name = getattr(args, "dtype_cuda_default", "float32") if on_cuda else "float32"
+    return DTYPES[name]
 
 
 def set_threads(threads: int | None) -> None:

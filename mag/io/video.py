@@ -1,14 +1,16 @@
 """Video files: H.264 mp4 through PyAV, and labelled PNG strips of frames (PIL).
 
 Tiny 32x32 frames suffer from H.264's 4:2:0 chroma subsampling (one colour sample per 2x2 pixels)
-and its 16x16 macroblocks, so :func:`write_mp4` upscales by an integer factor with nearest-neighbour
-first (each source pixel becomes a flat ``scale x scale`` square, which 4:2:0 keeps exactly) and
-:func:`read_mp4` can average those squares back. At the defaults the round trip keeps PSNR above
-35 dB. Every write goes to a temporary file in the target folder, renamed into place when complete.
+and its 16x16 macroblocks, so :func:`write_mp4` upscales small frames by an integer factor with
+nearest-neighbour (each pixel becomes a flat ``scale x scale`` square, which 4:2:0 keeps exactly) and
+:func:`read_mp4` can average those squares back. By default the factor is the smallest that makes the
+short side at least ``MIN_SIDE_PX``, so real-size video (480x832) is written at its native size. Every
+write goes to a temporary file in the target folder, renamed into place when complete.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,12 +23,15 @@ import numpy as np
 
 from mag.errors import InputError
 
-__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "read_mp4", "write_mp4", "write_png_strip"]
+__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "MIN_SIDE_PX", "auto_scale", "read_mp4", "write_mp4",
+           "write_png_strip"]
 
 PixelFormat = Literal["yuv420p", "yuv444p"]
 
-# Nearest-neighbour upscale applied before encoding (32x32 frames become 128x128).
+# Nearest-neighbour upscale the world previews use (32x32 frames become 128x128).
 DEFAULT_SCALE = 4
+# Short side (px) that small frames are upscaled to reach; larger frames are written as they are.
+MIN_SIDE_PX = 128
 # x264 constant rate factor: 0 is lossless, 23 is x264's default; 12 keeps flat synthetic frames sharp.
 DEFAULT_CRF = 12
 # PNG strips: gap between frames and rows (px), label band height (px), background and text colours.
@@ -75,18 +80,27 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, scale: int = DEFAULT_SCALE,
+def auto_scale(height: int, width: int) -> int:
+    """Smallest integer upscale that brings the short side to ``MIN_SIDE_PX`` (1 for frames that big)."""
+    return max(1, math.ceil(MIN_SIDE_PX / min(height, width)))
+
+
+def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, scale: int | None = None,
               crf: int = DEFAULT_CRF, pix_fmt: PixelFormat = "yuv420p") -> Path:
     """Encode ``frames`` (uint8 ``[T, H, W, 3]``) as an H.264 mp4 at ``fps``; returns the path written.
 
+    Every frame is written, none dropped or repeated.
+
     Args:
-        scale: integer nearest-neighbour upscale before encoding (1 = none).
+        scale: integer nearest-neighbour upscale before encoding (1 = none); None: :func:`auto_scale`.
         crf: x264 quality, 0 (lossless) to 51.
         pix_fmt: ``yuv420p`` plays everywhere; ``yuv444p`` keeps full colour resolution.
     """
     import av
 
     frames = _check_frames(frames)
+    if scale is None:
+        scale = auto_scale(frames.shape[1], frames.shape[2])
     if not isinstance(scale, int) or scale < 1:
         raise InputError(f"scale must be an int >= 1, got {scale!r}")
     if not 0 <= crf <= 51:

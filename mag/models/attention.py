@@ -1,20 +1,10 @@
 """Attention of the Wan DiT: frame-level masks, self-attention with a KV cache, cross-attention to text.
 
-Masks are built at frame level (``[F_query, F_key]`` bool, True = may attend) and turned into an
-:class:`AttentionMask` once per forward, shared by all layers. Two equivalent execution paths:
-
-- ``dense``: ``F.scaled_dot_product_attention`` with a boolean token mask. On accelerators this
-  runs the fused memory-efficient kernel and is the right choice at the sizes this project
-  trains (48 + 48 frames x 64 tokens = 6k tokens, a 38 MB mask).
-- ``grouped`` (default on CPU): query frames with identical mask rows form a group; each group
-  runs unmasked SDPA against only the key frames it may see (contiguous runs are views, other sets
-  a gather). Masked-out tiles cost nothing, so a block-causal or teacher-forcing mask costs about
-  the fraction of keys it allows instead of the full square plus a mask.
-
-Where neither pays is long block-sparse sequences at Wan scale (e.g. 2 x 21 frames x 1560 tokens
-= 65k tokens: a 4 GB dense mask, or hundreds of small launches per layer): there
-``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the same frame mask
-(``mask_mod = frame_mask[q // T, k // T]``) skips masked tiles inside one fused kernel.
+Masks are frame-level (``[F_query, F_key]`` bool, True = may attend), turned into one
+:class:`AttentionMask` per forward and shared by all layers. Two execution paths give the same result:
+``dense`` (SDPA with a token mask) and ``grouped`` (default on CPU: query frames with identical mask rows
+attend only to the key frames they may see). When each pays, and flex attention at Wan scale:
+docs/performance.md, "Attention paths".
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Regional ``torch.compile`` of a :class:`~mag.models.dit.WanDiT` for streaming, applied from outside.
 
-What is compiled: per transformer block, everything but the cached attention
-(:meth:`~mag.models.dit.WanBlock.before_cache`: norm, modulation, q/k/v projections, qk-norms, RoPE;
-:meth:`~mag.models.dit.WanBlock.after_cache`: output projection, gated residual, cross-attention, FFN), and
-the model's time embedding, time projection and head. Each region has fixed shapes per block and one graph
-serves every layer. What stays eager: :meth:`~mag.models.attention.SelfAttention.attend_cached` -- the cache
-read, the attention over a number of cached keys that changes from block to block under the growing
-policies, and the cache write -- whose shapes follow host-side slot bookkeeping.
-
-The model is not changed otherwise: :meth:`CompiledModules.restore` puts the eager callables back (a compile
-failure surfaces on the first forward, so callers wrap that call and restore on error).
+Compiled: per transformer block everything but the cached attention (``before_cache``, ``after_cache``),
+and the time embedding, time projection and head: fixed shapes per block, one graph for every layer.
+Eager: :meth:`~mag.models.attention.SelfAttention.attend_cached` (cache read, attention, cache write),
+whose shapes follow host-side slot bookkeeping. :meth:`CompiledModules.restore` puts the eager callables
+back (a compile failure surfaces on the first forward). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """The Wan2.1 diffusion transformer, block-causal and KV-cached, with per-frame timesteps.
 
-Reads top to bottom like Wan's architecture:
-
     latent [B, F, C, H, W] --Conv3d patchify--> tokens [B, F*T, dim]        (T = H/ph * W/pw)
     timestep [B, F] --sinusoid--> time_embedding (+ action_embedding) = e   [B, F, dim]
                     --time_projection--> e0                                  [B, F, 6, dim]
@@ -11,12 +9,7 @@ Reads top to bottom like Wan's architecture:
                 x += gate2 * ffn(mod(norm2(x)))               (Linear -> GELU(tanh) -> Linear)
     head: Linear(mod(norm(x)))  --unpatchify--> [B, F, C_out, H, W]
 
-Modulation ``mod(y) = y * (1 + scale) + shift`` is per latent frame: each frame's tokens use the
-shift/scale/gate of that frame's timestep, which is what ``[clean ; noisy]`` sequences and
-teacher forcing need. As in Wan, a bf16 model still computes in float32 its time embedding and projection,
-norms, modulation, residual gating, RoPE (float32 tables) and output head; the output is float32.
-Parameter names are the original Wan2.1 names, so original checkpoints load with an identity map.
-The output is the raw network output; ``cfg.prediction`` is interpreted by the scheduler.
+Parameter names are Wan2.1's; per-frame modulation and the float32 parts: docs/design.md, "The DiT".
 """
 
 from __future__ import annotations

@@ -1,31 +1,11 @@
-"""Self-Forcing DMD with a critic, and MAG's history loss (docs/design.md §1, paper §4.2.1).
+"""Self-Forcing DMD with a critic, and MAG's history loss (paper §4.2.1).
 
-One generator step:
-
-1. roll the student out (:func:`mag.pipelines.rollout.self_forcing_rollout`), sample ``x``;
-2. noise ``x`` at a DMD timestep ``t`` (uniform, shifted, clamped to ``[min_timestep, max_timestep]``:
-   :meth:`DMDStepConfig.draw_timesteps`);
-3. ``x0_real`` from the frozen teacher with classifier-free guidance, ``x0_fake`` from the critic, both
-   without gradient; ``g = (x0_fake - x0_real) / mean|x - x0_real|`` (:func:`dmd_gradient`);
-4. ``loss = 0.5 * mean((x - sg(x - g))^2)``, whose gradient w.r.t. ``x`` is ``g / x.numel()``: back-
-   propagating it pushes ``x`` along ``-g`` (the mean, as in Self-Forcing, keeps its learning rates).
-
-The critic (fake score) is trained by flow matching on detached student samples
-(:func:`critic_flow_matching_loss`), ``critic_steps_per_generator_step`` times per generator update
-(:class:`DMDUpdateSchedule`). The history loss (:func:`history_loss`) is the same DMD loss on a rollout
-whose chunks after the first were generated with the EMPTY text, scored with the clip's real text;
-:func:`combine` mixes the two as a weight or as a probability.
-
-Teacher-length windows: the teacher and the critic are bidirectional models trained on clips of
-``teacher_frames`` frames; a longer rollout is scored window by window (:func:`score_windows`), each
-window as its own clip with RoPE positions starting at 0.
-
-Conventions: scores are callables ``(x_t [B, F, C, H, W], t [B], context) -> x0 [B, F, C, H, W]``
-(:func:`x0_predictor` wraps a model). Guidance is ``x0_uncond + s * (x0_cond - x0_uncond)`` (``s = 1`` is
-off), the convention of :mod:`mag.pipelines.streaming`; it equals guidance on the raw output because
-``x0`` is affine in it at fixed ``x_t``. Self-Forcing writes ``cond + s' * (cond - uncond)``, so its
-``guidance_scale: 3.0`` is ``s = 4`` here. All random draws (``t``, noise, the history Bernoulli) come
-in as arguments.
+A generator step rolls the student out, noises the sample at a DMD timestep, and pushes it along
+``g = (x0_fake - x0_real) / mean|x - x0_real|`` (teacher with guidance vs critic, both without gradient);
+the critic learns by flow matching on detached samples (:class:`DMDUpdateSchedule`). The history loss is
+the same loss on a rollout whose later chunks used the empty text. Guidance is
+``x0_uncond + s * (x0_cond - x0_uncond)``; every random draw comes in as an argument. The step by step
+account, teacher-length windows and the guidance convention: docs/training.md, "Training chain".
 """
 
 from __future__ import annotations

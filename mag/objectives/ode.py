@@ -1,22 +1,10 @@
 """ODE regression (Self-Forcing's initialisation of the causal student from teacher trajectories).
 
-The frozen bidirectional teacher integrates the probability-flow ODE from noise with many Euler steps
-(:meth:`FlowMatchScheduler.sampling_timesteps`, classifier-free guidance). Its state ``x_t`` at each
-timestep of the shifted few-step list, and its endpoint ``x0``, form one training pair per clip
-(:func:`sample_ode_trajectory`; ``mag train ode-pairs`` writes a file of them).
-
-The student learns to jump from any point of the trajectory straight to the endpoint, which is what its
-few-step sampler asks of it (:func:`ode_regression_loss`): each block of a clip draws one few-step
-level ``k``; the student sees ``[x0 ; x_{t_k}]`` with the teacher-forcing mask of
-:mod:`mag.objectives.flow_matching` (noisy block ``i`` attends to the clean endpoint blocks before it,
-which is what it reads from a full KV cache while streaming) and regresses ``x0`` (MSE on the
-x0-prediction of the noisy half).
-
-File format (one safetensors file, written atomically): ``trajectory [N, K, F, C, H, W]``,
-``x0 [N, F, C, H, W]``, ``context [N, L, text_dim]`` (prompt embeddings), ``timesteps [K]``,
-``offsets [N, F]`` (camera positions on the panorama, for the recall-signal log) and, for
-camera-anchored presets, ``camera_px [N, F]`` (the unwrapped camera track in pixels); metadata: the
-format tag, the teacher, the preset, the prompts and the sampling settings (JSON strings).
+The frozen bidirectional teacher integrates the guided probability-flow ODE; its states at the few-step
+levels and its endpoint form one training pair per clip (:func:`sample_ode_trajectory`, written by
+``mag train ode-pairs``). The student sees ``[x0 ; x_{t_k}]`` under the teacher-forcing mask, one level
+``k`` per block, and regresses ``x0`` (:func:`ode_regression_loss`). The pairs file (one safetensors file,
+written atomically) is described in docs/training.md, "Training chain".
 """
 
 from __future__ import annotations

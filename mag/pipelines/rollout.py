@@ -1,29 +1,11 @@
 """Self-Forcing training rollout: the student generates a whole clip autoregressively, as at inference.
 
-The rollout is the exposure-bias-free sample that DMD scores (docs/design.md, "Generator (MAG stage 2)"). It
-follows the streaming protocol of :mod:`mag.pipelines.streaming` block by block, with one difference
-that makes training affordable: gradient flows through ONE denoising step per block.
-
-For every block of ``frames_per_block`` frames at absolute RoPE positions ``b*F .. b*F+F-1``:
-
-1. steps ``1 .. exit_step-1`` of the few-step list run under ``torch.no_grad()``: predict x0, re-noise
-   it to the next level with the next noise draw;
-2. step ``exit_step`` runs WITH gradient; its x0 prediction is the block's output;
-3. the clean write pass: the block's output, detached, is run at t=0 with ``cache_write=True`` under
-   ``no_grad``: by the generator under ``full`` / ``downsample``, by the frozen memory model handed
-   in as ``writer`` under ``mag`` / ``bounded`` (MAG stage 2: the generator only reads the compressed cache),
-   or by any other explicit ``writer``.
-
-``exit_step`` (1-based, in ``1..K``) is random but SHARED by all blocks of a rollout: the caller draws
-it (:func:`draw_exit_step`; Self-Forcing's ``same_step_across_blocks``). Because the cache stores
-detached K/V and every earlier step runs without gradient, the gradient of the output reaches the
-parameters only through the exit-step forwards (and the prompt's cross-attention projection).
-
-Random draws come in as arguments so a rollout is a pure function of its inputs:
-``noise_draws: [S, B, N, C, H, W]`` (``S >= exit_step``, ``N = num_blocks * frames_per_block``):
-draw 0 is the initial noise, draw ``i`` the fresh noise of the re-noising before step ``i + 1``.
-:func:`draw_rollout_noise` fills it from a ``torch.Generator`` in the order :class:`StreamingGenerator`
-consumes its generator (block by block: initial noise, then one draw per re-noising).
+It follows the streaming protocol of :mod:`mag.pipelines.streaming` block by block, with gradient through
+ONE denoising step per block: earlier steps run without gradient, the exit step (shared by all blocks of a
+rollout, 1-based in ``1..K``) gives the block's output, and the clean write pass stores detached K/V (by
+the generator, or the frozen memory model under ``mag`` / ``bounded``). Random draws come in as
+arguments, in the order :class:`StreamingGenerator` consumes them, so a rollout is a pure function of its
+inputs. Step by step: docs/training.md, "Training chain".
 """
 
 from __future__ import annotations

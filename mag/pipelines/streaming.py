@@ -10,6 +10,7 @@ cache. The block loop keeps everything on the device and never calls ``.item()``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -214,12 +215,15 @@ class StreamingGenerator:
 
     @torch.no_grad()
     def generate_block(self, generator: torch.Generator | None = None,
-                       width_offsets: Tensor | None = None) -> Tensor:
+                       width_offsets: Tensor | None = None, *, noise: Tensor | None = None,
+                       renoise: Sequence[Tensor] | None = None) -> Tensor:
         """Denoise the next block from noise, memorise it, and return it: ``[B, F, C, H, W]``.
 
         ``width_offsets: [B, F]``: where the camera looks in this block (camera-anchored models only).
+        ``noise`` (the block's starting noise) and ``renoise`` (the fresh noise of each few-step re-noising,
+        in order) replace the draws from ``generator``, to replay another implementation's run exactly.
         """
-        block = self._denoise(generator, width_offsets)
+        block = self._denoise(generator, width_offsets, noise=noise, renoise=renoise)
         self._memorise(block, width_offsets)
         return block
 
@@ -357,20 +361,32 @@ class StreamingGenerator:
             out = uncond + self.sampler.guidance_scale * (out - uncond)
         return out
 
-    def _denoise(self, generator: torch.Generator | None, width_offsets: Tensor | None) -> Tensor:
+    def _denoise(self, generator: torch.Generator | None, width_offsets: Tensor | None, *,
+                 noise: Tensor | None = None, renoise: Sequence[Tensor] | None = None) -> Tensor:
         """Phase 1: sample one block from noise, reading the cache; ``[B, F, C, H, W]``."""
         cache = self._require_cache()
         if self.position + self.frames_per_block > self.horizon_frames:
             raise InputError(f"the stream was reset for {self.horizon_frames} frames and is full")
         shape = (cache.batch_size, self.frames_per_block, *self.latent_shape)
         dtype = self.model.patch_embedding.weight.dtype
-        x = torch.randn(shape, generator=generator, device=self.device, dtype=dtype)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise InputError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        if renoise is not None and len(renoise) != len(self._steps) - 1:
+            raise InputError(f"renoise needs {len(self._steps) - 1} tensors (one per re-noising), got"
+                             f" {len(renoise)}")
+        x = (torch.randn(shape, generator=generator, device=self.device, dtype=dtype) if noise is None
+             else noise.to(device=self.device, dtype=dtype))
         positions, offsets = self._positions(), self._offsets(width_offsets)
-        for t, t_next in self._steps:
+        for i, (t, t_next) in enumerate(self._steps):
             out = self._predict(x, t, positions, offsets)
             if self.sampler.kind == "few_step":
                 x0 = self.scheduler.to_x0(out, x, t)
-                x = x0 if t_next is None else self.scheduler.renoise(x0, t_next, generator)
+                if t_next is None:
+                    x = x0
+                elif renoise is None:
+                    x = self.scheduler.renoise(x0, t_next, generator)
+                else:
+                    x = self.scheduler.add_noise(x0, renoise[i].to(device=x0.device, dtype=x0.dtype), t_next)
             else:
                 x = self.scheduler.step_euler(self.scheduler.to_velocity(out, x, t), x, t, t_next)
         return x

@@ -20,7 +20,7 @@ from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
 
 # Policies whose cache is written by the trained memory model (mag.memory), which must be passed in.
-MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded")
+MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded", "official")
 # Policies that need nothing but the generator.
 GENERATOR_ONLY_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
 AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POLICIES
@@ -45,7 +45,8 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
     ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps
     ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded);
     ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is ``mag``
-    with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing.
+    with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing;
+    ``official`` is ``bounded`` with the memory model reading the sinks too, as the released MAG does.
     """
     cache = preset.cache
     check_policy_name(name)
@@ -55,6 +56,8 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
         return WindowPolicy(cache.sink_frames, cache.window_frames)
     if name == "downsample":
         return DownsamplePolicy(cache.memory_sink_frames)
+    if name == "official":
+        return MagPolicy(cache.memory_sink_frames, cache.memory_slots, memory_sees_sinks=True)
     return MagPolicy(cache.memory_sink_frames, cache.memory_slots if name == "bounded" else None)
 
 

@@ -14,7 +14,14 @@ from mag.app import (
     set_threads,
 )
 from mag.generate import DEFAULT_PROMPT
+from mag.io.cli import dtype_from_args
 from mag.pipelines import MEMORY_MODEL_POLICIES, check_policy_name
+from mag.real_weights import (
+    add_real_weights_arguments,
+    loaded_from_pipeline,
+    pipeline_from_args,
+    uses_real_weights,
+)
 from mag.serve.live import DEFAULT_POLICY, DEFAULT_PORT, GROWING_MAX_FRAMES, LiveStream, default_max_frames
 from mag.serve.viewer import Viewer
 
@@ -31,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     " are shown live. Ctrl-C stops. See docs/generate.md.")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help=f"cache policy: full, window, downsample, mag, bounded (default {DEFAULT_POLICY})")
+    p.add_argument("--policy", default=None,
+                   help="cache policy: full, window, downsample, mag, bounded, official (default: the"
+                        f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
     p.add_argument("--prompt", default=None, help="first prompt (default: a test-split world prompt)")
     p.add_argument("--max-frames", type=int, default=None,
                    help=f"frames per stream before the cache is emptied (default: {GROWING_MAX_FRAMES} under"
@@ -41,24 +49,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     add_compile_argument(p)
     add_model_arguments(p)
+    add_real_weights_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-
     set_threads(args.threads)
     config = config_from_args(args)
-    check_policy_name(args.policy, has_memory_model=bool(config.memory_model))  # before any model loads
+    real = uses_real_weights(args)
+    if not real:
+        args.policy = args.policy or DEFAULT_POLICY
+        check_policy_name(args.policy, has_memory_model=bool(config.memory_model))  # before any model loads
     sampler = sampler_config(config)
     viewer = Viewer(args.port)  # a taken port fails before any model is loaded
     try:
-        needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
-        loaded = load_models(config, device=args.device, with_memory=needs_memory)
+        codec = None
+        if real:
+            pipe = pipeline_from_args(args)  # few-step sampler: the released generators are DMD models
+            loaded, codec = loaded_from_pipeline(pipe)
+            sampler, args.policy = pipe.sampler, pipe.policy_name
+        else:
+            needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
+            loaded = load_models(config, device=args.device, with_memory=needs_memory,
+                                 dtype=dtype_from_args(args))
         max_frames = args.max_frames
         if max_frames is None:
             max_frames = default_max_frames(args.policy, loaded.model.cfg.rope_max_positions)
         live = LiveStream(loaded, args.policy, sampler, args.prompt or DEFAULT_PROMPT,
-                          max_frames=max_frames, seed=args.seed, compile_model=args.compile)
+                          max_frames=max_frames, seed=args.seed, compile_model=args.compile, codec=codec)
     except BaseException:
         viewer.close()
         raise

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mag.app import LoadedModels, check_velocity
-from mag.codecs import get_codec_for, tensor_to_frames
+from mag.codecs import Codec, get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
 from mag.models.compile import CompiledModules
 from mag.pipelines import (
@@ -37,7 +37,7 @@ DEFAULT_POLICY = "mag"
 # Velocity the stream starts at, and the arrow keys' step (px/frame): the tiny world's camera speed.
 START_VELOCITY_PX = 4.0
 # Policies whose cache (and per-block cost) stays bounded, so a stream may run to the RoPE table's end.
-RING_POLICIES = ("window", "bounded")
+RING_POLICIES = ("window", "bounded", "official")
 # Stream length of the policies whose cache grows (full, downsample, mag): measured for tiny-causal-long
 # under mag on the shared 2-core CPU, the rate falls from ~50 FPS (empty cache) to ~29 FPS at 480 frames
 # and below 20 FPS past ~600.
@@ -101,7 +101,7 @@ class LiveStream:
 
     def __init__(self, loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, prompt: str, *,
                  max_frames: int, seed: int = 0, velocity: float = START_VELOCITY_PX,
-                 compile_model: bool = False) -> None:
+                 compile_model: bool = False, codec: Codec | None = None) -> None:
         import torch
 
         preset = loaded.preset
@@ -121,7 +121,8 @@ class LiveStream:
         writer = writer_for(policy, memory_model=loaded.memory, empty_context=loaded.empty_context)
         self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy, sampler=sampler,
                                                        writer=writer)
-        self.codec = get_codec_for(preset.video)
+        self.codec = codec if codec is not None else get_codec_for(preset.video)
+        self.decoder = self.codec.stream_decoder()  # whole-video decode, block by block
         self.noise = torch.Generator(device=self.generator.device).manual_seed(seed)
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -255,19 +256,21 @@ class LiveStream:
         if self.camera_rope:
             offsets = torch.tensor([track], dtype=torch.float32) / self.patch_px
         latents = gen.generate_block(self.noise, offsets)
-        pixels = tensor_to_frames(self.codec.decode(latents)[0])
+        pixels = tensor_to_frames(self.decoder.decode(latents)[0])
+        count = len(pixels)  # a block's latent frames; 9 then 12 video frames through Wan's causal VAE
+        latent_of = [min(j * self.block // count, self.block - 1) for j in range(count)]
         now = time.perf_counter()
         if self._last_publish is not None and now > self._last_publish:
-            rate = self.block / (now - self._last_publish)
+            rate = count / (now - self._last_publish)
             self._fps = rate if self._fps == 0 else (1 - FPS_EMA) * self._fps + FPS_EMA * rate
         self._last_publish = now
-        snapshot = self._stream_stats(self._next_index + self.block - 1)
-        frames = [LiveFrame(self._next_index + j, first + j, velocity, track[j], _png_base64(pixels[j]),
-                            snapshot) for j in range(self.block)]
+        snapshot = self._stream_stats(self._next_index + count - 1)
+        frames = [LiveFrame(self._next_index + j, first + latent_of[j], velocity, track[latent_of[j]],
+                            _png_base64(pixels[j]), snapshot) for j in range(count)]
         with self._cond:
             self._snapshot = snapshot
             self._ring.extend(frames)
-            self._next_index += self.block
+            self._next_index += count
             self._cond.notify_all()
         return frames
 
@@ -285,6 +288,7 @@ class LiveStream:
         """An empty cache under the current prompt, the camera at 0."""
         self.generator.reset(1, self.horizon)
         self.generator.set_prompt(self._context)
+        self.decoder.reset()
         self._camera_px = 0.0
 
 

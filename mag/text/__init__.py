@@ -16,7 +16,7 @@ from mag.text.base import TextEncoder
 from mag.text.cache import PromptEmbeddingCache
 from mag.text.minilm import MiniLMEncoder, minilm_path
 from mag.text.table import PROMPT_TABLE_ENV, PromptTableEncoder, write_prompt_table
-from mag.text.umt5 import UMT5_MAX_TOKENS, UMT5Encoder
+from mag.text.umt5 import UMT5_MAX_TOKENS, UMT5_MODE, UMT5Encoder
 
 __all__ = ["PROMPT_TABLE_ENV", "TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddingCache", "PromptTableEncoder",
            "TextEncoder", "UMT5Encoder", "get_text_encoder", "minilm_path", "prompt_cache",
@@ -24,14 +24,21 @@ __all__ = ["PROMPT_TABLE_ENV", "TEXT_ENCODERS", "MiniLMEncoder", "PromptEmbeddin
 
 
 def _make_umt5(path: str | Path | None = None, tokenizer_path: str | Path | None = None,
-               max_tokens: int = UMT5_MAX_TOKENS, tiny: bool = False, seed: int = 0) -> TextEncoder:
-    """``path`` -> real weights; ``tiny=True`` -> random tiny UMT5 on ``tokenizer_path`` (or MiniLM's)."""
+               max_tokens: int = UMT5_MAX_TOKENS, tiny: bool = False, seed: int = 0,
+               mode: str = UMT5_MODE) -> TextEncoder:
+    """``path`` -> real weights; ``tiny=True`` -> random tiny UMT5 on ``tokenizer_path`` (or MiniLM's).
+
+    ``mode`` exists so callers can pass every encoder the same arguments: umT5 has per-token outputs only.
+    """
+    if mode != UMT5_MODE:
+        raise ConfigError(f"text encoder 'umt5' has only mode {UMT5_MODE!r}, got {mode!r}")
     if path is not None:
         return UMT5Encoder.from_pretrained(path, tokenizer_path=tokenizer_path, max_tokens=max_tokens)
     if tiny:
         return UMT5Encoder.tiny_random(tokenizer_path or minilm_path(), seed=seed, max_tokens=max_tokens)
     raise ConfigError(
-        "text encoder 'umt5' needs weights: path=<Wan diffusers folder or UMT5 encoder folder>"
+        "text encoder 'umt5' needs weights: path=<Wan2.1 folder, its models_t5_umt5-xxl-enc-bf16.pth,"
+        " a Wan diffusers folder or a UMT5 encoder folder>"
         " (tokenizer_path=<umt5-xxl tokenizer folder> if separate), or tiny=True for random test weights"
     )
 

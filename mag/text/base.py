@@ -13,6 +13,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any
 
+import ftfy
 import torch
 from torch import Tensor
 
@@ -32,8 +33,10 @@ def check_prompts(prompts: Any) -> list[str]:
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt clean-up without ftfy: unescape HTML entities twice, collapse whitespace, strip."""
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+    """Wan's prompt clean-up (its tokenizer's ``clean="whitespace"``): ``ftfy.fix_text``, unescape HTML
+    entities twice, strip, collapse whitespace runs to one space, strip."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder(ABC):
@@ -63,6 +66,10 @@ class TextEncoder(ABC):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
         """Move the weights; returns self."""
 
+    def parameter_bytes(self) -> int:
+        """Bytes of the encoder's weights where they live (0 for encoders without a network)."""
+        return 0
+
 
 class HFTokenEncoder:
     """A transformers tokenizer + encoder pair run the Wan way (shared by ``minilm`` and ``umt5``)."""
@@ -75,6 +82,9 @@ class HFTokenEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @torch.no_grad()
     def hidden_states(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:

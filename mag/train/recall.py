@@ -1,16 +1,9 @@
 """The recall signal: is the loss lower where the model has seen the view before, long ago?
 
-For every pixel column of every training frame we know which panorama column it shows, so we can
-say when that view was last visible to the block being denoised (only earlier *blocks* are context
-in teacher forcing). Three categories:
-
-- ``new``: never shown in the context -- nothing to remember, only guessable from text/statistics;
-- ``recent``: last shown within ``window_frames`` frames -- short-range continuation;
-- ``recall``: last shown more than ``window_frames`` frames ago -- a sliding window would have
-  forgotten it; only long-term memory helps.
-
-If training works, ``loss_recall / loss_new`` falls clearly below 1 (the early probes of docs/design.md
-§3 saw 0.80–0.95 in a model that had not learned recall).
+Every pixel column of every training frame shows a known panorama column, so each is ``new`` (never in
+the context), ``recent`` (last shown within ``window_frames`` frames) or ``recall`` (shown longer ago: only
+long-term memory helps); only earlier blocks count as context. Training works when
+``loss_recall / loss_new`` falls clearly below 1. docs/recall.md, "The recall signal during training".
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """The training loop: AdamW, warm-up, clipping, accumulation, EMA, logging, atomic checkpoints, resume.
 
-Exact resume holds by construction: every step's data and noise come from generators seeded by
-``(seed, step, micro_batch)``, and the checkpoint restores weights, EMA, optimiser state and the
-global RNG. Training N steps in one go or N/2 + resume + N/2 gives bitwise-identical weights on CPU.
-
-Data parallelism (``torchrun``, see ``mag.train.distributed``): rank ``r`` of ``W`` trains on samples
-``[r*b/W, (r+1)*b/W)`` of every micro-batch of size ``b`` -- a disjoint slice of the *same* global batch,
-since every sample's draws depend only on its index -- with the model sharded by FSDP2
-(``mag.train.parallelize``). FSDP averages gradients over ranks, so the update equals the
-single-process update up to float reduction order. Only the main rank writes files; logged numbers
-are reduced over ranks at log time; checkpoints hold full tensors in the single-process format.
+Exact resume by construction: every step's data and noise come from generators seeded by
+``(seed, step, micro_batch)`` and the checkpoint restores weights, EMA, optimiser state and the global
+RNG, so N steps equal N/2 + resume + N/2 bitwise on CPU. Under ``torchrun`` rank ``r`` of ``W`` trains on
+a disjoint slice of the same global batch with the model sharded by FSDP2; only the main rank writes
+files, and checkpoints hold full tensors in the single-process format. docs/training.md.
 """
 
 from __future__ import annotations

@@ -8,6 +8,16 @@ from mag.weights.load import (
     read_checkpoint_file,
     unwrap_training_checkpoint,
 )
+from mag.weights.sources import (
+    MAG_MODEL_FORMAT,
+    SOURCE_KINDS,
+    ExternalDiT,
+    WeightSource,
+    detect_source,
+    dit_fields_from_state,
+    read_external_dit,
+)
 
-__all__ = ["detect_format", "diffusers_to_wan", "load_into", "load_state_dict_any", "read_checkpoint_file",
-           "unwrap_training_checkpoint", "wan_to_diffusers"]
+__all__ = ["MAG_MODEL_FORMAT", "SOURCE_KINDS", "ExternalDiT", "WeightSource", "detect_format",
+           "detect_source", "diffusers_to_wan", "dit_fields_from_state", "load_into", "load_state_dict_any",
+           "read_checkpoint_file", "read_external_dit", "unwrap_training_checkpoint", "wan_to_diffusers"]

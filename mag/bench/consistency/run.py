@@ -132,7 +132,7 @@ def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],
                     encode_prompts: Callable[[list[str]], Tensor], config: ConsistencyConfig, *,
                     progress: bool = True, memory_model: WanDiT | None = None,
-                    empty_context: Tensor | None = None) -> ConsistencyResult:
+                    empty_context: Tensor | None = None, codec: Codec | None = None) -> ConsistencyResult:
     """Run every policy and the reference rows on ``episodes``; see the module docstring.
 
     Args:
@@ -140,6 +140,8 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
         memory_model: the stage-1 memory model that writes the cache under ``mag`` / ``bounded``
             (same preset as the generator, see :func:`mag.memory.check_memory_model`).
         empty_context: ``[1, L, text_dim]`` embeddings of the empty prompt that the memory model reads.
+        codec: the codec frames go through (default: the preset's, built here; real weights pass the
+            Wan2.1 folder's VAE, which the frame-aligned protocol refuses for its temporal compression).
     """
     from tqdm.auto import tqdm
 
@@ -148,7 +150,7 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
     if config.batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
     policies = build_policies(config.policies, preset, memory_model=memory_model, empty_context=empty_context)
-    codec = get_codec_for(preset.video)
+    codec = codec if codec is not None else get_codec_for(preset.video)
     _check_codec(codec)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     within = [within_window(ep.frame_indices, ep.history_match, preset.cache) for ep in episodes]

@@ -8,7 +8,6 @@ from mag.bench.speed.cli import add_speed_arguments, run_speed_cli
 from mag.bench.speed.measure import merge_rounds, run_speed, stream_blocks
 from mag.bench.speed.report import write_plot
 from mag.bench.speed.setup import (
-    DTYPES,
     KV_HORIZONS,
     SpeedConfig,
     SpeedModels,
@@ -20,6 +19,6 @@ from mag.bench.speed.setup import (
     video_frames_for,
 )
 
-__all__ = ["DTYPES", "KV_HORIZONS", "SpeedConfig", "SpeedModels", "add_speed_arguments", "build_models",
+__all__ = ["KV_HORIZONS", "SpeedConfig", "SpeedModels", "add_speed_arguments", "build_models",
            "kv_bytes_curve", "latent_frames_for", "merge_rounds", "random_model", "run_speed",
            "run_speed_cli", "speed_preset", "stream_blocks", "video_frames_for", "write_plot"]

@@ -19,17 +19,17 @@ from mag.bench.speed.setup import (
     ATTENTION_BACKENDS,
     CUDA_ONLY_ATTENTION,
     DEVICES,
-    DTYPES,
     SpeedConfig,
     build_models,
 )
 from mag.checkpoint import git_commit
 from mag.errors import ConfigError, InputError
-from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
+from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
 from mag.models.compile import COMPILE_MODES
 from mag.pipelines import (
     AVAILABLE_POLICIES,
 )
+from mag.real_weights import add_real_weights_arguments
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +50,10 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="profile one more stream of this many blocks per policy (torch.profiler; top"
                              " operators in the JSON's 'profile')")
     add_model_flags(parser, model=None, memory_model=None, model_when_none="random weights",
-                    memory_when_none="random weights")
+                    memory_when_none="random weights", cuda_dtype="bfloat16")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights (the default when no --model is given)")
     add_runtime_arguments(parser, devices=DEVICES)
-    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                        help="weights, activations and cache dtype (default: bfloat16 on cuda,"
-                             " float32 on cpu)")
     parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the preset's)")
     parser.add_argument("--height", type=int, default=None, help="video height override (pixels)")
     parser.add_argument("--rope-max-positions", type=int, default=None,
@@ -73,6 +70,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     add_out_argument(parser, "output .json file (the PNG plot is written next to it)")
+    add_real_weights_arguments(parser)
 
 
 def _json_path(value: str) -> Path:
@@ -104,7 +102,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     if args.random_weights and args.model is not None:
         raise ConfigError("--random-weights and --model exclude each other; give one")
     set_threads(args.threads)
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+    dtype = dtype_from_args(args)
     if args.device not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -113,7 +111,9 @@ def run_speed_cli(args: argparse.Namespace) -> int:
     if args.device == "cpu" and config.attention in CUDA_ONLY_ATTENTION:
         raise ConfigError(f"--attention {config.attention} runs on CUDA only; on the CPU use auto, flash or"
                           " math")
-    models = build_models(args.preset, model=args.model, memory_model=args.memory_model, policies=policies,
+    models = build_models(args.preset, model=args.weights or args.model,
+                          memory_model=args.memory_weights or args.memory_model, policies=policies,
+                          wan_dir=args.wan_dir,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
                           height=args.height, width=args.width, rope_max_positions=args.rope_max_positions,
                           memory_sink_frames=args.memory_sink_frames, memory_slots=args.memory_slots)

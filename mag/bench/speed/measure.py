@@ -242,7 +242,7 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     dev = torch.device(device)
     preset = models.preset
     dtype = models.generator.patch_embedding.weight.dtype
-    codec = build_codec(preset, dev, dtype, config.seed) if config.decode else None
+    codec = build_codec(preset, dev, dtype, config.seed, models.wan_dir) if config.decode else None
     text_gen = torch.Generator().manual_seed(config.seed + TEXT_SEED_OFFSET)
     text_shape = (1, preset.text_max_tokens, preset.dit.text_dim)
     context = torch.randn(text_shape, generator=text_gen).to(dev, dtype)

@@ -16,18 +16,17 @@ from mag.cache import CachePolicy, retained_bytes
 from mag.codecs import get_codec_for
 from mag.config import Preset, get_preset, replace_nested
 from mag.errors import ConfigError, InputError
-from mag.memory import load_memory_model, memory_model_mismatch
+from mag.memory import memory_model_mismatch
 from mag.models import WanDiT
 from mag.pipelines import (
     AVAILABLE_POLICIES,
     MEMORY_MODEL_POLICIES,
     check_policy_name,
-    load_generator,
+    load_any_dit,
 )
 
 # Video-frame horizons at which the KV size is reported (issue 6: "from 100 to 10,000 frames").
 KV_HORIZONS: tuple[int, ...] = (100, 300, 1000, 3000, 10000)
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # --attention: SDPA backends a run may pin (auto: PyTorch's own choice per call).
 ATTENTION_BACKENDS: dict[str, SDPBackend | None] = {
@@ -167,6 +166,7 @@ class SpeedModels:
     memory_model: WanDiT | None
     preset: Preset
     source: dict[str, Any]
+    wan_dir: str | None = None  # the Wan2.1 folder whose VAE decodes (else a random VAE)
 
 
 def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype, seed: int) -> WanDiT:
@@ -184,7 +184,7 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
                  policies: tuple[str, ...], device: str, dtype: torch.dtype, seed: int,
                  steps: int | None = None, height: int | None = None, width: int | None = None,
                  rope_max_positions: int | None = None, memory_sink_frames: int | None = None,
-                 memory_slots: int | None = None) -> SpeedModels:
+                 memory_slots: int | None = None, wan_dir: str | None = None) -> SpeedModels:
     """Load ``--model`` / ``--memory-model`` or build random models of ``preset_name``.
 
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
@@ -202,7 +202,8 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
         if rope_max_positions is not None:
             raise ConfigError("--rope-max-positions sizes the position table of random-weight models only;"
                               " a trained model keeps the table it was trained with")
-        generator, preset, meta = load_generator(model, device=device)
+        loaded = load_any_dit(model, wan_dir=wan_dir, device=device)  # any format (mag.weights)
+        generator, preset, meta = loaded.model, loaded.preset, loaded.meta
         if preset_name is not None and preset_name != preset.name:
             raise ConfigError(f"--preset {preset_name} does not match the model's preset {preset.name!r};"
                               " drop --preset (the model defines it)")
@@ -216,7 +217,8 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
             memory = random_model(preset, device, dtype, seed + MEMORY_SEED_OFFSET)
             source["memory_model"] = "random weights (same config as the generator)"
         else:
-            memory, memory_preset, meta = load_memory_model(memory_model, device=device)
+            loaded = load_any_dit(memory_model, stages=("memory",), wan_dir=wan_dir, device=device)
+            memory, memory_preset, meta = loaded.model, loaded.preset, loaded.meta
             # The speed run may override the generator's video size, so only the network and block must agree.
             mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit", "cache.frames_per_block"))
             if mismatch is not None:
@@ -224,7 +226,7 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
                                   " give the memory model trained for this generator")
             memory = memory.to(dtype).requires_grad_(False)
             source["memory_model"] = {"model": memory_model, "name": meta.get("name")}
-    return SpeedModels(generator, memory, preset, source)
+    return SpeedModels(generator, memory, preset, source, wan_dir)
 
 
 def _check_device(preset: Preset, device: str) -> None:
@@ -238,11 +240,15 @@ def _check_device(preset: Preset, device: str) -> None:
                           " --device cuda, or --preset tiny on the CPU")
 
 
-def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
-    """The preset's codec for decoding in the loop: ``pixel`` as is, ``wan-vae`` with random weights."""
+def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int,
+                wan_dir: str | None = None) -> Any:
+    """The preset's codec for decoding in the loop: ``pixel`` as is, ``wan-vae`` from ``wan_dir`` (the
+    Wan2.1 folder) or with random weights (the same cost)."""
 
     if preset.video.codec == "pixel":
         return get_codec_for(preset.video)
+    if wan_dir is not None:
+        return get_codec_for(preset.video, path=wan_dir).to(device=device, dtype=dtype)
     try:
         import diffusers  # noqa: F401
     except ImportError as err:
