@@ -250,8 +250,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not infos:
         print("no models ship with this package yet")
         return 0
-    print(f"{'name':<20}{'stage':<15}{'preset':<8}{'params':>11}{'size':>8}{'steps':>7}{'train min':>11}"
-          f"  last trained on")
+    print(f"{'name':<20}{'stage':<15}{'preset':<8}{'params':>11}{'size':>8}{'steps':>7}"
+          f"{'train min':>11}  last trained on")
     for info in infos.values():
         print(f"{info.name:<20}{info.stage:<15}{info.preset:<8}{info.params:>11,}"
               f"{info.size_bytes / 1e6:>7.1f}M{info.train_steps:>7}{info.train_minutes:>11}"

@@ -120,7 +120,8 @@ class HostSyncAudit(TorchFunctionMode):
         if func in _FROM_HOST_DATA:
             device = kwargs.get("device")
             if device is not None and torch.device(device).type != "cpu" and not _on_device(args[0]):
-                return f"{name}(host data, device={torch.device(device)}) is a blocking host-to-device copy"
+                target = torch.device(device)
+                return f"{name}(host data, device={target}) is a blocking host-to-device copy"
         if func in (Tensor.to, Tensor.cuda) and args and isinstance(args[0], Tensor):
             target = torch.device("cuda") if func is Tensor.cuda else _target_device(args, kwargs)
             if target is None or target == args[0].device:

@@ -279,7 +279,8 @@ def fmt_value(value: float | None, digits: int) -> str:
 
 def markdown_summary(summary: dict[str, Any]) -> str:
     """One table: FD (the quality figure) and, for reference, PSNR / SSIM vs the real clip, per row."""
-    title = f"# Sample quality ({summary['clips']} {summary['split']} clips of {summary['frames']} frames)"
+    clips, split, frames = summary["clips"], summary["split"], summary["frames"]
+    title = f"# Sample quality ({clips} {split} clips of {frames} frames)"
     lines = [title, "",
              "FD: Fréchet distance of AlexNet pooled conv5 features (LPIPS AlexNet, frames nearest-upscaled"
              f" x{summary['feature_scale']}) of all generated vs all real frames; lower is better."

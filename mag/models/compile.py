@@ -73,4 +73,5 @@ def compile_scope(mode: str = "default") -> str:
     """What :func:`compile_model` compiles, in words (for reports)."""
     block_parts = ", ".join(f"WanBlock.{m}" for m in COMPILED_BLOCK_METHODS)
     model_parts = ", ".join(COMPILED_MODEL_PARTS)
-    return f"every block but its cached attention ({block_parts}), and the model's {model_parts}; mode {mode}"
+    blocks = f"every block but its cached attention ({block_parts})"
+    return f"{blocks}, and the model's {model_parts}; mode {mode}"
