@@ -35,7 +35,7 @@ from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
 from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_file
-from mag.io.video import write_mp4
+from mag.io.video import MP4_SUFFIXES, write_mp4
 from mag.pipelines import (
     MEMORY_MODEL_POLICIES,
     SamplerConfig,
@@ -290,7 +290,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give --velocity or --actions, not both")
     config = config_from_args(args)
     sampler = sampler_config(config)
-    output = check_output_file(args.out)
+    output = check_output_file(args.out, suffixes=MP4_SUFFIXES)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
     loaded = load_models(config, device=args.device, with_memory=needs_memory, dtype=dtype_from_args(args))
     preset = loaded.preset

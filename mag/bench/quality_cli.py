@@ -48,6 +48,7 @@ from mag.io.cli import (
     dtype_from_args,
     set_threads,
 )
+from mag.io.files import write_text
 from mag.models.dit import WanDiT
 from mag.objectives.ode import few_step_indices
 from mag.pipelines import SAMPLERS, SamplerConfig
@@ -173,7 +174,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         },
     }
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(markdown_summary(summary))
+    write_text(out / "summary.md", markdown_summary(summary))
     write_samples(out / "samples.png", real, samples)
     print(f"wrote {out / 'summary.json'} ({args.clips} {args.split} clips,"
           f" {summary['metadata']['seconds']} s)")

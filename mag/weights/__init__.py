@@ -5,9 +5,11 @@ from mag.weights.load import (
     detect_format,
     load_into,
     load_state_dict_any,
+    nonfinite_keys,
     read_checkpoint_file,
+    require_finite,
     unwrap_training_checkpoint,
 )
 
-__all__ = ["detect_format", "diffusers_to_wan", "load_into", "load_state_dict_any", "read_checkpoint_file",
-           "unwrap_training_checkpoint", "wan_to_diffusers"]
+__all__ = ["detect_format", "diffusers_to_wan", "load_into", "load_state_dict_any", "nonfinite_keys",
+           "read_checkpoint_file", "require_finite", "unwrap_training_checkpoint", "wan_to_diffusers"]
