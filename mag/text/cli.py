@@ -8,6 +8,7 @@ from pathlib import Path
 from mag.config import build_registered
 from mag.errors import InputError
 from mag.io.cli import add_out_argument
+from mag.io.files import SAFETENSORS_SUFFIXES, check_output
 from mag.text import PROMPT_TABLE_ENV, TEXT_ENCODERS, write_prompt_table
 from mag.world import THEMES, theme_prompts
 
@@ -41,6 +42,7 @@ def _table(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give a file name such as {out / 'prompts.safetensors'}")
+    check_output(out, suffixes=SAFETENSORS_SUFFIXES)
     kwargs = {"mode": args.mode} if args.encoder == "minilm" else {}
     encoder = build_registered("text encoder", TEXT_ENCODERS, args.encoder, **kwargs)
     write_prompt_table(encoder, prompts, out)

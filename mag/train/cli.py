@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mag.errors import InputError
 from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
-from mag.io.files import FIGURE_SUFFIXES, check_output, save_figure
+from mag.io.files import FIGURE_SUFFIXES, SAFETENSORS_SUFFIXES, check_output, save_figure
 from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
 from mag.objectives.ode import save_ode_pairs
 from mag.train.distributed import destroy, init_distributed
@@ -111,6 +111,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
     from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _train
 
     set_threads(args.pairs_threads)
+    check_output(args.pairs_out, suffixes=SAFETENSORS_SUFFIXES, inputs=(args.teacher,))
     start = time.perf_counter()
     pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, frames=args.frames,
