@@ -16,10 +16,10 @@ from helpers import TINY_OVERRIDES, recipe_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mag.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from mag.cli import main
 from mag.errors import CheckpointError, ConfigError
 from mag.registry import export_model, load_model
-from mag.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from mag.train.recipe import load_recipe, recipe_from_dict
 from mag.train.runlog import TrainingDiverged
 from mag.train.trainer import Trainer
@@ -184,7 +184,8 @@ ZYGOTE = """
 import os, sys, torch
 torch.set_num_threads(1)
 from mag.train.recipe import load_recipe
-from mag.train.trainer import Trainer, prompt_cache
+from mag.text import prompt_cache
+from mag.train.trainer import Trainer
 recipe = load_recipe(sys.argv[1])
 prompt_cache(recipe.build_preset().text_encoder, recipe.data.text_mode)
 print("ready", flush=True)
