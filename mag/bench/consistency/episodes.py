@@ -165,6 +165,16 @@ def _parse_switch_entry(name: str, entry: Any, path: Path) -> tuple[int, str, li
     return entry["switch_frame"], prompt, pairs
 
 
+def _inside(folder: Path, name: str, table_path: Path) -> Path:
+    """``folder / name`` if that is a plain file name inside ``folder`` (no path, no ``..``, no link out)."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or not path.resolve().is_relative_to(
+            folder.resolve()):
+        raise InputError(f"{table_path} lists {name!r}: entries must be file names inside {folder}, not"
+                         " paths")
+    return path
+
+
 def video_episodes(folder: str | Path, preset: Preset, *,
                    frames_after: int | None = None) -> list[BenchEpisode]:
     """Real videos as benchmark cases: ``folder/*.mp4`` plus ``folder/switch_times.json``.
@@ -195,7 +205,7 @@ def video_episodes(folder: str | Path, preset: Preset, *,
     out = []
     for name in sorted(table):
         switch, prompt, pairs = _parse_switch_entry(name, table[name], table_path)
-        video_path = folder / name
+        video_path = _inside(folder, name, table_path)
         if not video_path.is_file():
             raise InputError(f"{table_path} lists {name!r}, which is not a file in {folder}")
         frames = _resize_frames(read_mp4(video_path), preset.video.height, preset.video.width)
