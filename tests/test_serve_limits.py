@@ -114,7 +114,7 @@ def test_bodies_are_bounded_and_text_must_encode():
         parse_json_body(b"9" * 5000)  # past Python's int digit limit: ValueError, not JSONDecodeError
     with pytest.raises(InputError, match="not UTF-8"):
         parse_json_body(b'{"prompt": "\xff"}')
-    with pytest.raises(InputError, match="not valid text"):
+    with pytest.raises(InputError, match="not valid UTF-8 text"):
         check_text("\ud800", "prompt", MAX_PROMPT_CHARS)
 
 
@@ -122,7 +122,7 @@ def test_a_lone_surrogate_prompt_is_refused_and_the_stream_goes_on(server):
     """``{"prompt": "\\ud800"}`` used to be answered ok, then the generator thread died for good."""
     live, viewer = server
     status, body = _post(viewer.port, b'{"prompt": "\\ud800"}')
-    assert status == 400 and b"not valid text" in body
+    assert status == 400 and b"not valid UTF-8 text" in body
     status, _ = _post(viewer.port, b"[" * 2000 + b"]" * 2000)
     assert status == 400
     first, second = _frames(viewer, 2)

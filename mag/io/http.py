@@ -1,7 +1,7 @@
 """Untrusted HTTP input, bounded: JSON bodies of limited nesting, text that encodes, a capped server.
 
 Invariants: :func:`parse_json_body` raises only InputError (never RecursionError or ValueError);
-:func:`check_text` returns text that UTF-8 can encode (no lone surrogates) within its length limit;
+:func:`check_text` (:mod:`mag.io.text`) returns text that UTF-8 can encode, within its length limit;
 :class:`BoundedHTTPServer` holds at most ``max_connections`` handler threads, answers the rest 503 at
 once, and its handlers time out a peer that stalls (slow headers, a body that never comes).
 """
@@ -15,6 +15,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from mag.errors import InputError
+from mag.io.text import check_text
 
 __all__ = ["BUSY_RESPONSE", "MAX_JSON_DEPTH", "BoundedHTTPServer", "check_text", "json_depth",
            "parse_json_body"]
@@ -60,20 +61,6 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, and ints past Python's digit limit
         raise InputError(f"body is not JSON: {str(err)[:120]}") from err
-
-
-def check_text(value: Any, what: str, max_chars: int) -> str:
-    """``value`` stripped, if it is a non-empty string of at most ``max_chars`` characters that UTF-8
-    can encode (a lone surrogate such as ``"\\ud800"`` cannot); InputError otherwise."""
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{what} must be a non-empty string, got {value!r:.60}")
-    if len(value) > max_chars:
-        raise InputError(f"{what} has {len(value)} characters; at most {max_chars} are accepted")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InputError(f"{what} is not valid text: {err.reason} at character {err.start}") from err
-    return value.strip()
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):

@@ -22,7 +22,7 @@ import numpy as np
 from mag.app import LoadedModels, check_velocity
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError
-from mag.io.http import check_text
+from mag.io.text import check_text
 from mag.models.compile import CompiledModules
 from mag.pipelines import (
     SamplerConfig,
