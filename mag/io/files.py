@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["FIGURE_SUFFIXES", "SAFETENSORS_SUFFIXES", "PathLike", "atomic_path", "check_output",
-           "fsync_folder", "save_figure", "write_json", "write_text"]
+           "check_folder_writable", "fsync_folder", "save_figure", "write_json", "write_text"]
 
 PathLike = str | os.PathLike[str]
 # Suffix of every safetensors file the project writes (models, checkpoints, tables, pairs).
@@ -73,22 +73,29 @@ def _refuse_target(target: Path, inputs: Iterable[PathLike]) -> None:
 
 def check_output(path: PathLike, *, suffixes: Iterable[str] = (), inputs: Iterable[PathLike] = (),
                  what: str = "output") -> Path:
-    """Check that ``path`` may be written (before any work): folder creatable and writable, suffix in
-    ``suffixes`` (when given), not a non-regular file, not one of ``inputs``. One-line InputError if not."""
+    """Check that ``path`` may be written (before any work, creating nothing): folder creatable and
+    writable, suffix in ``suffixes`` (when given), not a non-regular file, not one of ``inputs``.
+    One-line InputError if not."""
     target = Path(path)
     allowed = tuple(s.lower() for s in suffixes)
     if allowed and target.suffix.lower() not in allowed:
         raise InputError(f"{what} {target} must end in {' or '.join(allowed)} (the format written);"
                          f" got {target.suffix or 'no suffix'!r}")
     _refuse_target(target, inputs)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot write {target}: {err.strerror or err}; choose a writable path") from err
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {target}: folder {target.parent} is not writable; choose a"
-                         " writable path")
+    check_folder_writable(target.parent, str(target))
     return target
+
+
+def check_folder_writable(folder: PathLike, what: str) -> None:
+    """``folder`` exists as a writable folder, or its nearest existing ancestor does (so that it can be
+    created when the output is written); nothing is created here."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {what}: {existing} is not a folder; choose a writable path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {what}: folder {existing} is not writable; choose a writable path")
 
 
 def fsync_folder(folder: PathLike) -> None:
@@ -118,6 +125,7 @@ def atomic_path(path: PathLike, *, suffixes: Iterable[str] = (), inputs: Iterabl
     the block succeeds, fsync it and rename it onto ``path``. On any error the target is untouched."""
     target = check_output(path, suffixes=suffixes, inputs=inputs, what=what)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
                                     dir=target.parent)
     except OSError as err:

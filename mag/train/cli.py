@@ -74,6 +74,10 @@ def _train(args: argparse.Namespace) -> int:
 
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise InputError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
     set_threads(args.threads)
     from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s to `mag` start
 
@@ -159,6 +163,8 @@ def plot_path(out: str) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    if args.smooth < 1:
+        raise InputError(f"--smooth must be >= 1 log record, got {args.smooth}")
     import matplotlib
 
     matplotlib.use("Agg")
