@@ -49,6 +49,7 @@ from mag.io.cli import (
     set_threads,
 )
 from mag.io.files import write_text
+from mag.io.paths import check_output_dir
 from mag.models.dit import WanDiT
 from mag.objectives.ode import few_step_indices
 from mag.pipelines import SAMPLERS, SamplerConfig
@@ -92,6 +93,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
     started = time.time()
     set_threads(args.threads)
+    check_output_dir(args.out)  # before any model or clip
     if args.clips < 2:
         raise ConfigError(f"--clips must be at least 2 (a Fréchet distance needs a covariance), got"
                           f" {args.clips}")
