@@ -2,9 +2,9 @@
 
 A checkpoint holds everything an exact resume needs -- model, EMA, optimizer state, RNG state, step --
 plus the recipe and git commit that made it (safetensors metadata, JSON strings), so a shipped
-checkpoint says how to reproduce it. Files are written to ``<name>.tmp`` and renamed, so a crash
-mid-write never leaves a truncated ``step_*.safetensors`` behind, and no existing file is overwritten
-by a failed save.
+checkpoint says how to reproduce it. Files go through :func:`mag.io.files.atomic_path` (temp file,
+fsync, rename): a crash never leaves a truncated ``step_*.safetensors``. Non-finite weights are never
+saved and never loaded, so rotation cannot remove the newest finite checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
-from mag.errors import CheckpointError
+from mag.errors import CheckpointError, InputError
+from mag.io.files import atomic_path
+from mag.weights import require_finite
 
 CHECKPOINT_FORMAT = "mag-train-v1"
 # One file per step, or a sharded folder (``mag.train.dcp``); both count for "latest" and keep_last.
@@ -111,7 +113,13 @@ def restore_rng(states: dict[str, Tensor]) -> None:
 
 
 def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int = 3) -> Path:
-    """Write ``directory/step_XXXXXXXX.safetensors`` atomically; delete all but the newest ``keep_last``."""
+    """Write ``directory/step_XXXXXXXX.safetensors`` atomically; delete all but the newest ``keep_last``.
+
+    Weights with a NaN or infinity are refused (CheckpointError, nothing written or deleted).
+    """
+    require_finite(state.model, f"the model at step {state.step}")
+    if state.ema is not None:
+        require_finite(state.ema, f"the EMA weights at step {state.step}")
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -134,12 +142,10 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in state.metadata.items()},
     }
     final = directory / f"step_{state.step:08d}.safetensors"
-    tmp = final.with_suffix(".safetensors.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, final)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(final) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except (OSError, InputError) as err:
         raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
@@ -197,6 +203,8 @@ def load_checkpoint(path: str | Path) -> TrainingState:
 
     skeleton = metadata.pop("optimizer", None)
     ema = section(_EMA)
+    require_finite(section(_MODEL), f"checkpoint {path}")
+    require_finite(ema, f"checkpoint {path} (EMA)")
     return TrainingState(
         step=int(metadata.pop("step")),
         model=section(_MODEL),
@@ -256,3 +264,16 @@ def read_dcp_full(path: str | Path) -> TrainingState:
     metadata.pop("format", None)
     return TrainingState(step=step, model=state["model.model"], ema=state.get(EMA_KEY) or None,
                          optimizer=None, rng=state.get(RNG_KEY, {}), metadata=metadata, extra={})
+def newest_loadable_checkpoint(directory: str | Path) -> tuple[Path, TrainingState, list[str]] | None:
+    """The newest checkpoint in ``directory`` that loads and verifies, with one line per newer file that
+    did not (why it was skipped); None when there are no checkpoints. Raises CheckpointError when there
+    are checkpoints but none verifies."""
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as err:
+            skipped.append(f"{path.name}: {err}")
+    if skipped:
+        raise CheckpointError(f"no checkpoint in {directory} can be loaded: " + " | ".join(skipped[:3]))
+    return None

@@ -10,7 +10,6 @@ frame of the same view. One episode is an illustration; the measurement is ``mag
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from mag.checkpoint import git_commit
 from mag.codecs import get_codec_for
 from mag.errors import ConfigError, InputError
 from mag.io.cli import add_out_argument, dtype_from_args
+from mag.io.files import write_json
 from mag.io.paths import check_output_dir
 from mag.io.video import write_mp4, write_png_strip
 from mag.pipelines import StreamingGenerator
@@ -307,7 +307,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     write_demo_video(out / "demo.mp4", result)
     write_revisit_strip(out / "revisit.png", result)
     record = demo_record(result, config, loaded, time.time() - started, args.seed, args.device)
-    (out / "demo.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    write_json(out / "demo.json", record, indent=1)
     ep = result.episode
     print(f"test episode {ep.name}: {ep.switch_frame} history frames, {ep.num_generate} generated,"
           f" {len(record['episode']['beyond_window_frames'])} revisit a view beyond the window")

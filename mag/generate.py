@@ -35,7 +35,8 @@ from mag.codecs import get_codec_for, tensor_to_frames
 from mag.errors import ConfigError, InputError
 from mag.io.cli import add_out_argument, dtype_from_args
 from mag.io.paths import check_output_file
-from mag.io.video import write_mp4
+from mag.io.text import check_text
+from mag.io.video import MP4_SUFFIXES, write_mp4
 from mag.pipelines import (
     MEMORY_MODEL_POLICIES,
     SamplerConfig,
@@ -140,7 +141,7 @@ def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
             if not 0 <= entry["frame"] < frames:
                 raise InputError(f"prompts file {path} entry {i}: frame {entry['frame']} is outside the"
                                  f" {frames} generated frames")
-            entries.append((entry["frame"], entry["prompt"]))
+            entries.append((entry["frame"], check_text(entry["prompt"], f"prompts file {path} entry {i}")))
         frames_given = [f for f, _ in entries]
         if frames_given != sorted(set(frames_given)):
             raise InputError(f"prompts file {path}: frames must increase strictly, got {frames_given}")
@@ -148,7 +149,7 @@ def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
         if prompt is None:
             raise InputError("no prompt for frame 0: give --prompt, or a prompts-file entry with"
                              " \"frame\": 0")
-        entries.insert(0, (0, prompt))
+        entries.insert(0, (0, check_text(prompt, "--prompt")))
     elif prompt is not None and path is not None:
         raise InputError(f"--prompt and the frame-0 entry of {path} both give the first prompt; drop one")
     switches = []
@@ -301,10 +302,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give --velocity or --actions, not both")
     config = config_from_args(args)
     sampler = sampler_config(config)
-    output = check_output_file(args.out)
+    output = check_output_file(args.out, suffixes=MP4_SUFFIXES)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
     loaded = load_models(config, device=args.device, with_memory=needs_memory, dtype=dtype_from_args(args))
     preset = loaded.preset
+    horizon = preset.dit.rope_max_positions
+    if args.frames > horizon:  # before any per-frame array is allocated
+        raise ConfigError(f"--frames {args.frames} is more than this model streams: its RoPE table holds"
+                          f" {horizon} frames (dit.rope_max_positions)")
     width = float(preset.video.width)
     if args.actions is not None:
         velocities = parse_actions(args.actions, args.frames, width)

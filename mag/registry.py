@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,9 @@ from mag.checkpoint import is_dcp_checkpoint, latest_checkpoint, load_checkpoint
 from mag.config import Preset, preset_from_dict
 from mag.errors import CheckpointError
 from mag.io.cli import add_out_argument
+from mag.io.files import SAFETENSORS_SUFFIXES, atomic_path, check_output
 from mag.models import WanDiT
+from mag.weights import load_into
 
 MODEL_FORMAT = "mag-model-v1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -61,13 +62,19 @@ class ModelInfo:
 
 def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: str,
                  use_ema: bool = True) -> Path:
-    """Write the inference weights of training ``checkpoint`` as a model file (atomic)."""
-
+    """Write the inference weights of training ``checkpoint`` as a model file (atomic; never onto the
+    checkpoint itself, nor with a stage label that contradicts the checkpoint's objective)."""
     if stage not in STAGES:
         raise CheckpointError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    check_output(out, suffixes=SAFETENSORS_SUFFIXES, inputs=(checkpoint,))
     state = read_dcp_full(checkpoint) if is_dcp_checkpoint(checkpoint) else load_checkpoint(checkpoint)
     weights = state.ema if use_ema and state.ema is not None else state.model
     meta = state.metadata
+    recorded = model_stage(meta)
+    if recorded is not None and (recorded == "memory") != (stage == "memory"):
+        raise CheckpointError(f"{checkpoint} was trained as a {recorded!r} model; it cannot be exported as"
+                              f" --stage {stage} (a memory model and a generator share one architecture,"
+                              " so the label is all that tells them apart)")
     recipe = meta.get("recipe", {})
     metadata = {
         "format": MODEL_FORMAT,
@@ -83,13 +90,10 @@ def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: s
         "weights": "ema" if use_ema and state.ema is not None else "raw",
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
+        with atomic_path(out, suffixes=SAFETENSORS_SUFFIXES, inputs=(checkpoint,)) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write model file {out}: {err}") from err
     return out
 
@@ -177,12 +181,7 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", *,
         model = WanDiT(preset.dit)
     model.to_empty(device=device)
     model.init_weights()  # non-persistent buffers (RoPE tables); parameters are overwritten below
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit a {preset.name} model: missing {sorted(missing)[:5]}"
-            f" ({len(missing)}), unexpected {sorted(unexpected)[:5]} ({len(unexpected)})"
-        )
+    load_into(model, weights, f"{path} ({preset.name} preset)")
     return model.eval(), preset, decoded
 
 

@@ -16,7 +16,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -29,6 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mag.io import write_png_strip  # noqa: E402
+from mag.io.files import write_json  # noqa: E402
 from mag.world import THEMES, WorldConfig, make_clip, make_episode, render_frames, sample_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": measure(),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result, allow_nan=True)
     for key, value in result["results"].items():
         if key.endswith("_per_s"):
             print(f"{key:40s} {value:12,.0f}")

@@ -10,7 +10,6 @@ Usage: python scripts/count_kernels.py [--preset wan-1.3b] [--policies window,ma
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from mag.app import machine_info
 from mag.bench.host import count_block_kernels
 from mag.bench.speed import random_model, speed_preset
 from mag.checkpoint import git_commit
+from mag.io.files import write_json
 from mag.pipelines import StreamingGenerator, check_policy_name, policy_from_name, writer_for
 
 META = torch.device("meta")
@@ -58,7 +58,7 @@ def main() -> None:
               f" {len(row['host_syncs'])} host syncs")
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json_out, report, allow_nan=True)
 
 
 if __name__ == "__main__":

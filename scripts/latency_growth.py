@@ -18,6 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mag.io.files import save_figure, write_json
+
 DEFAULT_MARKS = "100,1000,3000,10000"
 DEFAULT_SPAN_FRAMES = 15
 
@@ -65,7 +67,7 @@ def plot_curves(report: dict[str, Any], path: Path, span: int) -> None:
     ax.set_title(f"{report.get('preset', '')} {report.get('device', '')}: per-block latency along the stream")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -86,8 +88,8 @@ def main() -> None:
                  if v is not None]
         print(f"{name}: " + ", ".join(cells))
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps({"source": str(args.json), "span_frames": args.span,
-                                             "policies": table}, indent=2) + "\n")
+        write_json(args.json_out, {"source": str(args.json), "span_frames": args.span, "policies": table},
+                   allow_nan=True)
     if args.plot is not None:
         plot_curves(report, args.plot, args.span)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from mag.cache import CachePolicy, MagPolicy, retained_frames
 from mag.config import CacheConfig, Preset, get_preset
+from mag.io.files import write_json
 from mag.pipelines import MEMORY_MODEL_POLICIES, policy_from_name
 
 
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"  {name:>10}: mean {row['mean_ms']:.1f} ms, fit {row['fit_ms']:.1f} ms, mean keys"
               f" {row['mean_key_frames']:.2f} frames, rms residual {row['rms_residual_ms']:.1f} ms")
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps({"source": str(args.json), **result}, indent=2) + "\n")
+        write_json(args.json_out, {"source": str(args.json), **result}, allow_nan=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mag.io.files import save_figure  # noqa: E402
 from mag.memory import memory_training_mask  # noqa: E402
 
 FRAMES_PER_BLOCK = 3
@@ -66,7 +67,7 @@ def main() -> None:
                 bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": "grey"})
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=DPI)
+    save_figure(fig, args.out, dpi=DPI)
     print(f"wrote {args.out}")
 
 

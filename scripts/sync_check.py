@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from mag.bench.host import HostSyncAudit
 from mag.bench.speed import random_model, speed_preset
 from mag.checkpoint import git_commit
 from mag.config import replace_nested
+from mag.io.files import write_json
 from mag.pipelines import AVAILABLE_POLICIES, StreamingGenerator, policy_from_name, writer_for
 
 
@@ -84,7 +84,7 @@ def main() -> int:
         print(f"{name:>10}: {result}")
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json_out, report, allow_nan=True)
     return 0 if all(r == "no host sync" for r in report["policies"].values()) else 1
 
 

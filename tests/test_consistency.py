@@ -231,6 +231,8 @@ def test_real_video_mode_scores_mirror_and_explicit_pairs(tmp_path, checkpoint):
     ({"missing.mp4": 6}, "not a file"),
     ({"a.mp4": "six"}, "must be a switch frame"),
     ({"a.mp4": {"switch_frame": 12, "pairs": [[12, 20]]}}, "history frame in"),
+    ({"../videos/a.mp4": 12}, "file names inside"),  # names a file, but by a path: refused
+    ({"/etc/hostname": 12}, "file names inside"),
 ])
 def test_bad_video_folders_are_one_input_error(tmp_path, table, message):
     folder = _video_folder(tmp_path, table)

@@ -48,9 +48,10 @@ def test_unwritable_output_path_raises_input_error(tmp_path):
     frames = np.zeros((3, 32, 32, 3), np.uint8)
     with pytest.raises(InputError, match="cannot write"):
         write_mp4(blocker / "out.mp4", frames, 16)
-    with pytest.raises(InputError, match="is a directory"):
-        write_mp4(tmp_path, frames, 16)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(InputError, match="it is a folder"):
+        write_mp4(tmp_path / "folder.mp4", frames, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder.mp4"]
 
 
 def test_bad_frames_and_options_raise_input_error(tmp_path):

@@ -39,6 +39,7 @@ from mag.checkpoint import git_commit
 from mag.config import get_preset
 from mag.errors import ConfigError
 from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
+from mag.io.paths import check_output_dir
 from mag.memory import check_memory_model, load_memory_model
 from mag.models import WanDiT
 from mag.pipelines import SamplerConfig, load_generator
@@ -140,6 +141,7 @@ def _consistency(args: argparse.Namespace) -> int:
 
     started = time.time()
     set_threads(args.threads)
+    check_output_dir(args.out)  # before any model or episode
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     if not policies:
         raise ConfigError("--policies is empty; give e.g. full,window,downsample")
@@ -238,6 +240,7 @@ def _memory(args: argparse.Namespace) -> int:
 
     started = time.time()
     set_threads(args.threads)
+    check_output_dir(args.out)  # before any model or episode
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
     dtype = dtype_from_args(args)

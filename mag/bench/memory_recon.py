@@ -25,6 +25,7 @@ from mag.bench.consistency.scores import METRICS, psnr_of_mean_mse, score_pairs
 from mag.codecs import Codec, frames_to_tensor, get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.io.files import write_text
 from mag.io.video import write_png_strip
 from mag.memory import memory_training_mask
 from mag.models.dit import WanDiT
@@ -309,7 +310,7 @@ def write_results(out_dir: str | Path, result: ReconResult, config: ReconConfig,
         raise InputError(f"cannot create output folder {out}: {err.strerror}") from err
     summary = {**summarize(result), "config": asdict(config), "metadata": metadata}
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(markdown_summary(summary))
+    write_text(out / "summary.md", markdown_summary(summary))
     first = result.episodes[0].name
     labels = [f"input, clip {first}, frames 0..{len(result.strip['input']) - 1}"]
     labels += [f"{name}: {FEW_STEP} from compressed memory" for name in result.strip if name != "input"]

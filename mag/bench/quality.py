@@ -10,7 +10,6 @@ clip's sample does not depend on the batch. Protocol and results: docs/training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mag.bench.metrics import frechet_distance, psnr, ssim, summarize_psnr
 from mag.codecs import get_codec_for, tensor_to_frames
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
+from mag.io import files
 from mag.io.video import write_png_strip
 from mag.models.dit import WanDiT
 from mag.objectives.ode import sample_ode_trajectory
@@ -299,9 +299,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    files.write_json(path, data, indent=1)
 
 
 def write_samples(path: Path, real: RealClips, samples: dict[str, np.ndarray]) -> None:

@@ -48,6 +48,8 @@ from mag.io.cli import (
     dtype_from_args,
     set_threads,
 )
+from mag.io.files import write_text
+from mag.io.paths import check_output_dir
 from mag.models.dit import WanDiT
 from mag.objectives.ode import few_step_indices
 from mag.pipelines import SAMPLERS, SamplerConfig
@@ -91,6 +93,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
     started = time.time()
     set_threads(args.threads)
+    check_output_dir(args.out)  # before any model or clip
     if args.clips < 2:
         raise ConfigError(f"--clips must be at least 2 (a Fréchet distance needs a covariance), got"
                           f" {args.clips}")
@@ -173,7 +176,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         },
     }
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(markdown_summary(summary))
+    write_text(out / "summary.md", markdown_summary(summary))
     write_samples(out / "samples.png", real, samples)
     print(f"wrote {out / 'summary.json'} ({args.clips} {args.split} clips,"
           f" {summary['metadata']['seconds']} s)")

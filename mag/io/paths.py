@@ -3,9 +3,11 @@ minutes of generation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from mag.errors import InputError
+from mag.io.files import check_folder_writable, check_output
 
 __all__ = ["check_output_dir", "check_output_file"]
 
@@ -21,28 +23,25 @@ def _probe(folder: Path, name: str, what: str, advice: str) -> None:
 
 
 def check_output_dir(path: str | Path, option: str = "-o") -> Path:
-    """Create the output folder (parents too) or raise a one-line InputError saying why it cannot be."""
+    """Check that the output folder exists as a folder or can be created (it is created when the first
+    file is written), or raise a one-line InputError saying why not. Nothing is left on disk."""
     out = Path(path)
     advice = f"choose a writable folder with {option}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create output folder {out}: {err.strerror or err}; {advice}") from err
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is not a folder; give a folder with {option}")
-    _probe(out, "folder", f"into {out}", advice)
+    check_folder_writable(out, f"into {out}")
+    if out.is_dir():
+        _probe(out, "folder", f"into {out}", advice)
     return out
 
 
-def check_output_file(path: str | Path) -> Path:
-    """Create the output file's folder and check it can be written (one-line InputError if not)."""
+def check_output_file(path: str | Path, suffixes: Iterable[str] = (),
+                      inputs: Iterable[str | Path] = ()) -> Path:
+    """Check an output file before the work (see :func:`mag.io.files.check_output`) and probe its folder."""
     target = Path(path)
-    if target.is_dir():
+    if target.is_dir() and not target.is_symlink():
         raise InputError(f"output {target} is a folder; give a file name such as {target / 'out.mp4'}")
-    advice = "choose a writable output path"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot write {target}: {err.strerror or err}; {advice}") from err
-    _probe(target.parent, target.name, str(target), advice)
+    check_output(target, suffixes=suffixes, inputs=inputs)
+    if target.parent.is_dir():
+        _probe(target.parent, target.name, str(target), "choose a writable output path")
     return target

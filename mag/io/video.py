@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -22,9 +20,10 @@ from typing import Literal
 import numpy as np
 
 from mag.errors import InputError
+from mag.io.files import atomic_path, check_output
 
-__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "MIN_SIDE_PX", "auto_scale", "read_mp4", "write_mp4",
-           "write_png_strip"]
+__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "MIN_SIDE_PX", "MP4_SUFFIXES", "PNG_SUFFIXES", "auto_scale",
+           "check_mp4_output", "read_mp4", "write_mp4", "write_png_strip"]
 
 PixelFormat = Literal["yuv420p", "yuv444p"]
 
@@ -41,35 +40,9 @@ STRIP_BACKGROUND = (255, 255, 255)
 STRIP_TEXT = (0, 0, 0)
 
 
-_DEFAULT_FILE_MODE = 0o666
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def _atomic_path(path: str | os.PathLike[str], suffix: str) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    except OSError as err:
-        reason = err.strerror or err
-        raise InputError(f"cannot write {target}: {reason}; choose a writable output path") from err
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, _DEFAULT_FILE_MODE & ~_current_umask())  # mkstemp makes 0600; match a plain open()
-    try:
-        yield tmp
-        if target.is_dir():
-            raise InputError(f"cannot write {target}: it is a directory; give a file name")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+# Suffixes of the files written here (the data's format, checked against the output name).
+MP4_SUFFIXES = (".mp4",)
+PNG_SUFFIXES = (".png",)
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -78,6 +51,11 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
         raise InputError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype}"
                          f" {list(frames.shape)}")
     return frames
+
+
+def check_mp4_output(path: str | os.PathLike[str]) -> Path:
+    """Refuse an mp4 output path that :func:`write_mp4` could not write, before the frames are made."""
+    return check_output(path, suffixes=MP4_SUFFIXES)
 
 
 def auto_scale(height: int, width: int) -> int:
@@ -113,7 +91,7 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, s
     if pix_fmt == "yuv420p" and (height % 2 or width % 2):
         raise InputError(f"yuv420p needs even frame sizes, got {height}x{width} after scale {scale};"
                          " use an even scale or pix_fmt='yuv444p'")
-    with _atomic_path(path, ".mp4") as tmp:
+    with atomic_path(path, suffixes=MP4_SUFFIXES) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
             stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -188,7 +166,7 @@ def write_png_strip(path: str | os.PathLike[str], rows: Sequence[np.ndarray],
             draw.text((1, y), labels[i], fill=STRIP_TEXT)
         canvas.paste(Image.fromarray(img), (0, y + label_px))
         y += img.shape[0] + label_px + STRIP_GAP_PX
-    with _atomic_path(path, ".png") as tmp:
+    with atomic_path(path, suffixes=PNG_SUFFIXES) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
 

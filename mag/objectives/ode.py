@@ -10,7 +10,6 @@ written atomically) is described in docs/training.md, "Training chain".
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from mag.errors import CheckpointError, InputError
+from mag.io.files import SAFETENSORS_SUFFIXES, atomic_path
 from mag.objectives.flow_matching import LossOutput, clean_noisy_forward, teacher_forcing_mask
 from mag.schedulers import FlowMatchScheduler
 
@@ -74,13 +74,10 @@ def save_ode_pairs(path: str | Path, pairs: ODEPairs) -> Path:
     if pairs.camera_px is not None:
         tensors["camera_px"] = pairs.camera_px.detach().contiguous().cpu()
     metadata = {"format": ODE_PAIRS_FORMAT, **{k: json.dumps(v) for k, v in pairs.metadata.items()}}
-    tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path, suffixes=SAFETENSORS_SUFFIXES) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write ODE pairs {path}: {err}") from err
     return path
 

@@ -15,6 +15,7 @@ from mag.app import (
 )
 from mag.generate import DEFAULT_PROMPT
 from mag.io.cli import dtype_from_args
+from mag.io.text import check_text
 from mag.pipelines import MEMORY_MODEL_POLICIES, check_policy_name
 from mag.real_weights import (
     add_real_weights_arguments,
@@ -22,7 +23,14 @@ from mag.real_weights import (
     pipeline_from_args,
     uses_real_weights,
 )
-from mag.serve.live import DEFAULT_POLICY, DEFAULT_PORT, GROWING_MAX_FRAMES, LiveStream, default_max_frames
+from mag.serve.live import (
+    DEFAULT_POLICY,
+    DEFAULT_PORT,
+    GROWING_MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    LiveStream,
+    default_max_frames,
+)
 from mag.serve.viewer import Viewer
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +68,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not real:
         args.policy = args.policy or DEFAULT_POLICY
         check_policy_name(args.policy, has_memory_model=bool(config.memory_model))  # before any model loads
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt", MAX_PROMPT_CHARS)
     sampler = sampler_config(config)
     viewer = Viewer(args.port)  # a taken port fails before any model is loaded
     try:

@@ -21,7 +21,8 @@ import numpy as np
 
 from mag.app import LoadedModels, check_velocity
 from mag.codecs import Codec, get_codec_for, tensor_to_frames
-from mag.errors import ConfigError, InputError
+from mag.errors import ConfigError
+from mag.io.text import check_text
 from mag.models.compile import CompiledModules
 from mag.pipelines import (
     SamplerConfig,
@@ -246,9 +247,7 @@ class LiveStream:
             velocity, prompt = self._velocity, self._pending_prompt
             self._pending_prompt = None
         if prompt is not None:
-            self._context = self.loaded.encode([prompt])
-            (gen.set_prompt if gen.position == 0 else gen.recache)(self._context)
-            self.prompt = prompt
+            self._switch_prompt(prompt)
         first = gen.position
         track = [self._camera_px + velocity * (j + (first > 0)) for j in range(self.block)]
         self._camera_px = track[-1]
@@ -274,6 +273,20 @@ class LiveStream:
             self._cond.notify_all()
         return frames
 
+    def _switch_prompt(self, prompt: str) -> None:
+        """Encode and apply a new prompt; if the encoder refuses it, keep streaming the current one."""
+        gen = self.generator
+        try:
+            context = self.loaded.encode([prompt])
+        except Exception as err:  # a command must never stop the stream
+            self._notice = f"prompt not applied ({type(err).__name__}: {err}); keeping the current one"
+            self._notice_until = time.time() + NOTICE_S
+            print(f"mag serve: {self._notice}", file=sys.stderr, flush=True)
+            return
+        self._context = context
+        (gen.set_prompt if gen.position == 0 else gen.recache)(self._context)
+        self.prompt = prompt
+
     def _stream_stats(self, frame: int = -1) -> dict[str, Any]:
         """The generator-side readouts after the block ending at global frame ``frame``."""
         gen = self.generator
@@ -297,8 +310,4 @@ def _check_velocity(value: Any, max_px: float) -> float:
 
 
 def _check_prompt(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"prompt must be a non-empty string, got {value!r:.60}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"prompt has {len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-    return value.strip()
+    return check_text(value, "prompt", MAX_PROMPT_CHARS)

@@ -2,7 +2,8 @@
 
 Binds 127.0.0.1 only, answers only loopback ``Host`` headers (no DNS rebinding) and takes control only as
 ``application/json``. Endpoints: ``GET /``, ``GET /frames`` (Server-Sent Events), ``GET /stats``,
-``POST /control`` with ``{"velocity": v}`` and/or ``{"prompt": "..."}``.
+``POST /control`` with ``{"velocity": v}`` and/or ``{"prompt": "..."}``. Untrusted input is bounded
+(:mod:`mag.io.http`): JSON nesting, text that must encode, a request timeout and a connection cap.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
 
 from mag.errors import InputError
+from mag.io.http import BoundedHTTPServer, parse_json_body
 from mag.serve.live import (
     JOIN_TIMEOUT_S,
     MAX_PROMPT_CHARS,
@@ -35,7 +37,15 @@ PACE_FRACTION = 0.9
 # Longest pause between two frames a viewer paces (s), and the keep-alive period of an idle stream (s).
 MAX_PACE_S = 0.25
 KEEPALIVE_S = 1.0
-MAX_BODY_BYTES = 4096
+# A control body holds a prompt of MAX_PROMPT_CHARS characters even when every one is written as a JSON
+# surrogate-pair escape ("\\ud83d\\ude00", 12 bytes), plus the velocity and the braces.
+MAX_ESCAPED_CHAR_BYTES = 12
+BODY_OVERHEAD_BYTES = 1024
+MAX_BODY_BYTES = MAX_PROMPT_CHARS * MAX_ESCAPED_CHAR_BYTES + BODY_OVERHEAD_BYTES
+# A peer must send its request (headers and body) within this many seconds; a viewer that stops reading
+# the event stream for this long is dropped. Connections handled at once (more are answered 503).
+REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
 # Display size of the frames on the page (CSS px) and the frames the page keeps for inspection.
 DISPLAY_PX = 512
 PAGE_KEEP_FRAMES = 16
@@ -48,6 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.0"  # one request per connection: the event stream ends with it
+    timeout = REQUEST_TIMEOUT_S  # socket timeout: slow headers, bodies and stalled viewers
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: a live stream would log a line per poll."""
@@ -107,9 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
                                                               f" {MAX_BODY_BYTES} bytes"})
             return
         try:
-            reply = apply_control(self.server.live, json.loads(self.rfile.read(length)))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {err}"})
+            reply = apply_control(self.server.live, parse_json_body(self.rfile.read(length)))
         except InputError as err:
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
         else:
@@ -137,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(frame.event())
                     self.wfile.flush()
                     last = frame.index
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the page went away, or stopped reading for REQUEST_TIMEOUT_S
             pass  # the page went away
         finally:
             live.detach()
@@ -156,8 +165,8 @@ def apply_control(live: LiveStream, body: Any) -> dict[str, Any]:
     return reply
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedHTTPServer):
+    max_connections = MAX_CONNECTIONS
     live: LiveStream
     closing = False
 

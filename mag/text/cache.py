@@ -10,8 +10,6 @@ data). The on-disk layout: docs/codecs-and-text.md.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mag.errors import ConfigError
+from mag.io.files import atomic_path
 from mag.text.base import TextEncoder, check_prompts
 
 __all__ = ["PromptEmbeddingCache"]
@@ -139,13 +138,6 @@ class PromptEmbeddingCache:
         path = self._file(prompt)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({_TENSOR_KEY: entry.contiguous()}, tmp,
+        with atomic_path(path) as tmp:
+            save_file({_TENSOR_KEY: entry.contiguous()}, str(tmp),
                       metadata={"prompt": prompt, "fingerprint": self.encoder.fingerprint})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

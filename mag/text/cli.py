@@ -8,6 +8,8 @@ from pathlib import Path
 from mag.config import build_registered
 from mag.errors import InputError
 from mag.io.cli import add_out_argument
+from mag.io.files import SAFETENSORS_SUFFIXES, check_output
+from mag.io.text import check_text
 from mag.text import PROMPT_TABLE_ENV, TEXT_ENCODERS, write_prompt_table
 from mag.world import THEMES, theme_prompts
 
@@ -35,12 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _table(args: argparse.Namespace) -> int:
 
-    prompts = [""] + list(args.prompt)
+    prompts = [""] + [check_text(p, "--prompt") for p in args.prompt]
     if not args.no_world:
         prompts += [p for theme in THEMES.values() for p in theme_prompts(theme)]
     out = Path(args.out)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give a file name such as {out / 'prompts.safetensors'}")
+    check_output(out, suffixes=SAFETENSORS_SUFFIXES)
     kwargs = {"mode": args.mode} if args.encoder == "minilm" else {}
     encoder = build_registered("text encoder", TEXT_ENCODERS, args.encoder, **kwargs)
     write_prompt_table(encoder, prompts, out)

@@ -52,6 +52,9 @@ class MiniLMEncoder(TextEncoder):
     def __init__(self, mode: Mode = "tokens", max_tokens: int = DEFAULT_MAX_TOKENS,
                  path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a local load of ~100 tensors: no bar on the user's stderr
 
         if mode not in ("tokens", "pooled"):
             raise ConfigError(f"minilm mode must be 'tokens' or 'pooled', got {mode!r}")

@@ -9,8 +9,6 @@ never a silent zero embedding. File layout: docs/codecs-and-text.md.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mag.errors import CheckpointError, ConfigError, InputError
+from mag.io.files import atomic_path
 from mag.text.base import TextEncoder, check_prompts
 
 __all__ = ["PROMPT_TABLE_ENV", "PromptTableEncoder", "encoder_settings", "write_prompt_table"]
@@ -48,15 +47,9 @@ def write_prompt_table(encoder: TextEncoder, prompts: Sequence[str], path: str |
         raise InputError(f"cannot write the prompt table {path}: folder {path.parent} does not exist")
     metadata = {"name": encoder.name, "fingerprint": encoder.fingerprint, "text_dim": str(encoder.text_dim),
                 "settings": json.dumps(encoder_settings(encoder)), "prompts": json.dumps(unique)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"embeddings": torch.cat(embeddings).contiguous(), "lengths": torch.cat(lengths)}, tmp,
-                  metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": torch.cat(embeddings).contiguous(), "lengths": torch.cat(lengths)},
+                  str(tmp), metadata=metadata)
     return path
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from mag.errors import InputError
 from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
+from mag.io.files import FIGURE_SUFFIXES, SAFETENSORS_SUFFIXES, check_output, save_figure
 from mag.objectives.dmd import SELF_FORCING_GUIDANCE_SCALE
 from mag.objectives.ode import save_ode_pairs
 from mag.train.distributed import destroy, init_distributed
@@ -18,6 +20,8 @@ from mag.train.recipe import load_recipe
 # 48 puts the levels 1000, 750, 500, 250 on the grid).
 DEFAULT_ODE_STEPS = 48
 SECONDS_PER_MINUTE = 60.0
+PLOT_DPI = 120
+DEFAULT_FIGURE_SUFFIX = ".png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +81,10 @@ def _train(args: argparse.Namespace) -> int:
         return _plan(args)
     if not args.recipe or not args.out:
         raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise InputError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
     set_threads(args.threads)
     from mag.train.mesh import needs_process_group  # lazy: FSDP and DCP imports add ~1.5 s to `mag` start
     from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s to `mag` start
@@ -85,8 +93,12 @@ def _train(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device, single_group=needs_process_group(recipe.parallel))
     try:
         trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress, dist=ctx)
+        _print_notes(trainer.notes, ctx.is_main)
         limit_s = None if args.time_limit is None else args.time_limit * SECONDS_PER_MINUTE
-        result = trainer.run(max_steps=args.max_steps, time_limit_s=limit_s)
+        try:
+            result = trainer.run(max_steps=args.max_steps, time_limit_s=limit_s)
+        finally:
+            _print_notes(trainer.notes, ctx.is_main)
     finally:
         destroy(ctx)
     if ctx.is_main:
@@ -106,6 +118,12 @@ def _plan(args: argparse.Namespace) -> int:
         raise InputError(f"--gpus and --nodes must be >= 1, got {args.gpus} and {args.nodes}")
     print(plan_training(load_recipe(args.recipe), args.gpus, args.nodes).format())
     return 0
+def _print_notes(notes: list[str], is_main: bool) -> None:
+    """What the trainer decided on its own (a resume fallback, a stale lock), once, on stderr."""
+    if is_main:
+        for note in notes:
+            print(f"mag: note: {note}", file=sys.stderr)
+    notes.clear()
 
 
 def _ode_pairs(args: argparse.Namespace) -> int:
@@ -115,6 +133,7 @@ def _ode_pairs(args: argparse.Namespace) -> int:
     from mag.train.ode_pairs import make_ode_pairs  # lazy: as Trainer in _train
 
     set_threads(args.pairs_threads)
+    check_output(args.pairs_out, suffixes=SAFETENSORS_SUFFIXES, inputs=(args.teacher,))
     start = time.perf_counter()
     pairs = make_ode_pairs(args.teacher, args.clips, num_steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, frames=args.frames,
@@ -152,12 +171,24 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def plot_path(out: str) -> Path:
+    """The file ``mag plot -o`` writes: a name without a suffix gets ``.png`` (as matplotlib would add);
+    another suffix must be a figure format. Checked before any metrics are read."""
+    path = Path(out)
+    if not path.suffix:
+        path = path.with_name(path.name + DEFAULT_FIGURE_SUFFIX)
+    return check_output(path, suffixes=FIGURE_SUFFIXES, what="plot")
+
+
 def _plot(args: argparse.Namespace) -> int:
+    if args.smooth < 1:
+        raise InputError(f"--smooth must be >= 1 log record, got {args.smooth}")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = plot_path(args.out)
     runs = [(source, read_metrics(source)) for source in args.metrics]
     # DMD runs log the critic's loss as `loss` and the generator's separately; flow-matching runs log the
     # loss by view category. The right panel shows whichever the runs have.
@@ -183,10 +214,8 @@ def _plot(args: argparse.Namespace) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(args.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out, dpi=PLOT_DPI)
     except OSError as err:
         raise InputError(f"cannot write {out}: {err.strerror}") from err
     print(f"wrote {out}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mag.errors import CheckpointError
+
 
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * param`` after every optimiser step.
@@ -32,7 +34,11 @@ class EMA:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+            raise CheckpointError(f"EMA state lacks {sorted(missing)[:5]}")
+        wrong = [f"{k}: {list(state[k].shape)} vs {list(v.shape)}" for k, v in self.shadow.items()
+                 if state[k].shape != v.shape]
+        if wrong:
+            raise CheckpointError(f"EMA state does not fit the model: {len(wrong)} wrong-shape ({wrong[0]})")
         for name in self.shadow:
             self.shadow[name].copy_(state[name])
 

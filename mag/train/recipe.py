@@ -8,6 +8,7 @@ current one: only ``loop.steps`` (train longer) and logging/checkpoint cadence m
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,11 @@ class Recipe:
         return get_preset(self.preset, **self.preset_overrides)
 
     def validate(self) -> Recipe:
+        for section in _SECTIONS:
+            check_field_types(getattr(self, section), section)
+        for name in ("name", "preset"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"recipe {name} must be a string, got {getattr(self, name)!r}")
         preset = self.build_preset()
         self.objective.validate()
         self.optim.validate()
@@ -366,6 +372,39 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Recipe sections that are typed dataclasses (every field has a default, whose type the value must have).
+_SECTIONS = ("objective", "optim", "loop", "data", "init", "ode", "dmd")
+
+
+def check_field_types(cfg: Any, section: str) -> None:
+    """Refuse values of the wrong type in a recipe section: ``batch_size = true``, ``lr = "1e-3"``, a
+    NaN or infinite float (TOML has ``nan`` and ``inf``). Ints are accepted where floats are expected."""
+    defaults = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        _check_value(f"{section}.{f.name}", getattr(cfg, f.name), getattr(defaults, f.name))
+
+
+def _check_value(name: str, value: Any, default: Any) -> None:
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a finite number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok, kind = isinstance(value, tuple) and len(value) == len(default), f"a list of {len(default)} values"
+        if ok:
+            for i, (item, item_default) in enumerate(zip(value, default, strict=True)):
+                _check_value(f"{name}[{i}]", item, item_default)
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 # Fields that may change between a checkpoint and the run resuming it.
@@ -392,7 +431,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"recipe {path} is not valid TOML: {err}") from err
     return recipe_from_dict(data)

@@ -27,12 +27,14 @@ from mag.checkpoint import (
     git_commit,
     is_dcp_checkpoint,
     latest_checkpoint,
-    load_checkpoint,
+    newest_loadable_checkpoint,
     read_dcp_metadata,
     restore_rng,
     save_checkpoint,
 )
-from mag.errors import CheckpointError, ConfigError
+from mag.errors import CheckpointError, ConfigError, InputError
+from mag.io.files import write_json
+from mag.io.lock import RunLock
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
 from mag.train.data import clip_source
@@ -52,6 +54,7 @@ from mag.train.parallelize import (
 )
 from mag.train.recall import CATEGORY_NAMES, category_losses
 from mag.train.recipe import Recipe, recipe_differences
+from mag.train.runlog import check_record, cut_metrics, diverged
 from mag.train.steps import (
     MEMORY_MODEL_METADATA,
     DMDStep,
@@ -64,6 +67,7 @@ from mag.train.steps import (
     build_model,
     sample_generator,
 )
+from mag.weights import load_into, nonfinite_keys
 
 __all__ = ["Parallelize", "SampleDraws", "TrainResult", "Trainer", "build_model", "prompt_cache",
            "sample_generator"]
@@ -71,6 +75,7 @@ __all__ = ["Parallelize", "SampleDraws", "TrainResult", "Trainer", "build_model"
 Parallelize = Callable[[nn.Module], nn.Module]
 # Per-step statistics that are not averaged over ranks when logged.
 _CATEGORY_STATS = ("category_mean", "category_count")
+DIVERGENCE_HINT = "lower optim.lr or optim.grad_clip, then resume with --resume"
 
 
 @dataclass
@@ -111,15 +116,40 @@ class Trainer:
         loop = recipe.loop
         self.sample_indices = self.dist.batch_slice(loop.batch_size // loop.grad_accum)
         self.scheduler = FlowMatchScheduler(self.preset.scheduler, self.preset.dit.prediction)
+        if resume and not self.out_dir.is_dir():
+            raise InputError(f"cannot resume: run folder {self.out_dir} does not exist; check --out, or"
+                             " drop --resume to start a new run")
+        self.notes: list[str] = []  # what the trainer decided on its own (fallbacks), printed by the CLI
+        # The folder is this trainer's from here until run() ends (or close()); only the main rank writes.
+        self._lock = RunLock(self.out_dir) if self.is_main else None
+        self._acquire()
+        try:
+            self._setup(resume, parallelize)
+        except BaseException:
+            self.close()
+            raise
 
+    def _acquire(self) -> None:
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire()
+            if self._lock.stale:
+                self.notes.append(f"{self._lock.path} was left by process {self._lock.stale}, which has"
+                                  " ended; taking the folder over")
+
+    def close(self) -> None:
+        """Give the run folder up (run() does this when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, resume: bool, parallelize: Parallelize | None) -> None:
+        recipe = self.recipe
         existing = latest_checkpoint(self.ckpt_dir)
         if existing is not None and not resume:
             raise CheckpointError(
                 f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass --resume to"
                 " continue that run or choose another output directory"
             )
-        resume_state: TrainingState | Path | None = (
-            self._load_resume_state(existing) if resume and existing is not None else None)
+        resume_state: TrainingState | Path | None = self._load_resume_state() if resume else None
 
         # Every rank builds the full model from the recipe seed (or init.model), then shards it: all start
         # from the single-process weights. The EMA shadow is built after sharding, so it is sharded like
@@ -154,12 +184,23 @@ class Trainer:
             self._restore(resume_state)
 
     # ------------------------------------------------------------------ resume
-    def _load_resume_state(self, path: Path) -> TrainingState | Path:
-        """The checkpoint file's state, or a DCP folder's path (loaded into the built networks later),
-        after checking its recipe against this run's."""
-        dcp_folder = is_dcp_checkpoint(path)
-        state = None if dcp_folder else load_checkpoint(path)
-        stored = read_dcp_metadata(path).get("recipe") if state is None else state.metadata.get("recipe")
+    def _load_resume_state(self) -> TrainingState | Path | None:
+        """The newest checkpoint that verifies (newer files that do not are skipped, and noted): a
+        checkpoint file's state, or a DCP folder's path (loaded into the built networks later)."""
+        newest = latest_checkpoint(self.ckpt_dir)
+        if newest is not None and is_dcp_checkpoint(newest):
+            path, state = newest, None
+            stored = read_dcp_metadata(path).get("recipe")
+        else:
+            found = newest_loadable_checkpoint(self.ckpt_dir)
+            if found is None:
+                self.notes.append(f"no checkpoint in {self.ckpt_dir} yet: starting from step 0")
+                return None
+            path, state, skipped = found
+            if skipped:
+                self.notes.append(f"resuming from {path.name}, the newest checkpoint that loads; skipped "
+                                  + "; ".join(skipped))
+            stored = state.metadata.get("recipe")
         if not isinstance(stored, dict):
             raise CheckpointError(f"{path} has no recipe metadata; cannot check it matches this run")
         diffs = recipe_differences(stored, self.recipe)
@@ -189,11 +230,7 @@ class Trainer:
         if sharded:
             load_full_model_state(self.model, state.model)
         else:
-            missing, unexpected = self.model.load_state_dict(state.model, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_into(self.model, state.model, f"checkpoint of step {state.step}")
         if state.ema is not None:
             self.ema.load_state_dict(shard_like(state.ema, self.ema.state_dict()) if sharded else state.ema)
         if state.optimizer is not None:
@@ -228,6 +265,10 @@ class Trainer:
             model, ema = self.model.state_dict(), self.ema.state_dict()
             optimizer = self.optimizer.state_dict()
         extra, extra_metadata = self.dmd.state() if self.dmd is not None else ({}, {})
+        bad = nonfinite_keys(model) + nonfinite_keys(ema)
+        if bad:
+            raise diverged(f"non-finite weights at step {self.step} ({bad[0]})",
+                           latest_checkpoint(self.ckpt_dir), DIVERGENCE_HINT)
         if not self.is_main:
             barrier(self.dist)
             return None
@@ -327,9 +368,17 @@ class Trainer:
         deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
         loop = self.recipe.loop
         target = loop.steps if max_steps is None else min(loop.steps, self.step + max_steps)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            (self.out_dir / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
+        self._acquire()
+        try:
+            if self.is_main:
+                cut_metrics(self.metrics_path, self.step)
+                write_json(self.out_dir / "recipe.json", self.recipe.to_dict())
+            return self._run(target, deadline)
+        finally:
+            self.close()
+
+    def _run(self, target: int, deadline: float | None) -> TrainResult:
+        loop = self.recipe.loop
         tokens_per_step = loop.batch_size * self.runner.tokens_per_sample
         bar = tqdm(total=target, initial=self.step, disable=not (self.progress and self.is_main),
                    desc=self.recipe.name, unit="step", dynamic_ncols=True)
@@ -355,6 +404,7 @@ class Trainer:
                         record["recall_ratio"] = recall / new
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    check_record(record, latest_checkpoint(self.ckpt_dir), DIVERGENCE_HINT)
                     last_loss = record["loss"]
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     recall=f"{record.get('recall_ratio', math.nan):.2f}")

@@ -5,7 +5,9 @@ from mag.weights.load import (
     detect_format,
     load_into,
     load_state_dict_any,
+    nonfinite_keys,
     read_checkpoint_file,
+    require_finite,
     unwrap_training_checkpoint,
 )
 from mag.weights.sources import (
@@ -20,4 +22,5 @@ from mag.weights.sources import (
 
 __all__ = ["MAG_MODEL_FORMAT", "SOURCE_KINDS", "ExternalDiT", "WeightSource", "detect_format",
            "detect_source", "diffusers_to_wan", "dit_fields_from_state", "load_into", "load_state_dict_any",
-           "read_checkpoint_file", "read_external_dit", "unwrap_training_checkpoint", "wan_to_diffusers"]
+           "nonfinite_keys", "read_checkpoint_file", "read_external_dit", "require_finite",
+           "unwrap_training_checkpoint", "wan_to_diffusers"]

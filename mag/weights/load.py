@@ -185,13 +185,29 @@ def load_state_dict_any(source: str | Path | Mapping[str, Any], *, use_ema: bool
     return diffusers_to_wan(state) if detect_format(state) == "diffusers" else dict(state)
 
 
-def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Copy ``state`` into ``model`` after checking that keys and shapes match exactly.
+def nonfinite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]
+
+
+def require_finite(state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Refuse weights with NaN / infinite values (a diverged run): they would render black video."""
+    bad = nonfinite_keys(state)
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights ({len(bad)} tensors, e.g."
+                              f" {'; '.join(bad[:KEYS_SHOWN])}): the run that wrote it diverged; use an"
+                              " earlier checkpoint")
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model`` after checking that keys and shapes match exactly and that every
+    value is finite.
 
     Works for models built on the meta device too (tensors are then assigned, not copied).
 
     Raises:
-        CheckpointError: naming the first few missing / unexpected / wrong-shape keys, with counts.
+        CheckpointError: naming the first few missing / unexpected / wrong-shape / non-finite keys.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -203,10 +219,11 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         if items:
             problems.append(f"{len(items)} {label} ({'; '.join(items[:KEYS_SHOWN])})")
     if problems:
-        raise CheckpointError("checkpoint does not fit the model: " + ", ".join(problems))
+        raise CheckpointError(f"{source} does not fit the model: " + ", ".join(problems))
+    require_finite(state, source)
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(dict(state), strict=True, assign=on_meta)
 
 
-__all__ = ["detect_format", "load_into", "load_state_dict_any", "read_checkpoint_file",
-           "unwrap_training_checkpoint"]
+__all__ = ["detect_format", "load_into", "load_state_dict_any", "nonfinite_keys", "read_checkpoint_file",
+           "require_finite", "unwrap_training_checkpoint"]

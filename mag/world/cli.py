@@ -7,7 +7,15 @@ from pathlib import Path
 
 from mag.errors import InputError
 from mag.io.cli import add_out_argument
-from mag.io.video import DEFAULT_CRF, DEFAULT_SCALE, write_mp4, write_png_strip
+from mag.io.files import check_output
+from mag.io.video import (
+    DEFAULT_CRF,
+    DEFAULT_SCALE,
+    PNG_SUFFIXES,
+    check_mp4_output,
+    write_mp4,
+    write_png_strip,
+)
 from mag.world.episodes import SPLIT_SEEDS, Episode, make_episode
 from mag.world.panorama import THEMES, WORLD_PRESETS, get_world_config
 
@@ -90,6 +98,7 @@ def _episode(args: argparse.Namespace) -> Episode:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    check_mp4_output(args.out)  # before the episode is rendered
     episode = _episode(args)
     count = args.frames or len(episode.frames)
     path = write_mp4(Path(args.out), episode.frames[:count], args.fps, scale=args.scale, crf=args.crf)
@@ -99,6 +108,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    check_output(args.png, suffixes=PNG_SUFFIXES)  # before the episode is rendered
     episode = _episode(args)
     if args.every <= 0:
         raise InputError(f"--every must be positive, got {args.every}")

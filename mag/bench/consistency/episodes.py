@@ -7,6 +7,7 @@ knows the history frame that last showed the same view (``history_match``) and h
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from mag.config import CacheConfig, Preset
 from mag.errors import ConfigError, InputError
 from mag.io.video import read_mp4
 from mag.train.data import preset_world
-from mag.world import WorldConfig, camera_track, last_seen, make_episode
+from mag.world import SPLIT_SEEDS, WorldConfig, camera_track, last_seen, make_episode
 
 SWITCH_TIMES_FILE = "switch_times.json"
 UINT8_LEVELS = 255.0
+RGB_BYTES = 3  # bytes of one uint8 RGB pixel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +113,14 @@ def world_episodes(world: WorldConfig, *, split: str = "test", count: int, seed_
     """Panorama-world episodes ``start .. start+count-1`` of ``split`` as benchmark cases."""
     if count <= 0:
         raise ConfigError(f"the benchmark needs at least one episode, got {count}")
+    available = len(SPLIT_SEEDS[split]) - start if seed_base is None else count
+    if count > available:
+        raise ConfigError(f"split {split!r} has {available} episodes from index {start}; asked for {count}")
+    need = count * world.episode_frames * world.frame_height * world.frame_width * RGB_BYTES
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free:  # the episodes are held in memory: refuse before building them
+        raise ConfigError(f"{count} episodes of {world.episode_frames} frames need {need / 2**30:.1f} GiB of"
+                          f" frames, more than the {free / 2**30:.1f} GiB free; ask for fewer episodes")
     block = world.block_frames
     out = []
     for index in range(start, start + count):
@@ -165,6 +175,16 @@ def _parse_switch_entry(name: str, entry: Any, path: Path) -> tuple[int, str, li
     return entry["switch_frame"], prompt, pairs
 
 
+def _inside(folder: Path, name: str, table_path: Path) -> Path:
+    """``folder / name`` if that is a plain file name inside ``folder`` (no path, no ``..``, no link out)."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or not path.resolve().is_relative_to(
+            folder.resolve()):
+        raise InputError(f"{table_path} lists {name!r}: entries must be file names inside {folder}, not"
+                         " paths")
+    return path
+
+
 def video_episodes(folder: str | Path, preset: Preset, *,
                    frames_after: int | None = None) -> list[BenchEpisode]:
     """Real videos as benchmark cases: ``folder/*.mp4`` plus ``folder/switch_times.json``.
@@ -195,7 +215,7 @@ def video_episodes(folder: str | Path, preset: Preset, *,
     out = []
     for name in sorted(table):
         switch, prompt, pairs = _parse_switch_entry(name, table[name], table_path)
-        video_path = folder / name
+        video_path = _inside(folder, name, table_path)
         if not video_path.is_file():
             raise InputError(f"{table_path} lists {name!r}, which is not a file in {folder}")
         frames = _resize_frames(read_mp4(video_path), preset.video.height, preset.video.width)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from mag.bench.consistency.scores import ConsistencyResult
+from mag.io.files import save_figure
 from mag.io.video import write_png_strip
 
 # Frames shown in the revisit strip, and how many of them come before the first beyond-window revisit.
@@ -54,8 +55,7 @@ def plot_psnr_vs_gap(summary: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{summary['episodes']} episodes; window policy: {window['sink_frames']} sink +"
                  f" {window['window_frames']} recent frames", fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

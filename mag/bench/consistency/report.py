@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from mag.bench.consistency.scores import (
 )
 from mag.config import Preset
 from mag.errors import InputError
+from mag.io import files
 
 # ---------------------------------------------------------------------------------------------
 # Report files
@@ -56,10 +56,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    files.write_json(path, data, indent=1)
 
 
 def write_results(out_dir: str | Path, result: ConsistencyResult, config: ConsistencyConfig, preset: Preset,
@@ -93,7 +90,7 @@ def write_results(out_dir: str | Path, result: ConsistencyResult, config: Consis
     summary["metadata"] = metadata
     write_json(out / "summary.json", summary)
     write_json(out / "metadata.json", metadata)
-    (out / "summary.md").write_text(markdown_summary(summary))
+    files.write_text(out / "summary.md", markdown_summary(summary))
     plot_psnr_vs_gap(summary, out / "psnr_vs_gap.png")
     write_revisit_strip(result, out / "revisit_strip.png")
     return summary

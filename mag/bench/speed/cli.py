@@ -25,6 +25,7 @@ from mag.bench.speed.setup import (
 from mag.checkpoint import git_commit
 from mag.errors import ConfigError, InputError
 from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
+from mag.io.files import FIGURE_SUFFIXES, check_output
 from mag.models.compile import COMPILE_MODES
 from mag.pipelines import (
     AVAILABLE_POLICIES,
@@ -86,7 +87,8 @@ def _json_path(value: str) -> Path:
                          " path") from err
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"--out {value} is not writable; choose a writable path")
-    return path
+    check_output(path.with_suffix(".png"), suffixes=FIGURE_SUFFIXES)
+    return check_output(path, suffixes=(".json",))
 
 
 def run_speed_cli(args: argparse.Namespace) -> int:

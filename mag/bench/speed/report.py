@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from mag.io import files
 
 PLOT_DPI = 120
 # The peak figure of a policy row: device memory on CUDA, resident-set growth on the CPU. Files written
@@ -27,9 +28,7 @@ def peak_bytes(row: dict[str, Any]) -> int:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    files.write_json(path, report, allow_nan=True)
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
@@ -59,6 +58,6 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     ax_kv.set_title("KV cache size as the stream grows")
     ax_kv.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
+    files.save_figure(fig, path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
