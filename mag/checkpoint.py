@@ -147,9 +147,14 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
             save_file(tensors, str(tmp), metadata=metadata)
     except (OSError, InputError) as err:
         raise CheckpointError(f"could not write checkpoint {final}: {err}") from err
+    prune_checkpoints(directory, keep_last)
+    return final
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (files or DCP folders); 0 keeps every one."""
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    return final
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

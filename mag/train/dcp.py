@@ -37,7 +37,7 @@ from mag.checkpoint import (
     NO_GROUP_WARNING,
     RNG_KEY,
     capture_rng,
-    list_checkpoints,
+    prune_checkpoints,
     read_dcp_metadata,
     restore_rng,
 )
@@ -83,8 +83,7 @@ def save_dcp(directory: str | Path, step: int, networks: dict[str, Trained], ema
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        prune_checkpoints(directory, keep_last)
     barrier(ctx)
     return final
 
