@@ -1,11 +1,10 @@
-"""Our streaming loop against the official MAG inference loop, and our UMT5 against Wan's T5 encoder.
+"""Our streaming loop against the official MAG inference loop (UMT5: test_official_umt5.py).
 
 tests/data/official/ (scripts/official_reference.py, its README): MAG's ``memory_generation_pipeline``
 streamed 27 blocks at the official geometry (2 uncompressed sinks, a ring of 21 compressed frames that
 wraps at block 21, the memory model writing every block with the empty prompt and reading the sinks),
-with its noise and re-noise recorded; and Wan2.1's T5 encoder in its ``.pth`` layout. Both sides run in
-float32; the differences left come from operation order (~1e-6 here), a mis-wired cache moves outputs by
-O(0.01..1).
+with its noise and re-noise recorded; we replay it through the public ``generate_block(noise=,
+renoise=)`` with the official-format folders loaded by ``load_any_dit``.
 """
 
 from __future__ import annotations
@@ -17,9 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from mag.pipelines import SamplerConfig, StreamingGenerator, load_any_dit, policy_from_name, writer_for
-from mag.text.umt5_wan import load_wan_t5
 
 DATA = Path(__file__).parent / "data" / "official"
+# Why 1e-4: both sides run float32 on the same weights and noise, so what is left is operation order,
+# 9.5e-7 at worst over the 27 blocks (latents of scale ~5); the smallest real mis-wiring measured, the
+# memory model blind to the two sinks, is off by 2.8e-2 at block 2. 1e-4 sits ~100x above the first and
+# ~300x below the second, and is the issue's acceptance bound.
 BLOCK_TOLERANCE = 1e-4
 # Latents of the reference stream are [16, 2, 4]: a 16 x 32 video at the VAE's 8x.
 SIZE = {"video.height": 16, "video.width": 32}
@@ -62,16 +64,6 @@ def test_hiding_the_sinks_from_the_memory_model_departs_from_the_official_loop()
     block = blocks[0].shape[1]
     late = torch.cat(blocks[2:], 1) - ref["output"][:, 2 * block:]
     assert float(late.abs().max()) > 100 * BLOCK_TOLERANCE
-
-
-def test_umt5_read_from_the_original_pth_equals_wans_t5_encoder():
-    ref = load_file(str(DATA / "umt5_encode.safetensors"))
-    model = load_wan_t5(DATA / "umt5_enc_bf16.pth", torch.float32)
-    ids, mask = ref["ids"].long(), ref["mask"].long()
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
-    scale = float(ref["hidden"].abs().max())
-    assert float((hidden - ref["hidden"]).abs().max()) <= BLOCK_TOLERANCE * scale
 
 
 @pytest.mark.parametrize("name", ["mag_generator", "mag_memory"])
