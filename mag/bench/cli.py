@@ -31,11 +31,13 @@ from mag.bench.consistency import (
     world_episodes,
     write_results,
 )
+from mag.bench.consistency.magbench import magbench_clips, run_magbench, write_magbench_results
 from mag.bench.memory_recon import FEW_STEP, ReconConfig, clip_length, run_memory_recon
 from mag.bench.memory_recon import write_results as write_recon_results
 from mag.bench.quality_cli import add_quality_arguments, run_quality_cli
 from mag.bench.speed import add_speed_arguments, run_speed_cli
 from mag.checkpoint import git_commit
+from mag.codecs import get_codec_for
 from mag.config import get_preset
 from mag.errors import ConfigError
 from mag.io.cli import add_out_argument, add_runtime_arguments, dtype_from_args, set_threads
@@ -51,6 +53,8 @@ MEMORY_DESCRIPTION = ("Reconstruct every block of held-out world clips from the 
                       " memory"
                       " (the last frame of each block) with the empty prompt, one step per few-step level and"
                       " with the full few-step sampler, and score them against the input blocks.")
+FRAME_ALIGNED, MAGBENCH = "frame-aligned", "magbench"
+PROTOCOLS = (FRAME_ALIGNED, MAGBENCH)
 # Seed of the untrained model used when no --model is given (a floor, not a result).
 RANDOM_MODEL_SEED = 0
 
@@ -102,7 +106,14 @@ def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", default=None,
                         help="named world config (default: the checkpoint's training world, else 'default')")
     parser.add_argument("--videos", default=None,
-                        help="folder of mp4 files + switch_times.json: run the protocol on real videos")
+                        help="folder of mp4 files (+ switch_times.json for the frame-aligned protocol): run"
+                             " the protocol on real videos")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=FRAME_ALIGNED,
+                        help="frame-aligned (default): each generated frame scored against the ground truth"
+                             " at its own time and the history frame of the same view; magbench: MAG-Bench's"
+                             " own, with --videos: switch at 75%% of each clip, history VAE-encoded, each"
+                             " generated frame scored against its LPIPS-nearest ground-truth frame of the"
+                             " return segment (prompts from the folder's prompts.json, else none)")
     parser.add_argument("--sampler", choices=("few_step", "euler"), default="few_step")
     parser.add_argument("--steps", type=int, default=0, help="Euler steps (--sampler euler)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 ="
@@ -137,6 +148,20 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return model, preset, metadata
 
 
+def _check_magbench_flags(args: argparse.Namespace) -> None:
+    """The magbench protocol takes real videos and fixes what the frame-aligned options choose."""
+    if args.videos is None:
+        raise ConfigError("--protocol magbench runs on real videos; give --videos DIR (a folder of mp4"
+                          " files)")
+    given = {"--teacher-forced": args.teacher_forced, "--no-lpips": args.no_lpips,
+             "--frames-after": args.frames_after is not None,
+             "--empty-prompt-after-switch": args.empty_prompt_after_switch}
+    fixed = [flag for flag, on in given.items() if on]
+    if fixed:
+        raise ConfigError("--protocol magbench fixes the switch, the generated length and the LPIPS"
+                          f" matching; drop {', '.join(fixed)}")
+
+
 def _consistency(args: argparse.Namespace) -> int:
 
     started = time.time()
@@ -145,6 +170,8 @@ def _consistency(args: argparse.Namespace) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     if not policies:
         raise ConfigError("--policies is empty; give e.g. full,window,downsample")
+    if args.protocol == MAGBENCH:
+        _check_magbench_flags(args)
     config = ConsistencyConfig(
         policies=policies, teacher_forced=args.teacher_forced,
         sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
@@ -172,6 +199,17 @@ def _consistency(args: argparse.Namespace) -> int:
     build_policies(policies, preset, memory_model=memory_model,  # fail before any episode is built
                    empty_context=empty_context)
     data = recipe_data(model_meta)
+    encode = pipe.encode if pipe is not None else text_cache(preset, model_meta).get
+    codec = None if pipe is None else pipe.codec
+    if args.protocol == MAGBENCH:
+        return _magbench(args, config, model, preset, encode, codec, memory_model, empty_context, {
+            "command": shlex.join(["mag", *sys.argv[1:]]), "commit": git_commit(),
+            "machine": machine_info(args.device), "preset": preset.to_dict(),
+            "model": model_record(args.weights or args.model, model_meta),
+            "memory_model": None if memory_meta is None else model_record(
+                args.memory_weights or args.memory_model, memory_meta),
+            "videos": str(Path(args.videos).resolve()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))}, started)
 
     world_info: dict[str, Any]
     if args.videos is not None:
@@ -186,10 +224,8 @@ def _consistency(args: argparse.Namespace) -> int:
                                   frames_after=args.frames_after)
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
-    encode = pipe.encode if pipe is not None else text_cache(preset, model_meta).get
     result = run_consistency(model, preset, episodes, encode, config, progress=not args.no_progress,
-                             memory_model=memory_model, empty_context=empty_context,
-                             codec=None if pipe is None else pipe.codec)
+                             memory_model=memory_model, empty_context=empty_context, codec=codec)
     metadata = {
         "command": shlex.join(["mag", *sys.argv[1:]]),
         "commit": git_commit(),
@@ -209,6 +245,24 @@ def _consistency(args: argparse.Namespace) -> int:
               f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])})")
     print(f"wrote {Path(args.out) / 'summary.json'} ({config.mode}, {len(episodes)} episodes,"
           f" {metadata['seconds']} s)")
+    return 0
+
+
+def _magbench(args: argparse.Namespace, config: ConsistencyConfig, model: WanDiT, preset: Any,
+              encode: Callable[[list[str]], Any], codec: Any, memory_model: WanDiT | None, empty_context: Any,
+              metadata: dict[str, Any], started: float) -> int:
+    """``--protocol magbench``: run every policy on the clips, write summary.json / summary.md."""
+    codec = codec if codec is not None else get_codec_for(preset.video)
+    clips = magbench_clips(args.videos, preset, codec.temporal_compression)
+    rows = run_magbench(model, preset, clips, encode, config, memory_model=memory_model,
+                        empty_context=empty_context, codec=codec)
+    summary = write_magbench_results(args.out, clips, rows, config,
+                                     {**metadata, "seconds": round(time.time() - started, 1)})
+    for name, row in summary["policies"].items():
+        print(f"{name:>12}: LPIPS {row['lpips']:.4f}, PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}"
+              " (nearest ground-truth frame of the return segment)")
+    print(f"wrote {Path(args.out) / 'summary.json'} (magbench, {len(clips)} clips,"
+          f" {summary['metadata']['seconds']} s)")
     return 0
 
 

@@ -205,14 +205,17 @@ class LPIPSAlex(nn.Module):
         """The five AlexNet relu maps of scaled input: list of [N, C_l, H_l, W_l]."""
         return self.trunk((x - self.shift) / self.scale)
 
+    def unit_taps(self, x: Tensor) -> list[Tensor]:
+        """The taps normalised to unit length along channels (what the distance compares)."""
+        return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS) for f in self.taps(x)]
+
+    def maps_of_units(self, u0: list[Tensor], u1: list[Tensor]) -> list[Tensor]:
+        """Per-layer distance maps [N, 1, H_l, W_l] of unit taps (broadcast over N)."""
+        return [lin((a - b).pow(2)) for lin, a, b in zip(self.lins, u0, u1, strict=True)]
+
     def layer_maps(self, x0: Tensor, x1: Tensor) -> list[Tensor]:
         """Per-layer distance maps before spatial averaging: list of [N, 1, H_l, W_l]."""
-        maps = []
-        for lin, f0, f1 in zip(self.lins, self.taps(x0), self.taps(x1), strict=True):
-            u0 = f0 / (f0.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS)
-            u1 = f1 / (f1.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS)
-            maps.append(lin((u0 - u1).pow(2)))
-        return maps
+        return self.maps_of_units(self.unit_taps(x0), self.unit_taps(x1))
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         return sum(m.mean(dim=(2, 3)) for m in self.layer_maps(x0, x1)).squeeze(1)
@@ -222,10 +225,12 @@ class LPIPSAlex(nn.Module):
 
         Matches the official ``spatial=True`` mode; its mean is close to, not equal to, ``forward``.
         """
-        size = x0.shape[-2:]
-        return sum(
-            F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in self.layer_maps(x0, x1)
-        )
+        return upsampled_sum(self.layer_maps(x0, x1), x0.shape[-2:])
+
+
+def upsampled_sum(maps: list[Tensor], size: torch.Size) -> Tensor:
+    """Layer maps [N, 1, H_l, W_l] bilinearly upsampled to ``size`` and summed: [N, 1, H, W]."""
+    return sum(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps)
 
 
 @functools.cache
@@ -295,6 +300,29 @@ def lpips(a: Tensor, b: Tensor, *, spatial: bool = False, batch_size: int = DEFA
             outputs.append(model.spatial(x0, x1) if spatial else model(x0, x1))
     out = torch.cat(outputs)
     return out.reshape(*lead, *out.shape[1:])
+
+
+def lpips_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Spatial-mode LPIPS of every pair: ``a [N, 3, H, W]``, ``b [M, 3, H, W]`` in [0, 1] -> ``[N, M]``.
+
+    Entry ``[i, j]`` equals ``lpips(a[i], b[j], spatial=True).mean()`` (the official ``spatial=True``
+    distance, averaged as MAG-Bench does); each image goes through AlexNet once.
+    """
+    flat_a, _ = as_image_batch(a, "a")
+    flat_b, _ = as_image_batch(b, "b")
+    if flat_a.shape[1:] != flat_b.shape[1:]:
+        raise InputError(f"expected images of one size, found {tuple(a.shape[-3:])} and"
+                         f" {tuple(b.shape[-3:])}")
+    _check_lpips_input(flat_a, DEFAULT_BATCH)
+    model = load_lpips_alex(str(flat_a.device))
+    with torch.no_grad():
+        units_b = model.unit_taps(flat_b.float().to(flat_a.device) * 2 - 1)
+        rows = []
+        for i in range(flat_a.shape[0]):
+            units_a = model.unit_taps(flat_a[i:i + 1].float() * 2 - 1)
+            maps = upsampled_sum(model.maps_of_units(units_a, units_b), flat_a.shape[-2:])
+            rows.append(maps.mean(dim=(1, 2, 3)))
+    return torch.stack(rows)
 
 
 def alexnet_pooled_features(

@@ -145,7 +145,7 @@ def _whole_blocks(frames: int, block: int) -> int:
     return (frames // block) * block
 
 
-def _resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 ``[T, h, w, 3]`` -> ``[T, height, width, 3]`` (antialiased bilinear; identity if equal)."""
     if frames.shape[1:3] == (height, width):
         return frames
@@ -218,7 +218,7 @@ def video_episodes(folder: str | Path, preset: Preset, *,
         video_path = _inside(folder, name, table_path)
         if not video_path.is_file():
             raise InputError(f"{table_path} lists {name!r}, which is not a file in {folder}")
-        frames = _resize_frames(read_mp4(video_path), preset.video.height, preset.video.width)
+        frames = resize_frames(read_mp4(video_path), preset.video.height, preset.video.width)
         total = frames.shape[0]
         s = _whole_blocks(switch, block)
         if switch >= total:
