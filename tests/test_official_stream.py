@@ -50,6 +50,9 @@ def _stream(policy_name: str) -> tuple[list[torch.Tensor], dict[str, torch.Tenso
 
 
 def test_official_geometry_streams_27_blocks_through_a_ring_wrap_like_the_official_loop():
+    preset = load_any_dit(DATA / "mag_generator", **SIZE).preset
+    assert (preset.name, preset.cache.default_policy) == ("wan-1.3b", "official")  # what users get
+    assert (preset.cache.memory_sink_frames, preset.cache.memory_slots) == (2, 21)
     blocks, ref = _stream("official")
     assert len(blocks) == 27  # the ring of 21 wraps at block 21
     block = blocks[0].shape[1]
