@@ -259,7 +259,7 @@ def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resumes_exactly(tm
 
 def test_log_records_average_the_interval_not_its_last_step():
     """A DMD generator loss exists on one step in five: the record must carry it, not the last step's NaN."""
-    from mag.train.trainer import interval_mean
+    from mag.train.runlog import interval_mean
 
     nan = float("nan")
     steps = [{"loss": torch.tensor(1.0), "generator_loss": torch.tensor(2.0),

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from mag.errors import MagError
 from mag.io.files import write_text
 
@@ -59,3 +62,48 @@ def check_record(record: Mapping[str, Any], newest: Path | None, hint: str) -> N
 def diverged(what: str, newest: Path | None, hint: str) -> TrainingDiverged:
     keep = f"the newest checkpoint, {newest}, is finite" if newest else "no checkpoint was written"
     return TrainingDiverged(f"training diverged: {what}; stopped ({keep}); {hint}")
+
+
+# Per-category loss statistics, averaged by element count rather than per step.
+CATEGORY_STATS = ("category_mean", "category_count")
+
+
+def interval_mean(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One log record's statistics from the steps since the last record (device tensors, no sync).
+
+    Scalars are averaged ignoring NaN (a DMD generator loss exists only on generator steps, so it is the
+    mean over the interval's generator steps, NaN if there was none); per-category losses are weighted
+    by their element counts, as :meth:`Trainer._log_record` weights ranks.
+    """
+    out: dict[str, Tensor] = {}
+    for key in steps[0]:
+        if key in CATEGORY_STATS:
+            continue
+        out[key] = torch.nanmean(torch.stack([step[key].float() for step in steps]))
+    if "category_mean" in steps[0]:
+        counts = torch.stack([step["category_count"] for step in steps])
+        sums = (torch.stack([torch.nan_to_num(step["category_mean"]) for step in steps]) * counts).sum(0)
+        total = counts.sum(0)
+        out["category_mean"] = torch.where(total > 0, sums / total.clamp_min(1), math.nan)
+        out["category_count"] = total
+    return out
+
+
+def to_host(stats: dict[str, Tensor]) -> dict[str, Any]:
+    return {k: float(v) for k, v in stats.items()}
+
+
+class NullFile:
+    """A stand-in for the metrics file on ranks that do not log."""
+
+    def __enter__(self) -> NullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, _: str) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None

@@ -25,10 +25,7 @@ from mag.checkpoint import (
     TrainingState,
     capture_rng,
     git_commit,
-    is_dcp_checkpoint,
     latest_checkpoint,
-    newest_loadable_checkpoint,
-    read_dcp_metadata,
     restore_rng,
     save_checkpoint,
 )
@@ -53,8 +50,17 @@ from mag.train.parallelize import (
     shard_like,
 )
 from mag.train.recall import CATEGORY_NAMES, category_losses
-from mag.train.recipe import Recipe, recipe_differences
-from mag.train.runlog import check_record, cut_metrics, diverged
+from mag.train.recipe import Recipe
+from mag.train.resume import resume_state
+from mag.train.runlog import (
+    CATEGORY_STATS,
+    NullFile,
+    check_record,
+    cut_metrics,
+    diverged,
+    interval_mean,
+    to_host,
+)
 from mag.train.steps import (
     MEMORY_MODEL_METADATA,
     DMDStep,
@@ -74,7 +80,6 @@ __all__ = ["Parallelize", "SampleDraws", "TrainResult", "Trainer", "build_model"
 
 Parallelize = Callable[[nn.Module], nn.Module]
 # Per-step statistics that are not averaged over ranks when logged.
-_CATEGORY_STATS = ("category_mean", "category_count")
 DIVERGENCE_HINT = "lower optim.lr or optim.grad_clip, then resume with --resume"
 
 
@@ -185,30 +190,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _load_resume_state(self) -> TrainingState | Path | None:
-        """The newest checkpoint that verifies (newer files that do not are skipped, and noted): a
-        checkpoint file's state, or a DCP folder's path (loaded into the built networks later)."""
-        newest = latest_checkpoint(self.ckpt_dir)
-        if newest is not None and is_dcp_checkpoint(newest):
-            path, state = newest, None
-            stored = read_dcp_metadata(path).get("recipe")
-        else:
-            found = newest_loadable_checkpoint(self.ckpt_dir)
-            if found is None:
-                self.notes.append(f"no checkpoint in {self.ckpt_dir} yet: starting from step 0")
-                return None
-            path, state, skipped = found
-            if skipped:
-                self.notes.append(f"resuming from {path.name}, the newest checkpoint that loads; skipped "
-                                  + "; ".join(skipped))
-            stored = state.metadata.get("recipe")
-        if not isinstance(stored, dict):
-            raise CheckpointError(f"{path} has no recipe metadata; cannot check it matches this run")
-        diffs = recipe_differences(stored, self.recipe)
-        if diffs:
-            raise CheckpointError(
-                f"cannot resume from {path}: its recipe differs from this one in " + "; ".join(diffs[:5])
-            )
-        return path if state is None else state
+        return resume_state(self.ckpt_dir, self.recipe, self.notes)
 
     def _trained(self) -> dict[str, Trained]:
         """The networks a checkpoint carries with their optimisers (generator; DMD's critic)."""
@@ -343,9 +325,9 @@ class Trainer:
         on the whole batch would log)."""
         norms = {k: local_value(v) for k, v in stats.items() if k.endswith("grad_norm")}
         means = all_reduce_mean({k: v for k, v in stats.items()
-                                 if k not in norms and k not in _CATEGORY_STATS}, self.dist)
+                                 if k not in norms and k not in CATEGORY_STATS}, self.dist)
         if "category_mean" not in stats:
-            return _to_host({**means, **norms})
+            return to_host({**means, **norms})
         means_by_category = stats["category_mean"]
         if self.dist.is_distributed:
             counts = stats["category_count"]
@@ -353,7 +335,7 @@ class Trainer:
                                     self.dist)
             means_by_category = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), math.nan)
         per_category = (means_by_category / self.recipe.loop.grad_accum).sum(0)
-        return _to_host({**means, **norms,
+        return to_host({**means, **norms,
                          **{f"loss_{name}": per_category[i] for i, name in enumerate(CATEGORY_NAMES)}})
 
     # ------------------------------------------------------------------ loop
@@ -385,7 +367,7 @@ class Trainer:
         last_loss, ckpt = math.nan, None
         window_start, window_steps = time.perf_counter(), 0
         interval: list[dict[str, Tensor]] = []
-        with open(self.metrics_path, "a") if self.is_main else _NullFile() as log:
+        with open(self.metrics_path, "a") if self.is_main else NullFile() as log:
             while self.step < target:
                 step_start = time.perf_counter()
                 interval.append(self.train_step())
@@ -423,42 +405,3 @@ class Trainer:
         """Whether any rank is past ``deadline`` (one tiny all-reduce, at log steps only)."""
         late = torch.tensor(float(time.perf_counter() > deadline), device=self.device)
         return bool(all_reduce_sum(late, self.dist) > 0)
-
-
-def interval_mean(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One log record's statistics from the steps since the last record (device tensors, no sync).
-
-    Scalars are averaged ignoring NaN (a DMD generator loss exists only on generator steps, so it is the
-    mean over the interval's generator steps, NaN if there was none); per-category losses are weighted
-    by their element counts, as :meth:`Trainer._log_record` weights ranks.
-    """
-    out: dict[str, Tensor] = {}
-    for key in steps[0]:
-        if key in _CATEGORY_STATS:
-            continue
-        out[key] = torch.nanmean(torch.stack([step[key].float() for step in steps]))
-    if "category_mean" in steps[0]:
-        counts = torch.stack([step["category_count"] for step in steps])
-        sums = (torch.stack([torch.nan_to_num(step["category_mean"]) for step in steps]) * counts).sum(0)
-        total = counts.sum(0)
-        out["category_mean"] = torch.where(total > 0, sums / total.clamp_min(1), math.nan)
-        out["category_count"] = total
-    return out
-
-
-def _to_host(stats: dict[str, Tensor]) -> dict[str, Any]:
-    return {k: float(v) for k, v in stats.items()}
-
-
-class _NullFile:
-    def __enter__(self) -> _NullFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def write(self, _: str) -> None:
-        return None
-
-    def flush(self) -> None:
-        return None
