@@ -2,8 +2,8 @@
 
 Generators and memory models (with the text encoder they were trained with and the empty prompt the
 memory model reads), the default models and sampler (:class:`DemoConfig`), the shared command-line
-flags, devices and threads, and the run metadata every result file carries. Imports only lower layers
-(docs/design.md, "Layer order").
+flags, devices and threads, and the run metadata every result file carries. Imports only lower
+layers (docs/design.md, "Layer order").
 """
 
 from __future__ import annotations
@@ -29,23 +29,26 @@ from mag.text import PromptEmbeddingCache, prompt_cache
 from mag.text.umt5 import UMT5_MODE
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_compile_argument",
-           "add_memory_cache_arguments", "add_model_arguments", "check_velocity", "config_from_args",
-           "empty_context", "load_memory_for", "load_models", "machine_info", "model_record", "recipe_data",
-           "sampler_config", "set_threads", "synchronize", "text_cache"]
+           "add_memory_cache_arguments", "add_model_arguments", "check_velocity",
+           "config_from_args",
+           "empty_context", "load_memory_for", "load_models", "machine_info", "model_record",
+           "recipe_data", "sampler_config", "set_threads", "synchronize", "text_cache"]
 
 # Text-encoder mode when a model file does not say (the tiny recipes use pooled MiniLM).
 DEFAULT_TEXT_MODE = "pooled"
 
 
 def add_memory_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--memory-slots`` and ``--memory-sink-frames``: the compressed policies' cache geometry, which a
-    benchmark may change without retraining (``args.memory_slots``, ``args.memory_sink_frames``; None: the
-    preset's)."""
+    """``--memory-slots`` and ``--memory-sink-frames``: the compressed policies' cache geometry,
+    which a benchmark may change without retraining (``args.memory_slots``,
+    ``args.memory_sink_frames``; None: the preset's)."""
     parser.add_argument("--memory-slots", type=int, default=None,
-                        help="compressed frames the bounded policy's ring keeps (default: the preset's"
+                        help="compressed frames the bounded policy's ring keeps (default: the "
+                             "preset's"
                              " cache.memory_slots)")
     parser.add_argument("--memory-sink-frames", type=int, default=None,
-                        help="first frames the downsample / mag / bounded policies keep uncompressed"
+                        help="first frames the downsample / mag / bounded policies keep "
+                             "uncompressed"
                              " (default: the preset's cache.memory_sink_frames)")
 
 
@@ -57,14 +60,18 @@ def recipe_data(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_record(path: str | None, meta: dict[str, Any]) -> dict[str, Any]:
-    """What a result file says about a model: its source, stage, recipe, training steps and commit."""
+    """What a result file says about a model: its source, stage, recipe, training steps and
+    commit."""
     recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
-    return {"path": path, "name": meta.get("name"), "stage": meta.get("stage"), "recipe": recipe.get("name"),
-            "train_steps": meta.get("train_steps"), "commit": meta.get("commit"), "note": meta.get("note")}
+    return {"path": path, "name": meta.get("name"), "stage": meta.get("stage"),
+            "recipe": recipe.get("name"),
+            "train_steps": meta.get("train_steps"), "commit": meta.get("commit"),
+            "note": meta.get("note")}
 
 
 def text_cache(preset: Preset, meta: dict[str, Any]) -> PromptEmbeddingCache:
-    """The prompt cache of the text encoder and mode the model was trained with (umT5 has one mode)."""
+    """The prompt cache of the text encoder and mode the model was trained with (umT5 has one
+    mode)."""
     default = UMT5_MODE if preset.text_encoder == "umt5" else DEFAULT_TEXT_MODE
     return prompt_cache(preset.text_encoder, recipe_data(meta).get("text_mode", default))
 
@@ -90,7 +97,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """Where a result was measured: host, platform, CPU model, Python / torch, threads, GPU (cuda)."""
+    """Where a result was measured: host, platform, CPU model, Python / torch, threads, GPU
+    (cuda)."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -100,7 +108,8 @@ def machine_info(device: str) -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {"node": platform.node(), "platform": platform.platform(),
-                            "processor": platform.processor(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                            "processor": platform.processor(), "cpu": cpu,
+                            "cpu_count": os.cpu_count(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "device": device, "threads": torch.get_num_threads()}
     if device == "cuda" and torch.cuda.is_available():
@@ -118,10 +127,10 @@ class DemoConfig:
     (``DemoConfig(model="tiny-mag", sampler="few_step", steps=0)``).
 
     Attributes:
-        model: generator (shipped name, model file or training checkpoint).
-        memory_model: stage-1 memory model that writes the cache under the ``mag`` / ``bounded`` policies.
-        sampler: ``euler`` (causal flow-matching models) or ``few_step`` (distilled models).
-        steps: Euler steps (``euler`` only).
+        model: generator (shipped name, model file or training checkpoint). memory_model: stage-1
+        memory model that writes the cache under the ``mag`` / ``bounded`` policies. sampler:
+        ``euler`` (causal flow-matching models) or ``few_step`` (distilled models). steps: Euler
+        steps (``euler`` only).
     """
 
     model: str = "tiny-causal-long"
@@ -141,8 +150,8 @@ DEFAULTS = DemoConfig()
 class LoadedModels:
     """A generator, optionally its memory model, and the text encoder they were trained with.
 
-    ``encode(prompts)`` returns ``[B, L, text_dim]`` prompt embeddings; ``empty_context`` is the empty
-    prompt's ``[1, L, text_dim]`` embeddings that the memory model reads (None without one).
+    ``encode(prompts)`` returns ``[B, L, text_dim]`` prompt embeddings; ``empty_context`` is the
+    empty prompt's ``[1, L, text_dim]`` embeddings that the memory model reads (None without one).
     """
 
     model: WanDiT
@@ -177,17 +186,19 @@ class LoadedModels:
 
 def load_models(config: DemoConfig, *, device: str = "cpu", with_memory: bool = True,
                 dtype: torch.dtype = torch.float32) -> LoadedModels:
-    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) in ``dtype``, and their
-    text encoder.
+    """Load ``config.model`` (and ``config.memory_model`` when ``with_memory``) in ``dtype``, and
+    their text encoder.
 
     Raises:
-        CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another preset.
+        CheckpointError: a missing or wrong-stage file; ConfigError: a memory model of another
+        preset.
     """
     model, preset, meta = load_generator(config.model, device=device)
     loaded = LoadedModels(model.to(dtype), preset, meta, text_cache(preset, meta))
     if with_memory:
-        loaded.memory, loaded.memory_meta, loaded.empty_context = load_memory_for(config.memory_model, preset,
-                                                                                  device, dtype)
+        loaded.memory, loaded.memory_meta, loaded.empty_context = load_memory_for(
+            config.memory_model, preset, device, dtype
+        )
     return loaded
 
 
@@ -199,7 +210,8 @@ def sampler_config(config: DemoConfig) -> SamplerConfig:
 def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memory_model: str | None,
                     model_when_none: str = "", memory_when_none: str = "", with_model: bool = True,
                     memory_required: bool = False, cuda_dtype: str = "float32") -> None:
-    """``--model`` (the generator), ``--memory-model`` and ``--dtype``, declared once for every command.
+    """``--model`` (the generator), ``--memory-model`` and ``--dtype``, declared once for every
+    command.
 
     ``model`` / ``memory_model`` are the defaults; ``*_when_none`` says what a None default means;
     ``cuda_dtype`` is ``--dtype``'s default on a CUDA device (read it with ``dtype_from_args``).
@@ -208,21 +220,26 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memor
     if with_model:
         shown = model if model is not None else model_when_none
         parser.add_argument("--model", default=model,
-                            help=f"generator: shipped name, model file or training checkpoint (default"
+                            help="generator: shipped name, model file or training checkpoint "
+                                 "(default"
                                  f" {shown})")
     shown = memory_model if memory_model is not None else memory_when_none
     parser.add_argument("--memory-model", default=memory_model, required=memory_required,
-                        help="stage-1 memory model (shipped name, model file or training checkpoint) that"
+                        help="stage-1 memory model (shipped name, model file or training "
+                             "checkpoint) that"
                              " writes"
-                             " the cache under the mag and bounded policies; same preset as the generator"
+                             " the cache under the mag and bounded policies; same preset as the "
+                             "generator"
                              + (f" (default {shown})" if shown else ""))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model/--memory-model/--dtype/--sampler/--steps/--device/--threads`` with :data:`DEFAULTS`."""
+    """``--model/--memory-model/--dtype/--sampler/--steps/--device/--threads`` with
+    :data:`DEFAULTS`."""
     add_model_flags(parser, model=DEFAULTS.model, memory_model=DEFAULTS.memory_model)
     parser.add_argument("--sampler", choices=("few_step", "euler"), default=DEFAULTS.sampler,
-                        help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled models)")
+                        help=f"block sampler (default {DEFAULTS.sampler}; few_step for distilled "
+                             "models)")
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps,
                         help=f"Euler steps (--sampler euler; default {DEFAULTS.steps})")
     add_runtime_arguments(parser)
@@ -231,8 +248,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     """``--compile`` of the streaming commands (:func:`mag.pipelines.compile_stream`)."""
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each block except its cached attention before streaming (one"
-                             " untimed warm-up block compiles it; pays off on long streams and GPUs)")
+                        help="torch.compile each block except its cached attention before "
+                             "streaming (one"
+                             " untimed warm-up block compiles it; pays off on long streams and "
+                             "GPUs)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -243,7 +262,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 def check_velocity(value: Any, where: str, max_px: float) -> float:
     """``value`` as a camera velocity (px/frame) if it is a finite number within the frame width."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{where}: a velocity must be a finite number of px/frame, got {value!r:.40}")
+        raise InputError(f"{where}: a velocity must be a finite number of px/frame, got "
+                         f"{value!r:.40}")
     if abs(value) > max_px:
         raise InputError(f"{where}: velocity {value} px/frame exceeds the frame width {max_px:g} px"
                          " (consecutive frames would share nothing); use a smaller speed")

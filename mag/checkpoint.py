@@ -1,10 +1,10 @@
 """Training checkpoints: one safetensors file per step, written atomically, last K kept.
 
-A checkpoint holds everything an exact resume needs -- model, EMA, optimizer state, RNG state, step --
-plus the recipe and git commit that made it (safetensors metadata, JSON strings), so a shipped
+A checkpoint holds everything an exact resume needs -- model, EMA, optimizer state, RNG state, step
+-- plus the recipe and git commit that made it (safetensors metadata, JSON strings), so a shipped
 checkpoint says how to reproduce it. Files go through :func:`mag.io.files.atomic_path` (temp file,
-fsync, rename): a crash never leaves a truncated ``step_*.safetensors``. Non-finite weights are never
-saved and never loaded, so rotation cannot remove the newest finite checkpoint.
+fsync, rename): a crash never leaves a truncated ``step_*.safetensors``. Non-finite weights are
+never saved and never loaded, so rotation cannot remove the newest finite checkpoint.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], d
     return tensors, {"state": per_param, "param_groups": state["param_groups"]}
 
 
-def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: dict[str, Any]) -> dict[str,
+                                                                                            Any]:
     state: dict[int, dict[str, Any]] = {}
     for pid, entry in skeleton["state"].items():
         state[int(pid)] = {
@@ -113,7 +114,8 @@ def restore_rng(states: dict[str, Tensor]) -> None:
 
 
 def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int = 3) -> Path:
-    """Write ``directory/step_XXXXXXXX.safetensors`` atomically; delete all but the newest ``keep_last``.
+    """Write ``directory/step_XXXXXXXX.safetensors`` atomically; delete all but the newest
+    ``keep_last``.
 
     Weights with a NaN or infinity are refused (CheckpointError, nothing written or deleted).
     """
@@ -124,7 +126,9 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CheckpointError(f"cannot create checkpoint directory {directory}: {err.strerror}") from err
+        raise CheckpointError(
+            f"cannot create checkpoint directory {directory}: {err.strerror}"
+        ) from err
     tensors: dict[str, Tensor] = {}
     tensors.update({_MODEL + k: v.detach().contiguous().cpu() for k, v in state.model.items()})
     if state.ema is not None:
@@ -152,13 +156,15 @@ def save_checkpoint(directory: str | Path, state: TrainingState, keep_last: int 
 
 
 def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (files or DCP folders); 0 keeps every one."""
+    """Delete all but the newest ``keep_last`` checkpoints (files or DCP folders); 0 keeps every
+    one."""
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files in ``directory``, oldest first (temp files from interrupted saves ignored)."""
+    """Checkpoint files in ``directory``, oldest first (temp files from interrupted saves
+    ignored)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -179,7 +185,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({err})") from err
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({err})"
+        ) from err
     out: dict[str, Any] = {}
     for k, v in raw.items():
         try:
@@ -190,7 +198,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> TrainingState:
-    """Read a checkpoint written by :func:`save_checkpoint`; a corrupt or foreign file: CheckpointError."""
+    """Read a checkpoint written by :func:`save_checkpoint`; a corrupt or foreign file:
+    CheckpointError."""
     path = Path(path)
     metadata = read_metadata(path)
     if metadata.get("format") != CHECKPOINT_FORMAT:
@@ -222,7 +231,8 @@ def load_checkpoint(path: str | Path) -> TrainingState:
 
 
 # ---------------------------------------------------------------------------- sharded (DCP) folders
-# ``step_XXXXXXXX.dcp/``: written and loaded shard by shard by mag.train.dcp; read whole here (export).
+# ``step_XXXXXXXX.dcp/``: written and loaded shard by shard by mag.train.dcp; read whole here
+# (export).
 DCP_FORMAT = "mag-train-dcp-v1"
 DCP_SUFFIX = ".dcp"
 DCP_METADATA_FILE = "mag.json"
@@ -238,15 +248,18 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
 
 
 def read_dcp_metadata(path: str | Path) -> dict[str, Any]:
-    """``mag.json`` of a DCP checkpoint folder (``step`` an int); CheckpointError if absent or foreign."""
+    """``mag.json`` of a DCP checkpoint folder (``step`` an int); CheckpointError if absent or
+    foreign."""
     meta_path = Path(path) / DCP_METADATA_FILE
     try:
         record = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a complete mag DCP checkpoint (cannot read {DCP_METADATA_FILE}:"
+        raise CheckpointError(f"{path} is not a complete mag DCP checkpoint (cannot read "
+                              f"{DCP_METADATA_FILE}:"
                               f" {err})") from err
     if record.get("format") != DCP_FORMAT:
-        raise CheckpointError(f"{path} has format {record.get('format')!r}, expected {DCP_FORMAT!r}")
+        raise CheckpointError(f"{path} has format {record.get('format')!r}, expected "
+                              f"{DCP_FORMAT!r}")
     return record
 
 
@@ -254,7 +267,8 @@ def read_dcp_full(path: str | Path) -> TrainingState:
     """The generator's full weights, EMA and metadata of a DCP checkpoint, in one process (for
     ``mag export``); optimiser and critic states are left out."""
     metadata = read_dcp_metadata(path)
-    # lazy: torch.distributed.checkpoint adds ~1.5 s to every `mag` start; only export reads DCP here
+    # lazy: torch.distributed.checkpoint adds ~1.5 s to every `mag` start; only export reads DCP
+    # here
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -269,10 +283,11 @@ def read_dcp_full(path: str | Path) -> TrainingState:
     metadata.pop("format", None)
     return TrainingState(step=step, model=state["model.model"], ema=state.get(EMA_KEY) or None,
                          optimizer=None, rng=state.get(RNG_KEY, {}), metadata=metadata, extra={})
-def newest_loadable_checkpoint(directory: str | Path) -> tuple[Path, TrainingState, list[str]] | None:
-    """The newest checkpoint in ``directory`` that loads and verifies, with one line per newer file that
-    did not (why it was skipped); None when there are no checkpoints. Raises CheckpointError when there
-    are checkpoints but none verifies."""
+def newest_loadable_checkpoint(directory: str | Path) -> tuple[Path, TrainingState,
+                                                               list[str]] | None:
+    """The newest checkpoint in ``directory`` that loads and verifies, with one line per newer file
+    that did not (why it was skipped); None when there are no checkpoints. Raises CheckpointError
+    when there are checkpoints but none verifies."""
     skipped: list[str] = []
     for path in reversed(list_checkpoints(directory)):
         try:
@@ -280,5 +295,7 @@ def newest_loadable_checkpoint(directory: str | Path) -> tuple[Path, TrainingSta
         except CheckpointError as err:
             skipped.append(f"{path.name}: {err}")
     if skipped:
-        raise CheckpointError(f"no checkpoint in {directory} can be loaded: " + " | ".join(skipped[:3]))
+        raise CheckpointError(
+            f"no checkpoint in {directory} can be loaded: " + " | ".join(skipped[:3])
+        )
     return None

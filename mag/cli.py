@@ -14,7 +14,8 @@ from mag import __version__
 from mag.errors import InputError, MagError
 from mag.io.text import check_text
 
-# Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
+# Modules exposing ``register(subparsers)``; each adds its subcommands with
+# ``set_defaults(func=...)``.
 COMMAND_MODULES: list[str] = [
     "mag.world.cli",
     "mag.info",
@@ -31,9 +32,11 @@ COMMAND_MODULES: list[str] = [
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """A bad option is one line on stderr and exit 2, like every other error (``mag X -h`` shows usage).
+    """A bad option is one line on stderr and exit 2, like every other error (``mag X -h`` shows
+    usage).
 
-    Its subcommands' parsers are of this class too (argparse builds them with the parent's class)."""
+    Its subcommands' parsers are of this class too (argparse builds them with the parent's
+    class)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} -h\n")
@@ -42,7 +45,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="mag",
-        description="Memorize-and-Generate: streaming video generation with compressed long-term memory.",
+        description="Memorize-and-Generate: streaming video generation with compressed long-term "
+                    "memory.",
     )
     parser.add_argument("--version", action="version", version=f"mag {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -65,9 +69,12 @@ def check_device(name: str, option: str = "--device") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
-        raise InputError(f"{option} {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)") from err
+        raise InputError(
+            f"{option} {name!r} is not a device; use cpu or cuda (cuda:N for one GPU)"
+        ) from err
     if device.type not in DEVICE_TYPES:
-        raise InputError(f"{option} {name!r}: device type {device.type!r} is not supported; use one of"
+        raise InputError(f"{option} {name!r}: device type {device.type!r} is not supported; use "
+                         "one of"
                          f" {', '.join(DEVICE_TYPES)}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

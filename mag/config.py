@@ -27,22 +27,17 @@ class DiTConfig:
     """Shapes of the Wan2.1-architecture diffusion transformer.
 
     Attributes:
-        in_channels: latent channels in (16 for the Wan VAE, 3 for the pixel codec).
-        out_channels: latent channels out.
-        dim: hidden width.
-        ffn_dim: width of the GELU-tanh feed-forward layer.
-        num_heads: attention heads; ``dim / num_heads`` is the head width.
-        num_layers: transformer blocks.
-        text_dim: width of the text-encoder embeddings fed to cross-attention.
-        freq_dim: width of the sinusoidal timestep embedding.
-        patch_size: (frames, height, width) of one patch; Wan uses (1, 2, 2).
-        eps: epsilon of the layer norms and RMS norms.
-        qk_norm: RMS-normalise queries and keys (Wan: True).
-        cross_attn_norm: affine LayerNorm before cross-attention (Wan: True).
-        rope_theta: base of the 3D rotary embedding.
-        rope_max_positions: table length of the rotary embedding along each axis.
-        action_dim: width of an optional per-frame conditioning vector (camera action); 0 = off.
-        camera_rope: camera-anchored RoPE: every forward takes each frame's horizontal camera position
+        in_channels: latent channels in (16 for the Wan VAE, 3 for the pixel codec). out_channels:
+        latent channels out. dim: hidden width. ffn_dim: width of the GELU-tanh feed-forward layer.
+        num_heads: attention heads; ``dim / num_heads`` is the head width. num_layers: transformer
+        blocks. text_dim: width of the text-encoder embeddings fed to cross-attention. freq_dim:
+        width of the sinusoidal timestep embedding. patch_size: (frames, height, width) of one
+        patch; Wan uses (1, 2, 2). eps: epsilon of the layer norms and RMS norms. qk_norm:
+        RMS-normalise queries and keys (Wan: True). cross_attn_norm: affine LayerNorm before
+        cross-attention (Wan: True). rope_theta: base of the 3D rotary embedding.
+        rope_max_positions: table length of the rotary embedding along each axis. action_dim: width
+        of an optional per-frame conditioning vector (camera action); 0 = off. camera_rope:
+        camera-anchored RoPE: every forward takes each frame's horizontal camera position
             (``width_offsets``, in patches) and adds it to the RoPE column index, so positions are
             world columns and a revisited view sits at the same width position however long ago it
             was seen. Off for Wan (real video has no camera track); see docs/recall.md.
@@ -81,9 +76,11 @@ class DiTConfig:
         _positive(self, "in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
                   "text_dim", "freq_dim", "rope_max_positions")
         if self.dim % self.num_heads:
-            raise ConfigError(f"dit.dim={self.dim} must be divisible by dit.num_heads={self.num_heads}")
+            raise ConfigError(f"dit.dim={self.dim} must be divisible by "
+                              f"dit.num_heads={self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
-            raise ConfigError(f"head width dim/num_heads={self.head_dim} must be even and >= 6 for 3D RoPE")
+            raise ConfigError(f"head width dim/num_heads={self.head_dim} must be even and >= 6 "
+                              "for 3D RoPE")
         if len(self.patch_size) != 3 or any(p <= 0 for p in self.patch_size):
             raise ConfigError(f"dit.patch_size must be three positive ints, got {self.patch_size}")
         if self.action_dim < 0:
@@ -115,13 +112,16 @@ class SchedulerConfig:
         if not self.denoising_steps:
             raise ConfigError("scheduler.denoising_steps must not be empty")
         steps = list(self.denoising_steps)
-        if any(not 0 < s <= self.num_train_timesteps for s in steps) or steps != sorted(steps, reverse=True):
+        if any(not 0 < s <= self.num_train_timesteps for s in steps) or steps != sorted(steps,
+                                                                                        reverse=True):
             raise ConfigError(
-                f"scheduler.denoising_steps must be decreasing values in (0, {self.num_train_timesteps}],"
+                "scheduler.denoising_steps must be decreasing values in (0, "
+                f"{self.num_train_timesteps}],"
                 f" got {self.denoising_steps}"
             )
         if not 0 <= self.min_timestep < self.max_timestep <= self.num_train_timesteps:
-            raise ConfigError("scheduler needs 0 <= min_timestep < max_timestep <= num_train_timesteps")
+            raise ConfigError("scheduler needs 0 <= min_timestep < max_timestep <= "
+                              "num_train_timesteps")
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,13 @@ class CacheConfig:
 
     Attributes:
         frames_per_block: latent frames denoised together (bidirectional inside a block).
-        sink_frames: first frames of the stream the ``window`` policy keeps forever (LongLive's sinks).
-        memory_sink_frames: first frames of the stream the compressed policies (``downsample``, ``mag``,
+        sink_frames: first frames of the stream the ``window`` policy keeps forever (LongLive's
+        sinks). memory_sink_frames: first frames of the stream the compressed policies
+        (``downsample``, ``mag``,
             ``bounded``) keep uncompressed beside one frame per block.
         window_frames: most recent frames the ``window`` policy keeps besides the sinks.
-        memory_slots: ring-buffer size (compressed frames) of the ``bounded`` and ``official`` policies.
-        default_policy: the policy commands use when none is asked for.
+        memory_slots: ring-buffer size (compressed frames) of the ``bounded`` and ``official``
+        policies. default_policy: the policy commands use when none is asked for.
     """
 
     frames_per_block: int = 3
@@ -183,8 +184,8 @@ class VideoConfig:
         return self.width // self.spatial_compression
 
     def validate(self) -> None:
-        _positive(self, "height", "width", "channels", "spatial_compression", "temporal_compression",
-                  "latent_channels", "fps")
+        _positive(self, "height", "width", "channels", "spatial_compression",
+                  "temporal_compression", "latent_channels", "fps")
         if self.codec not in ("pixel", "wan-vae"):
             raise ConfigError(f"video.codec must be 'pixel' or 'wan-vae', got {self.codec!r}")
         if self.height % self.spatial_compression or self.width % self.spatial_compression:
@@ -227,7 +228,8 @@ class Preset:
         _, ph, pw = self.dit.patch_size
         if self.video.latent_height % ph or self.video.latent_width % pw:
             raise ConfigError(
-                f"latent size {self.video.latent_height}x{self.video.latent_width} is not divisible by"
+                f"latent size {self.video.latent_height}x{self.video.latent_width} is not "
+                "divisible by"
                 f" the patch size {self.dit.patch_size[1:]}"
             )
         return self
@@ -256,8 +258,8 @@ def _tiny() -> Preset:
             prediction="x0",
         ),
         scheduler=SchedulerConfig(shift=3.0),
-        # 32 compressed frames remember the last 96 frames (every benchmark episode) and fill by frame 99, so
-        # the bounded stream's latency is flat from frame 100 on (docs/performance.md).
+        # 32 compressed frames remember the last 96 frames (every benchmark episode) and fill by
+        # frame 99, so the bounded stream's latency is flat from frame 100 on (docs/performance.md).
         cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_slots=32),
         video=VideoConfig(height=32, width=32, codec="pixel", spatial_compression=1,
                           temporal_compression=1, latent_channels=3, fps=16),
@@ -272,8 +274,9 @@ def _wan_1_3b() -> Preset:
         dit=DiTConfig(),
         scheduler=SchedulerConfig(shift=5.0),
         # LongLive v1 window: 12 frames including 3 sinks. The released MAG's inference geometry
-        # (configs/magbench_inference.yaml: sink_size 2, local_attn_size 21) is the default: 2 uncompressed
-        # sinks + a ring of 21 compressed frames, 23 cached frames in all (docs/real-weights.md).
+        # (configs/magbench_inference.yaml: sink_size 2, local_attn_size 21) is the default: 2
+        # uncompressed sinks + a ring of 21 compressed frames, 23 cached frames in all
+        # (docs/real-weights.md).
         cache=CacheConfig(frames_per_block=3, sink_frames=3, window_frames=9, memory_sink_frames=2,
                           memory_slots=21, default_policy="official"),
         video=VideoConfig(),
@@ -286,7 +289,8 @@ PRESETS = {"tiny": _tiny, "wan-1.3b": _wan_1_3b}
 
 
 def lookup(kind: str, registry: dict[str, Any], name: str) -> Any:
-    """``registry[name]``, or a ConfigError naming the valid choices of this ``kind`` (codec, preset, ...)."""
+    """``registry[name]``, or a ConfigError naming the valid choices of this ``kind`` (codec,
+    preset, ...)."""
     if name not in registry:
         raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
     return registry[name]
@@ -328,15 +332,18 @@ def replace_nested(cfg: Any, overrides: dict[str, Any]) -> Any:
             nested.setdefault(head, {}).update(value)
         else:
             current = getattr(cfg, head)
-            direct[head] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+            direct[head] = (
+                tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+            )
     for head, sub in nested.items():
         direct[head] = replace_nested(getattr(cfg, head), sub)
     return dataclasses.replace(cfg, **direct)
 
 
 def config_differences(a: Any, b: Any, limit: int = 4) -> str:
-    """``"field: a vs b, ..."`` over the first ``limit`` top-level fields where dataclasses ``a`` and ``b``
-    differ (plain values: ``"a vs b"``); ``""`` when they are equal. For error messages."""
+    """``"field: a vs b, ..."`` over the first ``limit`` top-level fields where dataclasses ``a``
+    and ``b`` differ (plain values: ``"a vs b"``); ``""`` when they are equal. For error
+    messages."""
     if not (dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b)):
         return "" if a == b else f"{a} vs {b}"
     left, right = a.__dict__, b.__dict__

@@ -1,10 +1,12 @@
-"""``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and under a
-sliding window from the same switch point and the same noise, side by side with the ground truth.
+"""``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and
+under a sliding window from the same switch point and the same noise, side by side with the ground
+truth.
 
 The episode's history is fed into each policy's cache, then the rest is generated through the
 consistency benchmark's own streaming loop; revisit PSNR compares generated frames with the history
-frame of the same view. One episode is an illustration; the measurement is ``mag bench consistency``.
-:class:`DemoConfig` (in :mod:`mag.app`) names the default models and sampler. Details: docs/generate.md.
+frame of the same view. One episode is an illustration; the measurement is ``mag bench
+consistency``. :class:`DemoConfig` (in :mod:`mag.app`) names the default models and sampler.
+Details: docs/generate.md.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ DEFAULT_SEED = 0
 # Frames with labels
 
 
-def _band(width: int, height: int, texts: list[tuple[int, str, tuple[int, int, int]]]) -> np.ndarray:
+def _band(width: int, height: int, texts: list[tuple[int, str, tuple[int, int,
+                                                                     int]]]) -> np.ndarray:
     """A black ``[height, width, 3]`` uint8 band with each ``(x, text, colour)`` drawn at ``x``."""
     from PIL import Image, ImageDraw
 
@@ -89,7 +92,8 @@ def _band(width: int, height: int, texts: list[tuple[int, str, tuple[int, int, i
 
 def compose_panels(panels: list[np.ndarray], labels: list[str], statuses: list[str],
                    highlight: np.ndarray | None = None, *, scale: int = VIDEO_SCALE) -> np.ndarray:
-    """Panels side by side under their labels, above a per-frame status line: uint8 ``[T, H', W', 3]``.
+    """Panels side by side under their labels, above a per-frame status line: uint8 ``[T, H', W',
+    3]``.
 
     Args:
         panels: each uint8 ``[T, H, W, 3]`` (same shape).
@@ -135,7 +139,8 @@ class DemoResult:
 
 def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = DEFAULT_EPISODE,
              seed: int = DEFAULT_SEED, split: str = "test", progress: bool = True) -> DemoResult:
-    """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` with the same noise; score it."""
+    """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` with the same noise;
+    score it."""
     import torch
     from tqdm.auto import tqdm
 
@@ -158,10 +163,12 @@ def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = D
     blocks = episode.num_generate // preset.cache.frames_per_block
     within = within_window(episode.frame_indices, episode.history_match, preset.cache)
     frames, summaries = {}, {}
-    with tqdm(total=blocks * len(policies), desc="mag demo", unit="block", disable=not progress) as bar:
+    with tqdm(total=blocks * len(policies), desc="mag demo", unit="block",
+              disable=not progress) as bar:
         for name, (policy, writer) in policies.items():
             bar.set_postfix_str(name)
-            gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler, writer=writer)
+            gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler,
+                                     writer=writer)
             noise = torch.Generator(device=gen.device).manual_seed(seed)
             pred = stream_episodes(gen, codec, [episode], context, False, noise,
                                    on_block=lambda: bar.update())
@@ -190,7 +197,8 @@ def _frame_statuses(result: DemoResult) -> tuple[list[str], np.ndarray]:
 
 
 def write_demo_video(path: Path, result: DemoResult) -> Path:
-    """``ground truth | MAG | window`` over the whole episode; history frames show the truth in each panel."""
+    """``ground truth | MAG | window`` over the whole episode; history frames show the truth in each
+    panel."""
 
     ep = result.episode
     s = ep.switch_frame
@@ -203,8 +211,8 @@ def write_demo_video(path: Path, result: DemoResult) -> Path:
 
 
 def revisit_columns(result: DemoResult) -> np.ndarray:
-    """Generated-frame indices shown in the strip: beyond-window revisits (else all revisits), at most
-    :data:`MAX_STRIP_FRAMES`, evenly spaced."""
+    """Generated-frame indices shown in the strip: beyond-window revisits (else all revisits), at
+    most :data:`MAX_STRIP_FRAMES`, evenly spaced."""
     revisited = result.episode.history_match >= 0
     chosen = np.flatnonzero(revisited & ~result.within)
     if chosen.size == 0:
@@ -228,7 +236,8 @@ def write_revisit_strip(path: Path, result: DemoResult) -> Path:
               f"ground truth, frames {first}-{last}"]
     for name in DEMO_POLICIES:
         rows.append(result.frames[name][columns])
-        labels.append(f"{POLICY_LABELS[name]}: beyond-window revisit PSNR {_db(revisit_psnr(result, name))}")
+        labels.append(f"{POLICY_LABELS[name]}: beyond-window revisit PSNR "
+                      f"{_db(revisit_psnr(result, name))}")
     return write_png_strip(path, rows, labels, scale=STRIP_SCALE)
 
 
@@ -271,7 +280,8 @@ def demo_record(result: DemoResult, config: DemoConfig, loaded: LoadedModels, se
                    "window_frames": loaded.preset.cache.window_frames},
         "seconds": round(seconds, 1),
         "commit": git_commit(),
-        "note": "one episode, for illustration; `mag bench consistency` measures all 176 test episodes",
+        "note": "one episode, for illustration; `mag bench consistency` measures all 176 test "
+                "episodes",
     }
 
 
@@ -281,15 +291,19 @@ def demo_record(result: DemoResult, config: DemoConfig, loaded: LoadedModels, se
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="MAG vs sliding window on a held-out episode that revisits what it saw (mp4 + PNG)",
-        description="Feed a held-out test episode's history into the KV cache, generate the rest with the MAG"
-                    " policy (the memory model writes the cache) and with the window policy from the same"
+        "demo", help="MAG vs sliding window on a held-out episode that revisits what it saw (mp4 "
+                     "+ PNG)",
+        description="Feed a held-out test episode's history into the KV cache, generate the rest "
+                    "with the MAG"
+                    " policy (the memory model writes the cache) and with the window policy from "
+                    "the same"
                     " switch point and noise, and write DIR/demo.mp4 (ground truth | MAG | window),"
                     " DIR/revisit.png and DIR/demo.json; prints each policy's revisit PSNR.")
     add_out_argument(p, "output folder")
     p.add_argument("--episode", type=int, default=DEFAULT_EPISODE,
                    help=f"test-split episode index (default {DEFAULT_EPISODE})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the same for both policies)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the same for both "
+                                                                  "policies)")
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
@@ -315,5 +329,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         psnr = record["policies"][name]["revisit_psnr_db"]
         print(f"{POLICY_LABELS[name]:>7}: revisit PSNR {_db(psnr['beyond'])} beyond the window,"
               f" {_db(psnr['all'])} over all revisits")
-    print(f"wrote {out / 'demo.mp4'}, {out / 'revisit.png'}, {out / 'demo.json'} ({record['seconds']} s)")
+    print(f"wrote {out / 'demo.mp4'}, {out / 'revisit.png'}, {out / 'demo.json'} "
+          f"({record['seconds']} s)")
     return 0

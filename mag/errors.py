@@ -1,4 +1,5 @@
-"""Errors a user can act on. The CLI prints their message alone (no traceback) and exits non-zero."""
+"""Errors a user can act on. The CLI prints their message alone (no traceback) and exits
+non-zero."""
 
 
 class MagError(Exception):

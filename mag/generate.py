@@ -1,10 +1,11 @@
-"""``mag generate``: stream a video from a prompt under a cache policy, with the camera steered per frame
-and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV bytes.
+"""``mag generate``: stream a video from a prompt under a cache policy, with the camera steered per
+frame and prompts switched at given frames (LongLive-style KV re-cache); reports FPS and KV bytes.
 
 The camera track is the conditioning of camera-anchored models: frame ``i`` is generated at
-``track[i] = sum(velocity[1..i])`` px (:func:`mag.world.camera_track`). Velocities are finite and at most
-one frame width; a prompt switch takes effect at the first block boundary at or after its frame. The
-``--actions`` and ``--prompts`` file formats and the measured camera response: docs/generate.md.
+``track[i] = sum(velocity[1..i])`` px (:func:`mag.world.camera_track`). Velocities are finite and at
+most one frame width; a prompt switch takes effect at the first block boundary at or after its
+frame. The ``--actions`` and ``--prompts`` file formats and the measured camera response:
+docs/generate.md.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ from mag.pipelines import (
 from mag.real_weights import add_real_weights_arguments, run_generate, uses_real_weights
 from mag.world import camera_track
 
-__all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts", "stream"]
+__all__ = ["GenerateResult", "PromptSwitch", "frame_shifts", "parse_actions", "parse_prompts",
+           "stream"]
 
 # Camera speed of the tiny world (px/frame): what the shipped models were trained on.
 DEFAULT_VELOCITY_PX = 4.0
 DEFAULT_FRAMES = 48
 DEFAULT_POLICY = "mag"
 # A prompt of the world's test split (in distribution for the tiny models' text conditioning).
-DEFAULT_PROMPT = ("a camera panning slowly across a calm, sunlit underwater coral reef with fish and sea"
+DEFAULT_PROMPT = ("a camera panning slowly across a calm, sunlit underwater coral reef with fish "
+                  "and sea"
                   " plants")
 
 
@@ -95,17 +98,22 @@ def _read_json(path: str | Path, what: str) -> Any:
     try:
         return json.loads(source.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{what} file {source} is not valid JSON ({err}); see docs/generate.md") from err
+        raise InputError(
+            f"{what} file {source} is not valid JSON ({err}); see docs/generate.md"
+        ) from err
 
 
 def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
-    """Per-frame camera velocities float32 ``[frames]`` (px/frame) from an actions file (module docstring)."""
+    """Per-frame camera velocities float32 ``[frames]`` (px/frame) from an actions file (module
+    docstring)."""
     data = _read_json(path, "actions")
     if isinstance(data, list):
         if len(data) != frames:
-            raise InputError(f"actions file {path} lists {len(data)} velocities for --frames {frames};"
+            raise InputError(f"actions file {path} lists {len(data)} velocities for --frames "
+                             f"{frames};"
                              " give one per frame, or keyframes as an object {\"frame\": velocity}")
-        return np.asarray([check_velocity(v, f"{path} entry {i}", max_px) for i, v in enumerate(data)],
+        return np.asarray([check_velocity(v, f"{path} entry {i}", max_px) for i,
+                           v in enumerate(data)],
                           dtype=np.float32)
     if isinstance(data, dict) and data:
         keys = {}
@@ -118,46 +126,57 @@ def parse_actions(path: str | Path, frames: int, max_px: float) -> np.ndarray:
         for frame in sorted(keys):
             out[frame:] = keys[frame]
         return out
-    raise InputError(f"actions file {path} must hold a JSON list of per-frame velocities or a non-empty"
+    raise InputError(f"actions file {path} must hold a JSON list of per-frame velocities or a "
+                     "non-empty"
                      f" object of keyframes {{\"frame\": velocity}}, got {type(data).__name__}")
 
 
 def parse_prompts(path: str | Path | None, prompt: str | None, frames: int,
                   frames_per_block: int) -> list[PromptSwitch]:
-    """Prompt schedule from ``--prompts FILE`` and ``--prompt`` (module docstring), the first at frame 0."""
+    """Prompt schedule from ``--prompts FILE`` and ``--prompt`` (module docstring), the first at
+    frame 0."""
     entries: list[tuple[int, str]] = []
     if path is not None:
         data = _read_json(path, "prompts")
         if not isinstance(data, list) or not data:
             raise InputError(f"prompts file {path} must hold a non-empty JSON list of"
-                             f" {{\"frame\": int, \"prompt\": str}} objects, got {type(data).__name__}")
+                             f" {{\"frame\": int, \"prompt\": str}} objects, got "
+                             f"{type(data).__name__}")
         for i, entry in enumerate(data):
             ok = (isinstance(entry, dict) and isinstance(entry.get("frame"), int)
-                  and not isinstance(entry.get("frame"), bool) and isinstance(entry.get("prompt"), str)
+                  and not isinstance(entry.get("frame"), bool) and isinstance(entry.get("prompt"),
+                                                                              str)
                   and entry["prompt"].strip())
             if not ok:
-                raise InputError(f"prompts file {path} entry {i} must be {{\"frame\": int, \"prompt\":"
+                raise InputError(f"prompts file {path} entry {i} must be "
+                                 f"{{\"frame\": int, \"prompt\":"
                                  f" non-empty str}}, got {entry!r:.80}")
             if not 0 <= entry["frame"] < frames:
-                raise InputError(f"prompts file {path} entry {i}: frame {entry['frame']} is outside the"
+                raise InputError(f"prompts file {path} entry {i}: frame {entry['frame']} is "
+                                 "outside the"
                                  f" {frames} generated frames")
-            entries.append((entry["frame"], check_text(entry["prompt"], f"prompts file {path} entry {i}")))
+            entries.append((entry["frame"], check_text(entry["prompt"], f"prompts file {path} "
+                                                                        f"entry {i}")))
         frames_given = [f for f, _ in entries]
         if frames_given != sorted(set(frames_given)):
-            raise InputError(f"prompts file {path}: frames must increase strictly, got {frames_given}")
+            raise InputError(f"prompts file {path}: frames must increase strictly, got "
+                             f"{frames_given}")
     if not entries or entries[0][0] != 0:
         if prompt is None:
             raise InputError("no prompt for frame 0: give --prompt, or a prompts-file entry with"
                              " \"frame\": 0")
         entries.insert(0, (0, check_text(prompt, "--prompt")))
     elif prompt is not None and path is not None:
-        raise InputError(f"--prompt and the frame-0 entry of {path} both give the first prompt; drop one")
+        raise InputError(f"--prompt and the frame-0 entry of {path} both give the first prompt; "
+                         "drop one")
     switches = []
     for frame, text in entries:
         block_frame = frames_per_block * math.ceil(frame / frames_per_block)
         if switches and block_frame == switches[-1].block_frame:
-            raise InputError(f"prompts at frames {switches[-1].frame} and {frame} fall on the same block"
-                             f" boundary ({block_frame}; blocks of {frames_per_block} frames); space them"
+            raise InputError(f"prompts at frames {switches[-1].frame} and {frame} fall on the "
+                             "same block"
+                             f" boundary ({block_frame}; blocks of {frames_per_block} frames); "
+                             "space them"
                              " apart")
         switches.append(PromptSwitch(frame, text, block_frame))
     return switches
@@ -174,9 +193,9 @@ def stream(loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, veloc
 
     Args:
         loaded: :class:`mag.app.LoadedModels` (generator, text encoder, optional memory model).
-        velocities: float32 ``[N]`` camera velocity per frame (px/frame).
-        switches: the prompt schedule, first at frame 0 (:func:`parse_prompts`).
-        compile_model: ``torch.compile`` the generator and memory model (:mod:`mag.models.compile`); one
+        velocities: float32 ``[N]`` camera velocity per frame (px/frame). switches: the prompt
+        schedule, first at frame 0 (:func:`parse_prompts`). compile_model: ``torch.compile`` the
+        generator and memory model (:mod:`mag.models.compile`); one
             untimed warm-up block compiles them before the stream (a failure falls back to eager).
     """
     import torch
@@ -200,11 +219,12 @@ def stream(loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, veloc
     codec = get_codec_for(preset.video)
     compiled = []
     if compile_model:
-        compiled, failure = compile_stream(gen, contexts[0], width_offsets=None if offsets is None else
+        compiled, failure = compile_stream(gen, contexts[0],
+                                           width_offsets=None if offsets is None else
                                            offsets[:, :block])
         if failure is not None:
-            print(f"mag: torch.compile failed ({failure}); generating without compile", file=sys.stderr,
-                  flush=True)
+            print(f"mag: torch.compile failed ({failure}); generating without compile",
+                  file=sys.stderr, flush=True)
     noise = torch.Generator(device=device).manual_seed(seed)
     decoded = []
     try:
@@ -215,7 +235,9 @@ def stream(loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, veloc
                           disable=not progress):
             if start in contexts:
                 (gen.set_prompt if start == 0 else gen.recache)(contexts[start])
-            latents = gen.generate_block(noise, None if offsets is None else offsets[:, start:start + block])
+            latents = gen.generate_block(
+                noise, None if offsets is None else offsets[:, start : start + block]
+            )
             decoded.append(codec.decode(latents))
         synchronize(device)
         seconds = time.perf_counter() - started
@@ -231,9 +253,10 @@ def stream(loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, veloc
 def frame_shifts(frames: np.ndarray, max_shift: int) -> np.ndarray:
     """Horizontal content shift (px) between consecutive frames: int ``[T-1]``.
 
-    For each pair, the shift ``d`` in ``[-max_shift, max_shift]`` minimising the mean squared difference
-    between ``cur[:, x]`` and ``prev[:, x + d]`` over their overlap: a camera moving right by ``d`` px
-    moves the content left by ``d``, so ``d`` is the camera's velocity as seen in the frames.
+    For each pair, the shift ``d`` in ``[-max_shift, max_shift]`` minimising the mean squared
+    difference between ``cur[:, x]`` and ``prev[:, x + d]`` over their overlap: a camera moving
+    right by ``d`` px moves the content left by ``d``, so ``d`` is the camera's velocity as seen in
+    the frames.
     """
     video = np.asarray(frames, dtype=np.float64)
     width = video.shape[2]
@@ -258,27 +281,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "generate", help="stream a video from a prompt with a steered camera (mp4, FPS, KV memory)",
-        description="Generate --frames frames block by block under a cache policy, the camera moving at"
-                    " --velocity px/frame or as --actions FILE says, prompts switching as --prompts FILE"
+        description="Generate --frames frames block by block under a cache policy, the camera "
+                    "moving at"
+                    " --velocity px/frame or as --actions FILE says, prompts switching as "
+                    "--prompts FILE"
                     " says (KV re-cache at each switch); writes an mp4 and prints FPS and KV bytes."
                     " File formats: docs/generate.md.")
-    p.add_argument("--prompt", default=None, help="prompt from frame 0 (default: a test-split world prompt"
+    p.add_argument("--prompt", default=None, help="prompt from frame 0 (default: a test-split "
+                                                  "world prompt"
                                                   " unless --prompts gives frame 0)")
     p.add_argument("--prompts", default=None, help='JSON list [{"frame": 0, "prompt": "..."}, ...]')
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help=f"frames (default {DEFAULT_FRAMES})")
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames (default "
+                                                                      f"{DEFAULT_FRAMES})")
     p.add_argument("--seconds", type=float, default=None,
-                   help="video length in seconds at the preset's fps (instead of --frames; 30 s at Wan scale"
+                   help="video length in seconds at the preset's fps (instead of --frames; 30 s "
+                        "at Wan scale"
                         " = 120 latent frames = 477 video frames)")
-    p.add_argument("--height", type=int, default=None, help="frame height (default: the preset's, 480)")
-    p.add_argument("--width", type=int, default=None, help="frame width (default: the preset's, 832)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the preset's, "
+                                                            "480)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the preset's, "
+                                                           "832)")
     p.add_argument("--policy", default=None,
-                   help="cache policy: full, window, downsample, mag, bounded, official (default: the"
+                   help="cache policy: full, window, downsample, mag, bounded, official (default: "
+                        "the"
                         f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--velocity", type=float, default=None,
                    help=f"constant camera velocity, px/frame (default {DEFAULT_VELOCITY_PX:g})")
     p.add_argument("--actions", default=None,
-                   help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} (px/frame)")
+                   help="JSON per-frame velocities [v0, v1, ...] or keyframes {\"frame\": v} "
+                        "(px/frame)")
     add_out_argument(p, "output mp4")
     add_compile_argument(p)
     add_model_arguments(p)
@@ -292,10 +324,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if uses_real_weights(args):
         return run_generate(args)
     if args.seconds is not None or args.height is not None or args.width is not None:
-        raise ConfigError("--seconds, --height and --width go with --wan-dir / --weights (real weights); the"
+        raise ConfigError("--seconds, --height and --width go with --wan-dir / --weights (real "
+                          "weights); the"
                           " shipped tiny models take --frames at their own size")
     args.policy = args.policy or DEFAULT_POLICY
-    check_policy_name(args.policy, has_memory_model=bool(args.memory_model))  # before any model loads
+    # before any model loads
+    check_policy_name(args.policy, has_memory_model=bool(args.memory_model))
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
     if args.actions is not None and args.velocity is not None:
@@ -304,25 +338,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampler = sampler_config(config)
     output = check_output_file(args.out, suffixes=MP4_SUFFIXES)
     needs_memory = args.policy in MEMORY_MODEL_POLICIES and bool(config.memory_model)
-    loaded = load_models(config, device=args.device, with_memory=needs_memory, dtype=dtype_from_args(args))
+    loaded = load_models(config, device=args.device, with_memory=needs_memory,
+                         dtype=dtype_from_args(args))
     preset = loaded.preset
     horizon = preset.dit.rope_max_positions
     if args.frames > horizon:  # before any per-frame array is allocated
-        raise ConfigError(f"--frames {args.frames} is more than this model streams: its RoPE table holds"
+        raise ConfigError(f"--frames {args.frames} is more than this model streams: its RoPE "
+                          "table holds"
                           f" {horizon} frames (dit.rope_max_positions)")
     width = float(preset.video.width)
     if args.actions is not None:
         velocities = parse_actions(args.actions, args.frames, width)
     else:
         speed = DEFAULT_VELOCITY_PX if args.velocity is None else args.velocity
-        velocities = np.full(args.frames, check_velocity(speed, "--velocity", width), dtype=np.float32)
+        velocities = np.full(args.frames, check_velocity(speed, "--velocity", width),
+                             dtype=np.float32)
     prompt = args.prompt if args.prompt is not None or args.prompts is not None else DEFAULT_PROMPT
     switches = parse_prompts(args.prompts, prompt, args.frames, preset.cache.frames_per_block)
     result = stream(loaded, args.policy, sampler, velocities, switches, seed=args.seed,
                     progress=not args.no_progress, compile_model=args.compile)
     write_mp4(output, result.frames, preset.video.fps)  # small frames are upscaled to a 128 px side
     for switch in result.switches[1:]:
-        print(f"prompt switch at frame {switch.block_frame} (asked {switch.frame}): {switch.prompt!r}")
+        print(f"prompt switch at frame {switch.block_frame} (asked {switch.frame}): "
+              f"{switch.prompt!r}")
     print(f"wrote {output}: {args.frames} frames, policy {args.policy}, {result.fps:.1f} FPS"
           f" ({result.seconds:.2f} s streaming), KV cache {result.kv_bytes:,} bytes"
           f" (allocated {result.kv_capacity_bytes:,})")

@@ -25,7 +25,8 @@ def preset_info(preset: Preset) -> dict[str, Any]:
         "preset": preset.name,
         "params": count_parameters(model),
         "tokens_per_frame": tokens,
-        "latent_frame_shape": [dit.in_channels, preset.video.latent_height, preset.video.latent_width],
+        "latent_frame_shape": [dit.in_channels, preset.video.latent_height,
+                               preset.video.latent_width],
         "num_layers": dit.num_layers,
         "dim": dit.dim,
         "num_heads": dit.num_heads,
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="model size, tokens per frame and KV bytes of a preset",
+    parser = subparsers.add_parser("info", help="model size, tokens per frame and KV bytes of a "
+                                                "preset",
                                    description=__doc__)
     parser.add_argument("--preset", default="tiny", help="preset name (tiny, wan-1.3b)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,9 +1,10 @@
-"""Downloaded upstream weights in the commands: the flags every command shares and ``mag generate``'s run.
+"""Downloaded upstream weights in the commands: the flags every command shares and ``mag
+generate``'s run.
 
 ``--wan-dir`` is the original Wan2.1-T2V-1.3B folder (UMT5 text encoder and VAE), ``--weights`` /
-``--memory-weights`` the generator and memory model in any format :func:`mag.weights.detect_source` knows.
-Every path is checked for its format before anything heavy loads, so a wrong file fails in one line.
-docs/real-weights.md walks through download -> one command -> memory -> MAG-Bench.
+``--memory-weights`` the generator and memory model in any format :func:`mag.weights.detect_source`
+knows. Every path is checked for its format before anything heavy loads, so a wrong file fails in
+one line. docs/real-weights.md walks through download -> one command -> memory -> MAG-Bench.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ __all__ = ["DTYPES", "add_real_weights_arguments", "loaded_from_pipeline", "pipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GIB = 2 ** 30
-FORMATS = ("an official MAG folder (config.json + diffusion_pytorch_model.safetensors), a Self-Forcing .pt,"
+FORMATS = ("an official MAG folder (config.json + diffusion_pytorch_model.safetensors), a "
+           "Self-Forcing .pt,"
            " a diffusers or Wan2.1 folder, or a mag model file")
 
 
 def add_real_weights_arguments(parser: argparse.ArgumentParser, *, memory: bool = True) -> None:
-    """``--wan-dir``, ``--weights``, ``--memory-weights`` (and ``--dtype`` unless the parser has one)."""
+    """``--wan-dir``, ``--weights``, ``--memory-weights`` (and ``--dtype`` unless the parser has
+    one)."""
     group = parser.add_argument_group("downloaded weights (docs/real-weights.md)")
     group.add_argument("--wan-dir", default=None,
                        help="the Wan2.1-T2V-1.3B folder: its Wan2.1_VAE.pth (VAE),"
@@ -44,10 +47,12 @@ def add_real_weights_arguments(parser: argparse.ArgumentParser, *, memory: bool 
     group.add_argument("--weights", default=None, help=f"generator weights: {FORMATS}")
     if memory:
         group.add_argument("--memory-weights", default=None,
-                           help=f"MAG memory model weights (mag, bounded and official policies): {FORMATS}")
+                           help="MAG memory model weights (mag, bounded and official policies): "
+                                f"{FORMATS}")
     if not any("--dtype" in action.option_strings for action in parser._actions):
         group.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                           help="weights, activations and KV cache dtype (default bfloat16 on cuda, else"
+                           help="weights, activations and KV cache dtype (default bfloat16 on "
+                                "cuda, else"
                                 " float32)")
 
 
@@ -65,7 +70,8 @@ def _dtype(args: argparse.Namespace) -> torch.dtype:
 def _check_files(args: argparse.Namespace) -> None:
     """Detect every given path's format (cheap: names and headers only); a wrong one fails here."""
     if args.weights is None:
-        raise ConfigError("--wan-dir needs --weights: the generator (an official MAG generator folder, a"
+        raise ConfigError("--wan-dir needs --weights: the generator (an official MAG generator "
+                          "folder, a"
                           " Self-Forcing .pt, ...; docs/real-weights.md)")
     if args.wan_dir is not None and detect_source(args.wan_dir).kind != "wan2.1":
         raise ConfigError(f"--wan-dir {args.wan_dir} is not the original Wan2.1 folder (expected"
@@ -94,11 +100,14 @@ def loaded_from_pipeline(pipe: MagPipeline) -> tuple[LoadedModels, Codec]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """``mag generate`` with downloaded weights: stream, write every decoded frame, report memory and FPS."""
-    unsupported = [flag for flag, value in (("--actions", args.actions), ("--velocity", args.velocity),
+    """``mag generate`` with downloaded weights: stream, write every decoded frame, report memory
+    and FPS."""
+    unsupported = [flag for flag, value in (("--actions", args.actions), ("--velocity",
+                                                                          args.velocity),
                                             ("--prompts", args.prompts)) if value is not None]
     if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} steer the tiny world's camera / prompt schedule;"
+        raise ConfigError(f"{', '.join(unsupported)} steer the tiny world's camera / prompt "
+                          "schedule;"
                           " with --wan-dir give --prompt and --seconds")
     if args.prompt is None:
         raise ConfigError("--prompt is needed with --wan-dir / --weights")
@@ -106,7 +115,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seconds must be > 0, got {args.seconds}")
     _check_files(args)
     output = check_output_file(args.out)
-    overrides = {f"video.{k}": getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
+    overrides = {
+        f"video.{k}": getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None
+    }
     pipe = pipeline_from_args(args, **overrides)
     preset = pipe.preset
     seconds = args.seconds if args.seconds is not None else args.frames / preset.video.fps
@@ -121,12 +132,14 @@ def run_generate(args: argparse.Namespace) -> int:
     total = pipe.codec.video_frames(latent)
     started = time.perf_counter()
     stream = pipe.stream(prompt, latent_frames=latent, seed=args.seed)
-    frames = np.stack(list(tqdm(stream, total=total, unit="frame", desc=f"generate ({pipe.policy_name})",
+    frames = np.stack(list(tqdm(stream, total=total, unit="frame", desc="generate "
+                                                                        f"({pipe.policy_name})",
                                 disable=args.no_progress)))
     elapsed = time.perf_counter() - started
     write_mp4(output, frames, preset.video.fps)
     peak = torch.cuda.max_memory_allocated() / GIB if pipe.device.type == "cuda" else None
-    print(f"wrote {output}: {len(frames)} frames {frames.shape[2]}x{frames.shape[1]} at {preset.video.fps}"
+    print(f"wrote {output}: {len(frames)} frames {frames.shape[2]}x{frames.shape[1]} at "
+          f"{preset.video.fps}"
           f" fps, policy {pipe.policy_name}, {len(frames) / elapsed:.1f} FPS incl. decode"
           + (f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""))
     return 0

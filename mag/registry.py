@@ -1,10 +1,10 @@
 """Model files: exporting a trained generator, and the registry of models shipped with the package.
 
 A *model file* is one safetensors file holding inference weights (the EMA weights of a training run)
-and, as metadata, everything needed to use and reproduce it: the preset, the recipe, the world it was
-trained on, the git commit and the training cost. Shipped models live in ``mag/shipped/`` and are
-listed by ``mag models``; anywhere a command takes ``--model`` it accepts a registry name, a model
-file or a training checkpoint.
+and, as metadata, everything needed to use and reproduce it: the preset, the recipe, the world it
+was trained on, the git commit and the training cost. Shipped models live in ``mag/shipped/`` and
+are listed by ``mag models``; anywhere a command takes ``--model`` it accepts a registry name, a
+model file or a training checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from mag.weights import load_into
 MODEL_FORMAT = "mag-model-v1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
-# Stages whose model can sit in a generator slot (stream, benchmark); "memory" only writes compressed K/V.
+# Stages whose model can sit in a generator slot (stream, benchmark); "memory" only writes
+# compressed K/V.
 GENERATOR_STAGES = ("teacher", "causal", "dmd", "mag-generator")
 # Stage of a training checkpoint without "stage" metadata, from its recipe's objective kind.
 STAGE_OF_OBJECTIVE = {"teacher_fm": "teacher", "causal_fm": "causal", "ode": "causal", "dmd": "dmd",
@@ -49,7 +50,8 @@ class ModelInfo:
     size_bytes: int
     params: int
     train_steps: int
-    train_minutes: float  # wall time in training steps, all sittings (on train_device's kind of machine)
+    # wall time in training steps, all sittings (on train_device's kind of machine)
+    train_minutes: float
     train_device: str  # device of the last sitting, e.g. "cuda x2 threads"
     recipe: str
     commit: str
@@ -62,18 +64,22 @@ class ModelInfo:
 
 def export_model(checkpoint: str | Path, out: str | Path, *, name: str, stage: str,
                  use_ema: bool = True) -> Path:
-    """Write the inference weights of training ``checkpoint`` as a model file (atomic; never onto the
-    checkpoint itself, nor with a stage label that contradicts the checkpoint's objective)."""
+    """Write the inference weights of training ``checkpoint`` as a model file (atomic; never onto
+    the checkpoint itself, nor with a stage label that contradicts the checkpoint's objective)."""
     if stage not in STAGES:
         raise CheckpointError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
     check_output(out, suffixes=SAFETENSORS_SUFFIXES, inputs=(checkpoint,))
-    state = read_dcp_full(checkpoint) if is_dcp_checkpoint(checkpoint) else load_checkpoint(checkpoint)
+    state = (
+        read_dcp_full(checkpoint) if is_dcp_checkpoint(checkpoint) else load_checkpoint(checkpoint)
+    )
     weights = state.ema if use_ema and state.ema is not None else state.model
     meta = state.metadata
     recorded = model_stage(meta)
     if recorded is not None and (recorded == "memory") != (stage == "memory"):
-        raise CheckpointError(f"{checkpoint} was trained as a {recorded!r} model; it cannot be exported as"
-                              f" --stage {stage} (a memory model and a generator share one architecture,"
+        raise CheckpointError(f"{checkpoint} was trained as a {recorded!r} model; it cannot be "
+                              "exported as"
+                              f" --stage {stage} (a memory model and a generator share one "
+                              "architecture,"
                               " so the label is all that tells them apart)")
     recipe = meta.get("recipe", {})
     metadata = {
@@ -155,10 +161,11 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", *,
                expect_stage: Sequence[str] | None = None) -> tuple[WanDiT, Preset, dict[str, Any]]:
     """Load a model from a registry name, a model file or a training checkpoint (EMA weights).
 
-    ``expect_stage`` guards against a file in the wrong slot (a memory model and a generator share one
-    architecture, so the wrong one would load and run silently): a file whose stage is known and not in
-    ``expect_stage`` is refused. A file with no stage information (a training checkpoint from before
-    stages were recorded) passes unless a memory model is expected, which must say that it is one.
+    ``expect_stage`` guards against a file in the wrong slot (a memory model and a generator share
+    one architecture, so the wrong one would load and run silently): a file whose stage is known and
+    not in ``expect_stage`` is refused. A file with no stage information (a training checkpoint from
+    before stages were recorded) passes unless a memory model is expected, which must say that it is
+    one.
 
     Returns the model (eval mode), its preset and the decoded metadata.
     """
@@ -186,7 +193,8 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", *,
 
 
 def model_stage(metadata: dict[str, Any]) -> str | None:
-    """The training stage recorded in decoded metadata (``stage``, else the recipe's objective), or None."""
+    """The training stage recorded in decoded metadata (``stage``, else the recipe's objective), or
+    None."""
     stage = metadata.get("stage")
     if isinstance(stage, str):
         return stage
@@ -200,18 +208,22 @@ def _check_stage(path: Path, stage: str | None, expected: tuple[str, ...]) -> No
     wanted = " / ".join(expected)
     if stage is None:
         if "memory" in expected:
-            raise CheckpointError(f"{path} does not say which stage it is; a {wanted} model is expected here."
+            raise CheckpointError(f"{path} does not say which stage it is; a {wanted} model is "
+                                  "expected here."
                                   " Export it with `mag export --stage memory`")
         return
     if stage in expected:
         return
     if stage == "memory":
-        hint = "; pass it as the memory model (mag.memory.load_memory_model) and load a generator here"
+        hint = (
+            "; pass it as the memory model (mag.memory.load_memory_model) and load a generator here"
+        )
     elif "memory" in expected:
         hint = "; a generator cannot compress memory: load the stage-1 memory model file here"
     else:
         hint = ""
-    raise CheckpointError(f"{path} holds a {stage!r} model but a {wanted} model is expected here{hint}")
+    raise CheckpointError(f"{path} holds a {stage!r} model but a {wanted} model is expected "
+                          f"here{hint}")
 
 
 def _maybe_json(value: str) -> Any:
@@ -225,19 +237,24 @@ def _maybe_json(value: str) -> Any:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="list the models shipped with the package",
-                                   description="List shipped models: name, stage, preset, size, cost.")
+                                   description="List shipped models: name, stage, preset, size, "
+                                               "cost.")
     models.add_argument("--json", action="store_true", help="print one JSON object")
     models.set_defaults(func=_cmd_models)
 
     export = subparsers.add_parser("export", help="turn a training checkpoint into a model file",
-                                   description="Write the EMA weights of a training checkpoint, with its"
-                                               " preset, recipe, commit and training cost, as one file.")
-    export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors or step_*.dcp) or run"
+                                   description="Write the EMA weights of a training checkpoint, "
+                                               "with its"
+                                               " preset, recipe, commit and training cost, as one "
+                                               "file.")
+    export.add_argument("checkpoint", help="training checkpoint (step_*.safetensors or "
+                                           "step_*.dcp) or run"
                                            " folder")
     add_out_argument(export, "output .safetensors")
     export.add_argument("--name", required=True, help="model name (e.g. tiny-causal)")
     export.add_argument("--stage", required=True, choices=STAGES)
-    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the "
+                                                           "EMA")
     export.set_defaults(func=_cmd_export)
 
 

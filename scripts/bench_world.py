@@ -74,8 +74,8 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mag/world", "mag/io"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mag/world", "mag/io"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
@@ -103,13 +103,15 @@ def measure() -> dict[str, object]:
         "frame_size": [config.frame_height, config.frame_width],
         "render_batch_integer_frames_per_s": _median_rate(render(whole), BATCH_FRAMES),
         "render_batch_subpixel_frames_per_s": _median_rate(render(fractional), BATCH_FRAMES),
-        "render_episode_integer_frames_per_s": _median_rate(render(episode.offsets.astype(np.float64)),
-                                                           frames),
+        "render_episode_integer_frames_per_s": _median_rate(
+            render(episode.offsets.astype(np.float64)), frames
+        ),
         "episodes_integer_per_s": _median_rate(episodes(config), EPISODES_TIMED),
         "episodes_subpixel_per_s": _median_rate(episodes(subpixel), EPISODES_TIMED),
         "sample_clip_frames_per_s": _median_rate(
             lambda: [sample_clip(clip_rng, CLIP_FRAMES, config) for _ in range(EPISODES_TIMED)],
-            EPISODES_TIMED * CLIP_FRAMES),
+            EPISODES_TIMED * CLIP_FRAMES,
+        ),
         "episode_frames": frames,
         "clip_frames": CLIP_FRAMES,
         "batch_frames": BATCH_FRAMES,
@@ -122,16 +124,19 @@ def draw_images(folder: Path) -> list[Path]:
     """One panorama per theme, and one episode's history / future frames."""
     panoramas = [make_clip(seed, 1, WorldConfig(themes=(name,))).panorama
                  for seed, name in enumerate(THEMES)]
-    written = [write_png_strip(folder / "world_panoramas.png", panoramas, list(THEMES), scale=DOC_SCALE)]
+    written = [write_png_strip(folder / "world_panoramas.png", panoramas, list(THEMES),
+                               scale=DOC_SCALE)]
     ep = make_episode("test", DOC_EPISODE_INDEX)
     kept = np.arange(0, len(ep.frames), DOC_EVERY)
     history, future = kept[kept < ep.switch_frame], kept[kept >= ep.switch_frame]
     seen, _ = ep.last_seen()
     labels = [f"test episode {DOC_EPISODE_INDEX}: {ep.prompt}",
-              f"history (frames {history[0]}-{history[-1]}, every {DOC_EVERY}; turn at {ep.turn_frame})",
+              f"history (frames {history[0]}-{history[-1]}, every {DOC_EVERY}; turn at "
+              f"{ep.turn_frame})",
               f"after the switch at {ep.switch_frame} (frames {future[0]}-{future[-1]})",
               "the history frame showing the same view (last_seen); grey: a view never seen before"]
-    oracle = np.where((seen[future] >= 0)[:, None, None, None], ep.frames[np.maximum(seen[future], 0)],
+    oracle = np.where((seen[future] >= 0)[:, None, None, None], ep.frames[np.maximum(seen[future],
+                                                                                     0)],
                       NEVER_SEEN_GREY)
     rows = [ep.panorama, ep.frames[history], ep.frames[future], oracle.astype(np.uint8)]
     written.append(write_png_strip(folder / "world_episode.png", rows, labels, scale=DOC_SCALE))

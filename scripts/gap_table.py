@@ -19,8 +19,12 @@ def gap_table(path: Path) -> str:
              "|---|" + "---|" * len(bins)]
     for name, row in summary["policies"].items():
         cells = [row["vs_gt"]["by_gap"][b]["psnr"] for b in bins]
-        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
-    frames = [next(iter(summary["policies"].values()))["vs_gt"]["by_gap"][b]["frames"] for b in bins]
+        lines.append(
+            f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |"
+        )
+    frames = [
+        next(iter(summary["policies"].values()))["vs_gt"]["by_gap"][b]["frames"] for b in bins
+    ]
     lines.append("| frames | " + " | ".join(str(f) for f in frames) + " |")
     return "\n".join(lines)
 

@@ -1,11 +1,13 @@
 """Per-block latency at points of a `mag bench speed` stream: does a policy's cost stay flat?
 
-"Latency at N frames" is the median per-block latency of the blocks that make the ``--span`` video frames
-ending at frame N (with ``--rounds``, each block's latency is already the median over the rounds). Prints,
-per policy, that latency at each ``--at`` mark and its ratio to the first mark (issue 8: bounded at 10,000
-frames <= 1.1x at 100), and with ``--json OUT`` writes the same table as JSON.
+"Latency at N frames" is the median per-block latency of the blocks that make the ``--span`` video
+frames ending at frame N (with ``--rounds``, each block's latency is already the median over the
+rounds). Prints, per policy, that latency at each ``--at`` mark and its ratio to the first mark
+(issue 8: bounded at 10,000 frames <= 1.1x at 100), and with ``--json OUT`` writes the same table as
+JSON.
 
-Usage: python scripts/latency_growth.py results/speed/cpu-tiny-10k-slots32.json [--at 100,1000,10000]
+Usage: python scripts/latency_growth.py results/speed/cpu-tiny-10k-slots32.json [--at
+100,1000,10000]
            [--json-out TABLE.json] [--plot CURVE.png]
 """
 
@@ -25,7 +27,8 @@ DEFAULT_SPAN_FRAMES = 15
 
 
 def latency_at(row: dict[str, Any], mark: int, span: int) -> float | None:
-    """Median latency (ms) of the blocks covering video frames ``(mark - span, mark]``; None past the end."""
+    """Median latency (ms) of the blocks covering video frames ``(mark - span, mark]``; None past
+    the end."""
     blocks = row["latency_ms_blocks"]
     frames_per_block = row["video_frames"] / len(blocks)
     last = math.ceil(mark / frames_per_block)
@@ -47,7 +50,8 @@ def growth_table(report: dict[str, Any], marks: list[int], span: int) -> dict[st
 
 
 def plot_curves(report: dict[str, Any], path: Path, span: int) -> None:
-    """Per-block latency against the stream position, a running median over ``span`` frames per policy."""
+    """Per-block latency against the stream position, a running median over ``span`` frames per
+    policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +62,15 @@ def plot_curves(report: dict[str, Any], path: Path, span: int) -> None:
         blocks = row["latency_ms_blocks"]
         frames_per_block = row["video_frames"] / len(blocks)
         width = max(1, round(span / frames_per_block))
-        smooth = [statistics.median(blocks[max(0, i + 1 - width):i + 1]) for i in range(len(blocks))]
+        smooth = [statistics.median(blocks[max(0,
+                                               i + 1 - width):i + 1]) for i in range(len(blocks))]
         ax.plot([(i + 1) * frames_per_block for i in range(len(blocks))], smooth, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("video frames streamed")
     ax.set_ylabel(f"ms per block (running median of {span} frames)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{report.get('preset', '')} {report.get('device', '')}: per-block latency along the stream")
+    ax.set_title(f"{report.get('preset', '')} {report.get('device', '')}: per-block latency along "
+                 "the stream")
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
@@ -84,11 +90,12 @@ def main() -> None:
     report = json.loads(args.json.read_text())
     table = growth_table(report, marks, args.span)
     for name, row in table.items():
-        cells = [f"{m}: {v:.2f} ms (x{row['ratio_to_first'][m]:.3f})" for m, v in row["latency_ms_at"].items()
-                 if v is not None]
+        cells = [f"{m}: {v:.2f} ms (x{row['ratio_to_first'][m]:.3f})" for m,
+                 v in row["latency_ms_at"].items() if v is not None]
         print(f"{name}: " + ", ".join(cells))
     if args.json_out is not None:
-        write_json(args.json_out, {"source": str(args.json), "span_frames": args.span, "policies": table},
+        write_json(args.json_out, {"source": str(args.json), "span_frames": args.span,
+                                   "policies": table},
                    allow_nan=True)
     if args.plot is not None:
         plot_curves(report, args.plot, args.span)

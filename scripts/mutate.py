@@ -1,11 +1,12 @@
-"""Mutation check: plant one known bug at a time in a scratch copy of the repository and run the test file
-that must catch it.
+"""Mutation check: plant one known bug at a time in a scratch copy of the repository and run the
+test file that must catch it.
 
-Each mutant (:data:`mutants.MUTANTS`) names a code snippet that occurs exactly once across ``mag/**.py``
-(found by text, not by path, so mutants survive file moves), its replacement, the test file (plus an
-optional ``-k`` expression) expected to fail, and the bug it plants. A snippet that is missing or not
-unique is an error, never a pass. Exit status: 0 every mutant caught, 1 a survivor, 2 an error.
-Usage: ``python scripts/mutate.py [-j 2] [-o out/mutate.json] [--only ID ...]`` (docs/testing.md).
+Each mutant (:data:`mutants.MUTANTS`) names a code snippet that occurs exactly once across
+``mag/**.py`` (found by text, not by path, so mutants survive file moves), its replacement, the test
+file (plus an optional ``-k`` expression) expected to fail, and the bug it plants. A snippet that is
+missing or not unique is an error, never a pass. Exit status: 0 every mutant caught, 1 a survivor, 2
+an error. Usage: ``python scripts/mutate.py [-j 2] [-o out/mutate.json] [--only ID ...]``
+(docs/testing.md).
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Where snippets are searched, relative to the repository root.
 SOURCE_DIR = "mag"
 # Not copied into the scratch trees: version control, environments, caches and outputs.
-IGNORED = (".git", ".venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info", "out")
-# A planted bug that hangs a test is reported after this long (counted as caught: the run did not pass).
+IGNORED = (".git", ".venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info",
+           "out")
+# A planted bug that hangs a test is reported after this long (counted as caught: the run did not
+# pass).
 TIMEOUT_S = 300
 DEFAULT_JOBS = 2
-# pytest exit codes: 0 all passed, 1 some failed, 2 interrupted (e.g. an import error at collection).
+# pytest exit codes: 0 all passed, 1 some failed, 2 interrupted (e.g. an import error at
+# collection).
 PASSED, FAILED, INTERRUPTED = 0, 1, 2
 OUTPUT_TAIL_CHARS = 2000
 
@@ -62,12 +66,16 @@ class Outcome:
 
 
 def locate(mutants: Sequence[Mutant], root: Path) -> tuple[list[Located], list[Outcome]]:
-    """Find each mutant's snippet: exactly one occurrence across ``root/mag/**.py``, else an error."""
-    sources = {str(p.relative_to(root)): p.read_text() for p in sorted((root / SOURCE_DIR).rglob("*.py"))}
+    """Find each mutant's snippet: exactly one occurrence across ``root/mag/**.py``, else an
+    error."""
+    sources = {
+        str(p.relative_to(root)): p.read_text() for p in sorted((root / SOURCE_DIR).rglob("*.py"))
+    }
     located, errors = [], []
     seen: set[str] = set()
     for m in mutants:
-        hits = [(path, text.count(m.snippet)) for path, text in sources.items() if m.snippet in text]
+        hits = [(path, text.count(m.snippet)) for path,
+                text in sources.items() if m.snippet in text]
         count = sum(n for _, n in hits)
         problem = None
         if m.id in seen:
@@ -87,23 +95,25 @@ def locate(mutants: Sequence[Mutant], root: Path) -> tuple[list[Located], list[O
     return located, errors
 
 
-# Third-party modules the tests import, loaded once per worker before it forks a child per pytest run (the
-# imports cost more than most target tests). Never ``mag`` or the tests' own modules: a child must import
-# the mutated code fresh.
+# Third-party modules the tests import, loaded once per worker before it forks a child per pytest
+# run (the imports cost more than most target tests). Never ``mag`` or the tests' own modules: a
+# child must import the mutated code fresh.
 PRELOAD = ("torch", "numpy", "safetensors.torch", "PIL.Image", "pytest", "torchmetrics",
            "anyio.pytest_plugin")
 PRELOAD_ATTRS = (("diffusers", "WanTransformer3DModel"),)
 
 
 def _tree_env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH",
+                                                                                   "")]),
             "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
 def serve(preload: bool = True) -> None:
     """Worker loop (``mutate.py --serve``, cwd = a scratch tree): one JSON request per stdin line,
-    ``{"args": pytest args, "log": path, "timeout": s}``; fork, run pytest in the child with its output in
-    ``log``, answer ``{"code": exit code}`` (-1: timed out, the child's process group killed)."""
+    ``{"args": pytest args, "log": path, "timeout": s}``; fork, run pytest in the child with its
+    output in ``log``, answer ``{"code": exit code}`` (-1: timed out, the child's process group
+    killed)."""
     import importlib
 
     for name in PRELOAD if preload else ():
@@ -121,7 +131,8 @@ def serve(preload: bool = True) -> None:
     import pytest
 
     # Preloaded objects never become garbage: freezing them spares every child's collections (pytest
-    # collects harder at exit) a walk over torch's heap, which cost more CPU than a small target's tests.
+    # collects harder at exit) a walk over torch's heap, which cost more CPU than a small target's
+    # tests.
     gc.freeze()
     for line in sys.stdin:
         request = json.loads(line)
@@ -171,7 +182,8 @@ class Worker:
         log = self.tree / "pytest.log"
         start = time.monotonic()
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"args": args, "log": str(log), "timeout": TIMEOUT_S}) + "\n")
+        self.proc.stdin.write(json.dumps({"args": args, "log": str(log),
+                                          "timeout": TIMEOUT_S}) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
         if not answer:
@@ -222,9 +234,10 @@ def run_mutant(worker: Worker, item: Located) -> Outcome:
     return Outcome(m.id, status, detail, seconds, item.path, target, m.plants)
 
 
-def run_all(mutants: Sequence[Mutant], root: Path, jobs: int, *, baseline: bool = True, preload: bool = True,
-            log=print) -> list[Outcome]:
-    """Locate, check the targets unmutated, then run every mutant on ``jobs`` scratch copies of ``root``."""
+def run_all(mutants: Sequence[Mutant], root: Path, jobs: int, *, baseline: bool = True,
+            preload: bool = True, log=print) -> list[Outcome]:
+    """Locate, check the targets unmutated, then run every mutant on ``jobs`` scratch copies of
+    ``root``."""
     located, outcomes = locate(mutants, root)
     if not located:
         return outcomes
@@ -244,13 +257,16 @@ def run_all(mutants: Sequence[Mutant], root: Path, jobs: int, *, baseline: bool 
 
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             broken: set[str] = set()
-            if baseline:  # one run per test file, selecting the union of its mutants' -k expressions
+            # one run per test file, selecting the union of its mutants' -k expressions
+            if baseline:
                 by_file: dict[str, set[str | None]] = {}
                 for x in located:
                     by_file.setdefault(x.mutant.test, set()).add(x.mutant.k)
-                targets = sorted((test, None if None in ks else " or ".join(f"({k})" for k in sorted(ks)))
+                targets = sorted((test,
+                                  None if None in ks else " or ".join(f"({k})" for k in sorted(ks)))
                                  for test, ks in by_file.items())
-                for (test, _), out in zip(targets, pool.map(lambda t: on_tree(run_baseline, *t), targets),
+                for (test, _), out in zip(targets, pool.map(lambda t: on_tree(run_baseline, *t),
+                                                            targets),
                                           strict=True):
                     if out.status == "error":
                         outcomes.append(out)
@@ -260,8 +276,8 @@ def run_all(mutants: Sequence[Mutant], root: Path, jobs: int, *, baseline: bool 
             runnable = [x for x in located if x.mutant.test not in broken]
             for x in located:
                 if x not in runnable:
-                    outcomes.append(Outcome(x.mutant.id, "error", "its test file fails unmutated", 0.0,
-                                            x.path, x.mutant.test, x.mutant.plants))
+                    outcomes.append(Outcome(x.mutant.id, "error", "its test file fails unmutated",
+                                            0.0, x.path, x.mutant.test, x.mutant.plants))
             for out in pool.map(lambda x: on_tree(run_mutant, x), runnable):
                 log(f"  {out.status:8s} {out.id:38s} {out.seconds:5.1f} s  {out.path}")
                 outcomes.append(out)
@@ -282,11 +298,14 @@ def main(argv: Sequence[str] | None = None, catalogue: Sequence[Mutant] = MUTANT
                         help="parallel workers, each on its own scratch copy")
     parser.add_argument("-o", "--out", type=Path, help="write the JSON report here")
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
-    parser.add_argument("--root", type=Path, default=ROOT, help="repository to copy (default: this one)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip running the targets unmutated")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository to copy (default: "
+                                                                "this one)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip running the targets "
+                                                                   "unmutated")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--no-preload", action="store_true",
-                        help="workers import nothing ahead (a repository without torch, e.g. a toy one)")
+                        help="workers import nothing ahead (a repository without torch, e.g. a "
+                             "toy one)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -315,12 +334,15 @@ def main(argv: Sequence[str] | None = None, catalogue: Sequence[Mutant] = MUTANT
     outcomes = run_all(chosen, args.root.resolve(), args.jobs, baseline=not args.no_baseline,
                        preload=not args.no_preload)
     mutant_outcomes = [o for o in outcomes if not o.id.startswith("baseline ")]
-    counts = {s: sum(o.status == s for o in mutant_outcomes) for s in ("caught", "survived", "error")}
+    counts = {s: sum(o.status == s for o in mutant_outcomes) for s in ("caught", "survived",
+                                                                       "error")}
     elapsed = time.monotonic() - start
     for o in outcomes:
         if o.status != "caught":
-            print(f"mutate: {o.status.upper()} {o.id}: {o.plants or o.test}\n    {o.detail}", file=sys.stderr)
-    print(f"mutate: {counts['caught']} caught, {counts['survived']} survived, {counts['error']} errors"
+            print(f"mutate: {o.status.upper()} {o.id}: {o.plants or o.test}\n    {o.detail}",
+                  file=sys.stderr)
+    print(f"mutate: {counts['caught']} caught, {counts['survived']} survived, {counts['error']} "
+          "errors"
           f" of {len(chosen)} mutants in {elapsed:.0f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,9 @@ FRAMES_PER_BLOCK = 3
 DEFAULT_BLOCKS = 4
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "memory_mask.png"
 # Colours: clean keys, noisy keys, masked out; retained frames get a darker clean colour.
-CLEAN, RETAINED, NOISY, MASKED = (0.55, 0.75, 0.95), (0.10, 0.35, 0.75), (0.95, 0.60, 0.30), (1.0, 1.0, 1.0)
+CLEAN, RETAINED, NOISY, MASKED = (0.55, 0.75, 0.95), (0.10, 0.35, 0.75), (0.95, 0.60, 0.30), (1.0,
+                                                                                              1.0,
+                                                                                              1.0)
 DPI = 150
 
 
@@ -57,7 +59,8 @@ def main() -> None:
     ax.set_xlabel("keys: clean frames c | noisy frames n")
     ax.set_ylabel("queries")
     ax.set_title(f"memory training mask, {args.blocks} blocks of {FRAMES_PER_BLOCK} frames\n"
-                 "dark blue = retained (last) clean frame: the block's compressed memory", fontsize=9)
+                 "dark blue = retained (last) clean frame: the block's compressed memory",
+                 fontsize=9)
     # Quadrant notes sit in cells the mask leaves empty (fractions of the [2N, 2N] picture).
     for (row, col), text in {(0.07, 0.36): "clean -> clean\nown block + earlier\nretained frames",
                              (0.25, 0.75): "clean -> noisy\nnever",

@@ -1,7 +1,7 @@
 """Where streaming time goes: frames/s per policy and a torch-profiler table of one stream.
 
-Streams ``--blocks`` blocks of the shipped tiny generator (camera panning one patch per frame) under each
-policy, times a second, warm stream, then profiles one more stream of the last policy.
+Streams ``--blocks`` blocks of the shipped tiny generator (camera panning one patch per frame) under
+each policy, times a second, warm stream, then profiles one more stream of the last policy.
 
 Usage: python scripts/profile_stream.py [--model tiny-causal-long] [--memory-model tiny-memory]
            [--policies window,mag] [--blocks 32] [--threads 1] [--rows 14]
@@ -51,7 +51,8 @@ def main() -> None:
         start = time.perf_counter()
         stream()
         seconds = time.perf_counter() - start
-        print(f"{name}: {args.blocks * block / seconds:.1f} frames/s ({args.blocks} blocks of {block},"
+        print(f"{name}: {args.blocks * block / seconds:.1f} frames/s ({args.blocks} blocks of "
+              f"{block},"
               f" {args.threads} thread(s))")
     with torch.profiler.profile() as prof:
         stream()

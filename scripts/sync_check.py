@@ -1,9 +1,10 @@
 """Stream a few blocks of every cache policy and fail on any host sync -- on the real device.
 
-On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` makes every implicit sync (``.item()``, ``nonzero``, a
-blocking host-to-device copy, ...) raise; on ``meta`` (no GPU) :class:`mag.bench.host.HostSyncAudit` stands
-in, as in tests/test_host.py. Random weights of ``--preset`` with ``--layers`` transformer layers (syncs do
-not depend on depth), batch 1, the first block unchecked (handles and workspaces are created there).
+On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` makes every implicit sync (``.item()``,
+``nonzero``, a blocking host-to-device copy, ...) raise; on ``meta`` (no GPU)
+:class:`mag.bench.host.HostSyncAudit` stands in, as in tests/test_host.py. Random weights of
+``--preset`` with ``--layers`` transformer layers (syncs do not depend on depth), batch 1, the first
+block unchecked (handles and workspaces are created there).
 
 Usage: python scripts/sync_check.py --device cuda [--preset wan-1.3b] [--layers 2] [--json-out F]
 Exit status 1 when a policy synced; the JSON names the first sync per policy.
@@ -41,7 +42,8 @@ def syncs_raise(device: torch.device) -> Iterator[None]:
             yield
 
 
-def check(preset_name: str, layers: int, device: torch.device, dtype: torch.dtype, blocks: int) -> dict:
+def check(preset_name: str, layers: int, device: torch.device, dtype: torch.dtype,
+          blocks: int) -> dict:
     preset = speed_preset(preset_name)
     preset = replace_nested(preset, {"dit.num_layers": layers})
     generator = random_model(preset, device, dtype, seed=0)
@@ -71,11 +73,13 @@ def check(preset_name: str, layers: int, device: torch.device, dtype: torch.dtyp
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="wan-1.3b")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2: syncs do not"
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers (default 2: "
+                                                              "syncs do not"
                                                                 " depend on depth)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "meta")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--blocks", type=int, default=4, help="checked blocks per policy (rings wrap)")
+    parser.add_argument("--blocks", type=int, default=4, help="checked blocks per policy (rings "
+                                                              "wrap)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

@@ -19,8 +19,9 @@ TINY_DIT = DiTConfig(in_channels=4, out_channels=4, dim=24, ffn_dim=48, num_head
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Two cores shared with other jobs: tiny models run fastest, and most predictably, on one intra-op
-    thread. Session scope, so module-scoped fixtures that train or sample models get it too."""
+    """Two cores shared with other jobs: tiny models run fastest, and most predictably, on one
+    intra-op thread. Session scope, so module-scoped fixtures that train or sample models get it
+    too."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -34,8 +35,8 @@ def tiny_dit_cfg() -> DiTConfig:
 
 @pytest.fixture
 def make_dit() -> Callable[..., WanDiT]:
-    """``make_dit(**overrides)``: a tiny WanDiT whose every parameter is random (Wan's init zeroes the head,
-    which would make output comparisons vacuous)."""
+    """``make_dit(**overrides)``: a tiny WanDiT whose every parameter is random (Wan's init zeroes
+    the head, which would make output comparisons vacuous)."""
 
     def build(seed: int = 0, **overrides: Any) -> WanDiT:
         return random_dit(dataclasses.replace(TINY_DIT, **overrides), seed)
@@ -45,18 +46,20 @@ def make_dit() -> Callable[..., WanDiT]:
 
 @pytest.fixture
 def diffusers_twin() -> Callable[[DiTConfig], Any]:
-    """``diffusers_twin(cfg)``: a diffusers ``WanTransformer3DModel`` with the same shapes and EVERY parameter
-    random (diffusers' init sets qk-norm weights to 1 and the cross-attention LayerNorm to 1 / 0, which
-    would hide a norm mapped to the wrong place)."""
+    """``diffusers_twin(cfg)``: a diffusers ``WanTransformer3DModel`` with the same shapes and EVERY
+    parameter random (diffusers' init sets qk-norm weights to 1 and the cross-attention LayerNorm to
+    1 / 0, which would hide a norm mapped to the wrong place)."""
     from diffusers import WanTransformer3DModel
 
     def build(cfg: DiTConfig) -> WanTransformer3DModel:
         torch.manual_seed(3)
         return randomise_parameters_(WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.head_dim,
             in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
             freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-            cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps, rope_max_seq_len=cfg.rope_max_positions,
+            cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+            rope_max_seq_len=cfg.rope_max_positions,
         )).eval()
 
     return build

@@ -1,6 +1,6 @@
-"""Builders shared by several test modules (import as ``from helpers import ...``; pytest puts tests/ on
-the path). Fixtures live in conftest.py; plain functions that build tiny models, recipes and model files
-live here."""
+"""Builders shared by several test modules (import as ``from helpers import ...``; pytest puts
+tests/ on the path). Fixtures live in conftest.py; plain functions that build tiny models, recipes
+and model files live here."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ RANDOM_PARAMETER_STD = 0.3
 
 
 def randomise_parameters_(model: torch.nn.Module) -> torch.nn.Module:
-    """Draw EVERY parameter (norm weights and biases, modulation tables included) from the current torch
-    RNG. Default initialisations set norm weights to 1 and biases to 0, so a weight loaded into the wrong
-    norm (or a modulation table into the wrong slot) would change nothing; random values make every
-    mapping error visible in an output comparison."""
+    """Draw EVERY parameter (norm weights and biases, modulation tables included) from the current
+    torch RNG. Default initialisations set norm weights to 1 and biases to 0, so a weight loaded
+    into the wrong norm (or a modulation table into the wrong slot) would change nothing; random
+    values make every mapping error visible in an output comparison."""
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * RANDOM_PARAMETER_STD)
@@ -64,10 +64,12 @@ def random_dit(cfg: DiTConfig, seed: int = 0) -> WanDiT:
     return randomise_parameters_(WanDiT(cfg)).eval()
 
 
-def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None, **sections: Any) -> dict:
+def recipe_dict(kind: str, *, steps: int = 2, overrides: dict | None = None,
+                **sections: Any) -> dict:
     """A tiny recipe of objective ``kind`` as a dict; ``sections`` update whole sections."""
     data: dict[str, Any] = {
-        "name": f"test-{kind}", "preset": "tiny", "preset_overrides": {**TINY_OVERRIDES, **(overrides or {})},
+        "name": f"test-{kind}", "preset": "tiny", "preset_overrides": {**TINY_OVERRIDES,
+                                                                       **(overrides or {})},
         "objective": {"kind": kind},
         "loop": {"steps": steps, "batch_size": 2, "grad_accum": 2, "log_every": 1, "ckpt_every": 2,
                  "keep_last": 5, "seed": SEED},
@@ -94,11 +96,13 @@ def recipe_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trained_model_file(root: Path, kind: str, name: str, stage: str, overrides: dict | None = None) -> Path:
+def trained_model_file(root: Path, kind: str, name: str, stage: str,
+                       overrides: dict | None = None) -> Path:
     """A model file after 2 steps of objective ``kind`` (exported like a shipped model)."""
-    Trainer(recipe_from_dict(recipe_dict(kind, overrides=overrides)), root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / f"{name}.safetensors",
-                        name=name, stage=stage)
+    Trainer(recipe_from_dict(recipe_dict(kind, overrides=overrides)), root / "run",
+            progress=False).run()
+    return export_model(latest_checkpoint(root / "run" / "checkpoints"),
+                        root / f"{name}.safetensors", name=name, stage=stage)
 
 
 def dmd_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -113,8 +117,8 @@ def dmd_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def assert_dmd_resume_is_bitwise(recipe: Any, root: Path, stop_at: int = 3) -> Trainer:
-    """Run ``recipe`` straight, and again stopped at ``stop_at`` then resumed: every DMD state tensor must
-    be bitwise equal. Returns the straight run (its files are under ``root / "a"``)."""
+    """Run ``recipe`` straight, and again stopped at ``stop_at`` then resumed: every DMD state
+    tensor must be bitwise equal. Returns the straight run (its files are under ``root / "a"``)."""
     straight = Trainer(recipe, root / "a", progress=False)
     straight.run()
     first = Trainer(recipe, root / "b", progress=False)
@@ -144,8 +148,8 @@ def torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for _ in range(PORT_ATTEMPTS):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+               "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                "-m", "mag.train", "--recipe", str(recipe), "--out", str(out), "--no-progress",
                "--threads", "1", *extra]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,

@@ -1,9 +1,10 @@
-"""Writers of small files in the upstream releases' own formats (random weights, upstream key names and
-folder layouts), so loaders and commands are tested on what users download. Layouts:
+"""Writers of small files in the upstream releases' own formats (random weights, upstream key names
+and folder layouts), so loaders and commands are tested on what users download. Layouts:
 
-- Wan2.1 folder: ``config.json`` (WanModel's config names) + ``diffusion_pytorch_model.safetensors``,
-  ``Wan2.1_VAE.pth`` (original VAE names), ``models_t5_umt5-xxl-enc-bf16.pth`` (Wan's T5 names) and the
-  ``google/umt5-xxl/`` tokenizer folder (MiniLM's tokenizer stands in: the real one is not offline);
+- Wan2.1 folder: ``config.json`` (WanModel's config names) +
+  ``diffusion_pytorch_model.safetensors``, ``Wan2.1_VAE.pth`` (original VAE names),
+  ``models_t5_umt5-xxl-enc-bf16.pth`` (Wan's T5 names) and the ``google/umt5-xxl/`` tokenizer folder
+  (MiniLM's tokenizer stands in: the real one is not offline);
 - official MAG generator / memory folder: ``config.json`` (CausalWanModel's) + the safetensors;
 - Self-Forcing ``.pt``: ``{"generator", "generator_ema", "critic"}`` with the ``model.`` prefix.
 """
@@ -27,10 +28,10 @@ from mag.weights import wan_to_diffusers
 WAN_WEIGHTS = "diffusion_pytorch_model.safetensors"
 WAN_VAE = "Wan2.1_VAE.pth"
 
-# Original Wan2.1 VAE names of the diffusers parameters (the checkpoint ``Wan2.1_VAE.pth`` uses these).
-# Written from the structure; test_codecs checks it against diffusers' own converter.
-_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
-             "conv_shortcut": "shortcut"}
+# Original Wan2.1 VAE names of the diffusers parameters (the checkpoint ``Wan2.1_VAE.pth`` uses
+# these). Written from the structure; test_codecs checks it against diffusers' own converter.
+_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3",
+             "conv2": "residual.6", "conv_shortcut": "shortcut"}
 _HEAD = {"norm_out": "head.0", "conv_out": "head.2", "conv_in": "conv1"}
 
 
@@ -58,11 +59,14 @@ def vae_original_name(key: str) -> str:
 
 
 def wan_config(dit: WanDiT, class_name: str) -> dict:
-    """The config.json a Wan ``ModelMixin`` writes (WanModel / CausalWanModel names; patch size, text
-    width and the norms flags are not saved by CausalWanModel, so they are left out, as upstream does)."""
+    """The config.json a Wan ``ModelMixin`` writes (WanModel / CausalWanModel names; patch size,
+    text width and the norms flags are not saved by CausalWanModel, so they are left out, as
+    upstream does)."""
     cfg = dit.cfg
-    return {"_class_name": class_name, "_diffusers_version": "0.31.0", "model_type": "t2v", "text_len": 512,
-            "in_dim": cfg.in_channels, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
+    return {"_class_name": class_name, "_diffusers_version": "0.31.0", "model_type": "t2v",
+            "text_len": 512,
+            "in_dim": cfg.in_channels, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
+            "freq_dim": cfg.freq_dim,
             "out_dim": cfg.out_channels, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
             "eps": cfg.eps, "window_size": [-1, -1]}
 

@@ -1,8 +1,8 @@
-"""The package's shape: imports follow the layer order of docs/design.md, no import cycle, modules of at
-most 450 lines, and no ``mag`` import inside a function body unless marked ``# lazy: <why>``.
+"""The package's shape: imports follow the layer order of docs/design.md, no import cycle, modules
+of at most 450 lines, and no ``mag`` import inside a function body unless marked ``# lazy: <why>``.
 
-The layer order is parsed from the doc, so the doc is the single source; every module under ``mag/`` is
-walked with ``ast`` (module-level, function-level and ``TYPE_CHECKING`` imports alike).
+The layer order is parsed from the doc, so the doc is the single source; every module under ``mag/``
+is walked with ``ast`` (module-level, function-level and ``TYPE_CHECKING`` imports alike).
 """
 
 from __future__ import annotations
@@ -88,14 +88,16 @@ def imports_of(path: Path) -> list[Import]:
             in_function.update(id(sub) for sub in ast.walk(node) if sub is not node)
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_mag(node.module):
+        if isinstance(node,
+                      ast.ImportFrom) and node.level == 0 and node.module and _is_mag(node.module):
             targets = [node.module]
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names if _is_mag(alias.name)]
         else:
             continue
         lazy = LAZY_MARK in lines[node.lineno - 1]
-        found += [Import(module_name(path), t, node.lineno, id(node) in in_function, lazy) for t in targets]
+        found += [Import(module_name(path), t, node.lineno, id(node) in in_function,
+                         lazy) for t in targets]
     return found
 
 
@@ -119,10 +121,12 @@ def check(files: dict[Path, str], design: str) -> list[str]:
             if target_layer is None:
                 problems.append(f"{rel}:{imp.line}: imports {imp.target}, which is in no layer")
             elif target_layer > source_layer:
-                problems.append(f"{rel}:{imp.line}: upward import of {imp.target} (layer {target_layer + 1})"
+                problems.append(f"{rel}:{imp.line}: upward import of {imp.target} (layer "
+                                f"{target_layer + 1})"
                                 f" from layer {source_layer + 1}")
             if imp.in_function and not imp.lazy:
-                problems.append(f"{rel}:{imp.line}: import of {imp.target} inside a function body without"
+                problems.append(f"{rel}:{imp.line}: import of {imp.target} inside a function body "
+                                "without"
                                 f" a '{LAZY_MARK} <why>' comment")
             if not imp.in_function and imp.target != name:
                 graph.setdefault(name, set()).add(imp.target)
@@ -164,7 +168,9 @@ def _package_files() -> dict[Path, str]:
 def test_design_doc_lists_layers_bottom_to_top():
     layers = parse_layers(DESIGN.read_text())
     assert layers["mag.errors"] == 0
-    assert layers["mag.cache"] < layers["mag.models"] < layers["mag.pipelines"] < layers["mag.train"]
+    assert (
+        layers["mag.cache"] < layers["mag.models"] < layers["mag.pipelines"] < layers["mag.train"]
+    )
     assert layers["mag.train"] < layers["mag.app"] < layers["mag.bench"] < layers["mag.cli"]
 
 
@@ -200,13 +206,19 @@ def test_a_planted_cycle_is_reported():
 def test_package_data_globs_match_shipped_files():
     """Every package-data pattern in pyproject.toml must ship something: the shipped models and the
     viewer page leave a wheel silently when their folder is renamed and the pattern is not."""
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
     patterns = data["mag"]
     assert "shipped/**/*" in patterns
     for pattern in patterns:
-        assert any(p.is_file() for p in PACKAGE.glob(pattern)), f"{pattern} matches no file under mag/"
-    assert {p.name for p in (PACKAGE / "shipped").glob("*.safetensors")} >= {"tiny-causal-long.safetensors",
-                                                                             "tiny-memory.safetensors"}
+        assert any(p.is_file() for p in PACKAGE.glob(pattern)), (
+            f"{pattern} matches no file under mag/"
+        )
+    assert {p.name for p in (PACKAGE / "shipped").glob("*.safetensors")} >= {
+        "tiny-causal-long.safetensors",
+        "tiny-memory.safetensors",
+    }
 
 def _redirect(original: Path, replacement: Path):
     read = Path.read_text

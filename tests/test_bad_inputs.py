@@ -1,7 +1,7 @@
 """Every documented command with bad values: one line on stderr, exit 2, nothing on disk changed.
 
-One table: each row is a command line (``{t}`` a scratch folder holding a finished tiny run, ``{ck}`` its
-checkpoint, ``{run}`` its run folder) and a phrase its error line must contain.
+One table: each row is a command line (``{t}`` a scratch folder holding a finished tiny run,
+``{ck}`` its checkpoint, ``{run}`` its run folder) and a phrase its error line must contain.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ CASES: list[tuple[str, str]] = [
     ("train --recipe {t}/good.toml -o {run}", "--resume"),
     ("train ode-pairs --teacher tiny-teacher --clips 1 -o {t}/pairs.txt", ".safetensors"),
     ("train ode-pairs --teacher tiny-teacher --clips 0 -o {t}/pairs.safetensors", "--clips"),
-    ("train ode-pairs --teacher tiny-teacher --clips 1 --batch 0 -o {t}/pairs.safetensors", "batch size"),
+    ("train ode-pairs --teacher tiny-teacher --clips 1 --batch 0 -o {t}/pairs.safetensors",
+     "batch size"),
     # plot, export, models, info
     ("plot {t}/nothing -o {t}/c.png", "no metrics"),
     ("plot {run} -o {t}/c.txt", ".png"),
@@ -101,7 +102,9 @@ def _tree(folder: Path) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {}
     for path in sorted(folder.rglob("*")):
         mode = path.lstat().st_mode
-        out[str(path.relative_to(folder))] = path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
+        out[str(path.relative_to(folder))] = (
+            path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
+        )
     return out
 
 

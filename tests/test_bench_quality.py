@@ -1,4 +1,5 @@
-"""``mag bench quality``: JSON contract end to end on tiny models of each stage, and its input errors."""
+"""``mag bench quality``: JSON contract end to end on tiny models of each stage, and its input
+errors."""
 
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ TEACHER_STEPS = 8  # the smallest Euler grid that holds the tiny preset's few-st
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Camera-anchored model files of every stage the benchmark samples, plus a memory model (2 steps)."""
+    """Camera-anchored model files of every stage the benchmark samples, plus a memory model (2
+    steps)."""
     root = tmp_path_factory.mktemp("models")
     files = {stage: trained_model_file(root / stage, kind, f"test-{stage}", stage, overrides=CAMERA)
-             for stage, kind in (("teacher", "teacher_fm"), ("causal", "causal_fm"), ("dmd", "causal_fm"))}
+             for stage, kind in (("teacher", "teacher_fm"), ("causal", "causal_fm"), ("dmd",
+                                                                                      "causal_fm"))}
     with pytest.warns(UserWarning, match="without init.model"):
         files["memory"] = trained_model_file(root / "memory", "memory", "test-memory", "memory",
                                              overrides=CAMERA)
@@ -42,19 +45,21 @@ def models(tmp_path_factory):
 
 
 def _run(*args: str) -> int:
-    return main(["bench", "quality", "--no-progress", "--clips", str(CLIPS), "--frames", str(FRAMES),
-                 "--steps", str(TEACHER_STEPS), *args])
+    return main(["bench", "quality", "--no-progress", "--clips", str(CLIPS), "--frames",
+                 str(FRAMES), "--steps", str(TEACHER_STEPS), *args])
 
 
 def test_cli_writes_summary_table_and_grid(tmp_path, models, capsys):
     out = tmp_path / "quality"
     names = ",".join(str(models[stage]) for stage in ("teacher", "causal", "dmd"))
-    assert _run("--models", names, "--sampler-for", f"{models['causal']}=euler:2", "--out", str(out)) == 0
+    assert _run("--models", names, "--sampler-for", f"{models['causal']}=euler:2", "--out",
+                str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clips"] == CLIPS and summary["frames"] == FRAMES and summary["split"] == "val"
     assert list(summary["models"]) == ["test-teacher", "test-causal", "test-dmd"]
     assert list(summary["references"]) == [REAL_VS_REAL]
-    expected = {"test-teacher": ("teacher", "euler", TEACHER_STEPS), "test-causal": ("causal", "euler", 2),
+    expected = {"test-teacher": ("teacher", "euler", TEACHER_STEPS), "test-causal": ("causal",
+                                                                                     "euler", 2),
                 "test-dmd": ("dmd", "few_step", 4)}
     for name, row in {**summary["models"], **summary["references"]}.items():
         assert math.isfinite(row["fd"]) and row["fd"] >= 0
@@ -63,7 +68,8 @@ def test_cli_writes_summary_table_and_grid(tmp_path, models, capsys):
         if name in expected:
             assert (row["stage"], row["sampler"], row["steps"]) == expected[name]
             assert row["seconds"] >= 0 and row["model"]["world_matches_training"]
-    assert summary["models"]["test-teacher"]["guidance_scale"] == 4.0  # the DMD recipe's, by default
+    # the DMD recipe's, by default
+    assert summary["models"]["test-teacher"]["guidance_scale"] == 4.0
     assert summary["models"]["test-teacher"]["mode"] == "bidirectional"
     assert summary["models"]["test-dmd"]["mode"].startswith("streaming")
     # Different weights and samplers give different samples, hence different distances.
@@ -84,7 +90,8 @@ def test_teacher_samples_do_not_depend_on_the_batch(models):
     from mag.train.data import preset_world
 
     model, preset, meta = load_model(models["teacher"])
-    clips = real_clips(preset_world(preset, meta["recipe"]["data"]["world"]), "val", 0, CLIPS, FRAMES)
+    clips = real_clips(preset_world(preset, meta["recipe"]["data"]["world"]), "val", 0, CLIPS,
+                       FRAMES)
     text = prompt_cache(preset.text_encoder, "pooled")
     sampler = SamplerConfig("euler", TEACHER_STEPS, 4.0)
     together = sample_model(model, preset, "teacher", sampler, clips, text.get, batch_size=CLIPS)
@@ -94,7 +101,8 @@ def test_teacher_samples_do_not_depend_on_the_batch(models):
 
 
 def test_score_set_matches_frechet_alexnet_distance_and_zero_on_itself():
-    world = get_world_config("default", frame_height=16, frame_width=16, pano_height=16, block_frames=3)
+    world = get_world_config("default", frame_height=16, frame_width=16, pano_height=16,
+                             block_frames=3)
     a = real_clips(world, "val", 0, 3, FRAMES).frames
     b = real_clips(world, "val", 3, 3, FRAMES).frames
     scores = score_set(b, a)
@@ -102,13 +110,15 @@ def test_score_set_matches_frechet_alexnet_distance_and_zero_on_itself():
     assert scores["fd"] == pytest.approx(float(direct))
     assert scores["fd"] > 0
     same = score_set(a, a)
-    assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["psnr"] is None  # every frame identical
+    # every frame identical
+    assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["psnr"] is None
     assert same["psnr_identical_frames"] == 3 * FRAMES and same["ssim"] == pytest.approx(1.0)
     assert feature_images(a).shape == (3 * FRAMES, 3, 64, 64)
 
 
 def test_real_vs_real_sets_are_disjoint_worlds():
-    world = get_world_config("default", frame_height=16, frame_width=16, pano_height=16, block_frames=3)
+    world = get_world_config("default", frame_height=16, frame_width=16, pano_height=16,
+                             block_frames=3)
     first, second = real_clips(world, "val", 0, 2, FRAMES), real_clips(world, "val", 2, 2, FRAMES)
     assert first.indices == [0, 1] and second.indices == [2, 3]
     assert not np.array_equal(first.frames, second.frames)
@@ -132,7 +142,8 @@ def test_sampler_specs_and_stage_rules():
 
 
 def _error(capsys, *args: str) -> str:
-    """Run the command, which must fail with one ``mag: error:`` line and no traceback; return the line."""
+    """Run the command, which must fail with one ``mag: error:`` line and no traceback; return the
+    line."""
     assert _run(*args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mag: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
@@ -143,9 +154,13 @@ def test_bad_model_name_and_memory_model_are_one_clear_error(tmp_path, models, c
     err = _error(capsys, "--models", "no-such-model", "--out", str(tmp_path / "a"))
     assert "no model named or at 'no-such-model'; shipped models: " in err and "tiny-dmd" in err
     err = _error(capsys, "--models", str(models["memory"]), "--out", str(tmp_path / "b"))
-    assert "holds a 'memory' model but a teacher / causal / dmd / mag-generator model is expected" in err
+    assert (
+        "holds a 'memory' model but a teacher / causal / dmd / mag-generator model is expected"
+        in err
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    with pytest.raises(CheckpointError, match="holds a 'memory' model"):  # the library raises the same error
+    # the library raises the same error
+    with pytest.raises(CheckpointError, match="holds a 'memory' model"):
         run_quality_cli(build_parser().parse_args(
             ["bench", "quality", "--models", str(models["memory"]), "--out", str(tmp_path / "c")]))
 
@@ -154,13 +169,13 @@ def test_input_errors_before_sampling(tmp_path, models, capsys):
     teacher = str(models["teacher"])
     out = tmp_path / "never"
     assert "at least 2" in _error(capsys, "--models", teacher, "--clips", "1", "--out", str(out))
-    assert "multiple of the block size" in _error(capsys, "--models", teacher, "--frames", "4", "--out",
-                                                  str(out))
+    assert "multiple of the block size" in _error(capsys, "--models", teacher, "--frames", "4",
+                                                  "--out", str(out))
     assert "listed twice" in _error(capsys, "--models", f"{teacher},{teacher}", "--out", str(out))
     assert "--sampler-for names other" in _error(capsys, "--models", teacher, "--sampler-for",
                                                  "other=euler:4", "--out", str(out))
-    assert "do not land on the few-step levels" in _error(capsys, "--models", teacher, "--steps", "6",
-                                                          "--out", str(out))
+    assert "do not land on the few-step levels" in _error(capsys, "--models", teacher, "--steps",
+                                                          "6", "--out", str(out))
     assert "bidirectionally with Euler" in _error(capsys, "--models", teacher, "--sampler-for",
                                                   f"{teacher}=few_step", "--out", str(out))
     assert not out.exists()

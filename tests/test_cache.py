@@ -23,8 +23,9 @@ TOLERANCE = 1e-5
 
 
 def _stream_vs_mask(model, policy, frame_mask, num_blocks: int) -> tuple[float, KVCache]:
-    """Stream blocks (noisy read pass, then clean write pass) and return the worst deviation from the
-    full-sequence forward under ``frame_mask`` (teacher forcing: earlier blocks clean at t=0)."""
+    """Stream blocks (noisy read pass, then clean write pass) and return the worst deviation from
+    the full-sequence forward under ``frame_mask`` (teacher forcing: earlier blocks clean at
+    t=0)."""
     cfg = model.cfg
     frames = num_blocks * FRAMES_PER_BLOCK
     gen = torch.Generator().manual_seed(1)
@@ -67,7 +68,8 @@ def test_full_cache_streaming_equals_block_causal_forward(make_dit, execution):
 
 def test_window_cache_streaming_equals_sink_window_forward_after_eviction(make_dit):
     model = make_dit()
-    num_blocks, sink, window = 6, 3, 4  # window not a multiple of the block: the ring wraps mid-block
+    # window not a multiple of the block: the ring wraps mid-block
+    num_blocks, sink, window = 6, 3, 4
     frames = num_blocks * FRAMES_PER_BLOCK
     mask = sink_window_mask(frames, FRAMES_PER_BLOCK, sink, window)
     worst, cache = _stream_vs_mask(model, WindowPolicy(sink, window), mask, num_blocks)
@@ -79,7 +81,8 @@ def test_window_cache_streaming_equals_sink_window_forward_after_eviction(make_d
     ctx = torch.randn(1, 5, model.cfg.text_dim)
     with torch.no_grad():
         windowed = model(x, torch.zeros(1), ctx, frame_mask=mask)[:, -FRAMES_PER_BLOCK:]
-        causal = model(x, torch.zeros(1), ctx, frame_mask=block_causal_mask(frames, FRAMES_PER_BLOCK))
+        causal = model(x, torch.zeros(1), ctx, frame_mask=block_causal_mask(frames,
+                                                                            FRAMES_PER_BLOCK))
     assert (windowed - causal[:, -FRAMES_PER_BLOCK:]).abs().max() > 1e-3
 
 
@@ -89,7 +92,8 @@ def test_downsample_cache_streaming_equals_last_frame_memory_forward(make_dit):
     mask = last_frame_memory_mask(num_blocks * FRAMES_PER_BLOCK, FRAMES_PER_BLOCK)
     worst, cache = _stream_vs_mask(model, DownsamplePolicy(), mask, num_blocks)
     assert worst <= TOLERANCE
-    assert valid_slot_positions(cache) == [2, 5, 8, 11]  # last frame of each block, own RoPE position
+    # last frame of each block, own RoPE position
+    assert valid_slot_positions(cache) == [2, 5, 8, 11]
     assert cache.nbytes == num_blocks * cache.bytes_per_frame
 
 
@@ -100,7 +104,8 @@ def test_bounded_downsample_with_sinks_equals_its_mask(make_dit):
     # Sinks, plus the last frame of the 2 most recent earlier blocks.
     mask = last_frame_memory_mask(frames, FRAMES_PER_BLOCK, sink) & sink_window_mask(
         frames, FRAMES_PER_BLOCK, sink, slots * FRAMES_PER_BLOCK)
-    worst, cache = _stream_vs_mask(model, DownsamplePolicy(sink, memory_slots=slots), mask, num_blocks)
+    worst, cache = _stream_vs_mask(model, DownsamplePolicy(sink, memory_slots=slots), mask,
+                                   num_blocks)
     assert worst <= TOLERANCE
     assert sorted(valid_slot_positions(cache)) == [0, 1, 2, 11, 14]  # ring of 2 kept the newest
 
@@ -122,7 +127,8 @@ def test_full_cache_overflow_is_a_clear_error(make_dit):
     with torch.no_grad():
         model(x, torch.zeros(1), ctx, kv_cache=cache, cache_write=True)
         with pytest.raises(InputError, match="full KV cache holds 3 frames"):
-            model(x, torch.zeros(1), ctx, frame_positions=range(3, 6), kv_cache=cache, cache_write=True)
+            model(x, torch.zeros(1), ctx, frame_positions=range(3, 6), kv_cache=cache,
+                  cache_write=True)
 
 
 def test_reset_empties_the_cache(make_dit):
@@ -130,7 +136,8 @@ def test_reset_empties_the_cache(make_dit):
     cache = KVCache.for_model(model.cfg, WindowPolicy(0, 3), tokens_per_frame=6, horizon_frames=9,
                               frames_per_block=3)
     with torch.no_grad():
-        model(torch.randn(1, 3, 4, HEIGHT, WIDTH), torch.zeros(1), torch.randn(1, 5, model.cfg.text_dim),
+        model(torch.randn(1, 3, 4, HEIGHT, WIDTH), torch.zeros(1), torch.randn(1, 5,
+                                                                               model.cfg.text_dim),
               kv_cache=cache, cache_write=True)
     assert cache.num_valid_frames == 3
     cache.reset()
@@ -152,7 +159,8 @@ def test_frame_mask_over_cached_frames_matches_full_forward(make_dit, execution)
     with torch.no_grad():
         reference = model(x, torch.zeros(1), ctx, frame_mask=full_mask)[:, 6:]
         for b in range(2):
-            model(x[:, 3 * b:3 * b + 3], torch.zeros(1), ctx, frame_positions=range(3 * b, 3 * b + 3),
+            model(x[:, 3 * b:3 * b + 3], torch.zeros(1), ctx, frame_positions=range(3 * b,
+                                                                                    3 * b + 3),
                   kv_cache=cache, cache_write=True)
         streamed = model(x[:, 6:], torch.zeros(1), ctx, frame_positions=range(6, 9), kv_cache=cache,
                          frame_mask=full_mask[6:])
@@ -169,14 +177,16 @@ def test_hiding_a_prefix_equals_masking_it(make_dit):
     ctx = torch.randn(1, 5, model.cfg.text_dim)
     block = torch.randn(1, 3, 4, HEIGHT, WIDTH)
     with torch.no_grad():
-        model(torch.randn(1, 3, 4, HEIGHT, WIDTH), torch.zeros(1), ctx, kv_cache=cache, cache_write=True)
+        model(torch.randn(1, 3, 4, HEIGHT, WIDTH), torch.zeros(1), ctx, kv_cache=cache,
+              cache_write=True)
         mask = torch.ones(3, 6, dtype=torch.bool)
         mask[:, :2] = False
-        masked = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6), kv_cache=cache,
-                       frame_mask=mask)
+        masked = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6),
+                       kv_cache=cache, frame_mask=mask)
         with cache.hiding_prefix(2):
             assert cache.num_valid_frames == 1 and cache.cached_positions().tolist() == [2]
-            skipped = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6), kv_cache=cache)
+            skipped = model(block, torch.full((1,), 500.0), ctx, frame_positions=range(3, 6),
+                            kv_cache=cache)
         assert cache.num_valid_frames == 3
     assert (masked - skipped).abs().max() <= 1e-5
     with pytest.raises(InputError, match="cannot hide 4 of 3"), cache.hiding_prefix(4):
@@ -184,7 +194,8 @@ def test_hiding_a_prefix_equals_masking_it(make_dit):
 
 
 @pytest.mark.parametrize("policy", [FullPolicy(), WindowPolicy(3, 9), DownsamplePolicy(3),
-                                    DownsamplePolicy(3, memory_slots=4), DownsamplePolicy(0, memory_slots=2)],
+                                    DownsamplePolicy(3, memory_slots=4), DownsamplePolicy(0,
+                                                                                          memory_slots=2)],
                          ids=["full", "window", "downsample", "bounded", "bounded-no-sinks"])
 def test_every_read_is_a_view_of_the_storage_even_after_a_ring_wraps(policy):
     """Reads follow slot order, and every policy keeps its valid slots a prefix: no gather, ever."""
@@ -202,10 +213,12 @@ def test_every_read_is_a_view_of_the_storage_even_after_a_ring_wraps(policy):
 @pytest.mark.parametrize("policy", [FullPolicy(), WindowPolicy(2, 6), DownsamplePolicy(2),
                                     DownsamplePolicy(2, memory_slots=3), MagPolicy(2),
                                     MagPolicy(2, memory_slots=3)],
-                         ids=["full", "window", "downsample", "bounded-downsample", "mag", "bounded"])
+                         ids=["full", "window", "downsample", "bounded-downsample", "mag",
+                              "bounded"])
 def test_kv_bytes_at_batch_above_one_equal_the_cache_tensors_own_nbytes(policy, tiny_dit_cfg):
-    """The accounting is checked against the storage itself, at batch 3 and in bfloat16: a size formula
-    that drops the batch (or the dtype) cannot cancel out here as it does in a mag-vs-full ratio."""
+    """The accounting is checked against the storage itself, at batch 3 and in bfloat16: a size
+    formula that drops the batch (or the dtype) cannot cancel out here as it does in a mag-vs-full
+    ratio."""
     blocks, block, batch, tokens, dtype = 5, 3, 3, 5, torch.bfloat16
     cfg = tiny_dit_cfg
     cache = KVCache.for_model(cfg, policy, tokens_per_frame=tokens, horizon_frames=blocks * block,
@@ -216,10 +229,12 @@ def test_kv_bytes_at_batch_above_one_equal_the_cache_tensors_own_nbytes(policy, 
     for b in range(blocks):
         pending = cache.begin_write(block)
         for layer in range(cfg.num_layers):
-            cache.write(layer, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), pending)
+            cache.write(layer, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
+                        pending)
         cache.commit(pending, torch.arange(b * block, (b + 1) * block))
         held = sum(k.nbytes + v.nbytes for k, v in map(cache.read, range(cfg.num_layers)))
         assert cache.nbytes == held > 0, b
     # The allocation-free formula the speed benchmark and `mag info` use agrees with the storage.
     per_frame = held // cache.num_valid_frames
-    assert kv_bytes_per_frame(cfg, tokens, dtype, batch_size=batch) == cache.bytes_per_frame == per_frame
+    assert kv_bytes_per_frame(cfg, tokens, dtype,
+                              batch_size=batch) == cache.bytes_per_frame == per_frame

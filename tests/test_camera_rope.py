@@ -49,9 +49,10 @@ def test_streaming_with_anchored_keys_equals_full_forward(make_dit):
     x, ctx = torch.randn(1, frames, 4, 4, 6), torch.randn(1, 5, 16)
     offsets = torch.tensor([[0.0, 1, 2, 3, 3, 2, 1, 0, -1]])
     with torch.no_grad():
-        ref = model(x, torch.zeros(1), ctx, width_offsets=offsets, frame_mask=block_causal_mask(frames, fpb))
-        cache = KVCache.for_model(model.cfg, FullPolicy(), tokens_per_frame=6, horizon_frames=frames,
-                                  frames_per_block=fpb)
+        ref = model(x, torch.zeros(1), ctx, width_offsets=offsets,
+                    frame_mask=block_causal_mask(frames, fpb))
+        cache = KVCache.for_model(model.cfg, FullPolicy(), tokens_per_frame=6,
+                                  horizon_frames=frames, frames_per_block=fpb)
         for b in range(3):
             sl = slice(b * fpb, (b + 1) * fpb)
             out = model(x[:, sl], torch.zeros(1), ctx, frame_positions=range(sl.start, sl.stop),
@@ -77,7 +78,8 @@ def test_streaming_generator_passes_camera_positions_to_both_phases(make_dit):
 
     _, model = _pair(make_dit)
     preset = get_preset("tiny", **{"video.height": 4, "video.width": 6, "video.latent_channels": 4,
-                                   "dit.in_channels": 4, "dit.out_channels": 4, "dit.patch_size": [1, 2, 2]})
+                                   "dit.in_channels": 4, "dit.out_channels": 4,
+                                   "dit.patch_size": [1, 2, 2]})
     scheduler = FlowMatchScheduler(preset.scheduler, "velocity")
     gen = StreamingGenerator(model, scheduler, preset, policy_from_name("full", preset),
                              sampler=SamplerConfig(kind="euler", steps=1))
@@ -88,7 +90,8 @@ def test_streaming_generator_passes_camera_positions_to_both_phases(make_dit):
     gen.feed(x[:, :3], offsets[:, :3])
     noise = torch.Generator().manual_seed(0)
     predicted = gen.predict_block_teacher_forced(x[:, 3:], noise, offsets[:, 3:])
-    # Reference: Euler with one step from t=1000 is x0 = noise - v; rebuild it from the parallel pass.
+    # Reference: Euler with one step from t=1000 is x0 = noise - v; rebuild it from the parallel
+    # pass.
     start = torch.randn(1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(0))
     seq = torch.cat([x, torch.cat([x[:, :3], start], 1)], 1)
     t = torch.tensor([[0.0] * 9 + [1000.0] * 3])

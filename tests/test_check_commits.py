@@ -14,8 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_commits.py"
 def _git(repo: Path, *args: str) -> str:
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True, env=env).stdout.strip()
 
 
 def _commit(repo: Path, message: str) -> str:
@@ -24,7 +24,8 @@ def _commit(repo: Path, message: str) -> str:
 
 
 def _check(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=repo, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=repo, capture_output=True,
+                          text=True)
 
 
 @pytest.fixture
@@ -33,7 +34,9 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_commits_after_the_base_pass_when_subjects_are_short_and_bodies_separated(repo: Path) -> None:
+def test_commits_after_the_base_pass_when_subjects_are_short_and_bodies_separated(
+    repo: Path,
+) -> None:
     base = _commit(repo, "x" * 200)  # before the rule: not checked
     _commit(repo, "Add a thing\n\nWhy it matters, with figures.")
     done = _check(repo, "--base", base)

@@ -1,5 +1,5 @@
-"""``--dtype``: declared once (mag.io.cli), taken by every command that loads models, and it really sets
-the dtype the models stream in."""
+"""``--dtype``: declared once (mag.io.cli), taken by every command that loads models, and it really
+sets the dtype the models stream in."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import torch
 from mag.cli import build_parser, main
 from mag.io.cli import DTYPES, dtype_from_args
 
-MODEL_COMMANDS = (("generate",), ("serve",), ("demo",), ("bench", "consistency"), ("bench", "memory"),
+MODEL_COMMANDS = (("generate",), ("serve",), ("demo",), ("bench", "consistency"), ("bench",
+                                                                                   "memory"),
                   ("bench", "quality"), ("bench", "speed"))
 # The required arguments of each command (parsing only: nothing runs).
-REQUIRED = {("generate",): ["-o", "o.mp4"], ("demo",): ["-o", "o"], ("bench", "consistency"): ["-o", "o"],
+REQUIRED = {("generate",): ["-o", "o.mp4"], ("demo",): ["-o", "o"], ("bench", "consistency"): ["-o",
+                                                                                               "o"],
             ("bench", "memory"): ["--memory-model", "x", "-o", "o"],
-            ("bench", "quality"): ["--models", "x", "-o", "o"], ("bench", "speed"): ["-o", "o.json"]}
+            ("bench", "quality"): ["--models", "x", "-o", "o"], ("bench", "speed"): ["-o",
+                                                                                     "o.json"]}
 KV_LINE = re.compile(r"KV cache ([\d,]+) bytes")
 
 
@@ -29,7 +32,8 @@ def test_every_model_command_takes_the_shared_dtype_flag(command):
     assert dtype_from_args(_parse(command)) == torch.float32
     assert dtype_from_args(_parse(command, "--dtype", "bfloat16")) == torch.bfloat16
     on_cuda = dtype_from_args(_parse(command, "--device", "cuda"))
-    # Only the speed benchmark measures in bfloat16 on a GPU by default, as its committed results did.
+    # Only the speed benchmark measures in bfloat16 on a GPU by default, as its committed results
+    # did.
     assert on_cuda == (torch.bfloat16 if command == ("bench", "speed") else torch.float32)
     with pytest.raises(SystemExit):
         _parse(command, "--dtype", "float64")
@@ -39,7 +43,7 @@ def test_every_model_command_takes_the_shared_dtype_flag(command):
 def test_bfloat16_generate_streams_with_half_the_kv_bytes_of_float32(tmp_path, capsys):
     kv = {}
     for name in DTYPES:
-        assert main(["generate", "--frames", "3", "--policy", "window", "--dtype", name, "--no-progress",
-                     "-o", str(tmp_path / f"{name}.mp4")]) == 0
+        assert main(["generate", "--frames", "3", "--policy", "window", "--dtype", name,
+                     "--no-progress", "-o", str(tmp_path / f"{name}.mp4")]) == 0
         kv[name] = int(KV_LINE.search(capsys.readouterr().out).group(1).replace(",", ""))
     assert kv["bfloat16"] * 2 == kv["float32"] > 0

@@ -18,7 +18,8 @@ from mag.codecs import (
 from mag.config import get_preset
 from mag.errors import CheckpointError, ConfigError, InputError
 
-H, W = 16, 24  # smallest sizes divisible by the 8x spatial compression, non-square to catch H/W swaps
+# smallest sizes divisible by the 8x spatial compression, non-square to catch H/W swaps
+H, W = 16, 24
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_wan_latents_use_pipeline_normalisation(wan):
         mu = wan.vae.encode(video.transpose(1, 2)).latent_dist.mean.transpose(1, 2)
     mean = torch.tensor(wan.vae.config.latents_mean).view(1, 1, -1, 1, 1)
     std = torch.tensor(wan.vae.config.latents_std).view(1, 1, -1, 1, 1)
-    assert not torch.allclose(mean, torch.zeros_like(mean))  # the tiny VAE has non-trivial statistics
+    # the tiny VAE has non-trivial statistics
+    assert not torch.allclose(mean, torch.zeros_like(mean))
     torch.testing.assert_close(wan.encode(video), (mu - mean) / std)
     latents = torch.randn(1, 2, wan.latent_channels, 2, 3)
     with torch.no_grad():
@@ -131,8 +133,10 @@ def test_wan_stream_decoders_are_independent_and_reset(wan):
     a, b = (torch.randn(1, 3, wan.latent_channels, 2, 3, generator=gen) for _ in range(2))
     sa, sb = wan.stream_decoder(), wan.stream_decoder()
     out_a = [sa.decode(a[:, :1]), sb.decode(b[:, :1]), sa.decode(a[:, 1:]), sb.decode(b[:, 1:])]
-    torch.testing.assert_close(torch.cat([out_a[0], out_a[2]], 1), wan.decode(a), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([out_a[1], out_a[3]], 1), wan.decode(b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([out_a[0], out_a[2]], 1), wan.decode(a), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(torch.cat([out_a[1], out_a[3]], 1), wan.decode(b), atol=1e-5,
+                               rtol=1e-5)
     sa.reset()
     torch.testing.assert_close(sa.decode(b), wan.decode(b), atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="reset"):
@@ -166,7 +170,9 @@ def test_uint8_helpers_round_trip_and_range():
     x = frames_to_tensor(frames)
     assert x.shape == (3, 3, 5, 7) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
-    assert frames_to_tensor(np.array([[[[0, 255, 0]]]], dtype=np.uint8)).flatten().tolist() == [-1, 1, -1]
+    assert frames_to_tensor(np.array([[[[0, 255, 0]]]], dtype=np.uint8)).flatten().tolist() == [-1,
+                                                                                                1,
+                                                                                                -1]
     np.testing.assert_array_equal(tensor_to_frames(x), frames)
     assert tensor_to_frames(torch.full((1, 3, 1, 1), 5.0)).flatten().tolist() == [255, 255, 255]
     with pytest.raises(InputError, match="uint8"):
@@ -174,10 +180,12 @@ def test_uint8_helpers_round_trip_and_range():
 
 
 def test_wan_from_original_single_file_checkpoint(tmp_path):
-    """An original-layout .pth (Wan2.1 structure, tiny widths) loads through diffusers' converter."""
+    """An original-layout .pth (Wan2.1 structure, tiny widths) loads through diffusers'
+    converter."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    codec = WanVAECodec.tiny_random(seed=3, num_res_blocks=2)  # the converter assumes Wan2.1's 2 res blocks
+    # the converter assumes Wan2.1's 2 res blocks
+    codec = WanVAECodec.tiny_random(seed=3, num_res_blocks=2)
     state = codec.vae.state_dict()
     original = {vae_original_name(k): v for k, v in state.items()}
     converted = convert_wan_vae_to_diffusers(original)
@@ -190,8 +198,8 @@ def test_wan_from_original_single_file_checkpoint(tmp_path):
 
 
 def test_wan_vae_from_a_wan_folder_reads_its_widths_from_the_file(tmp_path):
-    """The original folder's Wan2.1_VAE.pth at test widths loads with no config: base_dim and z_dim come
-    from the shapes, the latent normalisation is Wan2.1's (z_dim 16)."""
+    """The original folder's Wan2.1_VAE.pth at test widths loads with no config: base_dim and z_dim
+    come from the shapes, the latent normalisation is Wan2.1's (z_dim 16)."""
     codec = WanVAECodec.from_config({"base_dim": 8}, seed=4)
     original = {vae_original_name(k): v for k, v in codec.vae.state_dict().items()}
     torch.save(original, tmp_path / "Wan2.1_VAE.pth")

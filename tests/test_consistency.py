@@ -1,4 +1,5 @@
-"""The consistency benchmark: protocol pieces, the CLI contract end to end, real-video input, errors."""
+"""The consistency benchmark: protocol pieces, the CLI contract end to end, real-video input,
+errors."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def checkpoint(tmp_path_factory, preset):
             p.copy_(torch.randn_like(p) * 0.2)
     recipe = {"name": "test-recipe", "data": {"world": TRAIN_WORLD, "text_mode": "pooled"}}
     state = TrainingState(step=3, model=model.state_dict(), ema=None, optimizer=None, rng={},
-                          metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training"},
+                          metadata={"preset": preset.to_dict(), "recipe": recipe,
+                                    "kind": "training"},
                           extra={})
     return save_checkpoint(tmp_path_factory.mktemp("ckpt"), state)
 
@@ -62,12 +64,14 @@ def _model_file(root, preset, seed: int, stage: str, recipe: dict | None = None)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    recipe = recipe or {"name": f"test-{stage}", "data": {"world": TRAIN_WORLD, "text_mode": "pooled"}}
+    recipe = recipe or {"name": f"test-{stage}", "data": {"world": TRAIN_WORLD,
+                                                          "text_mode": "pooled"}}
     state = TrainingState(step=5, model=model.state_dict(), ema=None, optimizer=None, rng={},
-                          metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training",
-                                    "commit": "abc123"}, extra={})
+                          metadata={"preset": preset.to_dict(), "recipe": recipe,
+                                    "kind": "training", "commit": "abc123"}, extra={})
     checkpoint = save_checkpoint(root / f"ckpt-{stage}", state)
-    return export_model(checkpoint, root / f"{stage}.safetensors", name=f"test-{stage}", stage=stage)
+    return export_model(checkpoint, root / f"{stage}.safetensors", name=f"test-{stage}",
+                        stage=stage)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,8 @@ def test_within_window_is_the_window_policy_visibility(preset):
 
 
 def test_bench_world_follows_the_training_world_with_two_leg_backtracks(preset):
-    world, source = bench_world(preset, training_world=TRAIN_WORLD, excursion_scale=2.0, frames_after=30)
+    world, source = bench_world(preset, training_world=TRAIN_WORLD, excursion_scale=2.0,
+                                frames_after=30)
     assert source == "checkpoint recipe.data.world"
     assert (world.frame_height, world.frame_width, world.pano_height) == (16, 16, 16)
     assert world.legs_range == (2, 2)
@@ -143,7 +148,8 @@ def test_episode_psnr_averages_mse_so_identical_frames_do_not_dominate():
     assert summary["vs_history"]["within"]["psnr"] == PSNR_CAP_DB  # all identical: the cap
     assert summary["vs_history"]["beyond"]["psnr"] == pytest.approx(20.0)
     assert summary["vs_gt"]["unseen"]["psnr"] == pytest.approx(30.0)
-    assert summary["vs_gt"]["ssim"] == pytest.approx((1.0 + 0.5 + 0.2) / 3)  # SSIM: plain frame mean
+    # SSIM: plain frame mean
+    assert summary["vs_gt"]["ssim"] == pytest.approx((1.0 + 0.5 + 0.2) / 3)
     assert summary["vs_history"]["by_gap"]["1-6"]["frames"] == 2  # gaps 1 and 3
 
 
@@ -172,7 +178,9 @@ def test_cli_writes_the_summary_contract(tmp_path, checkpoint, capsys):
     assert len(record["scores"]["vs_gt"]["psnr"]) == record["num_generated"] == len(record["gap"])
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["world"]["source"] == "checkpoint recipe.data.world"
-    assert meta["world"]["config"]["frame_height"] == 16 and meta["world"]["config"]["legs_range"] == [2, 2]
+    assert meta["world"]["config"]["frame_height"] == 16 and meta["world"]["config"][
+        "legs_range"
+    ] == [2, 2]
     assert meta["preset"]["video"]["height"] == 16 and meta["model"]["recipe"] == "test-recipe"
     assert {"commit", "machine", "command"} <= set(meta)
     for name in ("summary.md", "psnr_vs_gap.png", "revisit_strip.png"):
@@ -183,8 +191,8 @@ def test_cli_writes_the_summary_contract(tmp_path, checkpoint, capsys):
 
 def test_teacher_forced_mode_runs_and_is_recorded(tmp_path, checkpoint):
     out = tmp_path / "tf"
-    args = ("--model", str(checkpoint), "--episodes", "2", "--policies", "full,window", "--frames-after", "6",
-            "--no-lpips", "--sampler", "euler", "--steps", "2")
+    args = ("--model", str(checkpoint), "--episodes", "2", "--policies", "full,window",
+            "--frames-after", "6", "--no-lpips", "--sampler", "euler", "--steps", "2")
     assert _run(*args, "--teacher-forced", "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "teacher-forced"
@@ -205,12 +213,14 @@ def _video_folder(tmp_path, table):
     for index, name in enumerate(("a.mp4", "b.mp4")):
         ep = make_episode("test", index, config=world)
         write_mp4(folder / name, ep.frames[:24], fps=8)
-    (folder / "switch_times.json").write_text(table if isinstance(table, str) else json.dumps(table))
+    (folder / "switch_times.json").write_text(table if isinstance(table,
+                                                                  str) else json.dumps(table))
     return folder
 
 
 def test_real_video_mode_scores_mirror_and_explicit_pairs(tmp_path, checkpoint):
-    table = {"a.mp4": 12, "b.mp4": {"switch_frame": 13, "prompt": "a desert", "pairs": [[12, 2], [14, 0]]}}
+    table = {"a.mp4": 12, "b.mp4": {"switch_frame": 13, "prompt": "a desert", "pairs": [[12, 2],
+                                                                                        [14, 0]]}}
     folder = _video_folder(tmp_path, table)
     episodes = {ep.name: ep for ep in video_episodes(folder, get_preset("tiny", **SMALL))}
     assert episodes["a"].frames.shape[1:] == (16, 16, 3)
@@ -218,8 +228,8 @@ def test_real_video_mode_scores_mirror_and_explicit_pairs(tmp_path, checkpoint):
     assert episodes["b"].switch_frame == 12  # rounded down to a whole block
     assert episodes["b"].history_match[:3].tolist() == [2, -1, 0]
     out = tmp_path / "real"
-    assert _run("--model", str(checkpoint), "--videos", str(folder), "--policies", "window", "--no-lpips",
-                "--out", str(out)) == 0
+    assert _run("--model", str(checkpoint), "--videos", str(folder), "--policies", "window",
+                "--no-lpips", "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["references"]["oracle-copy"]["vs_history"]["psnr"] == PSNR_CAP_DB
     assert (out / "episodes" / "window" / "b.json").is_file()
@@ -246,7 +256,8 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
     assert _run("--model", str(checkpoint), "--policies", "mag", "--out", str(tmp_path / "o")) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _run("--model", str(checkpoint), "--videos", str(empty), "--out", str(tmp_path / "o")) == 2
+    assert _run("--model", str(checkpoint), "--videos", str(empty), "--out",
+                str(tmp_path / "o")) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("mag: error: ") for line in lines)
     assert "not a folder" in lines[0] and "missing.safetensors" in lines[1]
@@ -257,12 +268,13 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
 # Memory-model policies
 
 
-@pytest.mark.parametrize("mode", [(), ("--teacher-forced",)], ids=["autoregressive", "teacher-forced"])
+@pytest.mark.parametrize("mode", [(), ("--teacher-forced",)], ids=["autoregressive",
+                                                                   "teacher-forced"])
 def test_memory_model_enables_mag_and_bounded(tmp_path, checkpoint, memory_file, mode):
     out = tmp_path / "mem"
     assert _run("--model", str(checkpoint), "--memory-model", str(memory_file), "--episodes", "2",
-                "--policies", "full,window,downsample,mag,bounded", "--frames-after", "6", "--no-lpips",
-                *mode, "--out", str(out)) == 0
+                "--policies", "full,window,downsample,mag,bounded", "--frames-after", "6",
+                "--no-lpips", *mode, "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == ("teacher-forced" if mode else "autoregressive")
     assert set(summary["policies"]) == {"full", "window", "downsample", "mag", "bounded"}
@@ -281,9 +293,11 @@ def test_memory_model_errors_are_clear(tmp_path, checkpoint, memory_file, preset
     other = _model_file(tmp_path, smaller, seed=2, stage="memory")
     causal = _model_file(tmp_path, preset, seed=3, stage="causal")
     common = ("--episodes", "1", "--no-lpips", "--out", str(tmp_path / "o"))
-    assert _run("--model", str(checkpoint), "--memory-model", str(causal), "--policies", "mag", *common) == 2
+    assert _run("--model", str(checkpoint), "--memory-model", str(causal), "--policies", "mag",
+                *common) == 2
     assert _run("--model", str(memory_file), "--policies", "full", *common) == 2
-    assert _run("--model", str(checkpoint), "--memory-model", str(other), "--policies", "mag", *common) == 2
+    assert _run("--model", str(checkpoint), "--memory-model", str(other), "--policies", "mag",
+                *common) == 2
     assert _run("--model", str(checkpoint), "--policies", "window,bounded", *common) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("mag: error: ") for line in lines)
@@ -295,22 +309,27 @@ def test_memory_model_errors_are_clear(tmp_path, checkpoint, memory_file, preset
 
 def test_memory_slots_make_bounded_forget_and_empty_prompt_changes_generation(tmp_path, checkpoint,
                                                                               memory_file):
-    """--memory-slots 1: the bounded ring keeps one compressed frame, so it differs from unbounded mag;
-    --empty-prompt-after-switch: generation reads the empty prompt, so frames change (history does not);
-    --memory-sink-frames 0: the first block is compressed too, so mag changes and the run records it."""
+    """--memory-slots 1: the bounded ring keeps one compressed frame, so it differs from unbounded
+    mag; --empty-prompt-after-switch: generation reads the empty prompt, so frames change (history
+    does not); --memory-sink-frames 0: the first block is compressed too, so mag changes and the run
+    records it."""
     common = ("--model", str(checkpoint), "--memory-model", str(memory_file), "--episodes", "2",
               "--frames-after", "9", "--no-lpips")
     runs = {}
-    for name, extra in {"base": (), "slots": ("--memory-slots", "1"), "sinks": ("--memory-sink-frames", "0"),
+    for name, extra in {"base": (), "slots": ("--memory-slots", "1"),
+                        "sinks": ("--memory-sink-frames", "0"),
                         "empty": ("--empty-prompt-after-switch",)}.items():
-        assert _run(*common, "--policies", "mag,bounded", *extra, "--out", str(tmp_path / name)) == 0
+        assert _run(*common, "--policies", "mag,bounded", *extra, "--out",
+                    str(tmp_path / name)) == 0
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())["policies"]
     psnr = {name: {p: rows[p]["vs_gt"]["psnr"] for p in rows} for name, rows in runs.items()}
     assert psnr["base"]["mag"] == psnr["base"]["bounded"]        # 64 slots: nothing evicted yet
-    assert psnr["slots"]["mag"] == psnr["base"]["mag"]           # mag is unbounded whatever the slots
+    # mag is unbounded whatever the slots
+    assert psnr["slots"]["mag"] == psnr["base"]["mag"]
     assert psnr["slots"]["bounded"] != psnr["slots"]["mag"]      # one slot: older blocks are gone
     assert psnr["empty"]["mag"] != psnr["base"]["mag"]
     assert psnr["sinks"]["mag"] != psnr["base"]["mag"]
     metadata = json.loads((tmp_path / "sinks" / "summary.json").read_text())["metadata"]
     assert metadata["preset"]["cache"]["memory_sink_frames"] == 0
-    assert _run(*common, "--policies", "bounded", "--memory-slots", "0", "--out", str(tmp_path / "bad")) == 2
+    assert _run(*common, "--policies", "bounded", "--memory-slots", "0", "--out",
+                str(tmp_path / "bad")) == 2

@@ -31,15 +31,16 @@ def videos(tmp_path_factory: pytest.TempPathFactory):
     frames = WanVAECodec.tiny_random().video_frames(LATENT_FRAMES) + 2  # longer than needed
     lines = ["video,caption"]
     for i, caption in enumerate(CAPTIONS):
-        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (frames, SIZE, SIZE, 3), dtype=np.uint8), fps=16,
-                  scale=1)
+        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (frames, SIZE, SIZE, 3), dtype=np.uint8),
+                  fps=16, scale=1)
         lines.append(f'v{i}.mp4,"{caption}"')
     (root / "captions.csv").write_text("\n".join(lines) + "\n")
     return root
 
 
 def _encode(videos, out) -> int:
-    return main(["data", "encode", str(videos), str(videos / "captions.csv"), "-o", str(out), "--frames",
+    return main(["data", "encode", str(videos), str(videos / "captions.csv"), "-o", str(out),
+                 "--frames",
                  str(LATENT_FRAMES), "--vae-tiny", "--shard-size", str(SHARD), "--no-progress"])
 
 
@@ -95,7 +96,8 @@ def test_encode_refuses_missing_videos_before_writing(videos, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("video,caption\nv0.mp4,x\nnope.mp4,y\n")
     out = tmp_path / "out"
-    assert main(["data", "encode", str(videos), str(bad), "-o", str(out), "--frames", "3", "--vae-tiny"]) == 2
+    assert main(["data", "encode", str(videos), str(bad), "-o", str(out), "--frames", "3",
+                 "--vae-tiny"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not out.exists()
 
@@ -107,7 +109,8 @@ def test_prompt_file_loader_skips_blank_lines_and_draws_reproducibly(tmp_path):
     a, b = PromptFileSource(path, 6, seed=1), PromptFileSource(path, 6, seed=1)
     batch = a.batch(4, 1, range(3))
     assert batch.prompts == b.batch(4, 1, range(3)).prompts
-    assert batch.prompts[1:] == a.batch(4, 1, range(1, 3)).prompts  # a rank's slice is the same draw
+    # a rank's slice is the same draw
+    assert batch.prompts[1:] == a.batch(4, 1, range(1, 3)).prompts
     assert batch.camera_px.shape == (3, 6)
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(InputError, match="holds no prompts"):

@@ -1,5 +1,5 @@
-"""Sharded (DCP) checkpoints: written by every rank without a gather, resumed bit for bit in float32 on
-one process or on two ranks.
+"""Sharded (DCP) checkpoints: written by every rank without a gather, resumed bit for bit in float32
+on one process or on two ranks.
 
 Reference: a 2-rank run with single-file checkpoints (full tensors, exact copies of the shards). A
 2-rank DCP run of the same recipe computes the same numbers, so its step-2 folder must load (1 rank)
@@ -35,7 +35,8 @@ from mag.train.trainer import Trainer
 
 def _recipe(checkpoint: str) -> dict:
     """Micro-batches of 2 clips: one per rank."""
-    return recipe_dict("causal_fm", steps=4, loop={"batch_size": 4}, parallel={"checkpoint": checkpoint})
+    return recipe_dict("causal_fm", steps=4, loop={"batch_size": 4},
+                       parallel={"checkpoint": checkpoint})
 
 
 def _recipe_toml(path: Path, checkpoint: str) -> Path:
@@ -46,14 +47,16 @@ def _recipe_toml(path: Path, checkpoint: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dcp")
-    file_recipe, dcp_recipe = _recipe_toml(root / "file.toml", "file"), _recipe_toml(root / "dcp.toml", "dcp")
+    file_recipe, dcp_recipe = _recipe_toml(root / "file.toml",
+                                           "file"), _recipe_toml(root / "dcp.toml", "dcp")
     torchrun_train(file_recipe, root / "file")
     torchrun_train(dcp_recipe, root / "dcp", "--max-steps", "2")
     return {"root": root, "file": root / "file", "dcp": root / "dcp", "dcp_recipe": dcp_recipe}
 
 
 def _trainer_state(trainer: Trainer) -> TrainingState:
-    return TrainingState(step=trainer.step, model=trainer.model.state_dict(), ema=trainer.ema.state_dict(),
+    return TrainingState(step=trainer.step, model=trainer.model.state_dict(),
+                         ema=trainer.ema.state_dict(),
                          optimizer=trainer.optimizer.state_dict(), rng={}, metadata={}, extra={})
 
 
@@ -69,7 +72,8 @@ def _assert_bitwise(a: TrainingState, b: TrainingState) -> None:
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
     for pid, slots in a.optimizer["state"].items():
         for name, value in slots.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.optimizer["state"][pid][name])), \
+            assert torch.equal(torch.as_tensor(value),
+                               torch.as_tensor(b.optimizer["state"][pid][name])), \
                 f"optimizer {pid}.{name}"
 
 
@@ -96,10 +100,12 @@ def test_dcp_checkpoint_of_two_ranks_resumes_bit_exactly_on_two(runs):
     shutil.copytree(runs["dcp"], out)
     torchrun_train(runs["dcp_recipe"], out, "--resume")
     assert latest_checkpoint(out / "checkpoints").name == "step_00000004.dcp"
-    # Read the 2-rank step-4 folder back in one process and compare with the uninterrupted run's file.
+    # Read the 2-rank step-4 folder back in one process and compare with the uninterrupted run's
+    # file.
     probe = runs["root"] / "probe"
     (probe / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "step_00000004.dcp", probe / "checkpoints" / "step_00000004.dcp")
+    shutil.copytree(out / "checkpoints" / "step_00000004.dcp",
+                    probe / "checkpoints" / "step_00000004.dcp")
     trainer = Trainer(recipe_from_dict(_recipe("dcp")), probe, resume=True, progress=False)
     _assert_bitwise(_trainer_state(trainer),
                     load_checkpoint(runs["file"] / "checkpoints" / "step_00000004.safetensors"))
@@ -110,7 +116,8 @@ def test_dcp_checkpoint_of_two_ranks_resumes_bit_exactly_on_two(runs):
 
 def test_mag_export_reads_the_ema_of_a_dcp_run(runs, tmp_path):
     out = tmp_path / "m.safetensors"
-    assert main(["export", str(runs["dcp"]), "-o", str(out), "--name", "m", "--stage", "causal"]) == 0
+    assert main(["export", str(runs["dcp"]), "-o", str(out), "--name", "m", "--stage",
+                 "causal"]) == 0
     exported = load_file(str(out))
     ema = load_checkpoint(runs["file"] / "checkpoints" / "step_00000002.safetensors").ema
     assert exported.keys() == ema.keys()

@@ -1,6 +1,7 @@
 """``mag demo``: the files it writes, same-noise determinism, the panel layout, and one-line errors.
 
-Runs on tiny model files trained for 2 steps (tests/helpers.py), camera-anchored like the shipped ones.
+Runs on tiny model files trained for 2 steps (tests/helpers.py), camera-anchored like the shipped
+ones.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from mag.demo import (
 from mag.io.video import read_mp4
 from mag.registry import shipped_models
 
-# The stand-in memory model starts from random weights (plumbing only); its trainer warns about that.
+# The stand-in memory model starts from random weights (plumbing only); its trainer warns about
+# that.
 pytestmark = pytest.mark.filterwarnings("ignore:recipe .test-mem:UserWarning")
 
 
@@ -41,8 +43,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> DemoConfig:
 
 
 def _cli(config: DemoConfig, out: Path, *extra: str) -> int:
-    return main(["demo", "-o", str(out), "--model", config.model, "--memory-model", config.memory_model,
-                 "--sampler", config.sampler, "--steps", str(config.steps), "--no-progress", *extra])
+    return main(["demo", "-o", str(out), "--model", config.model, "--memory-model",
+                 config.memory_model,
+                 "--sampler", config.sampler, "--steps", str(config.steps), "--no-progress",
+                 *extra])
 
 
 def test_defaults_name_shipped_models():
@@ -82,12 +86,15 @@ def test_same_seed_same_frames_and_policies_differ(models):
     assert not np.array_equal(first.frames["mag"], first.frames["window"])
     columns = revisit_columns(first)
     assert columns.size and (first.episode.history_match[columns] >= 0).all()
-    # The headline number against an independent computation: PSNR of the mean squared error between each
-    # revisited generated frame and the history frame of the same view (uint8, peak 255).
+    # The headline number against an independent computation: PSNR of the mean squared error between
+    # each revisited generated frame and the history frame of the same view (uint8, peak 255).
     ep = first.episode
     revisited = ep.history_match >= 0
     for name in DEMO_POLICIES:
-        error = first.frames[name][revisited].astype(np.float64) - ep.frames[ep.history_match[revisited]]
+        error = (
+            first.frames[name][revisited].astype(np.float64)
+            - ep.frames[ep.history_match[revisited]]
+        )
         expected = 10 * np.log10(255.0**2 / np.mean(error**2))
         assert revisit_psnr(first, name, "all") == pytest.approx(expected, rel=1e-9)
 
@@ -105,11 +112,13 @@ def test_compose_panels_places_each_panel_under_its_label():
     assert not np.array_equal(out[0, -STATUS_BAND_PX:], out[1, -STATUS_BAND_PX:])
 
 
-@pytest.mark.parametrize("case", ["missing-model", "generator-as-memory", "unwritable", "bad-episode"])
+@pytest.mark.parametrize("case", ["missing-model", "generator-as-memory", "unwritable",
+                                  "bad-episode"])
 def test_errors_are_one_line(case, models, tmp_path, capsys):
     config, out, extra = models, tmp_path / "out", []
     if case == "missing-model":
-        config = DemoConfig(model=str(tmp_path / "nope.safetensors"), memory_model=models.memory_model)
+        config = DemoConfig(model=str(tmp_path / "nope.safetensors"),
+                            memory_model=models.memory_model)
     elif case == "generator-as-memory":
         config = DemoConfig(model=models.model, memory_model=models.model)
     elif case == "unwritable":

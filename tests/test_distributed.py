@@ -1,7 +1,8 @@
-"""Data-parallel FSDP2 training on CPU (gloo, 2 processes via torchrun) follows the single-process run.
+"""Data-parallel FSDP2 training on CPU (gloo, 2 processes via torchrun) follows the single-process
+run.
 
-The 2-process runs go through the real entry point, ``python -m torch.distributed.run ... -m mag.train``,
-on 127.0.0.1 only, one thread per process.
+The 2-process runs go through the real entry point, ``python -m torch.distributed.run ... -m
+mag.train``, on 127.0.0.1 only, one thread per process.
 """
 
 from __future__ import annotations
@@ -26,25 +27,28 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
                   "dit.freq_dim": 16, "video.height": 16, "video.width": 16}
 LR = 1e-3
-# Micro-batches of 2 clips (batch 4, accumulation 2): one clip per rank, and accumulation under FSDP.
+# Micro-batches of 2 clips (batch 4, accumulation 2): one clip per rank, and accumulation under
+# FSDP.
 RECIPE = (
     'name = "dist"\npreset = "tiny"\n[preset_overrides]\n'
     + "".join(f'"{k}" = {v}\n' for k, v in TINY_OVERRIDES.items())
-    + "[loop]\nsteps = 4\nbatch_size = 4\ngrad_accum = 2\nlog_every = 1\nckpt_every = 2\nkeep_last = 5\n"
+    + "[loop]\nsteps = 4\nbatch_size = 4\ngrad_accum = 2\nlog_every = 1\nckpt_every = "
+      "2\nkeep_last = 5\n"
     + f"seed = 7\n[optim]\nlr = {LR}\nwarmup_steps = 2\nema_decay = 0.9\n"
     + "[data]\nclip_frames = 6\n[data.world]\npano_width = 64\n"
 )
 # Tolerances, each sized to the effect it guards (single process vs 2 ranks):
-# - weights and EMA, in units of the learning rate (AdamW moves a weight by about lr per step whatever the
-#   gradient's scale): float noise reaches 2e-3 lr after 4 steps, in cross_attn.k.bias, whose true gradient
-#   is zero (softmax ignores a per-query constant) so AdamW scales its noise by lr / eps; a doubled gradient
-#   (a loss-scaling bug) moved weights by 0.13 lr. So 1e-2 lr.
+# - weights and EMA, in units of the learning rate (AdamW moves a weight by about lr per step
+#   whatever the gradient's scale): float noise reaches 2e-3 lr after 4 steps, in cross_attn.k.bias,
+#   whose true gradient is zero (softmax ignores a per-query constant) so AdamW scales its noise by
+#   lr / eps; a doubled gradient (a loss-scaling bug) moved weights by 0.13 lr. So 1e-2 lr.
 WEIGHT_TOLERANCE = 1e-2 * LR
-# - AdamW moments, relative to the largest value of the same moment over all parameters (exp_avg_sq is
-#   about 1e-5 at most, so an absolute bound would be vacuous): float noise reaches 1e-6 of it; a doubled
-#   gradient doubles exp_avg and quadruples exp_avg_sq.
+# - AdamW moments, relative to the largest value of the same moment over all parameters (exp_avg_sq
+#   is about 1e-5 at most, so an absolute bound would be vacuous): float noise reaches 1e-6 of it; a
+#   doubled gradient doubles exp_avg and quadruples exp_avg_sq.
 STATE_RELATIVE = 1e-4
-# - logged losses and gradient norms, relative: float noise reaches 1e-7; a scaling bug changes them by 1.
+# - logged losses and gradient norms, relative: float noise reaches 1e-7; a scaling bug changes them
+#   by 1.
 LOG_RELATIVE = 1e-5
 LOGGED = ("loss", "grad_norm", "loss_new", "loss_recent", "loss_recall")
 
@@ -80,11 +84,15 @@ def _assert_states_close(a: TrainingState, b: TrainingState) -> None:
     assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
     state = a.optimizer["state"]
-    scale = {name: max(slots[name].abs().max().item() for slots in state.values()) for name in state[0]}
+    scale = {
+        name: max(slots[name].abs().max().item() for slots in state.values()) for name in state[0]
+    }
     for pid, slots in state.items():
         for name, value in slots.items():
             diff = (value - b.optimizer["state"][pid][name]).abs().max().item()
-            assert diff <= STATE_RELATIVE * scale[name], f"optimizer state {pid}.{name} differs by {diff:.3g}"
+            assert diff <= STATE_RELATIVE * scale[name], (
+                f"optimizer state {pid}.{name} differs by {diff:.3g}"
+            )
 
 
 def _assert_logs_close(a: list[dict], b: list[dict]) -> None:
@@ -107,7 +115,9 @@ def test_two_ranks_log_the_single_process_losses(runs):
 def test_two_ranks_end_with_the_single_process_weights_ema_and_optimizer(runs):
     fsdp = _ckpt(runs["fsdp"], 2)
     assert fsdp.metadata["world_size"] == WORLD_SIZE
-    assert [p.name for p in (runs["fsdp"] / "checkpoints").iterdir()] == ["step_00000002.safetensors"]
+    assert [p.name for p in (runs["fsdp"] / "checkpoints").iterdir()] == [
+        "step_00000002.safetensors"
+    ]
     single = _ckpt(runs["single"], 2)
     _assert_states_close(single, fsdp)
     # The comparison is not vacuous: training moved the weights away from the initialisation.
@@ -121,7 +131,8 @@ def test_two_rank_checkpoint_resumes_in_a_single_process(runs):
     trainer = Trainer(load_recipe(runs["recipe"]), out, resume=True, progress=False)
     assert trainer.step == 2
     trainer.run()
-    _assert_states_close(_ckpt(runs["single"], 4), load_checkpoint(latest_checkpoint(out / "checkpoints")))
+    _assert_states_close(_ckpt(runs["single"], 4),
+                         load_checkpoint(latest_checkpoint(out / "checkpoints")))
     _assert_logs_close(_records(runs["single"]), _records(out))
 
 
@@ -135,8 +146,11 @@ def test_two_ranks_resume_from_a_single_process_checkpoint(runs):
 
 
 def test_models_and_cache_never_import_torch_distributed():
-    """Parallelism is applied from outside: only mag/train/{distributed,parallelize}.py may use it."""
-    files = sorted((REPO / "mag" / "models").rglob("*.py")) + sorted((REPO / "mag" / "cache").rglob("*.py"))
+    """Parallelism is applied from outside: only mag/train/{distributed,parallelize}.py may use
+    it."""
+    files = sorted((REPO / "mag" / "models").rglob("*.py")) + sorted(
+        (REPO / "mag" / "cache").rglob("*.py")
+    )
     assert len(files) > 1
     pattern = re.compile(r"torch\.distributed|from torch import .*\bdistributed\b")
     offenders = [str(f.relative_to(REPO)) for f in files if pattern.search(f.read_text())]
@@ -155,12 +169,14 @@ def test_trainer_refuses_a_micro_batch_the_ranks_cannot_share(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE)  # micro-batch of 2 clips
     with pytest.raises(ConfigError, match=r"micro-batch .* = 2\) must be divisible .* \(3\)"):
-        Trainer(load_recipe(recipe), tmp_path / "out", dist=DistributedContext(rank=0, world_size=3))
+        Trainer(load_recipe(recipe), tmp_path / "out", dist=DistributedContext(rank=0,
+                                                                               world_size=3))
 
 
 def test_torchrun_environment_is_read_or_refused_clearly():
     single = init_distributed("cpu", env={})
-    assert (single.world_size, single.rank, single.is_main, single.is_distributed) == (1, 0, True, False)
+    assert (single.world_size, single.rank, single.is_main, single.is_distributed) == (1, 0, True,
+                                                                                       False)
     assert init_distributed("cpu", env={"WORLD_SIZE": "1", "RANK": "0"}).world_size == 1
     assert not torch.distributed.is_initialized()
     with pytest.raises(ConfigError, match="RANK must be an integer"):

@@ -1,5 +1,5 @@
-"""Self-Forcing DMD: the generator gradient, where the rollout's gradient flows, the critic schedule,
-MAG's history loss and the λ mix."""
+"""Self-Forcing DMD: the generator gradient, where the rollout's gradient flows, the critic
+schedule, MAG's history loss and the λ mix."""
 
 from __future__ import annotations
 
@@ -49,21 +49,24 @@ def _text(seed: int) -> torch.Tensor:
     return torch.randn(BATCH, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def _draws(scheduler: FlowMatchScheduler, num_blocks: int = NUM_BLOCKS, seed: int = 1) -> torch.Tensor:
+def _draws(scheduler: FlowMatchScheduler, num_blocks: int = NUM_BLOCKS,
+           seed: int = 1) -> torch.Tensor:
     return draw_rollout_noise(BATCH, num_blocks, FRAMES_PER_BLOCK, FRAME_SHAPE,
-                              len(scheduler.config.denoising_steps), torch.Generator().manual_seed(seed))
+                              len(scheduler.config.denoising_steps),
+                              torch.Generator().manual_seed(seed))
 
 
 def _rollout(model, scheduler, context, *, exit_step, draws, num_blocks=NUM_BLOCKS, **kwargs):
     return self_forcing_rollout(model, scheduler, context, num_blocks=num_blocks,
                                 frames_per_block=FRAMES_PER_BLOCK, frame_shape=FRAME_SHAPE,
-                                policy=FullPolicy(), exit_step=exit_step, noise_draws=draws, **kwargs)
+                                policy=FullPolicy(), exit_step=exit_step, noise_draws=draws,
+                                **kwargs)
 
 
 def _new_cache(model, num_blocks: int = NUM_BLOCKS) -> KVCache:
     return KVCache.for_model(model.cfg, FullPolicy(), tokens_per_frame=4,
-                             horizon_frames=num_blocks * FRAMES_PER_BLOCK, frames_per_block=FRAMES_PER_BLOCK,
-                             batch_size=BATCH)
+                             horizon_frames=num_blocks * FRAMES_PER_BLOCK,
+                             frames_per_block=FRAMES_PER_BLOCK, batch_size=BATCH)
 
 
 def _x0(model, scheduler, x, t, context, positions, cache) -> torch.Tensor:
@@ -73,7 +76,8 @@ def _x0(model, scheduler, x, t, context, positions, cache) -> torch.Tensor:
 
 def _write(model, clean, context, positions, cache) -> None:
     """Reference loops: the clean write pass at t=0."""
-    model(clean, torch.zeros(BATCH), context, frame_positions=positions, kv_cache=cache, cache_write=True)
+    model(clean, torch.zeros(BATCH), context, frame_positions=positions, kv_cache=cache,
+          cache_write=True)
 
 
 def _param_grads(model) -> list[torch.Tensor]:
@@ -114,8 +118,8 @@ def test_generator_loss_gradient_wrt_x_is_g_over_the_element_count(scheduler):
     def critic(x_t, t_, context):
         return 0.5 * x_t - 0.1
 
-    out = dmd_generator_loss(x, teacher, critic, scheduler, t, noise, context=cond, uncond_context=uncond,
-                             guidance_scale=guidance)
+    out = dmd_generator_loss(x, teacher, critic, scheduler, t, noise, context=cond,
+                             uncond_context=uncond, guidance_scale=guidance)
     out.loss.backward()
     # Hand computation: noise at t, guided teacher x0, critic x0, normalised difference.
     with torch.no_grad():
@@ -164,7 +168,8 @@ def test_score_windows_tile_the_rollout_and_detach_the_overlap():
 
 
 def test_rollout_gradient_flows_only_through_the_exit_step(make_dit, scheduler):
-    """Grads from the rollout equal grads of exit-step forwards alone, on detached inputs and cache."""
+    """Grads from the rollout equal grads of exit-step forwards alone, on detached inputs and
+    cache."""
     model, context, exit_step = make_dit(), _text(0), 3
     draws = _draws(scheduler).requires_grad_(True)
     weights = torch.randn(BATCH, NUM_BLOCKS * FRAMES_PER_BLOCK, *FRAME_SHAPE,
@@ -176,12 +181,16 @@ def test_rollout_gradient_flows_only_through_the_exit_step(make_dit, scheduler):
             caches.append(cache)
             super().write(cache, clean_block, frame_positions, ctx, width_offsets=width_offsets)
 
-    x = _rollout(model, scheduler, context, exit_step=exit_step, draws=draws, writer=SpyWriter(model))
+    x = _rollout(model, scheduler, context, exit_step=exit_step, draws=draws,
+                 writer=SpyWriter(model))
     (x * weights).sum().backward()
     rollout_grads = _param_grads(model)
-    # The initial noise (and every re-noising draw before the exit step) is seen only by no_grad steps.
+    # The initial noise (and every re-noising draw before the exit step) is seen only by no_grad
+    # steps.
     assert draws.grad is None
-    assert all(not c.k.requires_grad and not c.v.requires_grad and c.k.grad_fn is None for c in caches)
+    assert all(
+        not c.k.requires_grad and not c.v.requires_grad and c.k.grad_fn is None for c in caches
+    )
 
     # Reference: no_grad steps by hand; the exit-step forward alone carries gradient.
     model.zero_grad()
@@ -195,7 +204,8 @@ def test_rollout_gradient_flows_only_through_the_exit_step(make_dit, scheduler):
             for step in range(exit_step - 1):
                 t = levels[step].expand(BATCH)
                 x0 = _x0(model, scheduler, x_b, t, context, positions, cache)
-                x_b = scheduler.add_noise(x0, draws[step + 1, :, frames], levels[step + 1].expand(BATCH))
+                x_b = scheduler.add_noise(x0, draws[step + 1, :, frames],
+                                          levels[step + 1].expand(BATCH))
         t = levels[exit_step - 1].expand(BATCH)
         x0 = _x0(model, scheduler, x_b, t, context, positions, cache)
         blocks.append(x0)
@@ -210,7 +220,8 @@ def test_rollout_gradient_flows_only_through_the_exit_step(make_dit, scheduler):
 
 
 def test_exit_at_the_first_step_lets_the_initial_noise_carry_gradient(make_dit, scheduler):
-    """Counter-check of the test above: when step 1 is the exit step, the initial noise is on the path."""
+    """Counter-check of the test above: when step 1 is the exit step, the initial noise is on the
+    path."""
     draws = _draws(scheduler).requires_grad_(True)
     _rollout(make_dit(), scheduler, _text(0), exit_step=1, draws=draws).sum().backward()
     assert draws.grad[0].abs().sum() > 0
@@ -219,7 +230,8 @@ def test_exit_at_the_first_step_lets_the_initial_noise_carry_gradient(make_dit, 
 
 def test_grad_last_frames_keeps_gradient_on_the_last_blocks_only(make_dit, scheduler):
     model = make_dit()
-    x = _rollout(model, scheduler, _text(0), exit_step=2, draws=_draws(scheduler), grad_last_frames=3)
+    x = _rollout(model, scheduler, _text(0), exit_step=2, draws=_draws(scheduler),
+                 grad_last_frames=3)
     x[:, :6].sum().backward(retain_graph=True)
     assert all(g.abs().sum() == 0 for g in _param_grads(model))
     x[:, 6:].sum().backward()
@@ -242,26 +254,36 @@ def test_rollout_without_grad_at_the_last_step_equals_a_plain_few_step_stream(ma
                 t = levels[step].expand(BATCH)
                 x0 = _x0(model, scheduler, x_b, t, context, positions, cache)
                 if step + 1 < steps:
-                    x_b = scheduler.add_noise(x0, draws[step + 1, :, frames], levels[step + 1].expand(BATCH))
+                    x_b = scheduler.add_noise(x0, draws[step + 1, :, frames],
+                                              levels[step + 1].expand(BATCH))
             _write(model, x0, context, positions, cache)
             blocks.append(x0)
     torch.testing.assert_close(x, torch.cat(blocks, dim=1), rtol=0, atol=CLOSE)
 
 
 def test_rollout_noise_order_reproduces_the_streaming_generator(make_dit, scheduler):
-    """``draw_rollout_noise`` consumes a generator like StreamingGenerator: same seed, same video."""
+    """``draw_rollout_noise`` consumes a generator like StreamingGenerator: same seed, same
+    video."""
     model = make_dit()
     cfg = model.cfg
-    preset = get_preset("tiny", **{f"dit.{f.name}": getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
-                        **{"scheduler.shift": scheduler.config.shift, "video.height": FRAME_SHAPE[1],
-                           "video.width": FRAME_SHAPE[2], "video.latent_channels": FRAME_SHAPE[0]})
+    preset = get_preset(
+        "tiny",
+        **{f"dit.{f.name}": getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        **{
+            "scheduler.shift": scheduler.config.shift,
+            "video.height": FRAME_SHAPE[1],
+            "video.width": FRAME_SHAPE[2],
+            "video.latent_channels": FRAME_SHAPE[0],
+        },
+    )
     stream = StreamingGenerator(model, scheduler, preset, FullPolicy())
     stream.reset(BATCH, NUM_BLOCKS * FRAMES_PER_BLOCK)
     stream.set_prompt(_text(0))
     seed = torch.Generator().manual_seed(11)
     streamed = torch.cat([stream.generate_block(seed) for _ in range(NUM_BLOCKS)], dim=1)
     steps = len(scheduler.config.denoising_steps)
-    x = _rollout(model, scheduler, _text(0), exit_step=steps, draws=_draws(scheduler, seed=11), grad=False)
+    x = _rollout(model, scheduler, _text(0), exit_step=steps, draws=_draws(scheduler, seed=11),
+                 grad=False)
     torch.testing.assert_close(x, streamed, rtol=0, atol=CLOSE)
 
 
@@ -286,8 +308,8 @@ def test_critic_loss_is_flow_matching_on_detached_student_windows(make_dit, sche
     noise = torch.randn(2, BATCH, 3, *FRAME_SHAPE, generator=gen)
     t = torch.tensor([100.0, 900.0])
     out = critic_flow_matching_loss(critic, scheduler, x, context, t, noise, window_frames=3)
-    per_window = [teacher_flow_matching_loss(critic, scheduler, x[:, 3 * w:3 * w + 3].detach(), context,
-                                             noise[w], t).loss for w in range(2)]
+    per_window = [teacher_flow_matching_loss(critic, scheduler, x[:, 3 * w:3 * w + 3].detach(),
+                                             context, noise[w], t).loss for w in range(2)]
     torch.testing.assert_close(out.loss, torch.stack(per_window).mean(), rtol=0, atol=EXACT)
     assert out.per_element.shape == x.shape
     out.loss.backward()
@@ -322,7 +344,8 @@ def test_step_config_takes_its_timestep_clamp_from_the_scheduler(scheduler):
 def test_history_rollout_uses_the_empty_text_after_the_first_chunk(make_dit, scheduler):
     model, context, draws = make_dit(), _text(0), _draws(scheduler)
     empty = torch.zeros(BATCH, TEXT_TOKENS, TEXT_DIM)
-    contexts = history_block_contexts(context, empty, frames_per_block=FRAMES_PER_BLOCK, first_chunk_frames=3)
+    contexts = history_block_contexts(context, empty, frames_per_block=FRAMES_PER_BLOCK,
+                                      first_chunk_frames=3)
     assert [contexts(b) is empty for b in range(NUM_BLOCKS)] == [False, True, True]
     real = _rollout(model, scheduler, context, exit_step=2, draws=draws, grad=False)
     history = _rollout(model, scheduler, context, exit_step=2, draws=draws, grad=False,
@@ -355,18 +378,24 @@ def test_history_loss_scores_later_chunks_with_the_real_text(scheduler):
         scored.append(ctx)
         return 0.25 * x_t
 
-    out = history_loss(rollout, teacher, critic, scheduler, t, noise, context=context, empty_context=empty,
+    out = history_loss(rollout, teacher, critic, scheduler, t, noise, context=context,
+                       empty_context=empty,
                        uncond_context=uncond, guidance_scale=3.0, frames_per_block=FRAMES_PER_BLOCK,
                        window_frames=3)
     assert seen_prompts == [context, empty, empty]
-    assert all(ctx is context or ctx is uncond for ctx in scored) and any(ctx is uncond for ctx in scored)
+    assert all(ctx is context or ctx is uncond for ctx in scored) and any(
+        ctx is uncond for ctx in scored
+    )
     out.loss.backward()
-    assert sample.grad[:, :3].abs().sum() == 0  # the first chunk is the DMD loss's, not the history loss's
-    plain = dmd_generator_loss(sample.detach()[:, 3:], teacher, critic, scheduler, t, noise, context=context,
+    # the first chunk is the DMD loss's, not the history loss's
+    assert sample.grad[:, :3].abs().sum() == 0
+    plain = dmd_generator_loss(sample.detach()[:, 3:], teacher, critic, scheduler, t, noise,
+                               context=context,
                                uncond_context=uncond, guidance_scale=3.0, window_frames=3)
     torch.testing.assert_close(out.gradient, plain.gradient, rtol=0, atol=EXACT)
     with pytest.raises(InputError, match="chunks after the first"):
-        history_loss(lambda c: sample[:, :3], teacher, critic, scheduler, t, noise[:1], context=context,
+        history_loss(lambda c: sample[:, :3], teacher, critic, scheduler, t, noise[:1],
+                     context=context,
                      empty_context=empty, frames_per_block=FRAMES_PER_BLOCK, window_frames=3)
 
 
@@ -382,7 +411,8 @@ def test_lambda_as_weight_is_exact_and_as_probability_follows_the_draw():
     assert combine(None, b, lam, "probability", use_history=True) is b
     gen = torch.Generator().manual_seed(0)
     draws = [draw_history_choice(lam, gen) for _ in range(4000)]
-    values = [combine(torch.tensor(6.0), torch.tensor(35.0), lam, "probability", use_history=d).item()
+    values = [combine(torch.tensor(6.0), torch.tensor(35.0), lam, "probability",
+                      use_history=d).item()
               for d in draws]
     assert values == [35.0 if d else 6.0 for d in draws]
     # In expectation the probability mode is the weighted loss (3 standard errors).

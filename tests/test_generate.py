@@ -1,5 +1,5 @@
-"""Prompt switches with KV re-cache (StreamingGenerator.recache), and ``mag generate``: action and prompt
-files, the stream it writes, camera steering on the shipped model, and one-line errors."""
+"""Prompt switches with KV re-cache (StreamingGenerator.recache), and ``mag generate``: action and
+prompt files, the stream it writes, camera steering on the shipped model, and one-line errors."""
 
 from __future__ import annotations
 
@@ -45,17 +45,20 @@ def _prompts(preset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _latents(preset, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean latents ``[1, frames, C, H, W]`` and a camera track ``[1, frames]`` (patches) moving right."""
+    """Clean latents ``[1, frames, C, H, W]`` and a camera track ``[1, frames]`` (patches) moving
+    right."""
     gen = torch.Generator().manual_seed(9)
     video = preset.video
-    x = torch.randn(1, frames, video.latent_channels, video.latent_height, video.latent_width, generator=gen)
+    x = torch.randn(1, frames, video.latent_channels, video.latent_height, video.latent_width,
+                    generator=gen)
     return x, torch.arange(frames, dtype=torch.float32)[None] * 0.5
 
 
 def _stream(model, preset, policy: str, context, latents, offsets, **kwargs) -> StreamingGenerator:
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     cache_policy = policy_from_name(policy, preset)
-    gen = StreamingGenerator(model, scheduler, preset, cache_policy, sampler=SamplerConfig("euler", 2),
+    gen = StreamingGenerator(model, scheduler, preset, cache_policy, sampler=SamplerConfig("euler",
+                                                                                           2),
                              writer=writer_for(cache_policy, **kwargs))
     gen.reset(1, latents.shape[1] + BLOCK)
     gen.set_prompt(context)
@@ -83,10 +86,13 @@ def test_recache_without_eviction_equals_a_stream_with_the_new_prompt_from_the_s
     after, want = _cached(switched.cache), _cached(reference.cache)
     assert sorted(after) == sorted(want) == list(range(WINDOW_BLOCKS * BLOCK))
     assert switched.cache.valid_slots == reference.cache.valid_slots
-    assert (switched.cache.frames_seen, switched.cache.frames_retained) == (reference.cache.frames_seen,
+    assert (switched.cache.frames_seen,
+            switched.cache.frames_retained) == (reference.cache.frames_seen,
                                                                             reference.cache.frames_retained)
-    # The prompt reaches the cached K/V (after the first layer), so the equality below is not vacuous.
-    assert not torch.allclose(before[WINDOW_BLOCKS * BLOCK - 1][0], want[WINDOW_BLOCKS * BLOCK - 1][0])
+    # The prompt reaches the cached K/V (after the first layer), so the equality below is not
+    # vacuous.
+    assert not torch.allclose(before[WINDOW_BLOCKS * BLOCK - 1][0],
+                              want[WINDOW_BLOCKS * BLOCK - 1][0])
     for position, (k, v) in want.items():
         torch.testing.assert_close(after[position][0], k, atol=ATOL, rtol=0)
         torch.testing.assert_close(after[position][1], v, atol=ATOL, rtol=0)
@@ -97,8 +103,9 @@ def test_recache_without_eviction_equals_a_stream_with_the_new_prompt_from_the_s
 
 
 def test_recache_after_eviction_rewrites_the_retained_blocks_block_causally(model, preset):
-    """7 blocks into a 4-block window: the sinks and the last 3 blocks are rewritten under the new prompt,
-    each reading the rewritten blocks before it. Reference: one masked full forward over those frames."""
+    """7 blocks into a 4-block window: the sinks and the last 3 blocks are rewritten under the new
+    prompt, each reading the rewritten blocks before it. Reference: one masked full forward over
+    those frames."""
     old, new = _prompts(preset)
     blocks = 7
     latents, offsets = _latents(preset, blocks * BLOCK)
@@ -113,20 +120,23 @@ def test_recache_after_eviction_rewrites_the_retained_blocks_block_causally(mode
     noisy = torch.randn(1, BLOCK, *latents.shape[2:], generator=torch.Generator().manual_seed(3))
     t = torch.full((1,), 500.0)
     next_positions = torch.arange(blocks * BLOCK, (blocks + 1) * BLOCK)
-    next_offsets = torch.arange(blocks * BLOCK, (blocks + 1) * BLOCK, dtype=torch.float32)[None] * 0.5
+    next_offsets = torch.arange(blocks * BLOCK, (blocks + 1) * BLOCK,
+                                dtype=torch.float32)[None] * 0.5
     with torch.no_grad():
         cached = model(noisy, t, new, frame_positions=next_positions, kv_cache=gen.cache,
                        width_offsets=next_offsets)
         # ... equals the full forward over [kept clean frames at t=0 ; noisy block], block-causal.
         frames = torch.cat([latents[:, kept], noisy], 1)
         steps = torch.cat([torch.zeros(1, len(kept)), t.expand(1, BLOCK)], 1)
-        full = model(frames, steps, new, frame_positions=torch.tensor([*kept, *next_positions.tolist()]),
+        full = model(frames, steps, new, frame_positions=torch.tensor([*kept,
+                                                                       *next_positions.tolist()]),
                      frame_mask=block_causal_mask(len(kept) + BLOCK, BLOCK),
                      width_offsets=torch.cat([offsets[:, kept], next_offsets], 1))
     torch.testing.assert_close(cached, full[:, -BLOCK:], atol=ATOL, rtol=0)
     # Later writes land in the slots the policy would have used without the switch.
     gen.generate_block(torch.Generator().manual_seed(4), next_offsets)
-    assert sorted(_cached(gen.cache)) == [0, 1, 2, *range((blocks - 2) * BLOCK, (blocks + 1) * BLOCK)]
+    assert sorted(_cached(gen.cache)) == [0, 1, 2, *range((blocks - 2) * BLOCK,
+                                                          (blocks + 1) * BLOCK)]
 
 
 def test_recache_under_mag_keeps_the_prompt_free_memory(model, preset):
@@ -135,7 +145,8 @@ def test_recache_under_mag_keeps_the_prompt_free_memory(model, preset):
     memory = random_dit(preset.dit, seed=2)
     empty = torch.zeros(1, 1, preset.dit.text_dim)
     latents, offsets = _latents(preset, 5 * BLOCK)
-    gen = _stream(model, preset, "mag", old, latents, offsets, memory_model=memory, empty_context=empty)
+    gen = _stream(model, preset, "mag", old, latents, offsets, memory_model=memory,
+                  empty_context=empty)
     k, v, context_k = gen.cache.k.clone(), gen.cache.v.clone(), gen.context.k.clone()
     gen.recache(new)
     assert torch.equal(gen.cache.k, k) and torch.equal(gen.cache.v, v)
@@ -158,8 +169,8 @@ def test_parse_actions_list_and_keyframes(tmp_path):
     np.testing.assert_array_equal(keyed, [0, 0, 4, 4, -4, -4])
 
 
-@pytest.mark.parametrize("data", [[4, 4], "[4, 4, 4", [4, "x", 4], "[4, NaN, 4]", [4, 40, 4], {"9": 4},
-                                  {"a": 4}, {}, 3])
+@pytest.mark.parametrize("data", [[4, 4], "[4, 4, 4", [4, "x", 4], "[4, NaN, 4]", [4, 40, 4],
+                                  {"9": 4}, {"a": 4}, {}, 3])
 def test_bad_actions_are_input_errors(data, tmp_path):
     with pytest.raises(InputError):
         parse_actions(_write(tmp_path / "a.json", data), 3, 16)
@@ -169,7 +180,8 @@ def test_prompt_schedule_switches_at_block_boundaries(tmp_path):
     path = _write(tmp_path / "p.json", [{"frame": 0, "prompt": "a"}, {"frame": 4, "prompt": "b"}])
     switches = parse_prompts(path, None, 12, BLOCK)
     assert [(s.frame, s.block_frame, s.prompt) for s in switches] == [(0, 0, "a"), (4, 6, "b")]
-    later = parse_prompts(_write(tmp_path / "q.json", [{"frame": 3, "prompt": "b"}]), "a", 12, BLOCK)
+    later = parse_prompts(_write(tmp_path / "q.json", [{"frame": 3, "prompt": "b"}]), "a", 12,
+                          BLOCK)
     assert [(s.block_frame, s.prompt) for s in later] == [(0, "a"), (3, "b")]
 
 
@@ -193,22 +205,25 @@ def test_frame_shifts_recovers_a_known_pan():
 
 
 def test_shipped_model_follows_the_commanded_velocity(tmp_path):
-    """The camera-anchored shipped generator: 6 frames right at 4 px/frame, then 6 left; the content shift
-    between consecutive generated frames equals the command."""
+    """The camera-anchored shipped generator: 6 frames right at 4 px/frame, then 6 left; the content
+    shift between consecutive generated frames equals the command."""
     velocities = np.array([4] * 6 + [-4] * 6, dtype=np.float32)
     loaded = load_models(DEFAULTS, with_memory=False)
     switches = parse_prompts(None, DEFAULT_PROMPT, velocities.size, BLOCK)
-    result = stream(loaded, "window", sampler_config(DEFAULTS), velocities, switches, progress=False)
+    result = stream(loaded, "window", sampler_config(DEFAULTS), velocities, switches,
+                    progress=False)
     np.testing.assert_array_equal(frame_shifts(result.frames, 8), velocities[1:])
 
 
 @pytest.fixture(scope="module")
 def generator_file(tmp_path_factory) -> Path:
-    return trained_model_file(tmp_path_factory.mktemp("gen"), "causal_fm", "test-gen", "causal", CAMERA)
+    return trained_model_file(tmp_path_factory.mktemp("gen"), "causal_fm", "test-gen", "causal",
+                              CAMERA)
 
 
 def _generate(generator_file: Path, out: Path, *extra: str) -> int:
-    return main(["generate", "--model", str(generator_file), "--memory-model", "", "--sampler", "euler",
+    return main(["generate", "--model", str(generator_file), "--memory-model", "", "--sampler",
+                 "euler",
                  "--steps", "2", "--frames", "10", "--no-progress", "-o", str(out), *extra])
 
 
@@ -216,10 +231,14 @@ def test_generate_switches_prompts_and_reports_fps_and_kv(generator_file, tmp_pa
     prompts = _write(tmp_path / "p.json", [{"frame": 0, "prompt": "a red wall"},
                                            {"frame": 5, "prompt": "a blue sea"}])
     actions = _write(tmp_path / "a.json", {"0": 4, "6": -4})
-    assert _generate(generator_file, tmp_path / "out.mp4", "--policy", "window", "--prompts", str(prompts),
-                     "--actions", str(actions)) == 0
+    assert _generate(generator_file, tmp_path / "out.mp4", "--policy", "window", "--prompts",
+                     str(prompts), "--actions", str(actions)) == 0
     printed = capsys.readouterr().out
-    assert "prompt switch at frame 6 (asked 5)" in printed and " FPS " in printed and "KV cache" in printed
+    assert (
+        "prompt switch at frame 6 (asked 5)" in printed
+        and " FPS " in printed
+        and "KV cache" in printed
+    )
     assert read_mp4(tmp_path / "out.mp4").shape[0] == 10
 
 
@@ -245,8 +264,8 @@ def test_generate_errors_are_one_line(case, generator_file, tmp_path, capsys):
 
 @needs_inductor
 def test_compiled_generation_matches_eager_and_leaves_the_models_eager():
-    """--compile (TorchInductor) under mag: the frames match the eager stream to within one 8-bit level
-    (float sums reordered), and the loaded models are eager again afterwards."""
+    """--compile (TorchInductor) under mag: the frames match the eager stream to within one 8-bit
+    level (float sums reordered), and the loaded models are eager again afterwards."""
     velocities = np.full(9, 4, dtype=np.float32)
     loaded = load_models(DEFAULTS, with_memory=True)
     switches = parse_prompts(None, DEFAULT_PROMPT, velocities.size, BLOCK)

@@ -1,6 +1,8 @@
-"""The streaming loop never makes the host wait for the device, and the kernel counter counts launches.
+"""The streaming loop never makes the host wait for the device, and the kernel counter counts
+launches.
 
-Streams run on the ``meta`` device, which stands in for a GPU: a host sync there is a host sync on CUDA.
+Streams run on the ``meta`` device, which stands in for a GPU: a host sync there is a host sync on
+CUDA.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from torch.nn import functional as F
 from mag.bench.host import HostSyncAudit, HostSyncError, KernelCounter
 from mag.config import get_preset
 from mag.models import WanDiT
-from mag.pipelines import AVAILABLE_POLICIES, SamplerConfig, StreamingGenerator, policy_from_name, writer_for
+from mag.pipelines import (
+    AVAILABLE_POLICIES,
+    SamplerConfig,
+    StreamingGenerator,
+    policy_from_name,
+    writer_for,
+)
 
 META = torch.device("meta")
 BATCH = 2
-# Camera-anchored (per-sample RoPE angles), small rings so that window and bounded wrap within the stream.
-SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2, "dit.text_dim": 16,
-         "dit.freq_dim": 16, "dit.rope_max_positions": 64, "dit.camera_rope": True, "video.height": 8,
-         "video.width": 8, "cache.window_frames": 3, "cache.memory_slots": 2}
+# Camera-anchored (per-sample RoPE angles), small rings so that window and bounded wrap within the
+# stream.
+SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+         "dit.text_dim": 16,
+         "dit.freq_dim": 16, "dit.rope_max_positions": 64, "dit.camera_rope": True,
+         "video.height": 8, "video.width": 8, "cache.window_frames": 3, "cache.memory_slots": 2}
 BLOCKS = 6
 
 
@@ -36,7 +46,8 @@ def _meta_stream(policy_name: str, sampler: SamplerConfig) -> StreamingGenerator
 
 
 @pytest.mark.parametrize("policy", ["full", "window", "downsample", "mag", "bounded"])
-@pytest.mark.parametrize("sampler", [SamplerConfig(), SamplerConfig("euler", steps=2, guidance_scale=3.0)],
+@pytest.mark.parametrize("sampler", [SamplerConfig(), SamplerConfig("euler", steps=2,
+                                                                    guidance_scale=3.0)],
                          ids=["few_step", "euler-guided"])
 def test_streaming_blocks_never_sync_the_host(policy, sampler):
     gen = _meta_stream(policy, sampler)
@@ -52,14 +63,16 @@ def test_streaming_blocks_never_sync_the_host(policy, sampler):
         gen.recache(text, text if sampler.uses_guidance else None)
         gen.generate_block(width_offsets=offsets)
     assert audit.syncs == []
-    if policy in ("window", "bounded"):  # the ring wrapped: a read is no longer of the slots in time order
+    # the ring wrapped: a read is no longer of the slots in time order
+    if policy in ("window", "bounded"):
         assert gen.cache.frames_seen > gen.cache.capacity_frames
 
 
 def test_audit_catches_each_kind_of_sync():
     on_device = torch.zeros(3, device=META)
     with HostSyncAudit() as audit:
-        torch.tensor([1, 2], device=META)                 # host data built on the device: blocking copy
+        # host data built on the device: blocking copy
+        torch.tensor([1, 2], device=META)
         torch.arange(3).to(META)                          # host tensor moved without non_blocking
         torch.arange(3).to(META, non_blocking=True)       # fine
         torch.arange(3).to(META, torch.float32, True)     # fine: non_blocking given by position
@@ -70,8 +83,8 @@ def test_audit_catches_each_kind_of_sync():
     assert all(s.where == "?" for s in audit.syncs)  # called from no mag source line
     assert audit.report().count("1 x ") == 3
 
-    for read_back in (lambda: on_device.sum().item(), lambda: on_device.tolist(), lambda: bool(on_device[0]),
-                      lambda: on_device.nonzero()):
+    for read_back in (lambda: on_device.sum().item(), lambda: on_device.tolist(),
+                      lambda: bool(on_device[0]), lambda: on_device.nonzero()):
         with HostSyncAudit(strict=True), pytest.raises(HostSyncError, match="reads a device value"):
             read_back()
 
@@ -80,7 +93,8 @@ def test_audit_names_the_mag_line_that_synced():
     preset = get_preset("tiny", **SMALL)
     with META:
         model = WanDiT(preset.dit)
-    with HostSyncAudit() as audit:  # frame positions given as a host list (an API convenience) are copied
+    # frame positions given as a host list (an API convenience) are copied
+    with HostSyncAudit() as audit:
         model._frame_positions([0, 1, 2], 3, META)
     assert len(audit.syncs) == 1
     where = audit.syncs[0].where
@@ -102,15 +116,17 @@ def test_kernel_counter_counts_fused_attention_once_and_views_apart():
         (out * 2 + 1).sum()
     assert counter.ops["scaled_dot_product_attention"] == 1
     assert not any("bmm" in op or "softmax" in op for op in counter.ops)  # its math is not counted
-    assert counter.kernels == 5  # attention, the copy that reshape of a transpose makes, mul, add, sum
+    # attention, the copy that reshape of a transpose makes, mul, add, sum
+    assert counter.kernels == 5
     assert counter.ops["aten.clone.default"] == 1
     assert counter.views >= 2
     assert counter.top(1)[0][1] == 1
 
 
 def test_count_kernels_script_counts_a_tiny_stream_without_syncs():
-    """scripts/count_kernels.py: one self- and one cross-attention kernel per layer and forward, no host sync,
-    and the same number of forwards per block for every policy (denoising steps + one write pass)."""
+    """scripts/count_kernels.py: one self- and one cross-attention kernel per layer and forward, no
+    host sync, and the same number of forwards per block for every policy (denoising steps + one
+    write pass)."""
     import importlib.util
     from pathlib import Path
 
@@ -130,8 +146,9 @@ def test_count_kernels_script_counts_a_tiny_stream_without_syncs():
 
 
 def test_sync_check_script_passes_the_stream_and_catches_a_planted_sync(monkeypatch):
-    """scripts/sync_check.py (what a lent GPU runs with CUDA's own check): clean on every policy as shipped,
-    and a cache commit that makes a blocking host-to-device copy is reported for every policy."""
+    """scripts/sync_check.py (what a lent GPU runs with CUDA's own check): clean on every policy as
+    shipped, and a cache commit that makes a blocking host-to-device copy is reported for every
+    policy."""
     import importlib.util
     from pathlib import Path
 

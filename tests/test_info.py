@@ -14,7 +14,8 @@ def test_wan_1_3b_params_match_diffusers_and_tokens_per_frame(capsys):
     assert main(["info", "--preset", "wan-1.3b", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     with torch.device("meta"):  # Wan2.1-T2V-1.3B transformer config
-        theirs = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+        theirs = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12,
+                                       attention_head_dim=128,
                                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                                        ffn_dim=8960, num_layers=30, cross_attn_norm=True, eps=1e-6)
     assert info["params"] == sum(p.numel() for p in theirs.parameters())

@@ -1,12 +1,13 @@
 """MAG stage 2 in the trainer: DMD whose rollouts read a cache written by the frozen memory model.
 
-Pins: the three shipped stage-2 recipes parse and run 2 steps on a tiny override; a ``mag`` rollout's
-generator loss has a nonzero generator gradient and none for the frozen memory model; the cache really is
-the memory model's (changing its weights, or writing with the generator instead, changes the loss of the
-same generator); λ > 0 changes the loss and its gradient; ``grad_last_frames`` scores only windows with
-gradient and leaves the draws alone; bad combinations are one clear ConfigError / CheckpointError; the
-memory model is recorded in checkpoints, a different one is refused on resume, and kill-and-resume of a
-``mag`` run with the history loss is bitwise.
+Pins: the three shipped stage-2 recipes parse and run 2 steps on a tiny override; a ``mag``
+rollout's generator loss has a nonzero generator gradient and none for the frozen memory model; the
+cache really is the memory model's (changing its weights, or writing with the generator instead,
+changes the loss of the same generator); λ > 0 changes the loss and its gradient;
+``grad_last_frames`` scores only windows with gradient and leaves the draws alone; bad combinations
+are one clear ConfigError / CheckpointError; the memory model is recorded in checkpoints, a
+different one is refused on resume, and kill-and-resume of a ``mag`` run with the history loss is
+bitwise.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MAG_RECIPES = ("tiny-mag.toml", "tiny-mag-lambda0.toml", "tiny-mag-no-stage1.toml")
-# 3 blocks of 3 frames scored in 3 teacher windows of 3 frames; the generator updates every 2nd step.
+# 3 blocks of 3 frames scored in 3 teacher windows of 3 frames; the generator updates every 2nd
+# step.
 ROLLOUT_BLOCKS = 3
 CLIP_FRAMES = 9
 DMD = {"critic_steps_per_generator_step": 2, "rollout_blocks": ROLLOUT_BLOCKS, "teacher_frames": 3,
@@ -48,17 +50,19 @@ PERTURBATION = 0.3
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A camera-anchored teacher file (2 flow-matching steps)."""
-    return trained_model_file(tmp_path_factory.mktemp("teacher"), "teacher_fm", "teacher", "teacher", CAMERA)
+    return trained_model_file(tmp_path_factory.mktemp("teacher"), "teacher_fm", "teacher",
+                              "teacher", CAMERA)
 
 
 @pytest.fixture(scope="module")
 def memory(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A camera-anchored memory-model file (2 memory steps, initialised from the teacher's weights)."""
+    """A camera-anchored memory-model file (2 memory steps, initialised from the teacher's
+    weights)."""
     root = tmp_path_factory.mktemp("memory")
     data = recipe_dict("memory", overrides=CAMERA, init={"model": str(teacher)})
     Trainer(recipe_from_dict(data), root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"), root / "memory.safetensors",
-                        name="memory", stage="memory")
+    return export_model(latest_checkpoint(root / "run" / "checkpoints"),
+                        root / "memory.safetensors", name="memory", stage="memory")
 
 
 def _mag(teacher: Path, memory: Path | None, **changes) -> Recipe:
@@ -70,8 +74,8 @@ def _mag(teacher: Path, memory: Path | None, **changes) -> Recipe:
 
 
 def _trainer(recipe: Recipe, root: Path) -> Trainer:
-    """A trainer whose generator has random weights everywhere (Wan's init zeroes the head, which would
-    make the generator's output independent of its cache)."""
+    """A trainer whose generator has random weights everywhere (Wan's init zeroes the head, which
+    would make the generator's output independent of its cache)."""
     trainer = Trainer(recipe, root, progress=False)
     with torch.no_grad():
         trainer.model.load_state_dict(random_dit(recipe.build_preset().dit, seed=1).state_dict())
@@ -108,7 +112,8 @@ def test_mag_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, teacher, 
 
 
 # ------------------------------------------------------------------------------ the mag rollout
-def test_mag_generator_step_has_a_generator_gradient_and_a_frozen_memory_model(teacher, memory, tmp_path):
+def test_mag_generator_step_has_a_generator_gradient_and_a_frozen_memory_model(teacher, memory,
+                                                                               tmp_path):
     trainer = _trainer(_mag(teacher, memory), tmp_path)
     stage = trainer.dmd
     assert isinstance(stage.policy, MagPolicy) and stage.writer.model is stage.memory_model
@@ -120,15 +125,17 @@ def test_mag_generator_step_has_a_generator_gradient_and_a_frozen_memory_model(t
 
 
 def test_the_rollout_cache_is_written_by_the_memory_model(teacher, memory, tmp_path):
-    """Same generator, same draws: the loss moves with the memory model's weights, and writing with the
-    generator itself (downsample: the same frames kept) or keeping every frame (full) gives other losses."""
+    """Same generator, same draws: the loss moves with the memory model's weights, and writing with
+    the generator itself (downsample: the same frames kept) or keeping every frame (full) gives
+    other losses."""
     trainer = _trainer(_mag(teacher, memory), tmp_path / "mag")
     generator = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with torch.no_grad():
         base = _generator_loss(trainer)
         again = _generator_loss(trainer)
         for p in trainer.dmd.memory_model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * PERTURBATION)
+            p.add_(torch.randn(p.shape,
+                               generator=torch.Generator().manual_seed(p.numel())) * PERTURBATION)
         perturbed = _generator_loss(trainer)
     assert torch.equal(base, again) and not torch.isclose(base, perturbed, rtol=1e-4, atol=0)
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in generator.items())
@@ -142,11 +149,13 @@ def test_the_rollout_cache_is_written_by_the_memory_model(teacher, memory, tmp_p
 def test_history_loss_weight_changes_the_generator_loss_and_gradient(teacher, memory, tmp_path):
     results = []
     for lam in (0.0, 0.5):
-        trainer = _trainer(_mag(teacher, memory, dmd={"history_lambda": lam, "history_mode": "weight"}),
+        trainer = _trainer(_mag(teacher, memory, dmd={"history_lambda": lam,
+                                                      "history_mode": "weight"}),
                            tmp_path / str(lam))
         loss = _generator_loss(trainer)
         loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters()])))
+        results.append((loss.detach(),
+                        torch.cat([p.grad.flatten() for p in trainer.model.parameters()])))
     (loss0, grad0), (loss1, grad1) = results
     assert torch.isfinite(loss1) and not torch.isclose(loss0, loss1, rtol=1e-4, atol=0)
     assert (grad0 - grad1).abs().max() > 1e-3 * grad0.abs().max()
@@ -159,7 +168,8 @@ def test_grad_last_frames_scores_only_windows_with_gradient(teacher, memory, tmp
     # Draws are per window whatever is scored: the last window gets the same loss value either way.
     with torch.no_grad():
         clips = full.dmd._clips(0, 0, range(2))
-        draws, t, noise = full.dmd._sample_draws(0, 0, range(2), ROLE_GENERATOR, full.dmd.num_windows)
+        draws, t, noise = full.dmd._sample_draws(0, 0, range(2), ROLE_GENERATOR,
+                                                 full.dmd.num_windows)
         x = full.dmd._rollout(clips, 2, draws, grad=False)
         only_last, _ = last.dmd._scored_dmd_loss(x, clips, t, noise)
         windows, offsets = full.dmd._windows(x, clips.width_offsets)
@@ -176,7 +186,8 @@ def test_bad_rollout_policy_combinations_are_one_clear_error(teacher, memory, tm
         _mag(teacher, None, dmd={"rollout_policy": "mag"})
     with pytest.raises(ConfigError, match="only 'mag' lets the memory model write"):
         _mag(teacher, memory, dmd={"rollout_policy": "downsample"})
-    with pytest.raises(ConfigError, match="dmd.rollout_policy must be one of full, mag, downsample"):
+    with pytest.raises(ConfigError,
+                       match="dmd.rollout_policy must be one of full, mag, downsample"):
         _mag(teacher, None, dmd={"rollout_policy": "window"})
     with pytest.raises(ConfigError, match="dmd.grad_last_frames must be"):
         _mag(teacher, memory, dmd={"grad_last_frames": 4})
@@ -185,8 +196,10 @@ def test_bad_rollout_policy_combinations_are_one_clear_error(teacher, memory, tm
         Trainer(_mag(teacher, teacher), tmp_path / "gen", progress=False)
     assert "\n" not in str(err.value)
     # A memory model of another network than the generator.
-    with pytest.raises(ConfigError, match=r"different network from the generator: its dit \(num_layers"):
-        Trainer(_mag(teacher, memory, overrides={"dit.num_layers": 1}), tmp_path / "layers", progress=False)
+    with pytest.raises(ConfigError, match=r"different network from the generator: its dit "
+                                          r"\(num_layers"):
+        Trainer(_mag(teacher, memory, overrides={"dit.num_layers": 1}), tmp_path / "layers",
+                progress=False)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -206,12 +219,16 @@ def test_mag_kill_and_resume_is_bitwise_and_records_the_memory_model(teacher, me
     copy.write_bytes(memory.read_bytes())
     recipe = _mag(teacher, copy, steps=4, loop={"ckpt_every": 1},
                   dmd={"history_lambda": 0.5, "history_mode": "probability"})
-    straight = assert_dmd_resume_is_bitwise(recipe, tmp_path, stop_at=3)  # between generator updates
+    # between generator updates
+    straight = assert_dmd_resume_is_bitwise(recipe, tmp_path, stop_at=3)
     saved = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
     record = saved.metadata[MEMORY_MODEL_METADATA]
-    assert record["source"] == str(copy) and record["stage"] == "memory" and record["name"] == "memory"
+    assert (
+        record["source"] == str(copy) and record["stage"] == "memory" and record["name"] == "memory"
+    )
     assert record["weights_sha256"] == straight.dmd.memory_record["weights_sha256"]
     # The same path now holding other weights is refused: the resumed run would not be the same run.
     _other_weights(memory, tmp_path / "changed.safetensors").replace(copy)
-    with pytest.raises(CheckpointError, match="other weights than the memory model this run started"):
+    with pytest.raises(CheckpointError, match="other weights than the memory model this run "
+                                              "started"):
         Trainer(recipe, tmp_path / "b", resume=True, progress=False)

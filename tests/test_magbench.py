@@ -1,4 +1,5 @@
-"""MAG-Bench's own protocol (``--protocol magbench``): the cut, the LPIPS matching, the command end to end."""
+"""MAG-Bench's own protocol (``--protocol magbench``): the cut, the LPIPS matching, the command end
+to end."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def model(preset):
 def checkpoint(tmp_path_factory, preset, model):
     recipe = {"name": "test-recipe", "data": {"world": WORLD, "text_mode": "pooled"}}
     state = TrainingState(step=3, model=model.state_dict(), ema=None, optimizer=None, rng={},
-                          metadata={"preset": preset.to_dict(), "recipe": recipe, "kind": "training"},
+                          metadata={"preset": preset.to_dict(), "recipe": recipe,
+                                    "kind": "training"},
                           extra={})
     return save_checkpoint(tmp_path_factory.mktemp("ckpt"), state)
 
@@ -98,12 +100,14 @@ def test_the_cut_is_the_official_one_with_the_wan_vae_and_three_frame_blocks():
                 magbench_cut(frames, WAN_COMPRESSION, WAN_BLOCK)
         else:
             assert magbench_cut(frames, WAN_COMPRESSION, WAN_BLOCK) == official, frames
-    assert magbench_cut(105, WAN_COMPRESSION, WAN_BLOCK) == (105, 81)  # 27 latent frames, switch after 21
+    # 27 latent frames, switch after 21
+    assert magbench_cut(105, WAN_COMPRESSION, WAN_BLOCK) == (105, 81)
 
 
 def test_the_cut_without_temporal_compression_is_whole_blocks():
     assert magbench_cut(24, 1, 3) == (24, 18)
-    assert magbench_cut(29, 1, 3) == (27, 21)  # floor(21.75) = 21, a block boundary; 27 whole-block frames
+    # floor(21.75) = 21, a block boundary; 27 whole-block frames
+    assert magbench_cut(29, 1, 3) == (27, 21)
     assert magbench_cut(30, 1, 3) == (30, 24)  # floor(22.5) = 22 -> up to 24
 
 
@@ -136,7 +140,8 @@ def test_clips_take_every_video_the_cut_and_the_prompt_table(preset, videos):
 
 
 def test_generate_clip_streams_like_the_frame_aligned_runner(preset, model):
-    """Same model, policy, noise and clip: the generated frames equal stream_episodes' (pixel codec)."""
+    """Same model, policy, noise and clip: the generated frames equal stream_episodes' (pixel
+    codec)."""
     frames = (np.random.default_rng(0).random((12, 16, 16, 3)) * 255).astype(np.uint8)
     codec = get_codec_for(preset.video)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
@@ -149,13 +154,15 @@ def test_generate_clip_streams_like_the_frame_aligned_runner(preset, model):
     clip = MagBenchClip("x", frames, 6)
     ours = generate_clip(gen(), codec, clip, context, torch.Generator().manual_seed(7))
     episode = BenchEpisode("x", frames, 6, 6, "", np.full(6, -1))
-    theirs = stream_episodes(gen(), codec, [episode], context, False, torch.Generator().manual_seed(7))[0]
+    theirs = stream_episodes(gen(), codec, [episode], context, False,
+                             torch.Generator().manual_seed(7))[0]
     ours_uint8 = (ours * 255).round().permute(0, 2, 3, 1).numpy()
     assert ours.shape == (6, 3, 16, 16)
     assert np.abs(ours_uint8 - theirs.astype(np.float64)).max() <= 1
 
 
-def test_the_magbench_protocol_runs_end_to_end_on_small_videos(tmp_path, checkpoint, videos, capsys):
+def test_the_magbench_protocol_runs_end_to_end_on_small_videos(tmp_path, checkpoint, videos,
+                                                               capsys):
     out = tmp_path / "magbench"
     assert _run("--model", str(checkpoint), "--videos", str(videos), "--protocol", "magbench",
                 "--policies", "full,window", "--out", str(out)) == 0
@@ -195,7 +202,8 @@ def test_a_clip_too_short_for_a_block_after_the_switch_is_an_input_error(tmp_pat
 
 
 def test_the_protocol_runs_with_the_wan_vae_and_the_official_mag_models():
-    """Temporal compression 4: the official-format small VAE, generator and memory model (official policy)."""
+    """Temporal compression 4: the official-format small VAE, generator and memory model (official
+    policy)."""
     data = Path(__file__).parent / "data" / "official"
     size = {"video.height": 16, "video.width": 32}  # latents [16, 2, 4] at the VAE's 8x
     generator = load_any_dit(data / "mag_generator", **size)
@@ -207,7 +215,8 @@ def test_the_protocol_runs_with_the_wan_vae_and_the_official_mag_models():
     codec = WanVAECodec.from_pretrained(data / "wan_vae.pth", config=config)
     frames = (np.random.default_rng(1).random((57, 16, 32, 3)) * 255).astype(np.uint8)
     clip = MagBenchClip("wan.mp4", frames, 45)  # 15 latent frames, the switch after 12
-    assert magbench_cut(57, codec.temporal_compression, generator.preset.cache.frames_per_block) == (57, 45)
+    assert magbench_cut(57, codec.temporal_compression,
+                        generator.preset.cache.frames_per_block) == (57, 45)
     rows = run_magbench(generator.model, generator.preset, [clip], lambda prompts: ref["context"],
                         ConsistencyConfig(policies=("official",)),
                         memory_model=memory.model, empty_context=ref["empty_context"], codec=codec)

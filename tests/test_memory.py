@@ -1,5 +1,5 @@
-"""The MAG memory model: training mask, reconstruction objective, compression while streaming, bounded
-memory, and loading guards. Tiny random models; each test runs in about a second."""
+"""The MAG memory model: training mask, reconstruction objective, compression while streaming,
+bounded memory, and loading guards. Tiny random models; each test runs in about a second."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ from mag.memory import (
 )
 from mag.models import WanDiT, last_frame_memory_mask
 from mag.objectives.memory import memory_reconstruction_loss
-from mag.pipelines import GeneratorWriter, StreamingGenerator, load_generator, policy_from_name, writer_for
+from mag.pipelines import (
+    GeneratorWriter,
+    StreamingGenerator,
+    load_generator,
+    policy_from_name,
+    writer_for,
+)
 from mag.registry import GENERATOR_STAGES, export_model, load_model
 from mag.schedulers import FlowMatchScheduler
 
@@ -29,7 +35,8 @@ BATCH = 2
 TEXT_TOKENS = 3
 F = 3
 # 8x8 frames with 4x4 patches: 4 tokens per frame, blocks of 3 frames (as tests/test_streaming.py).
-SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2, "dit.text_dim": 16,
+SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+         "dit.text_dim": 16,
          "dit.freq_dim": 16, "dit.rope_max_positions": 64, "video.height": 8, "video.width": 8}
 NOISE_SEED = 7
 # Long-horizon KV checks write random K/V through the cache API for this many blocks.
@@ -54,7 +61,8 @@ MASK_TWO_BLOCKS = """
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they contend (10-40x slower)."""
+    """Tiny models gain nothing from intra-op threads; on a shared CPU they contend (10-40x
+    slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -74,7 +82,8 @@ def _frame_shape(preset):
 
 
 def _text(preset, batch: int, seed: int):
-    return torch.randn(batch, TEXT_TOKENS, preset.dit.text_dim, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, TEXT_TOKENS, preset.dit.text_dim,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def _retained_after(frames_done: int, sink_frames: int, memory_slots: int | None) -> list[int]:
@@ -99,9 +108,11 @@ def test_memory_training_mask_matches_the_drawn_layout():
 
 
 def _dependence(model, num_blocks: int, rows: slice) -> torch.Tensor:
-    """Which input frames of ``[clean ; noisy]`` the outputs ``rows`` depend on: ``[2N]`` bool (grad != 0)."""
+    """Which input frames of ``[clean ; noisy]`` the outputs ``rows`` depend on: ``[2N]`` bool (grad
+    != 0)."""
     n = num_blocks * F
-    x = torch.randn(1, 2 * n, 4, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    x = torch.randn(1, 2 * n, 4, 4, 4, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
     t = torch.cat([torch.zeros(1, n), torch.full((1, n), 625.0)], 1)
     context = torch.randn(1, TEXT_TOKENS, model.cfg.text_dim)
     out = model(x, t, context, frame_positions=torch.arange(n).repeat(2),
@@ -116,12 +127,14 @@ def test_noisy_block_sees_only_retained_frames_of_blocks_up_to_its_own(make_dit,
     # block's content into its retained frame, which is the point of the memory model).
     num_blocks = 4
     n = num_blocks * F
-    depends = _dependence(make_dit(num_layers=1), num_blocks, slice(n + block * F, n + (block + 1) * F))
+    depends = _dependence(make_dit(num_layers=1), num_blocks, slice(n + block * F,
+                                                                    n + (block + 1) * F))
     frames = torch.arange(n)
     retained_upto = (frames % F == F - 1) & (frames // F <= block)
     own_noisy = frames // F == block
     assert torch.equal(depends, torch.cat([retained_upto, own_noisy]))
-    assert not depends[:n][frames % F != F - 1].any()  # c0, c1 of every block: exactly zero gradient
+    # c0, c1 of every block: exactly zero gradient
+    assert not depends[:n][frames % F != F - 1].any()
 
 
 @pytest.mark.parametrize("block", [0, 2])
@@ -131,7 +144,8 @@ def test_clean_queries_never_depend_on_noisy_inputs(make_dit, block):
     depends = _dependence(make_dit(num_layers=2), num_blocks, slice(block * F, (block + 1) * F))
     frames = torch.arange(n)
     assert not depends[n:].any()
-    assert torch.equal(depends[:n], frames // F <= block)  # own block, earlier ones through retained frames
+    # own block, earlier ones through retained frames
+    assert torch.equal(depends[:n], frames // F <= block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +153,8 @@ def test_clean_queries_never_depend_on_noisy_inputs(make_dit, block):
 
 
 def test_reconstruction_loss_equals_streaming_reconstruction_from_compressed_memory():
-    """Parallel training pass == write each block with MemoryWriter, then denoise it from the cache."""
+    """Parallel training pass == write each block with MemoryWriter, then denoise it from the
+    cache."""
     preset = _preset()
     memory = _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
@@ -166,7 +181,8 @@ def test_reconstruction_loss_equals_streaming_reconstruction_from_compressed_mem
             writer.write(cache, x0[:, block], positions)
             out = memory(x_t[:, block], t_frame[:, block], empty.expand(BATCH, -1, -1),
                          frame_positions=positions, kv_cache=cache)
-            errors.append((scheduler.to_x0(out, x_t[:, block], t_frame[:, block]) - x0[:, block]) ** 2)
+            errors.append((scheduler.to_x0(out, x_t[:, block], t_frame[:, block]) - x0[:,
+                                                                                       block]) ** 2)
     streamed = torch.cat(errors, 1)
     assert cache.num_valid_frames == num_blocks  # one compressed frame per block
     assert (streamed - loss.per_element).abs().max().item() <= 1e-4 * streamed.abs().max().item()
@@ -216,13 +232,14 @@ def test_random_draws_stay_on_the_few_step_list_and_block_grid():
 
 def _reference_stream(gen_model, mem_model, scheduler, preset, text, empty, num_blocks, sink_frames,
                       memory_slots, memory_sees_sinks=False):
-    """Generate blocks with full forwards (no incremental cache) under the equivalent compressed masks.
+    """Generate blocks with full forwards (no incremental cache) under the equivalent compressed
+    masks.
 
-    For block i: ONE parallel memory-model pass over the whole history writes every history frame's K/V
-    into a full cache, each clean block seeing its own block and the compressed frames the policy held
-    when it was written (and the uncompressed sinks, for the released MAG's ``official`` policy); then the
-    generator denoises block i reading only the frames the policy keeps.
-    Block i draws its noise from a generator seeded ``NOISE_SEED + i``.
+    For block i: ONE parallel memory-model pass over the whole history writes every history frame's
+    K/V into a full cache, each clean block seeing its own block and the compressed frames the
+    policy held when it was written (and the uncompressed sinks, for the released MAG's ``official``
+    policy); then the generator denoises block i reading only the frames the policy keeps. Block i
+    draws its noise from a generator seeded ``NOISE_SEED + i``.
     """
     batch = text.shape[0]
     history = torch.zeros(batch, 0, *_frame_shape(preset))
@@ -237,12 +254,13 @@ def _reference_stream(gen_model, mem_model, scheduler, preset, text, empty, num_
                 compressed = [f for f in _retained_after(b * F, sink_frames, memory_slots)
                               if memory_sees_sinks or f % F == F - 1]
                 write_mask[b * F:(b + 1) * F, compressed] = True
-            if sink_frames == 0 and memory_slots is None:  # the write pass IS the training mask's clean rows
+            # the write pass IS the training mask's clean rows
+            if sink_frames == 0 and memory_slots is None:
                 assert torch.equal(write_mask, memory_training_mask(n, F)[:n, :n])
-            cache = KVCache.for_model(preset.dit, FullPolicy(), tokens_per_frame=4, horizon_frames=n,
-                                      frames_per_block=F, batch_size=batch)
-            mem_model(history, torch.zeros(batch), empty.expand(batch, -1, -1), frame_mask=write_mask,
-                      kv_cache=cache, cache_write=True)
+            cache = KVCache.for_model(preset.dit, FullPolicy(), tokens_per_frame=4,
+                                      horizon_frames=n, frames_per_block=F, batch_size=batch)
+            mem_model(history, torch.zeros(batch), empty.expand(batch, -1, -1),
+                      frame_mask=write_mask, kv_cache=cache, cache_write=True)
             visible = torch.zeros(n, dtype=torch.bool)
             visible[_retained_after(n, sink_frames, memory_slots)] = True
             mask = torch.cat([visible.expand(F, n), torch.ones(F, F, dtype=torch.bool)], 1)
@@ -260,7 +278,8 @@ def _reference_stream(gen_model, mem_model, scheduler, preset, text, empty, num_
 
 
 def _stream(gen: StreamingGenerator, text: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """``num_blocks`` blocks, block b from noise seeded ``NOISE_SEED + b``: ``[B, num_blocks * F, ...]``."""
+    """``num_blocks`` blocks, block b from noise seeded ``NOISE_SEED + b``: ``[B, num_blocks * F,
+    ...]``."""
     gen.reset(BATCH, num_blocks * F)
     gen.set_prompt(text)
     with torch.no_grad():
@@ -271,10 +290,12 @@ def _stream(gen: StreamingGenerator, text: torch.Tensor, num_blocks: int) -> tor
 @pytest.mark.parametrize(("sink_frames", "memory_slots", "name"),
                          [(0, None, "mag"), (3, None, "mag"), (1, None, "mag"), (3, 2, "bounded"),
                           (2, 3, "official")],
-                         ids=["mag", "mag-sinks", "mag-partial-sink", "bounded-ring", "official-ring"])
-def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(sink_frames, memory_slots,
-                                                                                name):
-    preset = _preset(**{"cache.memory_sink_frames": sink_frames, "cache.memory_slots": memory_slots or 64})
+                         ids=["mag", "mag-sinks", "mag-partial-sink", "bounded-ring",
+                              "official-ring"])
+def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(sink_frames,
+                                                                                memory_slots, name):
+    preset = _preset(**{"cache.memory_sink_frames": sink_frames,
+                        "cache.memory_slots": memory_slots or 64})
     num_blocks = 5
     generator_model, memory_model = _random_model(preset, seed=0), _random_model(preset, seed=1)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
@@ -291,7 +312,8 @@ def test_streaming_with_memory_model_equals_full_forwards_with_compressed_masks(
     assert streamed.abs().max() > 0.1
     kept = _retained_after(num_blocks * F, sink_frames, memory_slots)
     assert sorted(valid_slot_positions(gen.cache)) == kept
-    # Sensitivity: the generator compressing its own blocks (the downsample ablation) streams differently.
+    # Sensitivity: the generator compressing its own blocks (the downsample ablation) streams
+    # differently.
     self_written = StreamingGenerator(generator_model, scheduler, preset, policy,
                                       writer=GeneratorWriter(generator_model))
     assert (streamed[:, F:] - _stream(self_written, text, num_blocks)[:, F:]).abs().max() > 1e-3
@@ -309,7 +331,8 @@ def test_official_memory_model_reads_the_sinks_and_hiding_them_changes_the_strea
         streams[policy.name] = _stream(gen, text, 3)
         assert (policy.memory_view(gen.cache, F) is None) == (policy.name == "official")
     assert streams["official"].shape == streams["bounded"].shape
-    torch.testing.assert_close(streams["official"][:, :2 * F], streams["bounded"][:, :2 * F])  # same plan
+    # same plan
+    torch.testing.assert_close(streams["official"][:, :2 * F], streams["bounded"][:, :2 * F])
     assert (streams["official"][:, 2 * F:] - streams["bounded"][:, 2 * F:]).abs().max() > 1e-3
 
 
@@ -322,13 +345,15 @@ def _write_random_block(cache: KVCache, start: int, generator: torch.Generator) 
     pending = cache.begin_write(F)
     shape = (cache.batch_size, cache.num_heads, F * cache.tokens_per_frame, cache.head_dim)
     for layer in range(cache.num_layers):
-        cache.write(layer, torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+        cache.write(layer, torch.randn(shape, generator=generator), torch.randn(shape,
+                                                                                generator=generator),
                     pending)
     cache.commit(pending, torch.arange(start, start + F))
 
 
 def _mag_frames(frames_done: int, sink_frames: int) -> int:
-    """Frames kept by ``mag``: every frame of a full cache over 3, plus the sinks' uncompressed extra."""
+    """Frames kept by ``mag``: every frame of a full cache over 3, plus the sinks' uncompressed
+    extra."""
     return len(_retained_after(frames_done, sink_frames, None))
 
 
@@ -347,21 +372,26 @@ def test_mag_kv_bytes_are_a_third_of_full_at_every_horizon(sink_frames):
         gen.set_prompt(text)
     bpf = mag.cache.bytes_per_frame
     assert bpf == full.cache.bytes_per_frame
-    sink_extra = (sink_frames - sink_frames // F) * bpf  # sinks kept in full instead of 1 frame per block
+    # sinks kept in full instead of 1 frame per block
+    sink_extra = (sink_frames - sink_frames // F) * bpf
     with torch.no_grad():
         for b in range(num_blocks):  # the real models for the first blocks
             mag.generate_block(torch.Generator().manual_seed(b))
             full.generate_block(torch.Generator().manual_seed(b))
             assert full.cache.nbytes == (b + 1) * F * bpf
             assert mag.cache.nbytes * F == full.cache.nbytes + F * sink_extra
-    # Long horizon: the same policy on a cache sized for it, random K/V written through the cache API.
+    # Long horizon: the same policy on a cache sized for it, random K/V written through the cache
+    # API.
     cache = KVCache.for_model(preset.dit, mag.policy, tokens_per_frame=4, frames_per_block=F,
                               horizon_frames=LONG_HORIZON_BLOCKS * F, batch_size=1)
     draws = torch.Generator().manual_seed(0)
     for b in range(LONG_HORIZON_BLOCKS):
         _write_random_block(cache, b * F, draws)
         full_bytes = (b + 1) * F * cache.bytes_per_frame
-        if cache.nbytes * F != full_bytes + F * (sink_frames - sink_frames // F) * cache.bytes_per_frame:
+        if (
+            cache.nbytes * F
+            != full_bytes + F * (sink_frames - sink_frames // F) * cache.bytes_per_frame
+        ):
             raise AssertionError(f"block {b}: mag {cache.nbytes} bytes, full {full_bytes}")
     assert cache.num_valid_frames == _mag_frames(LONG_HORIZON_BLOCKS * F, sink_frames)
 
@@ -397,7 +427,8 @@ def test_bounded_kv_bytes_and_attended_frames_stop_growing():
         largest = max(largest, cache.nbytes)
     assert largest == budget and cache.num_valid_frames == sinks + slots
     # The ring holds the sinks and the newest compressed frames: the oldest were evicted.
-    assert sorted(valid_slot_positions(cache)) == _retained_after(LONG_HORIZON_BLOCKS * F, sinks, slots)
+    assert sorted(valid_slot_positions(cache)) == _retained_after(LONG_HORIZON_BLOCKS * F, sinks,
+                                                                  slots)
     assert cache.frames_seen == LONG_HORIZON_BLOCKS * F
     # The memory model reads the compressed frames only: sink frames 0 and 1 stay hidden from it.
     view = policy.memory_view(cache, F)
@@ -419,7 +450,8 @@ def test_window_and_compressed_policies_take_their_own_sink_counts():
 def test_mag_and_bounded_by_name_need_a_memory_model():
     preset = _preset()
     for name in ("mag", "bounded"):
-        with pytest.raises(ConfigError, match=rf"policy '{name}' needs the trained MAG memory model.*"
+        with pytest.raises(ConfigError, match=rf"policy '{name}' needs the trained MAG memory "
+                                              r"model.*"
                                               r"memory_model=load_memory_model\(path\)"):
             writer_for(policy_from_name(name, preset))
     memory_model, empty = _random_model(preset, seed=1), _text(preset, 1, 9)
@@ -429,7 +461,8 @@ def test_mag_and_bounded_by_name_need_a_memory_model():
     bounded = policy_from_name("bounded", preset)
     writer = writer_for(mag, memory_model=memory_model, empty_context=empty)
     assert isinstance(mag, MagPolicy) and isinstance(writer, MemoryWriter)
-    assert (mag.name, mag.sink_frames, mag.memory_slots) == ("mag", preset.cache.memory_sink_frames, None)
+    assert (mag.name, mag.sink_frames, mag.memory_slots) == ("mag", preset.cache.memory_sink_frames,
+                                                             None)
     assert (bounded.name, bounded.memory_slots) == ("bounded", preset.cache.memory_slots)
     assert writer.model is memory_model
     downsample = policy_from_name("downsample", preset)
@@ -474,7 +507,8 @@ def _model_file(tmp_path, preset, model, stage: str | None, recipe: dict | None 
     checkpoint = save_checkpoint(tmp_path / f"ckpt-{stage}", state)
     if stage is None:
         return checkpoint
-    return export_model(checkpoint, tmp_path / f"{stage}.safetensors", name=f"tiny-{stage}", stage=stage)
+    return export_model(checkpoint, tmp_path / f"{stage}.safetensors", name=f"tiny-{stage}",
+                        stage=stage)
 
 
 def test_memory_and_generator_files_cannot_be_swapped(tmp_path):
@@ -486,10 +520,15 @@ def test_memory_and_generator_files_cannot_be_swapped(tmp_path):
     loaded, loaded_preset, meta = load_memory_model(memory_file)
     assert meta["stage"] == "memory" and loaded_preset == preset
     assert torch.equal(loaded.head.head.weight, memory_model.head.head.weight)
-    with pytest.raises(CheckpointError, match="holds a 'dmd' model but a memory model is expected here"):
+    with pytest.raises(CheckpointError, match="holds a 'dmd' model but a memory model is expected "
+                                              "here"):
         load_memory_model(dmd_file)
-    with pytest.raises(CheckpointError, match="holds a 'memory' model but a teacher / causal / dmd /"
-                                              " mag-generator model is expected.*load_memory_model"):
+    with pytest.raises(
+        CheckpointError,
+        match="holds a 'memory' model but a teacher / causal / "
+        "dmd /"
+        " mag-generator model is expected.*load_memory_model",
+    ):
         load_generator(memory_file)
     with pytest.raises(CheckpointError, match="'memory' model"):
         load_model(memory_file, expect_stage=GENERATOR_STAGES)
@@ -504,10 +543,12 @@ def test_training_checkpoints_are_judged_by_their_recipe_objective(tmp_path):
     with pytest.raises(CheckpointError, match="holds a 'causal' model but a memory model"):
         load_memory_model(causal)
     unknown = _model_file(tmp_path / "unknown", preset, model, None)
-    with pytest.raises(CheckpointError, match="does not say which stage.*mag export --stage memory"):
+    with pytest.raises(CheckpointError,
+                       match="does not say which stage.*mag export --stage memory"):
         load_memory_model(unknown)
     load_generator(unknown)  # older generator checkpoints carry no stage and still load
-    memory = _model_file(tmp_path / "memory", preset, model, None, recipe={"objective": {"kind": "memory"}})
+    memory = _model_file(tmp_path / "memory", preset, model, None,
+                         recipe={"objective": {"kind": "memory"}})
     assert isinstance(load_memory_model(memory)[0], WanDiT)
 
 
@@ -517,9 +558,11 @@ def test_memory_model_mismatch_names_the_first_differing_field():
     generator = get_preset("tiny")
     assert memory_model_mismatch(generator, generator) is None
     layers = get_preset("tiny", **{"dit.num_layers": 2})
-    assert memory_model_mismatch(generator, layers) == "dit (num_layers: 4 vs 2; generator vs memory model)"
+    assert memory_model_mismatch(generator,
+                                 layers) == "dit (num_layers: 4 vs 2; generator vs memory model)"
     block = get_preset("tiny", **{"cache.frames_per_block": 2})
-    assert memory_model_mismatch(generator, block) == ("cache.frames_per_block (3 vs 2; generator vs memory"
+    assert memory_model_mismatch(generator, block) == ("cache.frames_per_block (3 vs 2; generator "
+                                                       "vs memory"
                                                        " model)")
     video = get_preset("tiny", **{"video.height": 16})
     assert memory_model_mismatch(generator, video).startswith("video (height: 32 vs 16")

@@ -1,11 +1,12 @@
 """Stage-1 memory-model training in the trainer (``objective.kind = "memory"``).
 
-Pins: the shipped recipe shares the camera-anchored causal recipe's preset and world and runs 2 steps;
-the stage's loss is ``memory_reconstruction_loss`` on the draws of the keyed generators (per sample:
-levels then noise; per micro-batch: the start position), with the empty prompt and, camera-anchored,
-the clips' camera tracks; draws do not depend on the slice of the batch; kill-and-resume is bitwise;
-``init.model`` really loads the generator (and its absence warns); checkpoints are memory models to
-:mod:`mag.registry` and refused in generator slots; the recipe checks the clip length.
+Pins: the shipped recipe shares the camera-anchored causal recipe's preset and world and runs 2
+steps; the stage's loss is ``memory_reconstruction_loss`` on the draws of the keyed generators (per
+sample: levels then noise; per micro-batch: the start position), with the empty prompt and,
+camera-anchored, the clips' camera tracks; draws do not depend on the slice of the batch;
+kill-and-resume is bitwise; ``init.model`` really loads the generator (and its absence warns);
+checkpoints are memory models to :mod:`mag.registry` and refused in generator slots; the recipe
+checks the clip length.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def memory_run(generator: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 # ------------------------------------------------------------------------------ recipe
-def test_tiny_memory_recipe_matches_the_camera_causal_world_and_runs_two_steps(camera_generator, tmp_path):
+def test_tiny_memory_recipe_matches_the_camera_causal_world_and_runs_two_steps(camera_generator,
+                                                                               tmp_path):
     recipe = load_recipe(REPO / "recipes" / "tiny-memory.toml")
     causal = load_recipe(REPO / "recipes" / "tiny-causal-camera.toml")
     long = load_recipe(REPO / "recipes" / "tiny-causal-camera-long.toml")
     assert recipe.objective.kind == "memory" and recipe.init.model == "tiny-causal-long"
     assert recipe.build_preset().dit == long.build_preset().dit   # the generator it starts from
     assert recipe.preset == causal.preset and recipe.preset_overrides == causal.preset_overrides
-    assert recipe.build_preset().dit == causal.build_preset().dit   # so the causal model can initialise it
+    # so the causal model can initialise it
+    assert recipe.build_preset().dit == causal.build_preset().dit
     assert recipe.data == causal.data and recipe.loop.seed == causal.loop.seed
     data = recipe.to_dict()
     data.update(preset_overrides={**data["preset_overrides"], **TINY_OVERRIDES},
@@ -75,7 +78,8 @@ def test_tiny_memory_recipe_matches_the_camera_causal_world_and_runs_two_steps(c
     assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all({"loss", "grad_norm", "loss_new", "loss_recent", "loss_recall"} <= r.keys() for r in records)
+    assert all({"loss", "grad_norm", "loss_new", "loss_recent",
+                "loss_recall"} <= r.keys() for r in records)
 
 
 def test_memory_recipe_checks_the_clip_length():
@@ -102,29 +106,33 @@ def _by_hand(trainer: Trainer, step: int, micro: int, indices: range, *, camera:
         levels.append(sample_memory_timesteps(scheduler, 1, frames // fpb, generator=gen))
         noise.append(torch.randn(batch.video.shape[1:], generator=gen))
     start = sample_start_position(frames, fpb, preset.dit.rope_max_positions,
-                                  generator=draw_generator(SEED, step, micro, 0, ROLE_SHARED_MEMORY))
+                                  generator=draw_generator(SEED, step, micro, 0,
+                                                           ROLE_SHARED_MEMORY))
     offsets = batch.camera_px / preset.dit.patch_size[2] if camera else None
     if still:
         offsets = torch.zeros_like(batch.camera_px)
     empty = trainer.text.get([""])
-    return memory_reconstruction_loss(trainer.model, scheduler, batch.video, empty, torch.stack(noise),
-                                      torch.cat(levels), start, offsets)
+    return memory_reconstruction_loss(trainer.model, scheduler, batch.video, empty,
+                                      torch.stack(noise), torch.cat(levels), start, offsets)
 
 
 @pytest.mark.parametrize("camera", [False, True], ids=["plain", "camera"])
-def test_stage_loss_is_the_reconstruction_loss_on_the_keyed_draws(camera, generator, camera_generator,
-                                                                  tmp_path):
+def test_stage_loss_is_the_reconstruction_loss_on_the_keyed_draws(camera, generator,
+                                                                  camera_generator, tmp_path):
     source = camera_generator if camera else generator
-    trainer = Trainer(_memory(source, overrides=CAMERA if camera else None), tmp_path, progress=False)
+    trainer = Trainer(_memory(source, overrides=CAMERA if camera else None), tmp_path,
+                      progress=False)
     assert isinstance(trainer.runner, MemoryStep)
-    torch.manual_seed(0)  # every weight random: Wan's zeroed head, 2 steps on, would hide the inputs
+    # every weight random: Wan's zeroed head, 2 steps on, would hide the inputs
+    torch.manual_seed(0)
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     step, micro, indices = 3, 1, range(2)
     out, categories = trainer.runner.loss(trainer.model, step, micro, indices)
     expected = _by_hand(trainer, step, micro, indices, camera=camera)
-    assert torch.equal(out.loss, expected.loss) and torch.equal(out.per_element, expected.per_element)
+    assert torch.equal(out.loss, expected.loss) and torch.equal(out.per_element,
+                                                                expected.per_element)
     assert out.per_element.shape == (2, 6, 3, 16, 16) and categories.shape == (2, 6, 16)
     if camera:  # the camera track really reaches the model
         still = _by_hand(trainer, step, micro, indices, camera=True, still=True)
@@ -137,11 +145,14 @@ def test_draws_stay_on_the_grid_and_do_not_depend_on_the_batch_slice(generator, 
     clip_shape = (6, 3, 16, 16)
     both = stage.draws(2, 1, range(2), clip_shape)
     second = stage.draws(2, 1, range(1, 2), clip_shape)  # what rank 1 of 2 draws
-    assert torch.equal(both.noise[1:], second.noise) and torch.equal(both.timestep[1:], second.timestep)
+    assert torch.equal(both.noise[1:], second.noise) and torch.equal(both.timestep[1:],
+                                                                     second.timestep)
     assert both.start_position == second.start_position
     assert not torch.equal(both.noise[0], both.noise[1])
     assert both.timestep.shape == (2, 2)
-    assert set(both.timestep.flatten().tolist()) <= set(trainer.scheduler.few_step_timesteps().tolist())
+    assert set(both.timestep.flatten().tolist()) <= set(
+        trainer.scheduler.few_step_timesteps().tolist()
+    )
     starts = {stage.draws(s, 0, range(1), clip_shape).start_position for s in range(8)}
     limit = trainer.preset.dit.rope_max_positions - clip_shape[0]
     assert len(starts) > 1 and all(s % fpb == 0 and 0 <= s <= limit for s in starts)
@@ -190,7 +201,9 @@ def test_init_model_loads_the_generator_and_its_absence_warns(generator, tmp_pat
 def test_memory_checkpoints_are_memory_models_and_refused_as_generators(memory_run, tmp_path):
     ckpt = latest_checkpoint(memory_run / "checkpoints")
     model, preset, meta = load_memory_model(ckpt)
-    assert model_stage(meta) == "memory" and preset.dit.num_layers == TINY_OVERRIDES["dit.num_layers"]
+    assert (
+        model_stage(meta) == "memory" and preset.dit.num_layers == TINY_OVERRIDES["dit.num_layers"]
+    )
     with pytest.raises(CheckpointError, match="'memory' model"):
         load_model(ckpt, expect_stage=GENERATOR_STAGES)
     exported = export_model(ckpt, tmp_path / "memory.safetensors", name="memory", stage="memory")

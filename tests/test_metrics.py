@@ -1,4 +1,5 @@
-"""Pins PSNR/SSIM/LPIPS/Fréchet to their references: torchmetrics, official LPIPS values, closed forms."""
+"""Pins PSNR/SSIM/LPIPS/Fréchet to their references: torchmetrics, official LPIPS values, closed
+forms."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import mag.bench.lpips as lpips_module
-from mag.bench.lpips import MIN_IMAGE_SIDE, WEIGHTS_INSTALL_HINT, load_arrays_pickle, load_lpips_alex
+from mag.bench.lpips import (
+    MIN_IMAGE_SIDE,
+    WEIGHTS_INSTALL_HINT,
+    load_arrays_pickle,
+    load_lpips_alex,
+)
 from mag.bench.metrics import (
     frechet_alexnet_distance,
     frechet_distance,
@@ -48,7 +54,8 @@ def examples() -> dict[str, torch.Tensor]:
     return images
 
 
-# ------------------------------------------------------------------------------------------------ LPIPS
+# ------------------------------------------------------------------------------------------------
+# LPIPS
 
 
 def test_lpips_matches_independent_jax_implementation(examples):
@@ -76,14 +83,16 @@ def test_lpips_reproduces_official_printed_distances(examples):
 
 
 def test_lpips_linear_weights_equal_official_v0_1_file():
-    official = torch.load(DATA / "official_v0.1_alex_lin.pth", map_location="cpu", weights_only=True)
+    official = torch.load(DATA / "official_v0.1_alex_lin.pth", map_location="cpu",
+                          weights_only=True)
     model = load_lpips_alex("cpu")
     for index, lin in enumerate(model.lins):
         assert torch.equal(lin.weight, official[f"lin{index}.model.1.weight"])
 
 
 def test_lpips_of_image_with_itself_is_zero(examples):
-    x = torch.cat([examples["ex_ref"], torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    x = torch.cat([examples["ex_ref"], torch.rand(2, 3, 64, 64,
+                                                  generator=torch.Generator().manual_seed(0))])
     assert torch.equal(lpips(x, x), torch.zeros(3))
 
 
@@ -94,7 +103,8 @@ def test_lpips_is_symmetric(examples):
 
 
 def test_lpips_scores_video_frames_independently(examples):
-    frames_a = torch.cat([examples["ex_ref"], examples["ex_ref"], examples["ex_p0"]])[None]  # [1, 3, 3, H, W]
+    # [1, 3, 3, H, W]
+    frames_a = torch.cat([examples["ex_ref"], examples["ex_ref"], examples["ex_p0"]])[None]
     frames_b = torch.cat([examples["ex_p0"], examples["ex_p1"], examples["ex_p1"]])[None]
     per_frame = lpips(frames_a, frames_b, batch_size=2)
     assert per_frame.shape == (1, 3)
@@ -135,7 +145,8 @@ def test_weight_unpickler_refuses_anything_but_numpy_arrays(tmp_path):
         load_arrays_pickle(evil)
 
 
-# ------------------------------------------------------------------------------------------------ SSIM
+# ------------------------------------------------------------------------------------------------
+# SSIM
 
 
 def _torchmetrics_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,7 +183,8 @@ def test_ssim_accepts_video_frames():
     )
 
 
-# ------------------------------------------------------------------------------------------------ PSNR
+# ------------------------------------------------------------------------------------------------
+# PSNR
 
 
 def test_psnr_of_identical_images_is_inf():
@@ -198,7 +210,8 @@ def test_summarize_psnr_reports_identical_pairs_separately():
         summarize_psnr(torch.tensor([float("nan")]))
 
 
-# ------------------------------------------------------------------------------------------------ Fréchet
+# ------------------------------------------------------------------------------------------------
+# Fréchet
 
 
 @pytest.mark.parametrize(("num", "dim"), [(200, 16), (10, 64)])  # covariance route, samples route
@@ -236,14 +249,17 @@ def test_frechet_trace_term_routes_agree_on_full_rank_covariances():
 def test_frechet_alexnet_distance_is_zero_for_same_set_and_positive_otherwise(examples):
     gen = torch.Generator().manual_seed(5)
     real = torch.cat(
-        [examples["ex_ref"], examples["ex_p0"], examples["ex_p1"], torch.rand(3, 3, 64, 64, generator=gen)]
+        [examples["ex_ref"], examples["ex_p0"], examples["ex_p1"], torch.rand(3, 3, 64, 64,
+                                                                              generator=gen)]
     )
-    fake = torch.rand(2, 3, 3, 48, 48, generator=gen)  # [N, T, 3, H, W] -> 6 frames, another resolution
+    # [N, T, 3, H, W] -> 6 frames, another resolution
+    fake = torch.rand(2, 3, 3, 48, 48, generator=gen)
     assert abs(float(frechet_alexnet_distance(real, real))) < 1e-6
     assert float(frechet_alexnet_distance(real, fake)) > 1.0
 
 
-# ------------------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------------------------------
+# inputs
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""scripts/mutate.py on a toy repository: a planted bug is caught, a harmless change survives, a snippet
-that is missing or not unique is an error (exit 2), and the source tree is never modified."""
+"""scripts/mutate.py on a toy repository: a planted bug is caught, a harmless change survives, a
+snippet that is missing or not unique is an error (exit 2), and the source tree is never
+modified."""
 
 from __future__ import annotations
 
@@ -40,18 +41,26 @@ def test_a_planted_bug_is_caught_a_harmless_one_survives_and_a_failing_target_is
     root = _toy_repo(tmp_path / "repo")
     catalogue = (
         Mutant("minus", "return a + b", "return a - b", "tests/test_toy.py", "add", "subtracts"),
-        Mutant("commuted", "return a + b", "return b + a", "tests/test_toy.py", None, "nothing observable"),
-        Mutant("halved", "return x / 2", "return x // 2", "tests/test_broken.py", None, "an untested change"),
+        Mutant("commuted", "return a + b", "return b + a", "tests/test_toy.py", None, "nothing "
+                                                                                      "observable"),
+        Mutant("halved", "return x / 2", "return x // 2", "tests/test_broken.py", None, "an "
+                                                                                        "untested "
+                                                                                        "change"),
     )
     out = tmp_path / "report.json"
-    code = mutate.main(["--root", str(root), "-j", "2", "--no-preload", "-o", str(out)], catalogue=catalogue)
+    code = mutate.main(["--root", str(root), "-j", "2", "--no-preload", "-o", str(out)],
+                       catalogue=catalogue)
     report = json.loads(out.read_text())
-    status = {o["id"]: o["status"] for o in report["outcomes"] if not o["id"].startswith("baseline ")}
+    status = {
+        o["id"]: o["status"] for o in report["outcomes"] if not o["id"].startswith("baseline ")
+    }
     assert status == {"minus": "caught", "commuted": "survived", "halved": "error"}
     assert report["counts"] == {"caught": 1, "survived": 1, "error": 1}
     assert code == 2  # an error outranks a survivor
-    assert (root / "mag" / "toy.py").read_text() == TOY  # mutants only ever touch the scratch copies
-    code = mutate.main(["--root", str(root), "-j", "1", "--no-preload", "--only", "minus", "commuted"],
+    # mutants only ever touch the scratch copies
+    assert (root / "mag" / "toy.py").read_text() == TOY
+    code = mutate.main(["--root", str(root), "-j", "1", "--no-preload", "--only", "minus",
+                        "commuted"],
                        catalogue=catalogue)
     assert code == 1
 
@@ -59,8 +68,10 @@ def test_a_planted_bug_is_caught_a_harmless_one_survives_and_a_failing_target_is
 def test_a_missing_or_repeated_snippet_is_an_error_not_a_pass(tmp_path, capsys):
     root = _toy_repo(tmp_path / "repo")
     catalogue = (
-        Mutant("gone", "return a * b", "return a / b", "tests/test_toy.py", None, "code that moved away"),
-        Mutant("twice", "    return ", "    return -", "tests/test_toy.py", None, "an ambiguous snippet"),
+        Mutant("gone", "return a * b", "return a / b", "tests/test_toy.py", None, "code that "
+                                                                                  "moved away"),
+        Mutant("twice", "    return ", "    return -", "tests/test_toy.py", None, "an ambiguous "
+                                                                                  "snippet"),
     )
     assert mutate.main(["--root", str(root), "--no-preload"], catalogue=catalogue) == 2
     err = capsys.readouterr().err

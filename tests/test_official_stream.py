@@ -1,10 +1,11 @@
 """Our streaming loop against the official MAG inference loop (UMT5: test_official_umt5.py).
 
-tests/data/official/ (scripts/official_reference.py, its README): MAG's ``memory_generation_pipeline``
-streamed 27 blocks at the official geometry (2 uncompressed sinks, a ring of 21 compressed frames that
-wraps at block 21, the memory model writing every block with the empty prompt and reading the sinks),
-with its noise and re-noise recorded; we replay it through the public ``generate_block(noise=,
-renoise=)`` with the official-format folders loaded by ``load_any_dit``.
+tests/data/official/ (scripts/official_reference.py, its README): MAG's
+``memory_generation_pipeline`` streamed 27 blocks at the official geometry (2 uncompressed sinks, a
+ring of 21 compressed frames that wraps at block 21, the memory model writing every block with the
+empty prompt and reading the sinks), with its noise and re-noise recorded; we replay it through the
+public ``generate_block(noise=, renoise=)`` with the official-format folders loaded by
+``load_any_dit``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mag.pipelines import SamplerConfig, StreamingGenerator, load_any_dit, policy_from_name, writer_for
+from mag.pipelines import (
+    SamplerConfig,
+    StreamingGenerator,
+    load_any_dit,
+    policy_from_name,
+    writer_for,
+)
 
 DATA = Path(__file__).parent / "data" / "official"
-# Why 1e-4: both sides run float32 on the same weights and noise, so what is left is operation order,
-# 9.5e-7 at worst over the 27 blocks (latents of scale ~5); the smallest real mis-wiring measured, the
-# memory model blind to the two sinks, is off by 2.8e-2 at block 2. 1e-4 sits ~100x above the first and
-# ~300x below the second, and is the issue's acceptance bound.
+# Why 1e-4: both sides run float32 on the same weights and noise, so what is left is operation
+# order, 9.5e-7 at worst over the 27 blocks (latents of scale ~5); the smallest real mis-wiring
+# measured, the memory model blind to the two sinks, is off by 2.8e-2 at block 2. 1e-4 sits ~100x
+# above the first and ~300x below the second, and is the issue's acceptance bound.
 BLOCK_TOLERANCE = 1e-4
 # Latents of the reference stream are [16, 2, 4]: a 16 x 32 video at the VAE's 8x.
 SIZE = {"video.height": 16, "video.width": 32}
@@ -71,4 +78,5 @@ def test_hiding_the_sinks_from_the_memory_model_departs_from_the_official_loop()
 
 @pytest.mark.parametrize("name", ["mag_generator", "mag_memory"])
 def test_official_folders_are_detected_as_official_mag(name):
-    assert load_any_dit(DATA / name, stages=("memory",), **SIZE).meta["source_format"] == "official-mag"
+    assert load_any_dit(DATA / name, stages=("memory",),
+                        **SIZE).meta["source_format"] == "official-mag"

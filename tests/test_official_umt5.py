@@ -1,10 +1,10 @@
 """Our UMT5 text encoder against Wan2.1's T5 encoder and its prompt cleaning.
 
-tests/data/official/ (scripts/official_reference.py, its README): Wan's ``umt5_xxl(encoder_only=True)`` at
-a small config in the ``models_t5_umt5-xxl-enc-bf16.pth`` layout, its float32 hidden states on recorded
-token ids with the padding rows zeroed, and four prompts before and after Wan's ``clean="whitespace"``.
-The google/umt5-xxl tokenizer cannot be had offline, so a stand-in tokenizer hands our encoder the
-recorded ids; everything after the tokenizer is ours.
+tests/data/official/ (scripts/official_reference.py, its README): Wan's
+``umt5_xxl(encoder_only=True)`` at a small config in the ``models_t5_umt5-xxl-enc-bf16.pth`` layout,
+its float32 hidden states on recorded token ids with the padding rows zeroed, and four prompts
+before and after Wan's ``clean="whitespace"``. The google/umt5-xxl tokenizer cannot be had offline,
+so a stand-in tokenizer hands our encoder the recorded ids; everything after the tokenizer is ours.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 class RecordedIds:
-    """A tokenizer stand-in: prompt ``"row i"`` -> row ``i`` of the recorded ids, padded to the longest."""
+    """A tokenizer stand-in: prompt ``"row i"`` -> row ``i`` of the recorded ids, padded to the
+    longest."""
 
     padding_side = "right"
 
@@ -76,7 +77,8 @@ def test_prompt_cleaning_equals_wans_for_all_four_prompts():
     _, about = _reference()
     assert len(about["prompts"]) == 4
     assert [clean_prompt(p) for p in about["prompts"]] == about["cleaned"]
-    assert about["prompts"] != about["cleaned"]  # the mojibake, entities and whitespace do get fixed
+    # the mojibake, entities and whitespace do get fixed
+    assert about["prompts"] != about["cleaned"]
 
 
 def test_the_encoder_tokenizes_the_cleaned_prompts():

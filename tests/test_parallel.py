@@ -1,5 +1,5 @@
-"""The ``[parallel]`` recipe section: per-block activation checkpointing, the FSDP2 bf16 policy and the
-2-D (replicate x shard) mesh give the gradients of the plain single-process model.
+"""The ``[parallel]`` recipe section: per-block activation checkpointing, the FSDP2 bf16 policy and
+the 2-D (replicate x shard) mesh give the gradients of the plain single-process model.
 
 Multi-rank checks spawn gloo process groups on 127.0.0.1 (one thread per process) and compare each
 parameter's full gradient with a one-rank run of the same code.
@@ -36,10 +36,11 @@ BATCH, FRAMES, FRAMES_PER_BLOCK, TEXT_TOKENS = 4, 6, 3, 3
 FRAME_SHAPE = (TINY_DIT.in_channels, 4, 4)
 # Activation checkpointing recomputes the same float32 ops in the same order: equal up to 1e-6.
 AC_TOLERANCE = 1e-6
-# bf16 keeps 8 significand bits: unit roundoff u = 2^-8. Each rank's weight gradient is computed in bf16
-# and rounded once (relative error <= u of its magnitude), then averaged in float32; the 1-rank gradient
-# rounds the whole batch's sum once. Two roundings of at most the tensor's largest magnitude apart: 2u.
-# Measured worst: 0.0051 of the largest magnitude (time_embedding.0.bias, 2 ranks vs 1, FSDP and HSDP).
+# bf16 keeps 8 significand bits: unit roundoff u = 2^-8. Each rank's weight gradient is computed in
+# bf16 and rounded once (relative error <= u of its magnitude), then averaged in float32; the 1-rank
+# gradient rounds the whole batch's sum once. Two roundings of at most the tensor's largest
+# magnitude apart: 2u. Measured worst: 0.0051 of the largest magnitude (time_embedding.0.bias, 2
+# ranks vs 1, FSDP and HSDP).
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 BF16_TOLERANCE = 2 * BF16_UNIT_ROUNDOFF
 
@@ -57,10 +58,11 @@ def _batch() -> dict[str, torch.Tensor]:
             "timestep": torch.rand(BATCH, blocks, generator=gen) * 1000}
 
 
-def _flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: range) -> torch.Tensor:
+def _flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        rows: range) -> torch.Tensor:
     b = {k: v[rows.start:rows.stop] for k, v in batch.items()}
-    return causal_flow_matching_loss(model, _scheduler(), b["video"], b["context"], FRAMES_PER_BLOCK,
-                                     b["noise"], b["timestep"]).loss
+    return causal_flow_matching_loss(model, _scheduler(), b["video"], b["context"],
+                                     FRAMES_PER_BLOCK, b["noise"], b["timestep"]).loss
 
 
 def _rollout_loss(model: torch.nn.Module) -> torch.Tensor:
@@ -70,8 +72,10 @@ def _rollout_loss(model: torch.nn.Module) -> torch.Tensor:
     steps = len(scheduler.config.denoising_steps)
     draws = draw_rollout_noise(2, blocks, FRAMES_PER_BLOCK, FRAME_SHAPE, steps, gen)
     context = torch.randn(2, TEXT_TOKENS, TINY_DIT.text_dim, generator=gen)
-    x = self_forcing_rollout(model, scheduler, context, num_blocks=blocks, frames_per_block=FRAMES_PER_BLOCK,
-                             frame_shape=FRAME_SHAPE, policy=FullPolicy(), exit_step=2, noise_draws=draws)
+    x = self_forcing_rollout(model, scheduler, context, num_blocks=blocks,
+                             frames_per_block=FRAMES_PER_BLOCK,
+                             frame_shape=FRAME_SHAPE, policy=FullPolicy(), exit_step=2,
+                             noise_draws=draws)
     return x.square().mean()
 
 
@@ -129,16 +133,18 @@ def test_mesh_shape_is_replicate_by_shard_and_refuses_a_shard_size_that_does_not
     assert mesh_shape(2, 8) == (1, 2)  # a recipe for nodes of 8 on 2 GPUs
 
 
-# ---------------------------------------------------------------------------------------- multi-rank
+# ----------------------------------------------------------------------------------------
+# multi-rank
 def _grad_worker(rank: int, world: int, port: int, out: str, parallel: ParallelConfig) -> None:
-    """One rank: shard a seeded tiny DiT under ``parallel``, backprop its slice of the batch, and (rank 0)
-    save every parameter's full gradient."""
+    """One rank: shard a seeded tiny DiT under ``parallel``, backprop its slice of the batch, and
+    (rank 0) save every parameter's full gradient."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ctx = DistributedContext(rank=rank, world_size=world)
-        model = apply_parallel(random_dit(TINY_DIT).train(), build_mesh(ctx, parallel.shard_size), parallel)
+        model = apply_parallel(random_dit(TINY_DIT).train(), build_mesh(ctx, parallel.shard_size),
+                               parallel)
         loss = _flow_matching_loss(model, _batch(), ctx.batch_slice(BATCH))
         loss.backward()
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
@@ -164,9 +170,11 @@ def bf16_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     bf16_ac = ParallelConfig(mixed_precision="bf16", activation_checkpointing=True)
     return {"one": _spawn_grads(tmp, 1, bf16, "one"),
             "two": _spawn_grads(tmp, 2, bf16_ac, "two"),
-            "two_hsdp": _spawn_grads(tmp, 2, ParallelConfig(mixed_precision="bf16", shard_size=1), "hsdp"),
+            "two_hsdp": _spawn_grads(tmp, 2, ParallelConfig(mixed_precision="bf16", shard_size=1),
+                                     "hsdp"),
             "two_fp32": _spawn_grads(tmp, 2, ParallelConfig(), "fp32"),
-            "two_fp32_ac": _spawn_grads(tmp, 2, ParallelConfig(activation_checkpointing=True), "fp32_ac"),
+            "two_fp32_ac": _spawn_grads(tmp, 2, ParallelConfig(activation_checkpointing=True),
+                                        "fp32_ac"),
             "fp32": {"grads": _fp32_grads()}}
 
 
@@ -177,7 +185,8 @@ def _fp32_grads() -> dict[str, torch.Tensor]:
 
 def _worst_relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     assert a.keys() == b.keys() and len(a) > 0
-    worst = max(((a[k] - b[k]).abs().max().item() / max(b[k].abs().max().item(), 1e-12), k) for k in a)
+    worst = max(((a[k] - b[k]).abs().max().item() / max(b[k].abs().max().item(), 1e-12),
+                 k) for k in a)
     return worst
 
 
@@ -190,28 +199,32 @@ def test_bf16_gradients_of_two_ranks_equal_one_rank(bf16_runs, run):
     assert bf16_runs[run]["dtype"] == "torch.float32"  # master weights stay float32
     expected_mesh = ("replicate", "shard") if run == "two_hsdp" else ("shard",)
     assert bf16_runs[run]["mesh"] == expected_mesh
-    # What `mag train --plan` counts per GPU is what rank 0 holds (FSDP pads dim 0 of every parameter).
+    # What `mag train --plan` counts per GPU is what rank 0 holds (FSDP pads dim 0 of every
+    # parameter).
     shard = 1 if run == "two_hsdp" else 2
     assert bf16_runs[run]["local_numel"] == sharded_numel(random_dit(TINY_DIT), shard)
 
 
 def test_activation_checkpointing_gives_the_same_gradients_on_two_ranks(bf16_runs):
-    """FSDP2 on 2 ranks, float32: checkpointed blocks give the gradients of plain blocks within 1e-6."""
+    """FSDP2 on 2 ranks, float32: checkpointed blocks give the gradients of plain blocks within
+    1e-6."""
     plain, checkpointed = bf16_runs["two_fp32"]["grads"], bf16_runs["two_fp32_ac"]["grads"]
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=AC_TOLERANCE, msg=name)
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=AC_TOLERANCE,
+                                   msg=name)
 
 
 def test_bf16_policy_computes_in_bf16(bf16_runs):
-    """The bf16 gradients differ from float32 ones by bf16 rounding, not by nothing (the policy is on)."""
+    """The bf16 gradients differ from float32 ones by bf16 rounding, not by nothing (the policy is
+    on)."""
     worst, name = _worst_relative(bf16_runs["one"]["grads"], bf16_runs["fp32"]["grads"])
     assert BF16_UNIT_ROUNDOFF / 16 < worst < 0.5
 
 
 def test_bf16_recipe_trains_in_one_process_and_resumes_exactly(tmp_path):
-    """`mag train` without torchrun: bf16 runs through a one-rank group; the DCP checkpoint resumes to
-    the uninterrupted run's weights bit for bit (compared through `mag export`)."""
+    """`mag train` without torchrun: bf16 runs through a one-rank group; the DCP checkpoint resumes
+    to the uninterrupted run's weights bit for bit (compared through `mag export`)."""
     data = recipe_dict("causal_fm", loop={"batch_size": 2, "grad_accum": 1},
                        parallel={"mixed_precision": "bf16", "activation_checkpointing": True,
                                  "checkpoint": "dcp"})
@@ -225,7 +238,8 @@ def test_bf16_recipe_trains_in_one_process_and_resumes_exactly(tmp_path):
     exported = []
     for run in ("straight", "resumed"):
         out = tmp_path / f"{run}.safetensors"
-        assert main(["export", str(tmp_path / run), "-o", str(out), "--name", run, "--stage", "causal"]) == 0
+        assert main(["export", str(tmp_path / run), "-o", str(out), "--name", run, "--stage",
+                     "causal"]) == 0
         exported.append(load_file(str(out)))
     assert exported[0].keys() == exported[1].keys()
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])

@@ -1,6 +1,6 @@
-"""``mag train --plan``: its parameter, gradient, optimizer and EMA bytes are the built model's own tensors;
-activations and FLOPs come from meta forwards and behave as they must (checkpointing saves, more GPUs
-divide)."""
+"""``mag train --plan``: its parameter, gradient, optimizer and EMA bytes are the built model's own
+tensors; activations and FLOPs come from meta forwards and behave as they must (checkpointing saves,
+more GPUs divide)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_plan_counts_the_parameter_gradient_optimizer_and_ema_bytes_of_the_built
 
 
 def test_plan_holds_the_dmd_networks_each_once():
-    recipe = recipe_from_dict(recipe_dict("dmd", dmd={"teacher": "unused.safetensors", "rollout_blocks": 2},
+    recipe = recipe_from_dict(recipe_dict("dmd", dmd={"teacher": "unused.safetensors",
+                                                      "rollout_blocks": 2},
                                           data={"clip_frames": 6}))
     assert [n.name for n in networks_of(recipe)] == ["generator", "critic", "teacher"]
     one = plan_training(recipe_from_dict(recipe_dict("causal_fm")), gpus=1)
@@ -62,8 +63,8 @@ def test_stage_2_plan_on_one_and_eight_gpus(stage_2_plans):
     for plan in (one, eight):
         assert plan.activations_checkpointed_bytes < plan.activations_bytes / 4
         assert plan.total_bytes(checkpointing=True) < plan.total_bytes(checkpointing=False)
-    # Sharding divides the weight states (up to FSDP's padding of dim 0: 0.14 % here), the batch divides
-    # the activations.
+    # Sharding divides the weight states (up to FSDP's padding of dim 0: 0.14 % here), the batch
+    # divides the activations.
     assert 1 < eight.params_bytes * 8 / one.params_bytes < 1.01
     assert abs(eight.activations_bytes * 8 / one.activations_bytes - 1) < 1e-6
     assert abs(eight.step_flops_per_gpu * 8 / one.step_flops_per_gpu - 1) < 1e-9
@@ -74,6 +75,9 @@ def test_stage_2_plan_on_one_and_eight_gpus(stage_2_plans):
 def test_plan_command_prints_both_totals_and_says_what_does_not_fit(capsys):
     assert main(["train", "--plan", "--recipe", STAGE_2, "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "on 8 GPU(s)" in out and "total, checkpointing" in out and "total, no checkpointing" in out
+    assert (
+        "on 8 GPU(s)" in out and "total, checkpointing" in out and "total, no checkpointing" in out
+    )
     assert "does NOT fit an 80 GB GPU" in out
-    assert main(["train", "--plan", "--recipe", STAGE_2, "--gpus", "3"]) == 2  # 8-sample micro-batches
+    # 8-sample micro-batches
+    assert main(["train", "--plan", "--recipe", STAGE_2, "--gpus", "3"]) == 2

@@ -1,7 +1,8 @@
-"""The whole command path on small-config files in the upstream formats: a Wan2.1 folder (small VAE and UMT5
-in their original .pth layouts), an official MAG generator and memory folder, a Self-Forcing .pt. The code
-that runs at full size (format detection, UMT5 from the .pth, the official cache geometry, the streaming
-VAE decode, the mp4 writer) writes a video here, on the CPU."""
+"""The whole command path on small-config files in the upstream formats: a Wan2.1 folder (small VAE
+and UMT5 in their original .pth layouts), an official MAG generator and memory folder, a
+Self-Forcing .pt. The code that runs at full size (format detection, UMT5 from the .pth, the
+official cache geometry, the streaming VAE decode, the mp4 writer) writes a video here, on the
+CPU."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def files(tmp_path_factory):
     wan = write_wan_folder(random_dit(DIT, seed=0), vae, t5, root / "Wan2.1-T2V-1.3B")
     generator = write_mag_folder(random_dit(DIT, seed=1), root / "MAG" / "generator")
     memory = write_mag_folder(random_dit(DIT, seed=2), root / "MAG" / "memory")
-    sf = write_self_forcing(random_dit(DIT, seed=5), random_dit(DIT, seed=6), root / "self_forcing_dmd.pt")
+    sf = write_self_forcing(random_dit(DIT, seed=5), random_dit(DIT, seed=6),
+                            root / "self_forcing_dmd.pt")
     return {"wan": wan, "generator": generator, "memory": memory, "self_forcing": sf}
 
 
@@ -61,7 +63,8 @@ def test_official_files_stream_to_an_mp4_with_every_decoded_frame(files, tmp_pat
     out = tmp_path / "out.mp4"
     assert _generate(files, out) == 0
     printed = capsys.readouterr().out
-    # 1 s at 16 fps = 4 latent frames -> 2 blocks of 3 = 6 latent frames -> 1 + 4 * 5 = 21 video frames
+    # 1 s at 16 fps = 4 latent frames -> 2 blocks of 3 = 6 latent frames -> 1 + 4 * 5 = 21 video
+    # frames
     video = read_mp4(out, downscale=2)  # 64 px frames are upscaled to 128 px for H.264
     assert video.shape == (21, HEIGHT, WIDTH, 3)
     assert "policy official" in printed and "21 frames" in printed
@@ -79,26 +82,33 @@ def test_the_pipeline_equals_generating_all_latents_then_one_whole_video_decode(
     with torch.no_grad():
         latents = torch.cat([gen.generate_block(noise) for _ in range(2)], 1)
     whole = tensor_to_frames(pipe.codec.decode(latents)[0])
-    assert pipe.kv_cache_bytes(6) == gen.cache.capacity_bytes  # the plan is what the stream allocates
+    # the plan is what the stream allocates
+    assert pipe.kv_cache_bytes(6) == gen.cache.capacity_bytes
     assert len(streamed) == len(whole) == 21
-    diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(streamed, whole, strict=True))
+    diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(streamed, whole,
+                                                                             strict=True))
     assert diff <= 1  # uint8 rounding of float-identical decodes
     assert whole.std() > 1  # not a constant video
 
 
 def test_a_self_forcing_checkpoint_runs_without_a_memory_model(files, tmp_path):
     out = tmp_path / "sf.mp4"
-    assert main(["generate", "--wan-dir", str(files["wan"]), "--weights", str(files["self_forcing"]),
-                 "--policy", "window", "--prompt", "a boat", "--seconds", "0.5", "--height", str(HEIGHT),
-                 "--width", str(WIDTH), "--no-progress", "-o", str(out)]) == 0
-    assert read_mp4(out, downscale=2).shape == (9, HEIGHT, WIDTH, 3)  # 3 latent frames -> 9 video frames
+    assert main(["generate", "--wan-dir", str(files["wan"]), "--weights",
+                 str(files["self_forcing"]),
+                 "--policy", "window", "--prompt", "a boat", "--seconds", "0.5", "--height",
+                 str(HEIGHT), "--width", str(WIDTH), "--no-progress", "-o", str(out)]) == 0
+    # 3 latent frames -> 9 video frames
+    assert read_mp4(out, downscale=2).shape == (9, HEIGHT, WIDTH, 3)
 
 
 def test_bf16_end_to_end_casts_every_model(files):
     pipe = MagPipeline.from_pretrained(files["generator"], wan_dir=files["wan"],
                                        memory_weights=files["memory"], dtype=torch.bfloat16, **SIZE)
     assert pipe.generator.model.patch_embedding.weight.dtype == torch.bfloat16
-    assert pipe.memory.patch_embedding.weight.dtype == torch.bfloat16 and pipe.codec.dtype == torch.bfloat16
+    assert (
+        pipe.memory.patch_embedding.weight.dtype == torch.bfloat16
+        and pipe.codec.dtype == torch.bfloat16
+    )
     frames = list(pipe.stream("a boat", latent_frames=3))
     assert len(frames) == 9 and frames[0].shape == (HEIGHT, WIDTH, 3)
 
@@ -127,8 +137,8 @@ def test_generate_help_names_every_file_a_user_passes(capsys):
     text = capsys.readouterr().out
     for flag in ("--wan-dir", "--weights", "--memory-weights", "--out", "--seconds", "--dtype"):
         assert flag in text, flag
-    for name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "diffusion_pytorch_model.safetensors",
-                 ".pt"):
+    for name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
+                 "diffusion_pytorch_model.safetensors", ".pt"):
         assert name in text, name
 
 
@@ -144,9 +154,9 @@ def _doc_commands() -> list[list[str]]:
 
 
 def test_the_documented_commands_parse_and_the_generate_ones_run(files, tmp_path):
-    """The doc's commands are the tested ones: every one parses with the real parser, and the generate
-    commands run as written, with the downloaded paths pointing at the small files, the device set to the
-    CPU and the length and size cut to what a CPU test affords."""
+    """The doc's commands are the tested ones: every one parses with the real parser, and the
+    generate commands run as written, with the downloaded paths pointing at the small files, the
+    device set to the CPU and the length and size cut to what a CPU test affords."""
     commands = _doc_commands()
     assert [c[:2] for c in commands] == [["weights", "download"], ["generate", "--wan-dir"],
                                          ["generate", "--wan-dir"], ["weights", "convert"],
@@ -162,7 +172,8 @@ def test_the_documented_commands_parse_and_the_generate_ones_run(files, tmp_path
         argv[argv.index("--device") + 1] = "cpu"
         argv[argv.index("--seconds") + 1] = "0.5"
         argv[argv.index("-o") + 1] = str(tmp_path / argv[argv.index("-o") + 1])
-        assert main([*argv, "--height", str(HEIGHT), "--width", str(WIDTH), "--no-progress"]) == 0, argv
+        assert main([*argv, "--height", str(HEIGHT), "--width", str(WIDTH),
+                     "--no-progress"]) == 0, argv
         assert read_mp4(tmp_path / Path(argv[argv.index("-o") + 1]).name, downscale=2).shape == (
             9, HEIGHT, WIDTH, 3)
 
@@ -176,7 +187,8 @@ def test_serve_publishes_every_decoded_frame_of_the_official_files(files):
     args = build_parser().parse_args(_files_args(files, "serve"))
     pipe = pipeline_from_args(args, **SIZE)
     loaded, codec = loaded_from_pipeline(pipe)
-    live = LiveStream(loaded, pipe.policy_name, SamplerConfig(), "a boat", max_frames=9, seed=0, codec=codec)
+    live = LiveStream(loaded, pipe.policy_name, SamplerConfig(), "a boat", max_frames=9, seed=0,
+                      codec=codec)
     first, second = live.step(), live.step()
     assert pipe.policy_name == "official"
     assert [len(first), len(second)] == [9, 12]  # the causal VAE: 1 + 4 + 4, then 4 + 4 + 4
@@ -193,7 +205,8 @@ def test_bench_speed_streams_the_official_files_with_their_vae(files, tmp_path):
     assert set(result["policies"]) == {"official", "window"}
 
 
-def test_bench_consistency_loads_the_official_files_and_says_why_frames_cannot_align(files, tmp_path,
+def test_bench_consistency_loads_the_official_files_and_says_why_frames_cannot_align(files,
+                                                                                     tmp_path,
                                                                                        capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -201,15 +214,15 @@ def test_bench_consistency_loads_the_official_files_and_says_why_frames_cannot_a
     write_mp4(videos / "clip.mp4", frames, 16)
     (videos / "switch_times.json").write_text(json.dumps({"clip.mp4": 12}))
     argv = _files_args(files, "bench consistency")
-    assert main([*argv, "--videos", str(videos), "--policies", "official", "--no-lpips", "--no-progress",
-                 "--out", str(tmp_path / "out")]) == 2
+    assert main([*argv, "--videos", str(videos), "--policies", "official", "--no-lpips",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "needs a codec without temporal compression" in err and err.count("\n") == 1
 
 
 def test_a_wan_model_file_without_a_text_mode_asks_for_the_umt5_weights_not_a_mode():
-    """A wan-1.3b model file says no text mode; umT5 has only per-token outputs, so the app asks for the
-    encoder's weights (the Wan2.1 folder) instead of failing on the tiny models' pooled mode."""
+    """A wan-1.3b model file says no text mode; umT5 has only per-token outputs, so the app asks for
+    the encoder's weights (the Wan2.1 folder) instead of failing on the tiny models' pooled mode."""
     with pytest.raises(ConfigError, match="needs weights: path="):
         text_cache(get_preset("wan-1.3b"), {})
 
@@ -222,8 +235,10 @@ def test_a_converted_model_file_streams_the_same_frames_as_the_folder_it_came_fr
     kwargs = {"wan_dir": files["wan"], **SIZE}
     ours = MagPipeline.from_pretrained(tmp_path / "generator.safetensors",
                                        memory_weights=tmp_path / "memory.safetensors", **kwargs)
-    theirs = MagPipeline.from_pretrained(files["generator"], memory_weights=files["memory"], **kwargs)
+    theirs = MagPipeline.from_pretrained(files["generator"], memory_weights=files["memory"],
+                                         **kwargs)
     assert ours.generator.meta["source_format"] == "mag-model" and ours.policy_name == "official"
-    for a, b in zip(ours.stream("a kite", latent_frames=6), theirs.stream("a kite", latent_frames=6),
+    for a, b in zip(ours.stream("a kite", latent_frames=6), theirs.stream("a kite",
+                                                                          latent_frames=6),
                     strict=True):
         assert np.array_equal(a, b)

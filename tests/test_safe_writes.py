@@ -1,4 +1,5 @@
-"""One writer for every file (temp + fsync + rename, refusals checked first) and one writer per run folder."""
+"""One writer for every file (temp + fsync + rename, refusals checked first) and one writer per run
+folder."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def _tree(folder) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {}
     for path in sorted(folder.rglob("*")):
         mode = path.lstat().st_mode
-        out[str(path.relative_to(folder))] = path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
+        out[str(path.relative_to(folder))] = (
+            path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
+        )
     return out
 
 
@@ -75,7 +78,8 @@ def test_world_preview_refuses_a_wrong_suffix_before_rendering(tmp_path, capsys)
     assert _tree(tmp_path) == before
 
 
-def test_generate_refuses_an_unwritable_output_before_loading_any_model(tmp_path, capsys, monkeypatch):
+def test_generate_refuses_an_unwritable_output_before_loading_any_model(tmp_path, capsys,
+                                                                        monkeypatch):
     import mag.demo
 
     def no_loading(*args, **kwargs):
@@ -94,14 +98,16 @@ def test_export_onto_its_own_checkpoint_is_refused_and_the_checkpoint_kept(tmp_p
     before = _tree(tmp_path)
     assert main(["export", str(ckpt), "-o", str(ckpt), "--name", "t", "--stage", "causal"]) == 2
     assert "is the input" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "run"), "-o", str(ckpt), "--name", "t", "--stage", "causal"]) == 2
+    assert main(["export", str(tmp_path / "run"), "-o", str(ckpt), "--name", "t", "--stage",
+                 "causal"]) == 2
     assert _tree(tmp_path) == before
 
 
 def test_export_refuses_a_memory_label_on_a_generator_checkpoint(tmp_path, capsys):
     Trainer(recipe_from_dict(recipe_dict("causal_fm")), tmp_path / "run", progress=False).run()
     out = tmp_path / "m.safetensors"
-    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--name", "m", "--stage", "memory"]) == 2
+    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--name", "m", "--stage",
+                 "memory"]) == 2
     assert "'causal'" in capsys.readouterr().err and not out.exists()
 
 
@@ -122,7 +128,8 @@ def test_a_second_writer_of_a_run_folder_gets_a_clear_error(tmp_path):
             Trainer(recipe_from_dict(recipe_dict("causal_fm")), tmp_path / "run", progress=False)
         assert held.held
     assert not (tmp_path / "run" / ".lock").exists()
-    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None  # the refused run wrote nothing
+    # the refused run wrote nothing
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
 
 
 def test_a_second_mag_train_process_into_the_same_folder_exits_2(tmp_path):
@@ -135,21 +142,25 @@ def test_a_second_mag_train_process_into_the_same_folder_exits_2(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         recipe = tmp_path / "r.toml"
         recipe.write_text('name = "two"\npreset = "tiny"\n[loop]\nsteps = 1\n')
-        done = subprocess.run([sys.executable, "-m", "mag", "train", "--recipe", str(recipe), "--out",
-                               str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "mag", "train", "--recipe", str(recipe),
+                               "--out",
+                               str(tmp_path / "run"), "--no-progress"], capture_output=True,
+                               text=True,
                               timeout=300)
     finally:
         holder.kill()
         holder.wait()
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"mag: error: run folder {tmp_path / 'run'} is in use by process {holder.pid} {os.uname().nodename}"
-        f" (lock file {tmp_path / 'run' / '.lock'}); wait for it to finish or choose another output folder"]
+        f"mag: error: run folder {tmp_path / 'run'} is in use by process {holder.pid} "
+        f"{os.uname().nodename}"
+        f" (lock file {tmp_path / 'run' / '.lock'}); wait for it to finish or choose another "
+        "output folder"]
 
 
 def test_a_stale_lock_of_a_dead_process_is_detected_and_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".lock").write_text(f"{dead} somehost\n")
     trainer = Trainer(recipe_from_dict(recipe_dict("causal_fm")), tmp_path / "run", progress=False)

@@ -40,7 +40,8 @@ def test_euler_step_with_exact_velocity_lands_on_the_path():
     sched = FlowMatchScheduler(SchedulerConfig())
     x0, eps = torch.randn(1, 3, 3, 2, 2), torch.randn(1, 3, 3, 2, 2)
     t, t_next = torch.tensor([800.0]), torch.tensor([300.0])
-    x_next = sched.step_euler(sched.velocity_target(x0, eps), sched.add_noise(x0, eps, t), t, t_next)
+    x_next = sched.step_euler(sched.velocity_target(x0, eps), sched.add_noise(x0, eps, t), t,
+                              t_next)
     torch.testing.assert_close(x_next, sched.add_noise(x0, eps, t_next), atol=1e-5, rtol=0)
 
 
@@ -57,7 +58,8 @@ def test_sampling_timesteps_start_at_full_noise():
     assert ts.shape == (8,) and ts[0] == 1000.0 and torch.all(ts[1:] < ts[:-1]) and ts[-1] > 0
 
 
-@pytest.mark.parametrize("bad", [dict(shift=0.0), dict(denoising_steps=(250, 500)), dict(denoising_steps=())])
+@pytest.mark.parametrize("bad", [dict(shift=0.0), dict(denoising_steps=(250, 500)),
+                                 dict(denoising_steps=())])
 def test_bad_scheduler_config_is_rejected(bad):
     with pytest.raises(ConfigError):
         FlowMatchScheduler(SchedulerConfig(**bad))

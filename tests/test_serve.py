@@ -1,6 +1,6 @@
-"""``mag serve``: the live viewer end to end over HTTP (page, event stream, control, stats, stream reset,
-camera steering measured in the frames of the shipped model, prompt switches), its one-line errors, Ctrl-C,
-and the page driven in headless Chromium through the DevTools protocol."""
+"""``mag serve``: the live viewer end to end over HTTP (page, event stream, control, stats, stream
+reset, camera steering measured in the frames of the shipped model, prompt switches), its one-line
+errors, Ctrl-C, and the page driven in headless Chromium through the DevTools protocol."""
 
 from __future__ import annotations
 
@@ -104,9 +104,11 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def _post(url: str, body: Any, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+def _post(url: str, body: Any, content_type: str = "application/json") -> tuple[int, dict[str,
+                                                                                          Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + "control", data=data, headers={"Content-Type": content_type})
+    request = urllib.request.Request(url + "control", data=data,
+                                     headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
             return reply.status, json.loads(reply.read())
@@ -121,7 +123,8 @@ def _stats(url: str) -> dict[str, Any]:
 
 
 class Events:
-    """The ``/frames`` event stream read with urllib: one decoded ``frame`` event per :meth:`next`."""
+    """The ``/frames`` event stream read with urllib: one decoded ``frame`` event per
+    :meth:`next`."""
 
     def __init__(self, url: str) -> None:
         self.reply = urllib.request.urlopen(url + "frames", timeout=TIMEOUT_S)
@@ -175,7 +178,8 @@ def _shifts_at(frames: list[dict[str, Any]], velocity: float) -> list[int]:
 
 
 def test_viewer_streams_steers_switches_prompts_and_resets(random_models, served):
-    live, viewer = served(random_models, "window", SamplerConfig("euler", 2), "a red wall", SHORT_STREAM)
+    live, viewer = served(random_models, "window", SamplerConfig("euler", 2), "a red wall",
+                          SHORT_STREAM)
     offsets_px: dict[int, float] = {}
     generate_block = live.generator.generate_block
 
@@ -192,7 +196,11 @@ def test_viewer_streams_steers_switches_prompts_and_resets(random_models, served
     status, page = _get(url)
     html = page.decode()
     assert status == 200 and '<img id="frame"' in html and "image-rendering: pixelated" in html
-    assert 'new EventSource("/frames")' in html and '"ArrowRight"' in html and 'id="prompt-input"' in html
+    assert (
+        'new EventSource("/frames")' in html
+        and '"ArrowRight"' in html
+        and 'id="prompt-input"' in html
+    )
 
     events = Events(url)
     try:
@@ -204,9 +212,11 @@ def test_viewer_streams_steers_switches_prompts_and_resets(random_models, served
         for velocity in (STEP_PX, -STEP_PX):
             status, reply = _post(url, {"velocity": velocity})
             assert status == 200 and reply["velocity"] == velocity
-            seen.append(events.until(lambda e, v=velocity: e["velocity"] == v, f"at velocity {velocity}"))
+            seen.append(events.until(lambda e, v=velocity: e["velocity"] == v, "at velocity "
+                                                                               f"{velocity}"))
             seen += [events.next() for _ in range(2 * SHORT_STREAM)]  # crosses a stream reset
-        # The commanded velocity is the camera's step, in the event and in the generator's width offsets.
+        # The commanded velocity is the camera's step, in the event and in the generator's width
+        # offsets.
         for prev, cur in zip(seen[:-1], seen[1:], strict=True):
             if cur["index"] == prev["index"] + 1 and cur["stream_frame"] > 0:
                 assert cur["camera_px"] - prev["camera_px"] == cur["velocity"]
@@ -215,12 +225,17 @@ def test_viewer_streams_steers_switches_prompts_and_resets(random_models, served
 
         # After max_frames the cache is emptied, the camera returns to 0 and the page gets a notice.
         reset = events.until(lambda e: e["stream_frame"] == 0, "starting a new stream")
-        assert reset["index"] >= SHORT_STREAM and reset["camera_px"] == 0 and reset["stats"]["resets"] >= 1
+        assert (
+            reset["index"] >= SHORT_STREAM
+            and reset["camera_px"] == 0
+            and reset["stats"]["resets"] >= 1
+        )
         assert "reset after 12 frames" in reset["stats"]["notice"]
 
         status, reply = _post(url, {"prompt": "  a blue sea "})
         assert status == 200 and reply["pending_prompt"] == "a blue sea"
-        switched = events.until(lambda e: e["stats"]["prompt"] == "a blue sea", "under the new prompt")
+        switched = events.until(lambda e: e["stats"]["prompt"] == "a blue sea", "under the new "
+                                                                                "prompt")
         new_context = random_models.model.encode_context(random_models.encode(["a blue sea"]))
         assert live.prompt == "a blue sea" and torch.equal(live.generator.context.k, new_context.k)
     finally:
@@ -230,11 +245,16 @@ def test_viewer_streams_steers_switches_prompts_and_resets(random_models, served
     assert stats["prompt"] == "a blue sea" and stats["pending_prompt"] is None
     assert stats["velocity"] == -STEP_PX
     assert stats["fps"] > 0 and stats["kv_bytes"] > 0 and stats["frame"] >= switched["index"]
-    assert stats["policy"] == "window" and stats["max_frames"] == SHORT_STREAM and stats["error"] is None
+    assert (
+        stats["policy"] == "window"
+        and stats["max_frames"] == SHORT_STREAM
+        and stats["error"] is None
+    )
 
 
 def test_control_and_host_errors(random_models, served):
-    _, viewer = served(random_models, "window", SamplerConfig("euler", 2), "a red wall", SHORT_STREAM)
+    _, viewer = served(random_models, "window", SamplerConfig("euler", 2), "a red wall",
+                       SHORT_STREAM)
     url = viewer.url
     status, reply = _post(url, {"velocity": 100})
     assert status == 400 and "exceeds the frame width 16" in reply["error"]
@@ -249,14 +269,15 @@ def test_control_and_host_errors(random_models, served):
 
 
 def test_shipped_model_turns_where_the_velocity_says(shipped_models, served):
-    """Frame content over HTTP: the shipped camera-anchored model's frames shift by the commanded velocity,
-    +4 then -4 px/frame."""
+    """Frame content over HTTP: the shipped camera-anchored model's frames shift by the commanded
+    velocity, +4 then -4 px/frame."""
     _, viewer = served(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, 480)
     events = Events(viewer.url)
     try:
         for velocity in (STEP_PX, -STEP_PX):
             assert _post(viewer.url, {"velocity": velocity})[0] == 200
-            frames = [events.until(lambda e, v=velocity: e["velocity"] == v, f"at velocity {velocity}")]
+            frames = [events.until(lambda e, v=velocity: e["velocity"] == v, "at velocity "
+                                                                             f"{velocity}")]
             frames += [events.next() for _ in range(PAIRS)]
             assert _shifts_at(frames, velocity) == [velocity] * PAIRS
     finally:
@@ -265,24 +286,27 @@ def test_shipped_model_turns_where_the_velocity_says(shipped_models, served):
 
 @needs_inductor
 def test_compiled_live_stream_serves_the_eager_frames_and_restores_the_models(shipped_models):
-    """--compile: the warm-up block compiles before the first frame, the published frames decode to the
-    eager stream's (within one 8-bit level), and stop() leaves the loaded model eager."""
+    """--compile: the warm-up block compiles before the first frame, the published frames decode to
+    the eager stream's (within one 8-bit level), and stop() leaves the loaded model eager."""
     def frames(live: LiveStream) -> np.ndarray:
         published = [f for _ in range(3) for f in live.step()]
         return np.stack([_pixels(f.png) for f in published])
 
-    eager = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, max_frames=48)
+    eager = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT,
+                       max_frames=48)
     expected = frames(eager)
     torch._dynamo.reset()
-    live = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, max_frames=48,
-                      compile_model=True)
+    live = LiveStream(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT,
+                      max_frames=48, compile_model=True)
     try:
         assert "before_cache" in vars(shipped_models.model.blocks[0])
         got = frames(live)
     finally:
         live.stop()
         torch._dynamo.reset()
-    assert np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= 1 and expected.std() > 10
+    assert (
+        np.abs(got.astype(np.int16) - expected.astype(np.int16)).max() <= 1 and expected.std() > 10
+    )
     assert "before_cache" not in vars(shipped_models.model.blocks[0])
 
 
@@ -307,7 +331,8 @@ def test_port_in_use_is_one_line_and_exit_2(capsys):
 
 @pytest.mark.parametrize("case", ["policy", "checkpoint", "memory", "max-frames"])
 def test_serve_errors_are_one_line(case, tmp_path, capsys):
-    extra = {"policy": ["--policy", "sliding"], "checkpoint": ["--model", str(tmp_path / "missing.pt")],
+    extra = {"policy": ["--policy", "sliding"], "checkpoint": ["--model",
+                                                               str(tmp_path / "missing.pt")],
              "memory": ["--memory-model", ""],
              "max-frames": ["--policy", "window", "--max-frames", "1"]}[case]
     assert main(["serve", "--port", "0", *extra]) == 2
@@ -317,10 +342,11 @@ def test_serve_errors_are_one_line(case, tmp_path, capsys):
 def test_ctrl_c_stops_the_server_cleanly():
     command = [sys.executable, "-m", "mag", "serve", "--port", "0", "--policy", "window",
                "--memory-model", ""]
-    # A suite started in the background (`nohup make test &`) runs with SIGINT ignored, which children inherit
-    # and Python then keeps: give the server the default disposition, as a terminal would.
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+    # A suite started in the background (`nohup make test &`) runs with SIGINT ignored, which
+    # children inherit and Python then keeps: give the server the default disposition, as a terminal
+    # would.
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
@@ -343,13 +369,15 @@ def test_ctrl_c_stops_the_server_cleanly():
 # Headless Chromium over the DevTools protocol
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
-INSTALL_HINT = ("the browser test needs Debian's chromium: run `apt-get install -y --no-install-recommends"
+INSTALL_HINT = ("the browser test needs Debian's chromium: run `apt-get install -y "
+                "--no-install-recommends"
                 " chromium` as root (.ci/run does), or set MAG_SKIP_BROWSER_TESTS=1 to skip it")
 KEY_CODES = {"ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "Enter": 13}
 
 
 class DevTools:
-    """A minimal Chrome DevTools Protocol client on one page target (request/response over a websocket)."""
+    """A minimal Chrome DevTools Protocol client on one page target (request/response over a
+    websocket)."""
 
     def __init__(self, ws_url: str) -> None:
         import websocket
@@ -398,10 +426,13 @@ def chromium() -> Iterator[DevTools]:
         pytest.fail(INSTALL_HINT)
     with tempfile.TemporaryDirectory(prefix="mag-chromium-") as profile:
         proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu",
-                                 "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
-                                 "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+                                 "--disable-dev-shm-usage", "--no-first-run",
+                                 "--no-default-browser-check",
+                                 "--remote-debugging-address=127.0.0.1",
+                                 "--remote-debugging-port=0",
                                  f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         tools = None
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -428,8 +459,8 @@ def chromium() -> Iterator[DevTools]:
 FRAMES_JS = "JSON.stringify(window.magViewer.frames)"
 
 
-def test_browser_page_shows_frames_steers_with_arrow_keys_and_switches_prompt(shipped_models, served,
-                                                                              chromium):
+def test_browser_page_shows_frames_steers_with_arrow_keys_and_switches_prompt(shipped_models,
+                                                                              served, chromium):
     _, viewer = served(shipped_models, "window", sampler_config(DEFAULTS), DEFAULT_PROMPT, 480)
     url = viewer.url
     chromium.call("Page.enable")
@@ -442,13 +473,15 @@ def test_browser_page_shows_frames_steers_with_arrow_keys_and_switches_prompt(sh
 
     for key, velocity in (("ArrowLeft", -STEP_PX), ("ArrowRight", STEP_PX)):
         chromium.press(key)
-        chromium.wait_for(f"window.magViewer.frames.filter(f => f.velocity === {velocity}).length > {PAIRS}",
+        chromium.wait_for(f"window.magViewer.frames.filter(f => f.velocity === {velocity}).length "
+                          f"> {PAIRS}",
                           f"show frames at {velocity} px/frame after {key}")
         frames = json.loads(chromium.evaluate(FRAMES_JS))
         shifts = _shifts_at(frames, velocity)
         assert len(shifts) >= PAIRS and set(shifts) == {int(velocity)}, (key, shifts)
     chromium.press("ArrowUp")
-    chromium.wait_for("window.magViewer.frames.slice(-1)[0].velocity === 0", "stop the camera on ArrowUp")
+    chromium.wait_for("window.magViewer.frames.slice(-1)[0].velocity === 0", "stop the camera on "
+                                                                             "ArrowUp")
     assert _stats(url)["velocity"] == 0
 
     prompt = "a snowy mountain ridge at dawn"

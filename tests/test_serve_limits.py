@@ -1,5 +1,6 @@
-"""``mag serve`` survives any request: bounded JSON, encodable text, header timeouts, a connection cap,
-and a seeded fuzz run of its endpoints after which the stream still produces frames (loopback only)."""
+"""``mag serve`` survives any request: bounded JSON, encodable text, header timeouts, a connection
+cap, and a seeded fuzz run of its endpoints after which the stream still produces frames (loopback
+only)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from mag.text import prompt_cache
 
 TIMEOUT_S = 20.0
 SHORT_STREAM = 12
-# Fuzz: requests sent, the seed, and the handler timeout while fuzzing (s) so a stalled request costs little.
+# Fuzz: requests sent, the seed, and the handler timeout while fuzzing (s) so a stalled request
+# costs little.
 FUZZ_REQUESTS = 1200
 FUZZ_SEED = 19
 FUZZ_HANDLER_TIMEOUT_S = 0.5
@@ -49,7 +51,8 @@ def server(models, monkeypatch) -> Iterator[tuple[LiveStream, Viewer]]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr(mag.serve.viewer._Handler, "timeout", FUZZ_HANDLER_TIMEOUT_S)
-    live = LiveStream(models, "window", SamplerConfig("euler", 2), "a red wall", max_frames=SHORT_STREAM)
+    live = LiveStream(models, "window", SamplerConfig("euler", 2), "a red wall",
+                      max_frames=SHORT_STREAM)
     viewer = Viewer(0)
     viewer.attach(live)
     viewer.start()
@@ -61,7 +64,8 @@ def server(models, monkeypatch) -> Iterator[tuple[LiveStream, Viewer]]:
 
 
 def _request(port: int, raw: bytes, timeout: float = TIMEOUT_S) -> bytes:
-    """Send ``raw`` on a fresh connection, half-close, and read the reply (only its head for a stream)."""
+    """Send ``raw`` on a fresh connection, half-close, and read the reply (only its head for a
+    stream)."""
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         try:
             sock.sendall(raw)
@@ -69,8 +73,10 @@ def _request(port: int, raw: bytes, timeout: float = TIMEOUT_S) -> bytes:
         except OSError:
             pass  # the server may answer and close before reading everything
         reply = b""
-        # An event stream never ends: stop at its head (or, for an HTTP/0.9 request, its first event).
-        while not any(mark in reply for mark in (b"text/event-stream", b"event: frame", b": waiting")):
+        # An event stream never ends: stop at its head (or, for an HTTP/0.9 request, its first
+        # event).
+        while not any(mark in reply for mark in (b"text/event-stream", b"event: frame", b": "
+                                                                                        b"waiting")):
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
@@ -91,7 +97,8 @@ def _post(port: int, body: bytes, content_type: str = "application/json") -> tup
 def _frames(viewer: Viewer, count: int) -> list[dict]:
     """``count`` frame events from a fresh /frames connection."""
     out = []
-    deadline = time.monotonic() + TIMEOUT_S  # keep-alive comments would keep a dead stream open forever
+    # keep-alive comments would keep a dead stream open forever
+    deadline = time.monotonic() + TIMEOUT_S
     with urllib.request.urlopen(viewer.url + "frames", timeout=TIMEOUT_S) as reply:
         data = None
         while len(out) < count:
@@ -111,7 +118,8 @@ def test_bodies_are_bounded_and_text_must_encode():
         parse_json_body(b"[" * 3000 + b"]" * 3000)
     assert parse_json_body(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
     with pytest.raises(InputError, match="not JSON"):
-        parse_json_body(b"9" * 5000)  # past Python's int digit limit: ValueError, not JSONDecodeError
+        # past Python's int digit limit: ValueError, not JSONDecodeError
+        parse_json_body(b"9" * 5000)
     with pytest.raises(InputError, match="not UTF-8"):
         parse_json_body(b'{"prompt": "\xff"}')
     with pytest.raises(InputError, match="not valid UTF-8 text"):
@@ -141,12 +149,14 @@ def test_a_500_character_non_ascii_prompt_is_accepted_when_escaped(server):
 def test_slow_headers_time_out_and_connections_are_capped(models, monkeypatch):
     monkeypatch.setattr(mag.serve.viewer._Handler, "timeout", FUZZ_HANDLER_TIMEOUT_S)
     monkeypatch.setattr(mag.serve.viewer._Server, "max_connections", SMALL_CAP)
-    live = LiveStream(models, "window", SamplerConfig("euler", 2), "a red wall", max_frames=SHORT_STREAM)
+    live = LiveStream(models, "window", SamplerConfig("euler", 2), "a red wall",
+                      max_frames=SHORT_STREAM)
     viewer = Viewer(0)
     viewer.attach(live)
     viewer.start()
     try:
-        stalled = [socket.create_connection((HOST, viewer.port), timeout=TIMEOUT_S) for _ in range(SMALL_CAP)]
+        stalled = [socket.create_connection((HOST, viewer.port),
+                                            timeout=TIMEOUT_S) for _ in range(SMALL_CAP)]
         for sock in stalled:
             sock.sendall(b"GET /stats HTTP/1.0\r\nHost: 127")  # headers never finish
         time.sleep(FUZZ_HANDLER_TIMEOUT_S / 4)
@@ -156,18 +166,21 @@ def test_slow_headers_time_out_and_connections_are_capped(models, monkeypatch):
             assert sock.recv(1024) == b""
             sock.close()
         assert time.monotonic() - start < TIMEOUT_S / 2
-        assert b" 200 " in _request(viewer.port, f"GET /stats HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+        assert b" 200 " in _request(viewer.port,
+                                    f"GET /stats HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
     finally:
         viewer.close()
 
 
-# -- fuzz --------------------------------------------------------------------------------------------
+# -- fuzz
+# --------------------------------------------------------------------------------------------
 
 STRINGS = ["", " ", "a red wall", "\ud800", "\udfff\ud800", "\u0000", "\U0001f30a" * 600, "x" * 501,
            "é" * 500, "\\", '"', "<script>", "%00", "\r\n"]
 PATHS = ["/", "/frames", "/stats", "/control", "/control?x=1", "/nothing", "//", "/../etc/passwd",
          "/" + "a" * 5000, "*", "", "/stats#x", "/%ff"]
-METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "get", "G ET", "\x00", "POST"]
+METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "get", "G ET", "\x00",
+           "POST"]
 
 
 def _json_value(rng: random.Random, depth: int = 0) -> object:
@@ -200,7 +213,8 @@ def _body(rng: random.Random) -> bytes:
 
 
 def _fuzz_request(rng: random.Random) -> bytes:
-    """Half well-formed control posts with random bodies, some well-formed GETs, the rest anything."""
+    """Half well-formed control posts with random bodies, some well-formed GETs, the rest
+    anything."""
     shape = rng.random()
     if shape < 0.5:
         body = _body(rng)
@@ -212,17 +226,26 @@ def _fuzz_request(rng: random.Random) -> bytes:
     body = _body(rng) if rng.random() < 0.7 else b""
     headers = []
     if rng.random() < 0.9:
-        headers.append(f"Host: {rng.choice([HOST, 'localhost', '[::1]', 'evil.example', '', HOST + ':1'])}")
+        headers.append(
+            f"Host: {rng.choice([HOST, 'localhost', '[::1]', 'evil.example', '', HOST + ':1'])}"
+        )
     if rng.random() < 0.8:
         kind = rng.choice(["application/json", "text/plain", "application/json; x", ""])
         headers.append(f"Content-Type: {kind}")
     if rng.random() < 0.9:
-        length = rng.choice([len(body), len(body), 0, -1, len(body) + 10, 10**12, "x", MAX_BODY_BYTES + 1])
+        length = rng.choice([len(body), len(body), 0, -1, len(body) + 10, 10**12, "x",
+                             MAX_BODY_BYTES + 1])
         headers.append(f"Content-Length: {length}")
     for _ in range(rng.randrange(3)):
-        headers.append(rng.choice(["X-A: " + "b" * rng.randrange(10000), "Bad Header", ": x", "\x00: \x00"]))
+        headers.append(rng.choice(["X-A: " + "b" * rng.randrange(10000), "Bad Header", ": x",
+                                   "\x00: \x00"]))
     version = rng.choice(["HTTP/1.0", "HTTP/1.1", "HTTP/9.9", "", "HTTP/1.0 extra"])
-    head = f"{method} {path} {version}".rstrip() + "\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+    head = (
+        f"{method} {path} {version}".rstrip()
+        + "\r\n"
+        + "".join(h + "\r\n" for h in headers)
+        + "\r\n"
+    )
     return head.encode("utf-8", "surrogatepass") + body
 
 
@@ -254,14 +277,16 @@ def test_a_seeded_fuzz_of_the_endpoints_leaves_the_stream_producing_frames(serve
     try:
         for _ in range(FUZZ_REQUESTS):
             reply = _request(viewer.port, _fuzz_request(rng))
-            # A request line the stdlib cannot parse gets its error page without a status line (HTTP/0.9).
+            # A request line the stdlib cannot parse gets its error page without a status line
+            # (HTTP/0.9).
             head = reply.split(b" ", 2)
             status = head[1].decode() if reply.startswith(b"HTTP/") else "bare" if reply else "none"
             statuses[status] += 1
     finally:
         watcher.close()
     assert "500" not in statuses, statuses
-    assert {"200", "400", "403", "404", "501"} <= set(statuses), statuses  # every path was exercised
+    # every path was exercised
+    assert {"200", "400", "403", "404", "501"} <= set(statuses), statuses
     assert watcher.frames > 0  # the generator ran while the commands came in
     first, second = _frames(viewer, 2)
     assert second["index"] > first["index"] and live.error is None

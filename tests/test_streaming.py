@@ -12,14 +12,21 @@ from mag.config import get_preset
 from mag.errors import CheckpointError, ConfigError, InputError
 from mag.models import WanDiT, block_causal_mask
 from mag.objectives.flow_matching import teacher_forcing_mask
-from mag.pipelines import SamplerConfig, StreamingGenerator, load_generator, policy_from_name, writer_for
+from mag.pipelines import (
+    SamplerConfig,
+    StreamingGenerator,
+    load_generator,
+    policy_from_name,
+    writer_for,
+)
 from mag.schedulers import FlowMatchScheduler
 
 TOLERANCE = 1e-5
 BATCH = 2
 TEXT_TOKENS = 3
 # 8x8 frames with 4x4 patches: 4 tokens per frame, blocks of 3 frames.
-SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2, "dit.text_dim": 16,
+SMALL = {"dit.dim": 32, "dit.ffn_dim": 64, "dit.num_heads": 2, "dit.num_layers": 2,
+         "dit.text_dim": 16,
          "dit.freq_dim": 16, "dit.rope_max_positions": 64, "video.height": 8, "video.width": 8}
 
 
@@ -36,7 +43,8 @@ def _setup(preset, policy, sampler=None, horizon=12):
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
     gen = StreamingGenerator(model, scheduler, preset, policy, sampler=sampler)
     gen.reset(BATCH, horizon)
-    text = torch.randn(BATCH, TEXT_TOKENS, preset.dit.text_dim, generator=torch.Generator().manual_seed(5))
+    text = torch.randn(BATCH, TEXT_TOKENS, preset.dit.text_dim,
+                       generator=torch.Generator().manual_seed(5))
     return model, scheduler, gen, text
 
 
@@ -59,7 +67,8 @@ def _reference_block(model, scheduler, sampler, history, text, uncond, generator
         pairs = list(zip(levels[:-1], levels[1:], strict=True))
 
     def run(sample, t, context):
-        timesteps = torch.cat([torch.zeros(batch, history.shape[1]), t.expand(batch, frames_per_block)], 1)
+        timesteps = torch.cat([torch.zeros(batch, history.shape[1]), t.expand(batch,
+                                                                              frames_per_block)], 1)
         out = model(torch.cat([history, sample], 1), timesteps, context, frame_mask=mask)
         return out[:, -frames_per_block:]
 
@@ -78,7 +87,8 @@ def _reference_block(model, scheduler, sampler, history, text, uncond, generator
 
 
 @pytest.mark.parametrize("sampler", [SamplerConfig(), SamplerConfig("euler", steps=3),
-                                     SamplerConfig(guidance_scale=2.5)], ids=["few_step", "euler", "cfg"])
+                                     SamplerConfig(guidance_scale=2.5)], ids=["few_step", "euler",
+                                                                              "cfg"])
 def test_full_policy_stream_equals_growing_block_causal_forward(sampler):
     preset = _preset()
     num_blocks, f = 4, preset.cache.frames_per_block
@@ -108,7 +118,8 @@ def test_feed_then_teacher_forced_prediction_equals_teacher_forcing_mask_forward
     frames = num_blocks * f
     model, scheduler, gen, text = _setup(preset, FullPolicy(), horizon=frames)
     gen.set_prompt(text)
-    clean = torch.randn(BATCH, frames, *_frame_shape(preset), generator=torch.Generator().manual_seed(2))
+    clean = torch.randn(BATCH, frames, *_frame_shape(preset),
+                        generator=torch.Generator().manual_seed(2))
     noise_gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         gen.feed(clean[:, :f])
@@ -134,17 +145,21 @@ def test_teacher_forced_multistep_prediction_reads_true_history():
     f = preset.cache.frames_per_block
     model, scheduler, gen, text = _setup(preset, FullPolicy(), horizon=3 * f)
     gen.set_prompt(text)
-    clean = torch.randn(BATCH, 3 * f, *_frame_shape(preset), generator=torch.Generator().manual_seed(4))
+    clean = torch.randn(BATCH, 3 * f, *_frame_shape(preset),
+                        generator=torch.Generator().manual_seed(4))
     stream_gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     with torch.no_grad():
         gen.feed(clean[:, :f])
         first = gen.predict_block_teacher_forced(clean[:, f:2 * f], stream_gen)
         second = gen.predict_block_teacher_forced(clean[:, 2 * f:], stream_gen)
-        ref_first = _reference_block(model, scheduler, gen.sampler, clean[:, :f], text, None, ref_gen, f)
-        ref_second = _reference_block(model, scheduler, gen.sampler, clean[:, :2 * f], text, None, ref_gen, f)
+        ref_first = _reference_block(model, scheduler, gen.sampler, clean[:, :f], text, None,
+                                     ref_gen, f)
+        ref_second = _reference_block(model, scheduler, gen.sampler, clean[:, :2 * f], text, None,
+                                      ref_gen, f)
     assert (first - ref_first).abs().max().item() <= TOLERANCE
     assert (second - ref_second).abs().max().item() <= TOLERANCE
-    assert (first - clean[:, f:2 * f]).abs().max() > 1e-2  # prediction differs from what was written
+    # prediction differs from what was written
+    assert (first - clean[:, f:2 * f]).abs().max() > 1e-2
 
 
 def test_window_policy_kv_bytes_stay_constant_after_the_window_fills():
@@ -179,7 +194,8 @@ def test_unknown_or_unavailable_policy_is_a_config_error():
     preset = _preset()
     with pytest.raises(ConfigError, match="unknown cache policy 'lru'.*full, window, downsample"):
         policy_from_name("lru", preset)
-    with pytest.raises(ConfigError, match="memory model.*available policies: full, window, downsample"):
+    with pytest.raises(ConfigError, match="memory model.*available policies: full, window, "
+                                          "downsample"):
         writer_for(policy_from_name("mag", preset))
     with pytest.raises(ConfigError, match="memory model"):
         writer_for(policy_from_name("bounded", preset))

@@ -121,7 +121,8 @@ def test_minilm_pooled_is_normalised_mean_of_tokens(minilm_tokens, minilm_pooled
 def test_minilm_pooled_matches_sentence_transformers(minilm_pooled):
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
-    prompts = [SUNSET, DUSK, TAXES, "", " ".join(["word"] * 300)]  # the last one is truncated at 256
+    # the last one is truncated at 256
+    prompts = [SUNSET, DUSK, TAXES, "", " ".join(["word"] * 300)]
     reference = model.encode(prompts, convert_to_tensor=True)
     torch.testing.assert_close(minilm_pooled.encode(prompts)[:, 0], reference, atol=1e-5, rtol=0)
 
@@ -136,7 +137,8 @@ def test_minilm_missing_folder_is_checkpoint_error(tmp_path):
 def test_umt5_tiny_shapes_padding_and_prompt_cleaning(tiny_umt5):
     emb, lengths = tiny_umt5.encode_with_lengths(["", "a  cat\n on a mat ", " ".join(["x"] * 40)])
     assert emb.shape == (3, 16, tiny_umt5.text_dim) and tiny_umt5.text_dim == 32
-    assert lengths.tolist()[0] == 2 and lengths.tolist()[2] == 16  # "" -> [CLS] [SEP]; truncated at 16
+    # "" -> [CLS] [SEP]; truncated at 16
+    assert lengths.tolist()[0] == 2 and lengths.tolist()[2] == 16
     for i, n in enumerate(lengths.tolist()):
         assert _row_is_nonzero(emb[i]).tolist() == [True] * n + [False] * (16 - n)
     torch.testing.assert_close(tiny_umt5.encode(["a cat on a mat"]), emb[1:2], atol=1e-5, rtol=1e-5)
@@ -146,7 +148,8 @@ def test_umt5_from_pretrained_round_trip_both_layouts(tiny_umt5, tmp_path):
     flat = tmp_path / "flat"
     tiny_umt5.save_pretrained(flat)
     reference = tiny_umt5.encode([SUNSET])
-    torch.testing.assert_close(UMT5Encoder.from_pretrained(flat, max_tokens=16).encode([SUNSET]), reference)
+    torch.testing.assert_close(UMT5Encoder.from_pretrained(flat, max_tokens=16).encode([SUNSET]),
+                               reference)
     root = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"  # diffusers layout: text_encoder/ + tokenizer/
     tiny_umt5._hf.model.save_pretrained(root / "text_encoder")
     shutil.copytree(minilm_path(), root / "tokenizer")
@@ -155,7 +158,8 @@ def test_umt5_from_pretrained_round_trip_both_layouts(tiny_umt5, tmp_path):
 
 
 def _wan_t5_folder(encoder: UMT5Encoder, folder):
-    """Write ``encoder`` as an original Wan2.1 folder: the .pth in Wan's key layout + google/umt5-xxl/."""
+    """Write ``encoder`` as an original Wan2.1 folder: the .pth in Wan's key layout +
+    google/umt5-xxl/."""
     folder.mkdir(parents=True)
     torch.save(hf_to_wan_t5(encoder._hf.model.state_dict()), folder / WAN_T5_FILE)
     shutil.copytree(minilm_path(), folder / WAN_T5_TOKENIZER)
@@ -298,7 +302,8 @@ def test_cache_rejects_bad_size(tiny_umt5):
 
 
 def test_prompt_table_stands_in_for_its_encoder(minilm_pooled, tmp_path, monkeypatch):
-    """MAG_PROMPT_TABLE serves the encoder's own outputs for the table's prompts and refuses others."""
+    """MAG_PROMPT_TABLE serves the encoder's own outputs for the table's prompts and refuses
+    others."""
     from mag.errors import CheckpointError, ConfigError, InputError
     from mag.text import PROMPT_TABLE_ENV, PromptTableEncoder, write_prompt_table
 

@@ -1,4 +1,5 @@
-"""Training stack: teacher forcing matches streaming, exact resume, safe checkpoints, recall signal."""
+"""Training stack: teacher forcing matches streaming, exact resume, safe checkpoints, recall
+signal."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _recipe(steps: int = 4, **changes):
 
 
 def test_teacher_forcing_mask_reproduces_streaming_with_a_full_cache(make_dit):
-    """The parallel [clean ; noisy] pass sees, for noisy block i, exactly what streaming block i sees."""
+    """The parallel [clean ; noisy] pass sees, for noisy block i, exactly what streaming block i
+    sees."""
     model = make_dit()
     cfg, fpb, blocks, h, w = model.cfg, 3, 3, 4, 4
     frames = fpb * blocks
@@ -61,7 +63,8 @@ def test_teacher_forcing_mask_reproduces_streaming_with_a_full_cache(make_dit):
                                   horizon_frames=frames, frames_per_block=fpb)
         for b in range(blocks):
             sl = slice(b * fpb, (b + 1) * fpb)
-            out = model(noisy[:, sl], t[:, sl], ctx, frame_positions=range(sl.start, sl.stop), kv_cache=cache)
+            out = model(noisy[:, sl], t[:, sl], ctx, frame_positions=range(sl.start, sl.stop),
+                        kv_cache=cache)
             assert (out - parallel[:, sl]).abs().max() <= 1e-5
             model(clean[:, sl], torch.zeros(1), ctx, frame_positions=range(sl.start, sl.stop),
                   kv_cache=cache, cache_write=True)
@@ -105,11 +108,12 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
 
 def test_checkpoint_rng_state_round_trip_replays_the_same_draws(tmp_path):
-    # Training draws come from per-sample generators, so the bitwise resume test cannot see the global RNG;
-    # the checkpoint still carries it (anything drawing from it after a resume must replay the same numbers).
+    # Training draws come from per-sample generators, so the bitwise resume test cannot see the
+    # global RNG; the checkpoint still carries it (anything drawing from it after a resume must
+    # replay the same numbers).
     torch.manual_seed(123)
-    state = TrainingState(step=1, model={"w": torch.zeros(1)}, ema=None, optimizer=None, rng=capture_rng(),
-                          metadata={}, extra={})
+    state = TrainingState(step=1, model={"w": torch.zeros(1)}, ema=None, optimizer=None,
+                          rng=capture_rng(), metadata={}, extra={})
     path = save_checkpoint(tmp_path, state)
     expected = torch.rand(8)
     torch.manual_seed(456)  # move the RNG elsewhere, as a new process would be
@@ -154,11 +158,14 @@ def test_resume_with_an_incompatible_recipe_is_refused(tmp_path):
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
-    Trainer(_recipe(steps=6, **{"loop.keep_last": 2, "loop.ckpt_every": 1}), tmp_path, progress=False).run()
+    Trainer(_recipe(steps=6, **{"loop.keep_last": 2, "loop.ckpt_every": 1}), tmp_path,
+            progress=False).run()
     names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step_00000005.safetensors", "step_00000006.safetensors"]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-    assert "model.blocks.0.self_attn.q.weight" in load_file(str(tmp_path / "checkpoints" / names[-1]))
+    assert "model.blocks.0.self_attn.q.weight" in load_file(
+        str(tmp_path / "checkpoints" / names[-1])
+    )
 
 
 def test_recipe_errors_are_clear(tmp_path):
@@ -188,11 +195,14 @@ def test_shipped_recipes_parse():
 def test_view_categories_on_a_hand_made_backtrack():
     # 8-px frames on a 64-px panorama, 4 px/frame right for 3 frames, then back; blocks of 1 frame.
     offsets = torch.tensor([[0.0, 4, 8, 4, 0, 0]])
-    cat = view_categories(offsets, frame_width=8, panorama_width=64, frames_per_block=1, window_frames=2)
+    cat = view_categories(offsets, frame_width=8, panorama_width=64, frames_per_block=1,
+                          window_frames=2)
     assert (cat[0, 0] == NEW).all()                      # nothing seen before
     assert (cat[0, 1, :4] == RECENT).all() and (cat[0, 1, 4:] == NEW).all()
-    assert (cat[0, 3] == RECENT).all()                   # frame 2 showed 8..15, frame 1 showed 4..11
-    # frame 4 shows 0..7: columns 0..3 last seen at frame 0 (gap 4 > window 2), 4..7 at frame 3 (gap 1)
+    # frame 2 showed 8..15, frame 1 showed 4..11
+    assert (cat[0, 3] == RECENT).all()
+    # frame 4 shows 0..7: columns 0..3 last seen at frame 0 (gap 4 > window 2), 4..7 at frame 3 (gap
+    # 1)
     assert (cat[0, 4, :4] == RECALL).all() and (cat[0, 4, 4:] == RECENT).all()
     assert (cat[0, 5] == RECENT).all()
 
@@ -204,12 +214,15 @@ def test_cli_train_then_plot(tmp_path, capsys):
     recipe.write_text(
         'name = "cli"\npreset = "tiny"\n[preset_overrides]\n'
         + "".join(f'"{k}" = {v}\n' for k, v in TINY_OVERRIDES.items())
-        + "[loop]\nsteps = 2\nbatch_size = 1\nlog_every = 1\nckpt_every = 1\n[data]\nclip_frames = 6\n"
+        + "[loop]\nsteps = 2\nbatch_size = 1\nlog_every = 1\nckpt_every = 1\n[data]\nclip_frames "
+          "= 6\n"
     )
-    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
     assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 1000
-    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "run")
 
@@ -220,7 +233,8 @@ def test_export_registry_round_trip_and_errors(tmp_path, capsys):
 
     Trainer(_recipe(steps=2), tmp_path / "run", progress=False).run()
     out = tmp_path / "m.safetensors"
-    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--name", "t", "--stage", "causal"]) == 0
+    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--name", "t", "--stage",
+                 "causal"]) == 0
     info = model_info(out)
     assert (info.name, info.stage, info.preset, info.train_steps) == ("t", "causal", "tiny", 2)
     model, preset, meta = load_model(out)
@@ -230,7 +244,8 @@ def test_export_registry_round_trip_and_errors(tmp_path, capsys):
     assert preset.dit.dim == 32 and meta["world"]["pano_width"] == 64
     # A training checkpoint loads the same way.
     model2, _, _ = load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(),
+                                                 strict=True))
     with pytest.raises(CheckpointError, match="shipped models"):
         load_model("no-such-model")
     out.write_bytes(out.read_bytes()[:100])
@@ -241,7 +256,8 @@ def test_export_registry_round_trip_and_errors(tmp_path, capsys):
 
 
 def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resumes_exactly(tmp_path):
-    """A lent machine's lease ends: the run stops cleanly, and resuming reaches the uninterrupted weights."""
+    """A lent machine's lease ends: the run stops cleanly, and resuming reaches the uninterrupted
+    weights."""
     straight = Trainer(_recipe(steps=4), tmp_path / "a", progress=False)
     straight.run()
     first = Trainer(_recipe(steps=4), tmp_path / "b", progress=False)
@@ -258,14 +274,17 @@ def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resumes_exactly(tm
 
 
 def test_log_records_average_the_interval_not_its_last_step():
-    """A DMD generator loss exists on one step in five: the record must carry it, not the last step's NaN."""
+    """A DMD generator loss exists on one step in five: the record must carry it, not the last
+    step's NaN."""
     from mag.train.runlog import interval_mean
 
     nan = float("nan")
     steps = [{"loss": torch.tensor(1.0), "generator_loss": torch.tensor(2.0),
-              "category_mean": torch.tensor([[1.0, nan]]), "category_count": torch.tensor([[3.0, 0.0]])},
+              "category_mean": torch.tensor([[1.0, nan]]), "category_count": torch.tensor([[3.0,
+                                                                                            0.0]])},
              {"loss": torch.tensor(3.0), "generator_loss": torch.tensor(nan),
-              "category_mean": torch.tensor([[5.0, 4.0]]), "category_count": torch.tensor([[1.0, 2.0]])}]
+              "category_mean": torch.tensor([[5.0, 4.0]]), "category_count": torch.tensor([[1.0,
+                                                                                            2.0]])}]
     out = interval_mean(steps)
     assert out["loss"].item() == 2.0 and out["generator_loss"].item() == 2.0
     assert torch.allclose(out["category_mean"], torch.tensor([[(3 * 1.0 + 5.0) / 4, 4.0]]))

@@ -1,4 +1,5 @@
-"""Training keeps good work: divergence stops it, bad files are one-line errors, resume falls back."""
+"""Training keeps good work: divergence stops it, bad files are one-line errors, resume falls
+back."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ BLOCK_WEIGHT = "blocks.0.self_attn.q.weight"
 
 
 def _recipe_file(path, **sections: dict[str, str]) -> str:
-    """A tiny TOML recipe; ``sections`` override its keys with TOML literals (``loop={"steps": "6"}``)."""
+    """A tiny TOML recipe; ``sections`` override its keys with TOML literals (``loop={"steps":
+    "6"}``)."""
     tables: dict[str, dict[str, str]] = {
         "preset_overrides": {f'"{k}"': str(v) for k, v in TINY_OVERRIDES.items()},
-        "loop": {"steps": "4", "batch_size": "2", "log_every": "1", "ckpt_every": "1", "keep_last": "1",
-                 "seed": "3"},
+        "loop": {"steps": "4", "batch_size": "2", "log_every": "1", "ckpt_every": "1",
+                 "keep_last": "1", "seed": "3"},
         "optim": {"lr": "1e-3", "warmup_steps": "0"},
         "data": {"clip_frames": "6"},
         "data.world": {"pano_width": "64"},
@@ -40,7 +42,8 @@ def _recipe_file(path, **sections: dict[str, str]) -> str:
     for name, values in sections.items():
         tables.setdefault(name.replace("__", "."), {}).update(values)
     text = 'name = "guard"\npreset = "tiny"\n' + "".join(
-        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) for name, values in tables.items())
+        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) for name,
+        values in tables.items())
     path.write_text(text)
     return str(path)
 
@@ -90,7 +93,8 @@ def test_non_finite_weights_are_refused_by_every_loader_and_never_saved(tmp_path
             load_model(path)
     with pytest.raises(CheckpointError, match="non-finite"):
         load_checkpoint(ckpt)
-    trainer = Trainer(recipe_from_dict(recipe_dict("causal_fm", steps=4)), tmp_path / "b", progress=False)
+    trainer = Trainer(recipe_from_dict(recipe_dict("causal_fm", steps=4)), tmp_path / "b",
+                      progress=False)
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("inf"))
     with pytest.raises(TrainingDiverged, match="non-finite weights at step 0"):
@@ -101,7 +105,8 @@ def test_non_finite_weights_are_refused_by_every_loader_and_never_saved(tmp_path
     assert list_checkpoints(tmp_path / "b" / "checkpoints") == []
 
 
-def test_resume_falls_back_to_the_newest_checkpoint_that_loads_and_cuts_the_metrics(tmp_path, capsys):
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads_and_cuts_the_metrics(tmp_path,
+                                                                                    capsys):
     data = recipe_dict("causal_fm", steps=4)
     data["loop"].update(ckpt_every=1, keep_last=5)
     straight = Trainer(recipe_from_dict(data), tmp_path / "a", progress=False)
@@ -111,18 +116,24 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads_and_cuts_the_metr
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated by a crash outside our writer
     resumed = Trainer(recipe_from_dict(data), tmp_path / "b", resume=True, progress=False)
     assert resumed.step == 2
-    assert "resuming from step_00000002.safetensors" in resumed.notes[0] and newest.name in resumed.notes[0]
+    assert (
+        "resuming from step_00000002.safetensors" in resumed.notes[0]
+        and newest.name in resumed.notes[0]
+    )
     resumed.run()
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4]
 
 
 def test_resume_with_a_missing_run_folder_is_an_error_not_a_fresh_run(tmp_path, capsys):
     recipe = _recipe_file(tmp_path / "r.toml")
-    line = _one_line_exit_2(capsys, ["train", "--recipe", recipe, "--out", str(tmp_path / "typo"), "--resume",
-                                     "--no-progress"])
+    line = _one_line_exit_2(capsys, ["train", "--recipe", recipe, "--out", str(tmp_path / "typo"),
+                                     "--resume", "--no-progress"])
     assert "does not exist" in line and not (tmp_path / "typo").exists()
 
 
@@ -133,7 +144,8 @@ def test_resume_with_a_missing_run_folder_is_an_error_not_a_fresh_run(tmp_path, 
     ("objective", "cfg_dropout", '"0.1"', "objective.cfg_dropout must be a finite number"),
     ("optim", "betas", "[0.9, true]", "optim.betas[1] must be a finite number"),
 ])
-def test_recipe_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, section, key, value, expected):
+def test_recipe_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, section, key, value,
+                                                             expected):
     recipe = _recipe_file(tmp_path / "r.toml", **{section: {key: value}})
     line = _one_line_exit_2(capsys, ["train", "--recipe", recipe, "--out", str(tmp_path / "run")])
     assert expected in line and not (tmp_path / "run").exists()
@@ -142,7 +154,8 @@ def test_recipe_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, s
 def test_a_recipe_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
     path = tmp_path / "r.toml"
     path.write_bytes(b'name = "caf\xe9"\n')
-    line = _one_line_exit_2(capsys, ["train", "--recipe", str(path), "--out", str(tmp_path / "run")])
+    line = _one_line_exit_2(capsys, ["train", "--recipe", str(path), "--out",
+                                     str(tmp_path / "run")])
     assert "not UTF-8" in line
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_recipe(path)
@@ -164,8 +177,8 @@ def test_a_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path, capsys):
     _rewrite(ckpt, reshape)
     _rewrite(model_file, reshape)
     capsys.readouterr()
-    line = _one_line_exit_2(capsys, ["train", "--recipe", recipe, "--out", str(tmp_path / "run"), "--resume",
-                                     "--no-progress"])
+    line = _one_line_exit_2(capsys, ["train", "--recipe", recipe, "--out", str(tmp_path / "run"),
+                                     "--resume", "--no-progress"])
     assert "wrong-shape" in line and BLOCK_WEIGHT in line
     init = _recipe_file(tmp_path / "init.toml", init={"model": f'"{model_file}"'})
     line = _one_line_exit_2(capsys, ["train", "--recipe", init, "--out", str(tmp_path / "run2")])
@@ -177,9 +190,9 @@ KILL_SEED = 19
 KILL_STEPS = 8
 # Kill moments are drawn from this share of an uninterrupted run's time, so most land mid-run.
 KILL_WINDOW_SHARE = 0.8
-# A zygote imports torch and mag and warms the prompt cache once, then forks one training process per
-# folder it reads on stdin and prints its pid; after the test kills it, "reaped". One thread everywhere,
-# so the killed runs and the resumes in this process sum floats in the same order.
+# A zygote imports torch and mag and warms the prompt cache once, then forks one training process
+# per folder it reads on stdin and prints its pid; after the test kills it, "reaped". One thread
+# everywhere, so the killed runs and the resumes in this process sum floats in the same order.
 ZYGOTE = """
 import os, sys, torch
 torch.set_num_threads(1)
@@ -202,9 +215,11 @@ for line in sys.stdin:
 
 @pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_resume_reaches_the_uninterrupted_weights(tmp_path):
-    """5 seeded trials: SIGKILL the training process anywhere (mid-step, mid-checkpoint, mid-log line),
-    resume, and the final weights equal an uninterrupted run's bit for bit; metrics have no repeats."""
-    recipe_path = _recipe_file(tmp_path / "r.toml", loop={"steps": str(KILL_STEPS), "keep_last": "2"})
+    """5 seeded trials: SIGKILL the training process anywhere (mid-step, mid-checkpoint, mid-log
+    line), resume, and the final weights equal an uninterrupted run's bit for bit; metrics have no
+    repeats."""
+    recipe_path = _recipe_file(tmp_path / "r.toml", loop={"steps": str(KILL_STEPS),
+                                                          "keep_last": "2"})
     recipe = load_recipe(recipe_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -215,7 +230,8 @@ def test_kill_9_at_a_random_moment_then_resume_reaches_the_uninterrupted_weights
         straight = Trainer(recipe, tmp_path / "straight", progress=False)  # loads the text encoder
         start = time.perf_counter()
         straight.run()
-        Trainer(recipe, tmp_path / "probe", progress=False).close()  # what the forked child does first
+        # what the forked child does first
+        Trainer(recipe, tmp_path / "probe", progress=False).close()
         window = time.perf_counter() - start
         expected = {k: v.clone() for k, v in straight.model.state_dict().items()}
         assert zygote.stdout.readline().strip() == "ready"
@@ -239,7 +255,9 @@ def test_kill_9_at_a_random_moment_then_resume_reaches_the_uninterrupted_weights
             for key, value in expected.items():
                 assert torch.equal(value, resumed.model.state_dict()[key]), (trial, key)
             lines = (out / "metrics.jsonl").read_text().splitlines()
-            assert [json.loads(line)["step"] for line in lines] == list(range(1, KILL_STEPS + 1)), trial
+            assert [json.loads(line)["step"] for line in lines] == list(range(1, KILL_STEPS + 1)), (
+                trial
+            )
         assert min(resumed_from) < KILL_STEPS, resumed_from  # at least one kill landed mid-run
     finally:
         torch.set_num_threads(threads)

@@ -1,10 +1,12 @@
-"""The training chain in the trainer: teacher, causal init (ODE regression, causal FM), Self-Forcing DMD.
+"""The training chain in the trainer: teacher, causal init (ODE regression, causal FM), Self-Forcing
+DMD.
 
-Pins: every shipped chain recipe parses and runs 2 steps on a tiny override; ODE pairs round-trip and
-the teacher's Euler ODE is the exact solution on a model with a known answer; the ODE loss takes each
-block at its drawn level; ``init.model`` really loads; DMD updates the critic every step and the
-generator every n-th; DMD kill-and-resume is bitwise; resume refuses a changed dmd field; a missing
-teacher is one CLI line; a camera-anchored rollout passes camera positions to every model call.
+Pins: every shipped chain recipe parses and runs 2 steps on a tiny override; ODE pairs round-trip
+and the teacher's Euler ODE is the exact solution on a model with a known answer; the ODE loss takes
+each block at its drawn level; ``init.model`` really loads; DMD updates the critic every step and
+the generator every n-th; DMD kill-and-resume is bitwise; resume refuses a changed dmd field; a
+missing teacher is one CLI line; a camera-anchored rollout passes camera positions to every model
+call.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, assert_dmd_resume_is_bitwise, recipe_dict, trained_model_file
+from helpers import (
+    CAMERA,
+    TINY_OVERRIDES,
+    assert_dmd_resume_is_bitwise,
+    recipe_dict,
+    trained_model_file,
+)
 
 from mag.cache import FullPolicy
 from mag.checkpoint import latest_checkpoint, load_checkpoint
@@ -35,9 +43,12 @@ from mag.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_RECIPES = ("tiny-teacher.toml", "tiny-ode-init.toml", "tiny-dmd.toml")
-# 2 blocks of 3 frames scored in 2 teacher windows of 3 frames; the generator updates every 2nd step.
-DMD = {"critic_steps_per_generator_step": 2, "rollout_blocks": 2, "teacher_frames": 3, "critic_lr": 2e-3}
-ODE_STEPS = 4  # Euler steps of the test pairs: the tiny preset's levels 1000/750/500/250 land on them
+# 2 blocks of 3 frames scored in 2 teacher windows of 3 frames; the generator updates every 2nd
+# step.
+DMD = {"critic_steps_per_generator_step": 2, "rollout_blocks": 2, "teacher_frames": 3,
+       "critic_lr": 2e-3}
+# Euler steps of the test pairs: the tiny preset's levels 1000/750/500/250 land on them
+ODE_STEPS = 4
 EXACT = 1e-5
 
 
@@ -84,7 +95,8 @@ def _dmd(teacher: Path, **changes) -> Recipe:
 
 # ------------------------------------------------------------------------------ recipes
 @pytest.mark.parametrize("name", CHAIN_RECIPES)
-def test_chain_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, camera_teacher, camera_pairs_file,
+def test_chain_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, camera_teacher,
+                                                                   camera_pairs_file,
                                                                   tmp_path):
     """The shipped chain is camera-anchored (like the recall model), so its stand-ins are too."""
     recipe = load_recipe(REPO / "recipes" / name)
@@ -99,7 +111,8 @@ def test_chain_recipe_parses_and_runs_two_steps_on_a_tiny_override(name, camera_
         data["data"] = {**data["data"], "clip_frames": 6}
     if recipe.objective.kind == "dmd":
         blocks = data["dmd"]["teacher_frames"] // 3
-        data["dmd"] = {**data["dmd"], "teacher": str(teacher), "critic": "", "rollout_blocks": blocks}
+        data["dmd"] = {**data["dmd"], "teacher": str(teacher), "critic": "",
+                       "rollout_blocks": blocks}
         data["init"] = {"model": str(teacher)}
     result = Trainer(recipe_from_dict(data), tmp_path, progress=False).run()
     assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
@@ -110,7 +123,8 @@ def test_recipe_validation_names_the_field():
         _recipe("dmd")
     with pytest.raises(ConfigError, match="ode.pairs"):
         _recipe("ode")
-    with pytest.raises(ConfigError, match="dmd.rollout_blocks"):  # 3 blocks = 9 frames, windows of 6
+    # 3 blocks = 9 frames, windows of 6
+    with pytest.raises(ConfigError, match="dmd.rollout_blocks"):
         _recipe("dmd", dmd={"teacher": "t", "rollout_blocks": 3, "teacher_frames": 6},
                 data={"clip_frames": 9})
     with pytest.raises(ConfigError, match="multiple of the block size"):
@@ -119,8 +133,10 @@ def test_recipe_validation_names_the_field():
         _recipe("dmd", dmd={"teacher": "t", "rollout_blocks": 3, "teacher_frames": 3})
     with pytest.raises(ConfigError, match="dmd.critic_lr"):
         _recipe("dmd", dmd={"teacher": "t", "critic_lr": 0.0})
-    with pytest.raises(ConfigError, match="history_lambda"):  # history scores windows after the first
-        _recipe("dmd", dmd={"teacher": "t", "rollout_blocks": 2, "teacher_frames": 6, "history_lambda": 0.5})
+    # history scores windows after the first
+    with pytest.raises(ConfigError, match="history_lambda"):
+        _recipe("dmd", dmd={"teacher": "t", "rollout_blocks": 2, "teacher_frames": 6,
+                            "history_lambda": 0.5})
 
 
 def test_a_checkpoint_recipe_from_before_the_new_sections_still_resumes():
@@ -130,12 +146,14 @@ def test_a_checkpoint_recipe_from_before_the_new_sections_still_resumes():
         del stored[section]
     assert recipe_differences(stored, current) == []
     changed = recipe_from_dict({**recipe_dict("causal_fm"), "init": {"model": "x.safetensors"}})
-    assert recipe_differences(stored, changed) == ["init.model: checkpoint '' vs now 'x.safetensors'"]
+    assert recipe_differences(stored, changed) == ["init.model: checkpoint '' vs now "
+                                                   "'x.safetensors'"]
 
 
 # ------------------------------------------------------------------------------ ODE pairs
 class _ConstantX0(torch.nn.Module):
-    """Predicts x0 = the context's first number everywhere: the guided ODE then has a closed form."""
+    """Predicts x0 = the context's first number everywhere: the guided ODE then has a closed
+    form."""
 
     def forward(self, x, t, context, width_offsets=None):
         return context[:, :1, :1, None, None].expand_as(x)
@@ -168,7 +186,8 @@ def test_ode_pairs_file_round_trip_and_cli(pairs_file, teacher, tmp_path, capsys
     assert pairs.context.shape[0] == 3 and pairs.offsets.shape == (3, 6) and pairs.camera_px is None
     assert len(pairs.metadata["prompts"]) == 3 and pairs.metadata["steps"] == ODE_STEPS
     _, preset, _ = load_model(teacher)
-    torch.testing.assert_close(pairs.timesteps, FlowMatchScheduler(preset.scheduler).few_step_timesteps())
+    torch.testing.assert_close(pairs.timesteps,
+                               FlowMatchScheduler(preset.scheduler).few_step_timesteps())
     # The first level is t = 1000: the trajectory starts at the clip's initial noise.
     from mag.train.steps import sample_generator
 
@@ -182,7 +201,8 @@ def test_ode_pairs_file_round_trip_and_cli(pairs_file, teacher, tmp_path, capsys
     assert loaded.metadata == pairs.metadata and not list(tmp_path.glob("*.tmp"))
     # Errors: steps off the few-step grid, a foreign file, a missing file -- one line, exit 2.
     capsys.readouterr()
-    assert main(["train", "ode-pairs", "--teacher", str(teacher), "--out", str(tmp_path / "x.safetensors"),
+    assert main(["train", "ode-pairs", "--teacher", str(teacher), "--out",
+                 str(tmp_path / "x.safetensors"),
                  "--clips", "1", "--steps", "6", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "do not land on the few-step levels" in err and err.count("\n") == 1
@@ -193,7 +213,8 @@ def test_ode_pairs_file_round_trip_and_cli(pairs_file, teacher, tmp_path, capsys
 
 
 class _EchoNoisy(torch.nn.Module):
-    """An x0 'predictor' that returns its input: the ODE loss is then |x_t - x0|^2 at the drawn level."""
+    """An x0 'predictor' that returns its input: the ODE loss is then |x_t - x0|^2 at the drawn
+    level."""
 
     def forward(self, x, t, context, frame_positions=None, frame_mask=None, width_offsets=None):
         return x
@@ -225,13 +246,15 @@ def test_ode_stage_refuses_pairs_from_another_schedule(pairs_file, tmp_path):
 # ------------------------------------------------------------------------------ init.model
 def test_init_model_loads_its_weights(teacher, tmp_path):
     source, _, _ = load_model(teacher)
-    trainer = Trainer(_recipe("causal_fm", init={"model": str(teacher)}), tmp_path / "a", progress=False)
+    trainer = Trainer(_recipe("causal_fm", init={"model": str(teacher)}), tmp_path / "a",
+                      progress=False)
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), source.state_dict()[name]), name
     for name, value in trainer.ema.state_dict().items():  # the EMA starts from the loaded weights
         assert torch.equal(value, source.state_dict()[name]), f"ema {name}"
     random = Trainer(_recipe("causal_fm"), tmp_path / "b", progress=False)
-    assert any(not torch.equal(p, source.state_dict()[n]) for n, p in random.model.named_parameters())
+    assert any(not torch.equal(p, source.state_dict()[n]) for n,
+               p in random.model.named_parameters())
     with pytest.raises(CheckpointError, match="different network"):
         Trainer(_recipe("causal_fm", init={"model": str(teacher)}, overrides={"dit.num_layers": 1}),
                 tmp_path / "c", progress=False)
@@ -251,18 +274,24 @@ def test_dmd_updates_the_critic_every_step_and_the_generator_every_nth(teacher, 
     assert _adam_steps(trainer.optimizer) == {2.0}              # steps 0 and 2 of 4 (every 2nd)
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.count('"generator_updated": 1.0') for r in records] == [1, 0, 1, 0]
-    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in generator_before.items())
-    assert all(torch.equal(v, trainer.dmd.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k,
+               v in generator_before.items())
+    assert all(torch.equal(v, trainer.dmd.teacher.state_dict()[k]) for k,
+               v in teacher_before.items())
     assert not any(p.requires_grad for p in trainer.dmd.teacher.parameters())
     # The critic started as a copy of the teacher and has moved away from it.
-    assert any(not torch.equal(v, trainer.dmd.critic.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, trainer.dmd.critic.state_dict()[k]) for k,
+               v in teacher_before.items())
 
 
 def test_dmd_kill_and_resume_is_bitwise_identical(teacher, tmp_path):
     recipe = _dmd(teacher, steps=4, loop={"ckpt_every": 1})
     assert_dmd_resume_is_bitwise(recipe, tmp_path, stop_at=3)  # stops between two generator updates
     saved = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
-    assert any(k.startswith("critic.model.") for k in saved.extra) and "critic_optimizer" in saved.metadata
+    assert (
+        any(k.startswith("critic.model.") for k in saved.extra)
+        and "critic_optimizer" in saved.metadata
+    )
 
 
 def test_window_by_window_dmd_loss_is_the_windowed_dmd_generator_loss(teacher, tmp_path):
@@ -272,13 +301,15 @@ def test_window_by_window_dmd_loss_is_the_windowed_dmd_generator_loss(teacher, t
     trainer = Trainer(_dmd(teacher, dmd={"guidance_scale": 2.5}), tmp_path, progress=False)
     stage, gen = trainer.dmd, torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 3, 16, 16, generator=gen, requires_grad=True)
-    t, noise = torch.tensor([[300.0, 700.0], [500.0, 900.0]]), torch.randn(2, 2, 3, 3, 16, 16, generator=gen)
+    t, noise = torch.tensor([[300.0, 700.0], [500.0, 900.0]]), torch.randn(2, 2, 3, 3, 16, 16,
+                                                                           generator=gen)
     context = torch.randn(2, 1, 384, generator=gen)
     clips = _Clips(context, trainer.empty_context.expand_as(context), None)
     ours, _ = stage._dmd_loss(*stage._windows(x, None), t, noise, clips)
     (grad_ours,) = torch.autograd.grad(ours, x)
     reference = dmd_generator_loss(x, x0_predictor(stage.teacher, trainer.scheduler),
-                                   x0_predictor(stage.critic, trainer.scheduler), trainer.scheduler, t, noise,
+                                   x0_predictor(stage.critic, trainer.scheduler), trainer.scheduler,
+                                   t, noise,
                                    context=context, uncond_context=clips.uncond, guidance_scale=2.5,
                                    window_frames=3).loss
     (grad_reference,) = torch.autograd.grad(reference, x)
@@ -290,7 +321,8 @@ def test_window_by_window_dmd_loss_is_the_windowed_dmd_generator_loss(teacher, t
 def test_resume_with_a_changed_dmd_field_is_refused(teacher, tmp_path):
     Trainer(_dmd(teacher, steps=2), tmp_path, progress=False).run()
     with pytest.raises(CheckpointError, match="dmd.guidance_scale"):
-        Trainer(_dmd(teacher, steps=4, dmd={"guidance_scale": 2.0}), tmp_path, resume=True, progress=False)
+        Trainer(_dmd(teacher, steps=4, dmd={"guidance_scale": 2.0}), tmp_path, resume=True,
+                progress=False)
 
 
 def test_a_missing_teacher_is_a_checkpoint_error_and_one_cli_line(tmp_path, capsys):
@@ -306,7 +338,8 @@ def test_a_missing_teacher_is_a_checkpoint_error_and_one_cli_line(tmp_path, caps
              f'[dmd]\nteacher = "{missing}"\nrollout_blocks = 2\nteacher_frames = 3\n']
     recipe.write_text("".join(lines))
     capsys.readouterr()
-    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "cli"),
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mag: error:") and "no-teacher" in err and err.count("\n") == 1
 
@@ -325,8 +358,9 @@ def test_camera_anchored_dmd_runs(camera_teacher, tmp_path):
 
 
 def test_camera_rollout_gives_every_call_the_frames_positions(make_dit):
-    """RoPE is relative: shifting every frame's camera position alike (the write pass included) leaves the
-    rollout unchanged, while another track changes it; a missing offset anywhere would raise."""
+    """RoPE is relative: shifting every frame's camera position alike (the write pass included)
+    leaves the rollout unchanged, while another track changes it; a missing offset anywhere would
+    raise."""
     model = make_dit(camera_rope=True)
     scheduler = FlowMatchScheduler(SchedulerConfig(shift=3.0), "velocity")
     draws = draw_rollout_noise(1, 2, 3, (4, 4, 4), 4, torch.Generator().manual_seed(0))
@@ -349,7 +383,8 @@ def test_camera_rollout_gives_every_call_the_frames_positions(make_dit):
 def test_ode_pairs_of_a_camera_teacher_carry_camera_tracks(camera_teacher, tmp_path):
     from mag.train.ode_pairs import make_ode_pairs
 
-    pairs = make_ode_pairs(str(camera_teacher), 2, num_steps=ODE_STEPS, guidance_scale=1.0, progress=False)
+    pairs = make_ode_pairs(str(camera_teacher), 2, num_steps=ODE_STEPS, guidance_scale=1.0,
+                           progress=False)
     assert pairs.camera_px is not None and pairs.camera_px.shape == (2, 6)
     path = save_ode_pairs(tmp_path / "p.safetensors", pairs)
     recipe = _recipe("ode", ode={"pairs": str(path)}, overrides=CAMERA)

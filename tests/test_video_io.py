@@ -74,7 +74,8 @@ def test_reading_a_missing_file_or_a_non_video_raises_input_error(tmp_path):
 
 def test_png_strip_lays_out_rows_with_labels(tmp_path):
     ep = make_episode("test", 0)
-    path = write_png_strip(tmp_path / "s.png", [ep.panorama, ep.frames[:4]], ["panorama", "frames"], scale=2)
+    path = write_png_strip(tmp_path / "s.png", [ep.panorama, ep.frames[:4]], ["panorama", "frames"],
+                           scale=2)
     image = np.asarray(Image.open(path))
     gap, label = 2, 12
     assert image.shape == (2 * (64 + label) + gap, 512, 3)
@@ -99,7 +100,8 @@ def test_cli_world_preview_writes_the_episode(tmp_path, capsys):
 
 def test_cli_world_show_writes_a_png_and_errors_are_one_line(tmp_path, capsys):
     png = tmp_path / "strip.png"
-    assert main(["world", "show", "--index", "0", "--theme", "snowy-forest", "--png", str(png)]) == 0
+    assert main(["world", "show", "--index", "0", "--theme", "snowy-forest", "--png",
+                 str(png)]) == 0
     assert Image.open(png).format == "PNG"
     blocker = tmp_path / "f"
     blocker.write_text("")
@@ -109,7 +111,8 @@ def test_cli_world_show_writes_a_png_and_errors_are_one_line(tmp_path, capsys):
 
 def test_real_size_video_is_written_at_native_size_with_every_frame_at_16_fps(tmp_path):
     t, y, x = np.meshgrid(np.arange(5), np.arange(480), np.arange(832), indexing="ij")
-    smooth = np.stack([x / 832, y / 480, (x + y + 40 * t) % 400 / 400], axis=-1)  # every frame differs
+    # every frame differs
+    smooth = np.stack([x / 832, y / 480, (x + y + 40 * t) % 400 / 400], axis=-1)
     frames = (smooth * 255).astype(np.uint8)
     path = write_mp4(tmp_path / "wan.mp4", frames, 16)
     decoded = read_mp4(path)

@@ -1,4 +1,5 @@
-"""Weight sources: each upstream format is told apart by what is on disk and read to the same network."""
+"""Weight sources: each upstream format is told apart by what is on disk and read to the same
+network."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from mag.errors import CheckpointError
 from mag.registry import SHIPPED_DIR
 from mag.weights import detect_source, dit_fields_from_state, read_external_dit
 
-SHAPE_FIELDS = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers", "text_dim",
-                "freq_dim", "patch_size", "eps", "qk_norm", "cross_attn_norm")
+SHAPE_FIELDS = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
+                "text_dim", "freq_dim", "patch_size", "eps", "qk_norm", "cross_attn_norm")
 
 
 def _fields(dit) -> dict:
@@ -32,8 +33,10 @@ def test_every_format_is_detected_and_read_to_the_same_network(tmp_path, make_di
     diffusers_root = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
     write_diffusers_folder(dit, diffusers_root / "transformer")
     sf = write_self_forcing(other, dit, tmp_path / "self_forcing_dmd.pt")
-    cases = {mag_dir: "official-mag", mag_dir / "diffusion_pytorch_model.safetensors": "official-mag",
-             wan_dir: "wan2.1", diffusers_root: "diffusers", diffusers_root / "transformer": "diffusers"}
+    cases = {mag_dir: "official-mag",
+             mag_dir / "diffusion_pytorch_model.safetensors": "official-mag",
+             wan_dir: "wan2.1", diffusers_root: "diffusers",
+             diffusers_root / "transformer": "diffusers"}
     for path, kind in cases.items():
         read = read_external_dit(path)
         assert read.source.kind == kind, path
@@ -61,7 +64,8 @@ def test_a_mag_model_file_is_told_apart_and_sent_to_the_registry():
 def test_unknown_things_name_what_was_found_and_what_was_expected(tmp_path, make_dit):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "sub").mkdir()
-    with pytest.raises(CheckpointError, match=r"holds notes\.txt, sub/; expected .*Self-Forcing \.pt"):
+    with pytest.raises(CheckpointError, match=r"holds notes\.txt, sub/; expected .*Self-Forcing "
+                                              r"\.pt"):
         detect_source(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist; expected a mag model file"):
         detect_source(tmp_path / "missing")
@@ -72,7 +76,8 @@ def test_unknown_things_name_what_was_found_and_what_was_expected(tmp_path, make
     with pytest.raises(CheckpointError, match="without mag metadata and without a config.json"):
         detect_source(bare)
     torch.save({"something": torch.zeros(1)}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match=r"holds 1 entries \(e.g. \['something'\]\), not a DiT"):
+    with pytest.raises(CheckpointError, match=r"holds 1 entries \(e.g. \['something'\]\), not a "
+                                              r"DiT"):
         read_external_dit(tmp_path / "x.pt")
 
 

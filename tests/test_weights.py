@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from mag.errors import CheckpointError
-from mag.weights import detect_format, diffusers_to_wan, load_into, load_state_dict_any, wan_to_diffusers
+from mag.weights import (
+    detect_format,
+    diffusers_to_wan,
+    load_into,
+    load_state_dict_any,
+    wan_to_diffusers,
+)
 
 
 def _ours(make_dit) -> dict[str, torch.Tensor]:
@@ -23,7 +29,10 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_round_trip_through_diffusers_names(make_dit):
     ours = _ours(make_dit)
     theirs = wan_to_diffusers(ours)
-    assert "condition_embedder.time_proj.weight" in theirs and "blocks.1.attn2.to_out.0.weight" in theirs
+    assert (
+        "condition_embedder.time_proj.weight" in theirs
+        and "blocks.1.attn2.to_out.0.weight" in theirs
+    )
     assert "blocks.0.norm2.weight" in theirs and "blocks.0.scale_shift_table" in theirs
     assert detect_format(theirs) == "diffusers"
     assert _same(diffusers_to_wan(theirs), ours)
@@ -38,9 +47,9 @@ def test_diffusers_names_cover_the_real_diffusers_model(make_dit, diffusers_twin
 
 
 def test_diffusers_names_equal_diffusers_own_converter_tensor_for_tensor(make_dit):
-    # An independent reference for the key map: diffusers' converter of original Wan2.1 checkpoints. Every
-    # parameter of make_dit is random and distinct, so a swapped pair of names (say norm_q / norm_k) puts
-    # another tensor under the name and fails here even though every shape matches.
+    # An independent reference for the key map: diffusers' converter of original Wan2.1 checkpoints.
+    # Every parameter of make_dit is random and distinct, so a swapped pair of names (say norm_q /
+    # norm_k) puts another tensor under the name and fails here even though every shape matches.
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     ours = _ours(make_dit)

@@ -30,7 +30,8 @@ def _hub(tmp_path: Path, make_dit) -> Path:
 
 
 def _local_fetch(hub: Path, calls: list):
-    """snapshot_download's contract on a local folder: copy the repo's files matching allow_patterns."""
+    """snapshot_download's contract on a local folder: copy the repo's files matching
+    allow_patterns."""
     def fetch(*, repo_id, local_dir, revision=None, allow_patterns=None):
         calls.append(repo_id)
         source = hub / repo_id
@@ -44,9 +45,11 @@ def _local_fetch(hub: Path, calls: list):
 
 
 def test_download_fetches_each_release_prints_its_licence_and_lists_the_weights(tmp_path, make_dit,
-                                                                                 capsys, monkeypatch):
+                                                                                 capsys,
+                                                                                 monkeypatch):
     calls: list = []
-    monkeypatch.setattr("mag.weights.cli.snapshot_download", _local_fetch(_hub(tmp_path, make_dit), calls))
+    monkeypatch.setattr("mag.weights.cli.snapshot_download", _local_fetch(_hub(tmp_path, make_dit),
+                                                                          calls))
     out = tmp_path / "weights"
     assert main(["weights", "download", "mag", "self-forcing", "--local-dir", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -54,12 +57,16 @@ def test_download_fetches_each_release_prints_its_licence_and_lists_the_weights(
     assert "CC BY-NC-SA 4.0" in printed and printed.count("licence:") == 2
     assert f"official-mag  {out / 'MAG' / 'checkpoints' / 'generator'}" in printed
     assert f"official-mag  {out / 'MAG' / 'checkpoints' / 'memory'}" in printed
-    assert f"self-forcing  {out / 'Self-Forcing' / 'checkpoints' / 'self_forcing_dmd.pt'}" in printed
+    assert (
+        f"self-forcing  {out / 'Self-Forcing' / 'checkpoints' / 'self_forcing_dmd.pt'}" in printed
+    )
     assert not (out / "Self-Forcing" / "checkpoints" / "ode_init.pt").exists()  # only the DMD file
 
 
-def test_download_through_the_real_client_resumes_into_an_existing_folder_offline(tmp_path, make_dit,
-                                                                                  capsys, monkeypatch):
+def test_download_through_the_real_client_resumes_into_an_existing_folder_offline(tmp_path,
+                                                                                  make_dit,
+                                                                                  capsys,
+                                                                                  monkeypatch):
     """huggingface_hub itself, offline: a local dir already holding the release is used as it is."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     target = tmp_path / "MAG"
@@ -76,7 +83,11 @@ def test_convert_writes_a_model_file_that_loads_with_the_same_weights(tmp_path, 
     assert main(["weights", "convert", str(folder), "-o", str(out), "--stage", "memory"]) == 0
     assert "official-mag weights" in capsys.readouterr().out
     model, preset, meta = load_model(out, expect_stage=("memory",))
-    assert meta["stage"] == "memory" and meta["source_format"] == "official-mag" and meta["name"] == "memory"
+    assert (
+        meta["stage"] == "memory"
+        and meta["source_format"] == "official-mag"
+        and meta["name"] == "memory"
+    )
     assert preset.name == "wan-1.3b" and preset.dit.dim == dit.cfg.dim and preset.dit.num_heads == 2
     assert all(torch.equal(v, dit.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -84,8 +95,10 @@ def test_convert_writes_a_model_file_that_loads_with_the_same_weights(tmp_path, 
 def test_convert_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     convert = ["weights", "convert", str(tmp_path / "empty"), "--stage", "dmd", "-o"]
-    cases = [[*convert, str(tmp_path / "o" / "x.safetensors")], [*convert, str(tmp_path / "o" / "x.pt")]]
-    for argv, expected in zip(cases, ("holds nothing; expected", "must end in .safetensors"), strict=True):
+    cases = [[*convert, str(tmp_path / "o" / "x.safetensors")], [*convert,
+                                                                 str(tmp_path / "o" / "x.pt")]]
+    for argv, expected in zip(cases, ("holds nothing; expected", "must end in .safetensors"),
+                              strict=True):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1

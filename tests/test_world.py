@@ -26,7 +26,8 @@ def _same_episode(a, b):
 
 def test_same_split_and_index_gives_identical_bytes():
     assert _same_episode(make_episode("test", 5), make_episode("test", 5))
-    assert _same_episode(make_episode("val", 5, config=SUBPIXEL), make_episode("val", 5, config=SUBPIXEL))
+    assert _same_episode(make_episode("val", 5, config=SUBPIXEL), make_episode("val", 5,
+                                                                               config=SUBPIXEL))
 
 
 def test_explicit_seed_base_is_reproducible_and_overrides_the_split_range():
@@ -106,7 +107,10 @@ def test_switch_frame_is_a_block_boundary_one_block_after_the_turn(config):
         ep = make_episode("test", index, config=config)
         assert ep.switch_frame % block == 0
         assert block <= ep.switch_frame - ep.turn_frame < 2 * block
-        outward, back = np.sign(ep.velocities[0]), np.sign(ep.velocities[ep.turn_frame:ep.switch_frame])
+        outward, back = (
+            np.sign(ep.velocities[0]),
+            np.sign(ep.velocities[ep.turn_frame : ep.switch_frame]),
+        )
         assert np.all(back == -outward)  # the history already shows the camera going back
 
 
@@ -115,13 +119,15 @@ def test_history_before_the_switch_covers_the_revisited_views():
     for index in range(10):
         ep = make_episode("test", index, config=config)
         seen, gap = ep.last_seen()
-        back_at_start = int(np.flatnonzero(ep.offsets == ep.offsets[0])[-1])  # return leg reaches the start
+        # return leg reaches the start
+        back_at_start = int(np.flatnonzero(ep.offsets == ep.offsets[0])[-1])
         assert back_at_start > ep.switch_frame
         after = np.arange(ep.switch_frame, back_at_start + 1)
         assert np.all((seen[after] >= 0) & (seen[after] < ep.switch_frame))
         assert np.all(gap[after] == after - seen[after])
         assert np.all(np.diff(gap[after]) > 0)  # views further back were seen longer ago
-        # Past the start the views are new (until the camera has gone all the way round the cylinder).
+        # Past the start the views are new (until the camera has gone all the way round the
+        # cylinder).
         assert np.all(seen[back_at_start + 1:back_at_start + 2 * config.block_frames] == -1)
 
 
@@ -180,11 +186,14 @@ def test_switching_texture_or_stripes_off_keeps_the_same_layout():
     untextured = make_clip(seed, 8, config.replace(texture_scale=0.0)).panorama.astype(np.int16)
     no_stripes = make_clip(seed, 8, config.replace(texture_scale=0.0, stripes=False)).panorama
     noise = np.abs(textured - untextured)
-    assert noise.max() > 0 and noise.mean() < THEMES["neon city"].texture_levels  # same picture, plus noise
+    # same picture, plus noise
+    assert noise.max() > 0 and noise.mean() < THEMES["neon city"].texture_levels
     stripe_area = np.any(no_stripes != untextured, axis=-1).mean()
     assert 0 < stripe_area < 0.2  # only the stripe patches changed
-    flat = make_clip(seed, 8, config.replace(texture_scale=0.0, stripes=False, background_wave_levels=0.0))
-    # Without texture and background wave, neighbouring pixels in a row are mostly equal (flat regions).
+    flat = make_clip(seed, 8, config.replace(texture_scale=0.0, stripes=False,
+                                             background_wave_levels=0.0))
+    # Without texture and background wave, neighbouring pixels in a row are mostly equal (flat
+    # regions).
     assert np.mean(np.all(flat.panorama[:, 1:] == flat.panorama[:, :-1], axis=-1)) > 0.8
 
 

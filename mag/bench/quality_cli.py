@@ -61,16 +61,21 @@ from mag.train.data import preset_world
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mag bench quality``."""
     parser.add_argument("--models", required=True,
-                        help="comma-separated generators (shipped names, model files or checkpoints), e.g."
+                        help="comma-separated generators (shipped names, model files or "
+                             "checkpoints), e.g."
                              " tiny-teacher,tiny-ode-init,tiny-dmd")
-    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out world split")
+    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out world "
+                                                                                "split")
     parser.add_argument("--clips", type=int, default=DEFAULT_CLIPS,
-                        help="clips per set (real clips 0..N-1 and samples; real vs real also uses N..2N-1)")
-    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per clip (whole blocks)")
+                        help="clips per set (real clips 0..N-1 and samples; real vs real also "
+                             "uses N..2N-1)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per clip "
+                                                                           "(whole blocks)")
     parser.add_argument("--world", default=None,
                         help="named world config (default: the first model's training world)")
     parser.add_argument("--steps", type=int, default=DEFAULT_TEACHER_STEPS,
-                        help="Euler steps of the teacher (must land on the few-step levels), and of the"
+                        help="Euler steps of the teacher (must land on the few-step levels), and "
+                             "of the"
                              " streaming models under --sampler euler")
     parser.add_argument("--guidance-scale", type=float, default=DMD_GUIDANCE_SCALE,
                         help="classifier-free guidance of the teacher (default: the DMD recipe's)")
@@ -78,9 +83,12 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampler of the streaming models (causal, dmd, mag-generator)")
     parser.add_argument("--stream-guidance-scale", type=float, default=STREAM_GUIDANCE_SCALE,
                         help="classifier-free guidance of the streaming models (1 = off)")
-    parser.add_argument("--sampler-for", action="append", default=[], metavar="MODEL=KIND[:STEPS[:CFG]]",
+    parser.add_argument("--sampler-for", action="append", default=[],
+                        metavar="MODEL=KIND[:STEPS[:CFG]]",
                         help="one model's sampler, e.g. tiny-causal-long=euler:8 (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CLIPS, help="clips sampled together")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CLIPS, help="clips "
+                                                                                    "sampled "
+                                                                                    "together")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same for every model)")
     add_runtime_arguments(parser)
     add_dtype_argument(parser)
@@ -122,19 +130,24 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         sampler = sampler_for_stage(stage, overrides.get(spec), teacher, streaming)
         if stage in BIDIRECTIONAL_STAGES:
 
-            few_step_indices(scheduler, sampler.steps)  # refuse an off-grid step count before sampling
+            # refuse an off-grid step count before sampling
+            few_step_indices(scheduler, sampler.steps)
         loaded.append((ModelRun(name, stage, sampler, record), model, preset, meta))
     first_preset, first_meta = loaded[0][2], loaded[0][3]
     for run, _, preset, _ in loaded[1:]:
         if preset.video != first_preset.video:
             raise ConfigError(f"{run.name} makes {preset.video.height}x{preset.video.width} frames,"
-                              f" {loaded[0][0].name} {first_preset.video.height}x{first_preset.video.width};"
-                              " the models of one call share the real clips: run them in separate calls")
+                              f" {loaded[0][0].name} "
+                              f"{first_preset.video.height}x{first_preset.video.width};"
+                              " the models of one call share the real clips: run them in separate "
+                              "calls")
     block = first_preset.cache.frames_per_block
     if args.frames < block or args.frames % block:
-        raise ConfigError(f"--frames {args.frames} must be a positive multiple of the block size ({block})")
+        raise ConfigError(f"--frames {args.frames} must be a positive multiple of the block size "
+                          f"({block})")
     training_world = recipe_data(first_meta).get("world") or None
-    world = preset_world(first_preset, None if args.world else training_world, args.world or "default")
+    world = preset_world(first_preset, None if args.world else training_world,
+                         args.world or "default")
     source = f"--world {args.world}" if args.world else f"{loaded[0][0].name} recipe.data.world"
     real = real_clips(world, args.split, 0, args.clips, args.frames)
     other = real_clips(world, args.split, args.clips, args.clips, args.frames)
@@ -151,8 +164,10 @@ def run_quality_cli(args: argparse.Namespace) -> int:
                                          progress=not args.no_progress)
         run.seconds = time.time() - began
         run.scores = score_set(samples[run.name], real.frames, real_features)
-        print(f"{run.name:>18}: FD {run.scores['fd']:.2f}, PSNR {fmt_value(run.scores['psnr'], 2)} dB,"
-              f" SSIM {run.scores['ssim']:.3f} ({run.sampler.kind} {run.steps} steps, {run.seconds:.0f} s)")
+        print(f"{run.name:>18}: FD {run.scores['fd']:.2f}, PSNR "
+              f"{fmt_value(run.scores['psnr'], 2)} dB,"
+              f" SSIM {run.scores['ssim']:.3f} ({run.sampler.kind} {run.steps} steps, "
+              f"{run.seconds:.0f} s)")
     print(f"{REAL_VS_REAL:>18}: FD {references[REAL_VS_REAL]['fd']:.2f}")
     out = Path(args.out)
     try:
@@ -168,8 +183,8 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         "references": references,
         "metadata": {
             "command": shlex.join(["mag", *sys.argv[1:]]), "commit": git_commit(),
-            "machine": machine_info(args.device), "preset": first_preset.to_dict(), "seed": args.seed,
-            "batch_size": args.batch_size,
+            "machine": machine_info(args.device), "preset": first_preset.to_dict(),
+            "seed": args.seed, "batch_size": args.batch_size,
             "world": {"source": source, "config": dataclasses.asdict(world)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "seconds": round(time.time() - started, 1),

@@ -1,4 +1,5 @@
-"""Self-attention KV cache for block-causal streaming: storage, policies and host-side accounting."""
+"""Self-attention KV cache for block-causal streaming: storage, policies and host-side
+accounting."""
 
 from mag.cache.accounting import PlanReplay, retained_bytes, retained_frames
 from mag.cache.kv import KV_TENSORS, KVCache, PendingWrite, kv_bytes_per_frame, valid_slot_positions
@@ -13,5 +14,5 @@ from mag.cache.policies import (
 )
 
 __all__ = ["KV_TENSORS", "CachePolicy", "CacheState", "DownsamplePolicy", "FullPolicy", "KVCache",
-           "MagPolicy", "PendingWrite", "PlanReplay", "WindowPolicy", "WritePlan", "kv_bytes_per_frame",
-           "retained_bytes", "retained_frames", "valid_slot_positions"]
+           "MagPolicy", "PendingWrite", "PlanReplay", "WindowPolicy", "WritePlan",
+           "kv_bytes_per_frame", "retained_bytes", "retained_frames", "valid_slot_positions"]

@@ -1,7 +1,8 @@
 """KV accounting without allocating a cache: a host-only replay of a policy's write plans.
 
-Replaying ``plan`` block by block gives exactly the valid slots a real :class:`~mag.cache.kv.KVCache`
-would hold (tested against streamed caches), so the KV size of a 10,000-frame stream costs milliseconds.
+Replaying ``plan`` block by block gives exactly the valid slots a real
+:class:`~mag.cache.kv.KVCache` would hold (tested against streamed caches), so the KV size of a
+10,000-frame stream costs milliseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from mag.config import Preset
 
 
 class PlanReplay:
-    """The :class:`~mag.cache.policies.CacheState` counters of a cache, advanced by the policy's plans."""
+    """The :class:`~mag.cache.policies.CacheState` counters of a cache, advanced by the policy's
+    plans."""
 
     def __init__(self, policy: CachePolicy, capacity_frames: int) -> None:
         self.policy = policy
@@ -35,7 +37,8 @@ class PlanReplay:
 
 
 def retained_frames(policy: CachePolicy, preset: Preset, latent_horizons: list[int]) -> list[int]:
-    """Valid cached frames after each of ``latent_horizons`` (latent frames, whole blocks, any order)."""
+    """Valid cached frames after each of ``latent_horizons`` (latent frames, whole blocks, any
+    order)."""
     block = preset.cache.frames_per_block
     if not latent_horizons:
         return []

@@ -1,10 +1,10 @@
 """Pre-allocated self-attention K/V storage for block-causal streaming.
 
 During a block's denoising steps the model only reads the cache; one clean write pass at t=0 then
-writes, layer by layer, the frames the policy (:mod:`mag.cache.policies`) retains, and :meth:`KVCache.commit`
-marks them valid. Keys are stored after RoPE, so a frame keeps its temporal position in any slot. Reads
-go in slot order; the valid slots are a prefix, so a read is a view. Slot bookkeeping is host-side ints:
-planning and reading never sync the device.
+writes, layer by layer, the frames the policy (:mod:`mag.cache.policies`) retains, and
+:meth:`KVCache.commit` marks them valid. Keys are stored after RoPE, so a frame keeps its temporal
+position in any slot. Reads go in slot order; the valid slots are a prefix, so a read is a view.
+Slot bookkeeping is host-side ints: planning and reading never sync the device.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ from mag.errors import ConfigError, InputError
 KV_TENSORS = 2
 
 
-def kv_bytes_per_frame(cfg: DiTConfig, tokens_per_frame: int, dtype: torch.dtype, batch_size: int = 1) -> int:
+def kv_bytes_per_frame(cfg: DiTConfig, tokens_per_frame: int, dtype: torch.dtype,
+                       batch_size: int = 1) -> int:
     """K and V bytes of one cached latent frame over every layer and the batch."""
     return _frame_bytes(cfg.num_layers, batch_size, cfg.num_heads, tokens_per_frame, cfg.head_dim,
                         dtype.itemsize)
 
 
-def _frame_bytes(layers: int, batch: int, heads: int, tokens: int, head_dim: int, itemsize: int) -> int:
+def _frame_bytes(layers: int, batch: int, heads: int, tokens: int, head_dim: int,
+                 itemsize: int) -> int:
     return KV_TENSORS * layers * batch * heads * tokens * head_dim * itemsize
 
 
 @dataclass(frozen=True)
 class PendingWrite:
-    """A write pass in progress: the plan plus device index tensors for one ``index_copy_`` per layer."""
+    """A write pass in progress: the plan plus device index tensors for one ``index_copy_`` per
+    layer."""
 
     plan: WritePlan
     num_block_frames: int
@@ -51,8 +54,9 @@ class KVCache:
 
     Shapes: ``k``, ``v``: ``[layers, B, heads, capacity_frames * tokens_per_frame, head_dim]``;
     ``slot_positions``: ``[capacity_frames]`` long (RoPE temporal index of each slot, device side).
-    Host side: ``valid_slots`` (tuple of slot ids in read order), ``frames_seen``, ``frames_retained``.
-    K/V are stored detached: gradients never flow through the cache (as in Self-Forcing).
+    Host side: ``valid_slots`` (tuple of slot ids in read order), ``frames_seen``,
+    ``frames_retained``. K/V are stored detached: gradients never flow through the cache (as in
+    Self-Forcing).
     """
 
     def __init__(
@@ -148,10 +152,10 @@ class KVCache:
     def hiding_prefix(self, frames: int) -> Iterator[KVCache]:
         """Within the block, reads skip the first ``frames`` cached frames (read order).
 
-        Why: a frame mask that hides cached frames forces masked attention (no flash kernel on GPU, the
-        grouped path on CPU). When the hidden frames are a prefix of the read order -- the uncompressed
-        sinks that :meth:`MagPolicy.memory_view` hides from the memory model -- reading past them gives
-        the same attention with no mask at all.
+        Why: a frame mask that hides cached frames forces masked attention (no flash kernel on GPU,
+        the grouped path on CPU). When the hidden frames are a prefix of the read order -- the
+        uncompressed sinks that :meth:`MagPolicy.memory_view` hides from the memory model -- reading
+        past them gives the same attention with no mask at all.
         """
         if not 0 <= frames <= len(self.valid_slots):
             raise InputError(f"cannot hide {frames} of {len(self.valid_slots)} cached frames")
@@ -166,8 +170,8 @@ class KVCache:
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Valid cached K and V of ``layer``, each ``[B, heads, valid_frames * tokens, head_dim]``.
 
-        Frames come in ``valid_slots`` (slot) order: a prefix of the slots is a view, other sets a gather;
-        a frame mask over cached frames must use that order.
+        Frames come in ``valid_slots`` (slot) order: a prefix of the slots is a view, other sets a
+        gather; a frame mask over cached frames must use that order.
         """
         start = self._hidden_prefix * self.tokens_per_frame
         if self._read_index is None:
@@ -177,13 +181,15 @@ class KVCache:
         return self.k[layer].index_select(2, index), self.v[layer].index_select(2, index)
 
     def cached_positions(self) -> Tensor:
-        """``[valid_frames]`` RoPE temporal index of each cached frame, in read order (device tensor)."""
+        """``[valid_frames]`` RoPE temporal index of each cached frame, in read order (device
+        tensor)."""
         return self.slot_positions[list(self.valid_slots)[self._hidden_prefix:]]
 
     # -- write ---------------------------------------------------------------------------------
 
     def begin_write(self, num_block_frames: int) -> PendingWrite:
-        """Ask the policy where the block's retained frames go; nothing changes until :meth:`commit`."""
+        """Ask the policy where the block's retained frames go; nothing changes until
+        :meth:`commit`."""
         plan = self.policy.plan(self, num_block_frames)
         in_range = all(0 <= s < self.capacity_frames for s in plan.slots)
         if len(set(plan.slots)) != len(plan.slots) or not in_range:
@@ -192,13 +198,16 @@ class KVCache:
         tokens = torch.arange(self.tokens_per_frame)
         source = torch.cat([f * self.tokens_per_frame + tokens for f in plan.frames])
         dest = torch.cat([s * self.tokens_per_frame + tokens for s in plan.slots])
-        # Built on the host, copied without blocking: a blocking copy would make the host wait for the device.
+        # Built on the host, copied without blocking: a blocking copy would make the host wait for
+        # the device.
         indices = (source, dest, torch.tensor(plan.frames), torch.tensor(plan.slots))
         device = self.k.device
-        return PendingWrite(plan, num_block_frames, *(i.to(device, non_blocking=True) for i in indices))
+        return PendingWrite(plan, num_block_frames, *(i.to(device,
+                                                           non_blocking=True) for i in indices))
 
     def write(self, layer: int, k: Tensor, v: Tensor, pending: PendingWrite) -> None:
-        """Store the block's retained frames of post-RoPE ``k``, ``v``: ``[B, heads, F*tokens, head_dim]``."""
+        """Store the block's retained frames of post-RoPE ``k``, ``v``: ``[B, heads, F*tokens,
+        head_dim]``."""
         for store, new in ((self.k, k), (self.v, v)):
             kept = new.detach().index_select(2, pending.source_tokens).to(store.dtype)
             store[layer].index_copy_(2, pending.dest_tokens, kept)
@@ -210,7 +219,8 @@ class KVCache:
             frame_positions: ``[F]`` long, RoPE temporal index of each frame of the block.
         """
         plan = pending.plan
-        self.slot_positions.index_copy_(0, pending.dest_slots, frame_positions.to(self.slot_positions.device)
+        self.slot_positions.index_copy_(0, pending.dest_slots,
+                                        frame_positions.to(self.slot_positions.device)
                                         [pending.kept_frames])
         for slot in plan.slots:
             self._valid[slot] = True
@@ -220,7 +230,8 @@ class KVCache:
         self._read_index = self._make_read_index()
 
     def _make_read_index(self) -> Tensor | None:
-        """None when the valid slots are a prefix (read is a slice), else token indices to gather."""
+        """None when the valid slots are a prefix (read is a slice), else token indices to
+        gather."""
         if self.valid_slots == tuple(range(len(self.valid_slots))):
             return None
         tokens = torch.arange(self.tokens_per_frame)
@@ -232,14 +243,16 @@ class KVCache:
         expected = (self.batch_size, self.tokens_per_frame, self.num_layers)
         if (batch_size, tokens_per_frame, layers) != expected:
             raise InputError(
-                f"KV cache was built for batch {self.batch_size}, {self.tokens_per_frame} tokens/frame,"
+                f"KV cache was built for batch {self.batch_size}, {self.tokens_per_frame} "
+                "tokens/frame,"
                 f" {self.num_layers} layers; the forward has batch {batch_size}, {tokens_per_frame}"
                 f" tokens/frame, {layers} layers"
             )
 
 
 def valid_slot_positions(cache: KVCache) -> Sequence[int]:
-    """Host-side helper for tests and reports: positions of the cached frames (syncs; not for hot loops)."""
+    """Host-side helper for tests and reports: positions of the cached frames (syncs; not for hot
+    loops)."""
     return cache.cached_positions().tolist()
 
 

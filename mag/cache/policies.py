@@ -1,10 +1,11 @@
 """KV-cache policies: which frames of a finished block are kept, and in which slots.
 
-A policy is stateless: it reads the counters of a :class:`CacheState` (a :class:`~mag.cache.kv.KVCache`
-or a host-only replay) and returns a :class:`WritePlan` of host ints, so planning never touches the
-device. Every policy fills slots from 0 and a full ring keeps all of them valid: the valid slots are
-always a prefix of the storage. ``full`` / ``window`` keep every frame; ``downsample`` / ``mag`` keep the
-last frame of each block (plus uncompressed sinks), optionally in a ring of ``memory_slots``.
+A policy is stateless: it reads the counters of a :class:`CacheState` (a
+:class:`~mag.cache.kv.KVCache` or a host-only replay) and returns a :class:`WritePlan` of host ints,
+so planning never touches the device. Every policy fills slots from 0 and a full ring keeps all of
+them valid: the valid slots are always a prefix of the storage. ``full`` / ``window`` keep every
+frame; ``downsample`` / ``mag`` keep the last frame of each block (plus uncompressed sinks),
+optionally in a ring of ``memory_slots``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ class CachePolicy(Protocol):
 
 
 def _ring_slot(index: int, sink_frames: int, ring_frames: int | None) -> int:
-    """Slot of the ``index``-th retained frame: sinks first, then a ring of ``ring_frames`` (None: none)."""
+    """Slot of the ``index``-th retained frame: sinks first, then a ring of ``ring_frames`` (None:
+    none)."""
     if index < sink_frames or ring_frames is None:
         return index
     return sink_frames + (index - sink_frames) % ring_frames
 
 
 class FullPolicy:
-    """Keep every frame of every block: exact attention over the whole history (memory grows with N)."""
+    """Keep every frame of every block: exact attention over the whole history (memory grows with
+    N)."""
 
     name = "full"
 
@@ -71,8 +74,10 @@ class FullPolicy:
         start = cache.frames_retained
         if start + num_block_frames > cache.capacity_frames:
             raise InputError(
-                f"full KV cache holds {cache.capacity_frames} frames, {start} are used and the block adds"
-                f" {num_block_frames}; allocate a larger capacity or use a window / downsample policy"
+                f"full KV cache holds {cache.capacity_frames} frames, {start} are used and the "
+                "block adds"
+                f" {num_block_frames}; allocate a larger capacity or use a window / downsample "
+                "policy"
             )
         frames = tuple(range(num_block_frames))
         return WritePlan(frames=frames, slots=tuple(start + i for i in frames))
@@ -82,8 +87,9 @@ class WindowPolicy:
     """Keep ``sink_frames`` first frames forever plus the last ``window_frames`` frames (LongLive).
 
     The window part is a ring buffer: the oldest window frame is overwritten by the newest one.
-    Attention of a block therefore sees the sinks, the ``window_frames`` frames before the block, and
-    the block itself (:func:`mag.models.attention.sink_window_mask` is the equivalent full-sequence mask).
+    Attention of a block therefore sees the sinks, the ``window_frames`` frames before the block,
+    and the block itself (:func:`mag.models.attention.sink_window_mask` is the equivalent
+    full-sequence mask).
     """
 
     name = "window"
@@ -103,7 +109,8 @@ class WindowPolicy:
     def plan(self, cache: CacheState, num_block_frames: int) -> WritePlan:
         if num_block_frames > self.window_frames:
             raise ConfigError(
-                f"window policy keeps {self.window_frames} recent frames but a block has {num_block_frames};"
+                f"window policy keeps {self.window_frames} recent frames but a block has "
+                f"{num_block_frames};"
                 " the window must hold at least one block"
             )
         start = cache.frames_retained
@@ -139,9 +146,12 @@ class DownsamplePolicy:
     def plan(self, cache: CacheState, num_block_frames: int) -> WritePlan:
         seen = cache.frames_seen
         last = num_block_frames - 1
-        frames = tuple(i for i in range(num_block_frames) if seen + i < self.sink_frames or i == last)
+        frames = tuple(
+            i for i in range(num_block_frames) if seen + i < self.sink_frames or i == last
+        )
         start = cache.frames_retained
-        slots = tuple(_ring_slot(start + j, self.sink_frames, self.memory_slots) for j in range(len(frames)))
+        slots = tuple(_ring_slot(start + j, self.sink_frames,
+                                 self.memory_slots) for j in range(len(frames)))
         if max(slots) >= cache.capacity_frames:
             raise InputError(
                 f"downsample KV cache holds {cache.capacity_frames} frames and is full; allocate"
@@ -153,13 +163,14 @@ class DownsamplePolicy:
 class MagPolicy(DownsamplePolicy):
     """MAG's compressed memory: :class:`DownsamplePolicy`'s plan, written by the memory model.
 
-    The plan is unchanged (sinks in full, then each block's last frame at its own RoPE position; with
-    ``memory_slots`` a ring of that many compressed frames whose oldest is evicted: the ``bounded``
-    variant). The write pass is run by the memory model, which the streaming generator is handed as its
-    writer; the policy adds :meth:`memory_view`, the cached frames the memory model may read. Ours
-    (``mag`` / ``bounded``) were trained to see only compressed frames, so uncompressed sinks are hidden
-    from their write pass; the released MAG memory model reads the sinks like the generator does
-    (``memory_sees_sinks``: the ``official`` geometry, 2 sinks + a ring of 21 at Wan scale).
+    The plan is unchanged (sinks in full, then each block's last frame at its own RoPE position;
+    with ``memory_slots`` a ring of that many compressed frames whose oldest is evicted: the
+    ``bounded`` variant). The write pass is run by the memory model, which the streaming generator
+    is handed as its writer; the policy adds :meth:`memory_view`, the cached frames the memory model
+    may read. Ours (``mag`` / ``bounded``) were trained to see only compressed frames, so
+    uncompressed sinks are hidden from their write pass; the released MAG memory model reads the
+    sinks like the generator does (``memory_sees_sinks``: the ``official`` geometry, 2 sinks + a
+    ring of 21 at Wan scale).
     """
 
     def __init__(self, sink_frames: int = 0, memory_slots: int | None = None, *,
@@ -176,13 +187,15 @@ class MagPolicy(DownsamplePolicy):
     def memory_view(self, cache: CacheState, frames_per_block: int) -> tuple[bool, ...] | None:
         """Per valid cached frame (read order): may the memory model attend to it? None: to all.
 
-        Sinks occupy slots ``0..sink_frames-1`` and hold stream frames ``0..sink_frames-1`` (the first
-        retained frames); unless ``memory_sees_sinks``, a sink that is not a block's last frame is hidden.
-        Every other slot holds a block's last frame.
+        Sinks occupy slots ``0..sink_frames-1`` and hold stream frames ``0..sink_frames-1`` (the
+        first retained frames); unless ``memory_sees_sinks``, a sink that is not a block's last
+        frame is hidden. Every other slot holds a block's last frame.
         """
         if self.memory_sees_sinks:
             return None
-        hidden = {s for s in range(self.sink_frames) if s % frames_per_block != frames_per_block - 1}
+        hidden = {
+            s for s in range(self.sink_frames) if s % frames_per_block != frames_per_block - 1
+        }
         if hidden.isdisjoint(cache.valid_slots):
             return None
         return tuple(slot not in hidden for slot in cache.valid_slots)

@@ -1,7 +1,8 @@
-"""Codecs between video and the latent frames the DiT denoises: ``pixel`` (tiny) and ``wan-vae`` (Wan2.1).
+"""Codecs between video and the latent frames the DiT denoises: ``pixel`` (tiny) and ``wan-vae``
+(Wan2.1).
 
-``get_codec(name, **kw)`` is the one way in; ``get_codec_for(video_config, **kw)`` also checks that the
-codec's compression and channels match a preset's ``VideoConfig``.
+``get_codec(name, **kw)`` is the one way in; ``get_codec_for(video_config, **kw)`` also checks that
+the codec's compression and channels match a preset's ``VideoConfig``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def _make_pixel() -> Codec:
     return PixelCodec()
 
 
-def _make_wan_vae(path: str | Path | None = None, config: dict[str, Any] | None = None, seed: int = 0,
-                  tiny: bool = False) -> Codec:
-    """``path`` -> real weights; ``tiny=True`` -> tiny random test VAE; ``config`` -> random weights."""
+def _make_wan_vae(path: str | Path | None = None, config: dict[str, Any] | None = None,
+                  seed: int = 0, tiny: bool = False) -> Codec:
+    """``path`` -> real weights; ``tiny=True`` -> tiny random test VAE; ``config`` -> random
+    weights."""
     if path is not None:
         return WanVAECodec.from_pretrained(path)
     if tiny:
@@ -34,7 +36,8 @@ def _make_wan_vae(path: str | Path | None = None, config: dict[str, Any] | None 
     if config is not None:
         return WanVAECodec.from_config(config, seed=seed)
     raise ConfigError(
-        "codec 'wan-vae' needs weights: path=<diffusers VAE folder or Wan2.1_VAE.pth>, or tiny=True /"
+        "codec 'wan-vae' needs weights: path=<diffusers VAE folder or Wan2.1_VAE.pth>, or "
+        "tiny=True /"
         " config={...} for random weights"
     )
 
@@ -43,7 +46,8 @@ CODECS: dict[str, Callable[..., Codec]] = {"pixel": _make_pixel, "wan-vae": _mak
 
 
 def get_codec(name: str, **kwargs: Any) -> Codec:
-    """Build a codec by registry name (``pixel``: no arguments; ``wan-vae``: see ``_make_wan_vae``)."""
+    """Build a codec by registry name (``pixel``: no arguments; ``wan-vae``: see
+    ``_make_wan_vae``)."""
     return build_registered("codec", CODECS, name, **kwargs)
 
 
@@ -54,7 +58,8 @@ def get_codec_for(video: VideoConfig, **kwargs: Any) -> Codec:
     expected = (video.latent_channels, video.spatial_compression, video.temporal_compression)
     if found != expected:
         raise ConfigError(
-            f"codec {video.codec!r} gives (latent_channels, spatial, temporal compression) = {found}, but the"
+            f"codec {video.codec!r} gives (latent_channels, spatial, temporal compression) = "
+            f"{found}, but the"
             f" preset's video config expects {expected}"
         )
     return codec

@@ -1,10 +1,10 @@
 """The codec interface: video pixels <-> latent frames the DiT works on.
 
 Layout convention everywhere in ``mag``: frames before channels.
-    video:   [B, T, 3, H, W] float in [-1, 1]
-    latents: [B, F, C, h, w] with h = H / spatial_compression, w = W / spatial_compression
-A causal codec maps T = 1 + k * temporal_compression video frames to F = 1 + k latent frames (the first
-frame is coded alone); the identity codec maps T to T.
+    video:   [B, T, 3, H, W] float in [-1, 1] latents: [B, F, C, h, w] with h = H /
+    spatial_compression, w = W / spatial_compression
+A causal codec maps T = 1 + k * temporal_compression video frames to F = 1 + k latent frames (the
+first frame is coded alone); the identity codec maps T to T.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import Tensor
 
 from mag.errors import InputError
 
-__all__ = ["Codec", "StreamDecoder", "frames_to_tensor", "tensor_to_frames", "VIDEO_CHANNELS", "UINT8_MAX"]
+__all__ = ["Codec", "StreamDecoder", "frames_to_tensor", "tensor_to_frames", "VIDEO_CHANNELS",
+           "UINT8_MAX"]
 
 VIDEO_CHANNELS = 3
 """RGB."""
@@ -28,8 +29,8 @@ UINT8_MAX = 255.0
 class StreamDecoder(ABC):
     """Decodes a latent stream piece by piece, carrying whatever temporal state the codec needs.
 
-    ``decode(latents [B, f, C, h, w]) -> video [B, t, 3, H, W]``; the concatenation of the pieces equals
-    one-shot ``Codec.decode`` of the whole stream (up to float tolerance).
+    ``decode(latents [B, f, C, h, w]) -> video [B, t, 3, H, W]``; the concatenation of the pieces
+    equals one-shot ``Codec.decode`` of the whole stream (up to float tolerance).
     """
 
     @abstractmethod
@@ -69,20 +70,24 @@ class Codec(ABC):
         """A fresh decoder for frame-by-frame (streaming) decoding of one batch of streams."""
 
     def latent_frames(self, num_video_frames: int) -> int:
-        """Latent frames that ``num_video_frames`` video frames encode to (InputError if impossible)."""
+        """Latent frames that ``num_video_frames`` video frames encode to (InputError if
+        impossible)."""
         k = self.temporal_compression
         if num_video_frames < 1 or (num_video_frames - 1) % k:
             allowed = "any T >= 1" if k == 1 else f"T = 1 + {k}*n (1, {1 + k}, {1 + 2 * k}, ...)"
-            raise InputError(f"codec {self.name!r} needs {allowed} video frames, got T={num_video_frames}")
+            raise InputError(f"codec {self.name!r} needs {allowed} video frames, got "
+                             f"T={num_video_frames}")
         return 1 + (num_video_frames - 1) // k
 
     def video_frames(self, num_latent_frames: int) -> int:
         """Video frames that ``num_latent_frames`` latent frames decode to."""
         if num_latent_frames < 1:
-            raise InputError(f"codec {self.name!r} needs at least 1 latent frame, got {num_latent_frames}")
+            raise InputError(f"codec {self.name!r} needs at least 1 latent frame, got "
+                             f"{num_latent_frames}")
         return 1 + (num_latent_frames - 1) * self.temporal_compression
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Codec:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Codec:
         """Move any weights; parameter-free codecs return themselves."""
         return self
 
@@ -110,17 +115,21 @@ class Codec(ABC):
             )
 
     def _check_latents(self, latents: Tensor) -> None:
-        if not isinstance(latents, Tensor) or latents.ndim != 5 or latents.shape[2] != self.latent_channels:
+        if not isinstance(latents,
+                          Tensor) or latents.ndim != 5 or latents.shape[2] != self.latent_channels:
             found = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
             raise InputError(
-                f"codec {self.name!r} expects latents [B, F, {self.latent_channels}, h, w], got {found}"
+                f"codec {self.name!r} expects latents [B, F, {self.latent_channels}, h, w], got "
+                f"{found}"
             )
         if latents.shape[1] < 1:
-            raise InputError(f"codec {self.name!r} needs at least 1 latent frame, got {latents.shape[1]}")
+            raise InputError(f"codec {self.name!r} needs at least 1 latent frame, got "
+                             f"{latents.shape[1]}")
 
 
 def frames_to_tensor(frames: np.ndarray) -> Tensor:
-    """uint8 frames [T, H, W, 3] (as video readers return them) -> float32 [T, 3, H, W] in [-1, 1]."""
+    """uint8 frames [T, H, W, 3] (as video readers return them) -> float32 [T, 3, H, W] in [-1,
+    1]."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
         found = frames.dtype if isinstance(frames, np.ndarray) else type(frames).__name__
         raise InputError(f"frames_to_tensor expects a uint8 numpy array [T, H, W, 3], got {found}")

@@ -36,7 +36,8 @@ class PixelCodec(Codec):
     temporal_compression = 1
 
     def encode(self, video: Tensor) -> Tensor:
-        """video [B, T, 3, H, W] in [-1, 1] -> the same tensor (a copy, so callers may modify it)."""
+        """video [B, T, 3, H, W] in [-1, 1] -> the same tensor (a copy, so callers may modify
+        it)."""
         self._check_video(video)
         return video.clone()
 

@@ -1,9 +1,10 @@
 """The Wan2.1 causal video VAE (diffusers ``AutoencoderKLWan``) behind the codec interface.
 
-T = 1 + 4k video frames <-> 1 + k latent frames of ``z_dim`` channels, 8x smaller in space; latents are
-the posterior mean normalised per channel with the config's ``latents_mean`` / ``latents_std``.
-:class:`WanStreamDecoder` decodes latent frames as they arrive and equals one-shot decoding. The VAE is
-frozen: encode / decode run without gradients. What this relies on in diffusers: docs/codecs-and-text.md.
+T = 1 + 4k video frames <-> 1 + k latent frames of ``z_dim`` channels, 8x smaller in space; latents
+are the posterior mean normalised per channel with the config's ``latents_mean`` / ``latents_std``.
+:class:`WanStreamDecoder` decodes latent frames as they arrive and equals one-shot decoding. The VAE
+is frozen: encode / decode run without gradients. What this relies on in diffusers:
+docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
@@ -27,28 +28,33 @@ TINY_WAN_VAE_CONFIG: dict[str, Any] = {
     "attn_scales": [],
     "temperal_downsample": [False, True, True],
 }
-"""A random Wan-layout VAE small enough for CPU tests (same 4x temporal / 8x spatial compression)."""
+"""A random Wan-layout VAE small enough for CPU tests (same 4x temporal / 8x spatial
+compression)."""
 
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 """The VAE file's name in the original Wan2.1 release folder."""
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
-"""Single-file VAE checkpoints ``from_pretrained`` accepts (the original release is ``Wan2.1_VAE.pth``)."""
+"""Single-file VAE checkpoints ``from_pretrained`` accepts (the original release is
+``Wan2.1_VAE.pth``)."""
 _DIFFUSERS_MARKER_KEY = "encoder.conv_in.weight"
 _POST_QUANT_KEY = "post_quant_conv.weight"
 _SHOWN_KEYS = 5
 
 
 class WanVAECodec(Codec):
-    """video [B, T, 3, H, W] in [-1, 1] <-> normalised latents [B, F, z_dim, H/8, W/8], F = 1 + (T-1)/4."""
+    """video [B, T, 3, H, W] in [-1, 1] <-> normalised latents [B, F, z_dim, H/8, W/8], F = 1 +
+    (T-1)/4."""
 
     name = "wan-vae"
 
     def __init__(self, vae: Any) -> None:
-        """Wrap a built ``diffusers.AutoencoderKLWan`` (``from_pretrained`` / ``from_config`` make one)."""
+        """Wrap a built ``diffusers.AutoencoderKLWan`` (``from_pretrained`` / ``from_config`` make
+        one)."""
         from diffusers import AutoencoderKLWan
 
         if not isinstance(vae, AutoencoderKLWan):
-            raise ConfigError(f"WanVAECodec wraps a diffusers AutoencoderKLWan, got {type(vae).__name__}")
+            raise ConfigError("WanVAECodec wraps a diffusers AutoencoderKLWan, got "
+                              f"{type(vae).__name__}")
         cfg = vae.config
         if cfg.patch_size is not None or cfg.is_residual or cfg.in_channels != VIDEO_CHANNELS:
             raise ConfigError(
@@ -70,14 +76,16 @@ class WanVAECodec(Codec):
         self.latents_std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape)
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        # one feature-cache slot per causal conv of the decoder, as diffusers' clear_cache() allocates
+        # one feature-cache slot per causal conv of the decoder, as diffusers' clear_cache()
+        # allocates
         self._decoder_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None, seed: int = 0) -> WanVAECodec:
-        """Random weights (seeded, global RNG untouched); ``config`` overrides AutoencoderKLWan defaults."""
+        """Random weights (seeded, global RNG untouched); ``config`` overrides AutoencoderKLWan
+        defaults."""
         from diffusers import AutoencoderKLWan
 
         with torch.random.fork_rng(devices=[]):
@@ -86,7 +94,8 @@ class WanVAECodec(Codec):
 
     @classmethod
     def tiny_random(cls, seed: int = 0, **overrides: Any) -> WanVAECodec:
-        """A tiny random VAE (``TINY_WAN_VAE_CONFIG``) with random latents_mean / latents_std, for tests."""
+        """A tiny random VAE (``TINY_WAN_VAE_CONFIG``) with random latents_mean / latents_std, for
+        tests."""
         config = {**TINY_WAN_VAE_CONFIG, **overrides}
         z_dim = config["z_dim"]
         gen = torch.Generator().manual_seed(seed)
@@ -99,11 +108,12 @@ class WanVAECodec(Codec):
                         config: dict[str, Any] | None = None) -> WanVAECodec:
         """Load real weights, offline.
 
-        ``path`` is a diffusers folder (``config.json`` + weights, or a pipeline root holding ``vae/``), the
-        original Wan2.1 folder (its ``Wan2.1_VAE.pth`` is read), or one original-format checkpoint file such
-        as ``Wan2.1_VAE.pth`` (widths read from its shapes, converted with
-        diffusers' ``convert_wan_vae_to_diffusers``; the architecture is AutoencoderKLWan's default, which
-        is the Wan2.1 VAE; ``config`` overrides it, for single files only).
+        ``path`` is a diffusers folder (``config.json`` + weights, or a pipeline root holding
+        ``vae/``), the original Wan2.1 folder (its ``Wan2.1_VAE.pth`` is read), or one
+        original-format checkpoint file such as ``Wan2.1_VAE.pth`` (widths read from its shapes,
+        converted with diffusers' ``convert_wan_vae_to_diffusers``; the architecture is
+        AutoencoderKLWan's default, which is the Wan2.1 VAE; ``config`` overrides it, for single
+        files only).
         """
         from diffusers import AutoencoderKLWan
 
@@ -114,11 +124,14 @@ class WanVAECodec(Codec):
             folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
             if not (folder / "config.json").is_file():
                 raise CheckpointError(
-                    f"{path} is not a Wan VAE folder: expected {WAN_VAE_FILE}, or config.json in it or in"
-                    " vae/; pass the Wan2.1-T2V-1.3B folder, its -Diffusers folder, or a Wan2.1_VAE.pth file"
+                    f"{path} is not a Wan VAE folder: expected {WAN_VAE_FILE}, or config.json in "
+                    "it or in"
+                    " vae/; pass the Wan2.1-T2V-1.3B folder, its -Diffusers folder, or a "
+                    "Wan2.1_VAE.pth file"
                 )
             try:
-                vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+                vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True,
+                                                       torch_dtype=dtype)
             except (OSError, ValueError, RuntimeError) as err:
                 raise CheckpointError(f"could not load the Wan VAE from {folder}: {err}") from err
             return cls(vae)
@@ -129,8 +142,10 @@ class WanVAECodec(Codec):
             f" {', '.join(CHECKPOINT_SUFFIXES)} (e.g. Wan2.1_VAE.pth)"
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanVAECodec:
-        """Move the VAE (and its normalisation constants) to ``device`` / cast its weights to ``dtype``."""
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> WanVAECodec:
+        """Move the VAE (and its normalisation constants) to ``device`` / cast its weights to
+        ``dtype``."""
         if dtype is not None:  # diffusers warns on a .to() that names a dtype, even None
             self.vae.to(dtype=dtype)
         self.vae.to(device=device)
@@ -153,15 +168,18 @@ class WanVAECodec(Codec):
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
-        """video [B, T, 3, H, W] in [-1, 1], T = 1 + 4k -> float32 latents [B, 1 + k, z_dim, H/8, W/8]."""
+        """video [B, T, 3, H, W] in [-1, 1], T = 1 + 4k -> float32 latents [B, 1 + k, z_dim, H/8,
+        W/8]."""
         self._check_video(video)
-        x = video.to(device=self.device, dtype=self.dtype).transpose(1, 2)  # diffusers: [B, 3, T, H, W]
+        # diffusers: [B, 3, T, H, W]
+        x = video.to(device=self.device, dtype=self.dtype).transpose(1, 2)
         mu = self.vae.encode(x).latent_dist.mean.transpose(1, 2).float()
         return (mu - self.latents_mean) / self.latents_std
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """latents [B, F, z_dim, h, w] -> float32 video [B, 1 + 4(F-1), 3, 8h, 8w] clamped to [-1, 1]."""
+        """latents [B, F, z_dim, h, w] -> float32 video [B, 1 + 4(F-1), 3, 8h, 8w] clamped to [-1,
+        1]."""
         self._check_latents(latents)
         z = self._denormalise(latents).transpose(1, 2)
         return self.vae.decode(z).sample.transpose(1, 2).float()
@@ -170,17 +188,21 @@ class WanVAECodec(Codec):
         return WanStreamDecoder(self)
 
     def _denormalise(self, latents: Tensor) -> Tensor:
-        """Normalised latents [B, F, C, h, w] -> raw posterior means in the VAE's dtype and device."""
-        z = latents.to(device=self.device, dtype=torch.float32) * self.latents_std + self.latents_mean
+        """Normalised latents [B, F, C, h, w] -> raw posterior means in the VAE's dtype and
+        device."""
+        z = latents.to(device=self.device,
+                       dtype=torch.float32) * self.latents_std + self.latents_mean
         return z.to(self.dtype)
 
 
 class WanStreamDecoder(StreamDecoder):
-    """Decode a latent stream as it arrives, one latent frame at a time, through the causal feature cache.
+    """Decode a latent stream as it arrives, one latent frame at a time, through the causal feature
+    cache.
 
-    The first latent frame of a stream yields 1 video frame, each later one yields ``temporal_compression``
-    (4); pieces may hold any number of latent frames. The cache belongs to this object, not to the VAE,
-    so several streams (and one-shot ``Codec.decode`` calls) can interleave.
+    The first latent frame of a stream yields 1 video frame, each later one yields
+    ``temporal_compression`` (4); pieces may hold any number of latent frames. The cache belongs to
+    this object, not to the VAE, so several streams (and one-shot ``Codec.decode`` calls) can
+    interleave.
     """
 
     def __init__(self, codec: WanVAECodec) -> None:
@@ -200,17 +222,19 @@ class WanStreamDecoder(StreamDecoder):
         b, _, _, h, w = latents.shape
         if self._shape is not None and self._shape != (b, h, w):
             raise InputError(
-                f"stream decoder was started with batch/height/width {self._shape}, got {(b, h, w)};"
+                f"stream decoder was started with batch/height/width {self._shape}, got "
+                f"{(b, h, w)};"
                 " call reset() before decoding another stream"
             )
         self._shape = (b, h, w)
-        z = codec.vae.post_quant_conv(codec._denormalise(latents).transpose(1, 2))  # 1x1x1 conv: per frame
+        # 1x1x1 conv: per frame
+        z = codec.vae.post_quant_conv(codec._denormalise(latents).transpose(1, 2))
         outputs = []
         for i in range(z.shape[2]):
             feat_idx = [0]
             first = not self._started
-            out = codec.vae.decoder(z[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=feat_idx,
-                                    first_chunk=first)
+            out = codec.vae.decoder(z[:, :, i : i + 1], feat_cache=self._feat_cache,
+                                    feat_idx=feat_idx, first_chunk=first)
             self._started = True
             outputs.append(out)
         return torch.cat(outputs, dim=2).clamp(-1.0, 1.0).transpose(1, 2).float()
@@ -238,9 +262,11 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: dict[str, Any]) ->
         state = convert_wan_vae_to_diffusers(state)
     if _DIFFUSERS_MARKER_KEY not in state or _POST_QUANT_KEY not in state:
         found = list(state)[:_SHOWN_KEYS]
-        raise CheckpointError(f"{path} is not a Wan2.1 VAE checkpoint (found keys {found}); expected the"
+        raise CheckpointError(f"{path} is not a Wan2.1 VAE checkpoint (found keys {found}); "
+                              "expected the"
                               " layout of Wan2.1_VAE.pth or of a diffusers AutoencoderKLWan")
-    # widths the shapes give (the original release is base_dim 96, z_dim 16; smaller files are test copies)
+    # widths the shapes give (the original release is base_dim 96, z_dim 16; smaller files are test
+    # copies)
     config = {"base_dim": int(state[_DIFFUSERS_MARKER_KEY].shape[0]),
               "z_dim": int(state[_POST_QUANT_KEY].shape[0]), **config}
     meta = torch.device("meta")
@@ -250,7 +276,8 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: dict[str, Any]) ->
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not fit the Wan2.1 VAE: {len(missing)} missing keys (e.g. {missing[:_SHOWN_KEYS]}),"
+            f"{path} does not fit the Wan2.1 VAE: {len(missing)} missing keys (e.g. "
+            f"{missing[:_SHOWN_KEYS]}),"
             f" {len(unexpected)} unexpected keys (e.g. {unexpected[:_SHOWN_KEYS]})"
         )
     try:

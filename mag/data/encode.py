@@ -1,9 +1,9 @@
 """``mag data encode``: mp4 files + captions -> latent shards (VAE latents, text-encoder states).
 
 The captions file is a CSV with a header naming the columns ``video`` (a path relative to
-VIDEOS_DIR) and ``caption``. Each video contributes its first ``codec.video_frames(--frames)`` frames
-at their stored size (no resizing; the size must divide by the codec's compression). Every input is
-checked before anything is written; an interrupted run resumes at its first missing shard.
+VIDEOS_DIR) and ``caption``. Each video contributes its first ``codec.video_frames(--frames)``
+frames at their stored size (no resizing; the size must divide by the codec's compression). Every
+input is checked before anything is written; an interrupted run resumes at its first missing shard.
 """
 
 from __future__ import annotations
@@ -46,28 +46,33 @@ def read_captions(videos_dir: str | Path, captions_csv: str | Path) -> list[Clip
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"cannot read captions file {captions_csv}: {err}") from err
     if not rows or any(column not in rows[0] for column in CSV_COLUMNS):
-        raise InputError(f"{captions_csv} needs a header with columns {', '.join(CSV_COLUMNS)} and at least"
+        raise InputError(f"{captions_csv} needs a header with columns {', '.join(CSV_COLUMNS)} "
+                         "and at least"
                          " one row")
     clips = [Clip(videos_dir / row["video"], (row["caption"] or "").strip()) for row in rows]
     missing = [str(c.video) for c in clips if not c.video.is_file()]
     if missing:
-        raise InputError(f"{len(missing)} video file(s) of {captions_csv} not found, e.g. {missing[0]}")
+        raise InputError(f"{len(missing)} video file(s) of {captions_csv} not found, e.g. "
+                         f"{missing[0]}")
     return clips
 
 
 def encode_clip(codec: Codec, path: Path, frames: int, device: torch.device) -> torch.Tensor:
-    """Latents ``[frames, C, h, w]`` of the first ``codec.video_frames(frames)`` frames of one mp4."""
+    """Latents ``[frames, C, h, w]`` of the first ``codec.video_frames(frames)`` frames of one
+    mp4."""
     video = read_mp4(path)
     needed = codec.video_frames(frames)
     if video.shape[0] < needed:
-        raise InputError(f"{path} has {video.shape[0]} frames; {frames} latent frames need {needed}")
+        raise InputError(f"{path} has {video.shape[0]} frames; {frames} latent frames need "
+                         f"{needed}")
     pixels = frames_to_tensor(video[:needed])[None].to(device)
     with torch.no_grad():
         return codec.encode(pixels)[0].float().cpu()
 
 
 def encode_videos(videos_dir: str | Path, captions_csv: str | Path, out: str | Path, *, frames: int,
-                  codec: Codec, codec_name: str, text: TextEncoder | None = None, text_name: str = "none",
+                  codec: Codec, codec_name: str, text: TextEncoder | None = None,
+                  text_name: str = "none",
                   shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | str = "cpu",
                   progress: bool = True) -> Path:
     """Write (or complete) the shard folder ``out``; returns it."""
@@ -81,7 +86,8 @@ def encode_videos(videos_dir: str | Path, captions_csv: str | Path, out: str | P
         stored = read_index(out)
         changed = [k for k, v in info.items() if stored.get(k) != v]
         if changed:
-            raise InputError(f"{out} was written with other settings ({', '.join(changed)} differ); choose"
+            raise InputError(f"{out} was written with other settings ({', '.join(changed)} "
+                             "differ); choose"
                              " another output folder")
     out.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []
@@ -99,7 +105,8 @@ def encode_videos(videos_dir: str | Path, captions_csv: str | Path, out: str | P
             bar.update(1)
         prompts = [clip.caption for clip in part]
         context = text.encode(prompts).float().cpu() if text is not None else None
-        write_shard(out, k, torch.stack(latents), prompts, [clip.video.name for clip in part], context)
+        write_shard(out, k, torch.stack(latents), prompts, [clip.video.name for clip in part],
+                    context)
         counts.append(len(part))
         info["latent_shape"] = list(latents[0].shape[1:])
         write_index(out, counts, info)
@@ -115,21 +122,25 @@ def _latent_shape(out: Path) -> list[int]:
 
 # ------------------------------------------------------------------------------ CLI
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="prepare training data (latent shards of real videos)",
+    data = subparsers.add_parser("data", help="prepare training data (latent shards of real "
+                                              "videos)",
                                  description="Data preparation for training at Wan scale.")
     tools = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    enc = tools.add_parser("encode", help="mp4 files + captions CSV -> VAE latent shards (resumable)",
+    enc = tools.add_parser("encode", help="mp4 files + captions CSV -> VAE latent shards "
+                                          "(resumable)",
                            description=__doc__.split("\n\n")[0])
     enc.add_argument("videos", help="folder of the mp4 files")
     enc.add_argument("captions", help="CSV with columns video (relative path) and caption")
     add_out_argument(enc, "shard folder (created; resumed if present)")
     enc.add_argument("--frames", type=int, required=True, help="latent frames per clip")
     enc.add_argument("--codec", default="wan-vae", help="codec name (default %(default)s)")
-    enc.add_argument("--vae", default=None, help="VAE weights (Wan2.1_VAE.pth or a diffusers folder)")
+    enc.add_argument("--vae", default=None, help="VAE weights (Wan2.1_VAE.pth or a diffusers "
+                                                 "folder)")
     enc.add_argument("--vae-tiny", action="store_true", help="a tiny random VAE (tests)")
     enc.add_argument("--text-encoder", default="none", choices=("none", "minilm", "umt5"),
                      help="store text-encoder states of the captions (default: captions only)")
-    enc.add_argument("--text-encoder-path", default=None, help="UMT5 weights folder for --text-encoder umt5")
+    enc.add_argument("--text-encoder-path", default=None, help="UMT5 weights folder for "
+                                                               "--text-encoder umt5")
     enc.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard")
     add_runtime_arguments(enc)  # --device of the VAE and text encoder, --threads
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,7 +151,8 @@ def _encode(args: argparse.Namespace) -> int:
     read_captions(args.videos, args.captions)  # refuse bad input before loading any weights
     set_threads(args.threads)
     kwargs = {"path": args.vae} if args.vae else {"tiny": True} if args.vae_tiny else {}
-    codec = get_codec(args.codec, **kwargs).to(args.device) if args.codec != "pixel" else get_codec("pixel")
+    codec = get_codec(args.codec,
+                      **kwargs).to(args.device) if args.codec != "pixel" else get_codec("pixel")
     text = None
     if args.text_encoder == "umt5":
         text = get_text_encoder("umt5", path=args.text_encoder_path).to(args.device)
@@ -148,8 +160,10 @@ def _encode(args: argparse.Namespace) -> int:
         text = get_text_encoder("minilm").to(args.device)
     out = encode_videos(args.videos, args.captions, args.out, frames=args.frames, codec=codec,
                         codec_name=args.codec, text=text, text_name=args.text_encoder,
-                        shard_size=args.shard_size, device=args.device, progress=not args.no_progress)
+                        shard_size=args.shard_size, device=args.device,
+                        progress=not args.no_progress)
     index = read_index(out)
-    print(f"wrote {out}: {index['clips']} clips of {args.frames} latent frames in {len(index['shards'])}"
+    print(f"wrote {out}: {index['clips']} clips of {args.frames} latent frames in "
+          f"{len(index['shards'])}"
           " shard(s)")
     return 0

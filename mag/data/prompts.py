@@ -1,8 +1,9 @@
 """Prompt files for the data-free stages (Self-Forcing DMD, MAG stage 2): one prompt per line.
 
-Sample ``i`` of micro-batch ``micro`` of ``step`` is a pure function of ``(seed, step, micro, i)`` (a
-keyed draw with replacement, like the world clips), so every rank reads its own slice of the same
-global batch in a fixed order and a resumed run draws exactly the prompts the uninterrupted run would.
+Sample ``i`` of micro-batch ``micro`` of ``step`` is a pure function of ``(seed, step, micro, i)``
+(a keyed draw with replacement, like the world clips), so every rank reads its own slice of the same
+global batch in a fixed order and a resumed run draws exactly the prompts the uninterrupted run
+would.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from mag.errors import InputError
 
 @dataclass
 class PromptBatch:
-    """Prompts of one micro-batch and a zero camera track ``[B, F]`` (prompt data carry no camera)."""
+    """Prompts of one micro-batch and a zero camera track ``[B, F]`` (prompt data carry no
+    camera)."""
 
     prompts: list[str]
     camera_px: Tensor
@@ -39,7 +41,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 class PromptFileSource:
-    """Draws :class:`PromptBatch`es from a prompt file (same ``batch`` interface as the world clips)."""
+    """Draws :class:`PromptBatch`es from a prompt file (same ``batch`` interface as the world
+    clips)."""
 
     def __init__(self, path: str | Path, num_frames: int, seed: int) -> None:
         self.prompts = read_prompt_file(path)
@@ -48,7 +51,8 @@ class PromptFileSource:
 
     def index(self, step: int, micro: int, sample: int) -> int:
         """Line of sample ``sample`` of micro-batch ``micro`` of ``step``."""
-        return int(np.random.default_rng([self.seed, step, micro, sample]).integers(len(self.prompts)))
+        return int(np.random.default_rng([self.seed, step, micro,
+                                          sample]).integers(len(self.prompts)))
 
     def batch(self, step: int, micro: int, indices: range) -> PromptBatch:
         prompts = [self.prompts[self.index(step, micro, i)] for i in indices]

@@ -1,13 +1,15 @@
-"""Latent shards: VAE latents (+ text embeddings) of real videos, and the streaming loader that reads them.
+"""Latent shards: VAE latents (+ text embeddings) of real videos, and the streaming loader that
+reads them.
 
 A shard folder holds ``index.json`` and ``shard_XXXXX.safetensors`` files, each with ``latents``
-``[n, F, C, h, w]``, optionally ``context`` ``[n, L, D]`` (text-encoder states), and the clips' prompts
-and source files as metadata. Shard ``k`` holds rows ``[k * shard_size, (k + 1) * shard_size)`` of the
-captions file, so a writer resumes by skipping complete shards (each is written to ``*.tmp`` and
-renamed). The loader reads one row at a time (safetensors slices, no whole-shard load) in an order
-that is a pure function of ``(seed, step, micro, index)``: global sample ``n`` of the run is row
-``perm_e[n mod N]`` of epoch ``e = n div N``, so every clip is seen once per epoch, ranks take
-disjoint slices of each global batch, and a resumed run reads exactly what the uninterrupted one would.
+``[n, F, C, h, w]``, optionally ``context`` ``[n, L, D]`` (text-encoder states), and the clips'
+prompts and source files as metadata. Shard ``k`` holds rows ``[k * shard_size, (k + 1) *
+shard_size)`` of the captions file, so a writer resumes by skipping complete shards (each is written
+to ``*.tmp`` and renamed). The loader reads one row at a time (safetensors slices, no whole-shard
+load) in an order that is a pure function of ``(seed, step, micro, index)``: global sample ``n`` of
+the run is row ``perm_e[n mod N]`` of epoch ``e = n div N``, so every clip is seen once per epoch,
+ranks take disjoint slices of each global batch, and a resumed run reads exactly what the
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def write_shard(folder: Path, k: int, latents: Tensor, prompts: list[str], sourc
         tensors[CONTEXT] = context.contiguous()
     final = folder / shard_name(k)
     tmp = final.with_name(final.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts), "sources": json.dumps(sources)})
+    save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts),
+                                           "sources": json.dumps(sources)})
     os.replace(tmp, final)
     return final
 
@@ -72,10 +75,14 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise InputError(f"{folder} is not a latent shard folder (cannot read {INDEX_FILE}: {err})") from err
+        raise InputError(
+            f"{folder} is not a latent shard folder (cannot read {INDEX_FILE}: {err})"
+        ) from err
     if index.get("format") != SHARDS_FORMAT or not index.get("shards"):
-        raise InputError(f"{path} has format {index.get('format')!r} and {len(index.get('shards') or [])}"
-                         f" shards; expected {SHARDS_FORMAT!r} with at least one shard (mag data encode)")
+        raise InputError(f"{path} has format {index.get('format')!r} and "
+                         f"{len(index.get('shards') or [])}"
+                         f" shards; expected {SHARDS_FORMAT!r} with at least one shard (mag data "
+                         "encode)")
     return index
 
 
@@ -98,14 +105,16 @@ class LatentShardSource:
             self.starts.append(self.starts[-1] + int(shard["count"]))
         self.total = self.starts[-1]
         if int(index["frames"]) < clip_frames:
-            raise InputError(f"{self.folder} holds {index['frames']}-frame clips, fewer than data.clip_frames"
+            raise InputError(f"{self.folder} holds {index['frames']}-frame clips, fewer than "
+                             "data.clip_frames"
                              f" = {clip_frames}")
         self.clip_frames, self.seed = clip_frames, seed
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self._orders: dict[int, Tensor] = {}
 
     def _permutation(self, epoch: int) -> Tensor:
-        """The row order of ``epoch`` (the last two are kept: a batch may straddle an epoch boundary)."""
+        """The row order of ``epoch`` (the last two are kept: a batch may straddle an epoch
+        boundary)."""
         if epoch not in self._orders:
             state = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
             gen = torch.Generator().manual_seed(int(state))
@@ -114,7 +123,8 @@ class LatentShardSource:
         return self._orders[epoch]
 
     def row(self, step: int, micro: int, index: int) -> int:
-        """The clip (row over all shards) of sample ``index`` of micro-batch ``micro`` of ``step``."""
+        """The clip (row over all shards) of sample ``index`` of micro-batch ``micro`` of
+        ``step``."""
         n = (step * self.grad_accum + micro) * self.micro_batch + index
         return int(self._permutation(n // self.total)[n % self.total])
 

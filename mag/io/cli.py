@@ -1,5 +1,5 @@
-"""Command-line flags every ``mag`` command shares, declared once: the output path, the runtime and the
-dtype."""
+"""Command-line flags every ``mag`` command shares, declared once: the output path, the runtime and
+the dtype."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from mag.errors import ConfigError
 
-# torch intra-op threads unless --threads says otherwise: the tiny models' small matmuls run fastest on one
-# thread, and more stall on a busy CPU (docs/performance.md).
+# torch intra-op threads unless --threads says otherwise: the tiny models' small matmuls run fastest
+# on one thread, and more stall on a busy CPU (docs/performance.md).
 DEFAULT_THREADS = 1
 DEFAULT_DEVICE = "cpu"
 # ``--dtype`` names: weights, activations and KV cache of the models a command loads.
@@ -30,7 +30,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, devices: Sequence[
     parser.add_argument("--device", dest=f"{dest_prefix}device", default=DEFAULT_DEVICE,
                         choices=tuple(devices) if devices else None,
                         help=f"torch device (default {DEFAULT_DEVICE})")
-    parser.add_argument("--threads", dest=f"{dest_prefix}threads", type=int, default=DEFAULT_THREADS,
+    parser.add_argument("--threads", dest=f"{dest_prefix}threads", type=int,
+                        default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU (default {DEFAULT_THREADS})")
 
 
@@ -38,7 +39,8 @@ def add_dtype_argument(parser: argparse.ArgumentParser, *, cuda_default: str = "
     """``--dtype`` (default float32, and ``cuda_default`` on a CUDA ``--device``); read it with
     :func:`dtype_from_args`."""
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                        help=f"weights, activations and KV cache dtype (default: {cuda_default} on cuda,"
+                        help=f"weights, activations and KV cache dtype (default: {cuda_default} "
+                             "on cuda,"
                              " float32 elsewhere)")
     parser.set_defaults(dtype_cuda_default=cuda_default)
 

@@ -1,9 +1,9 @@
 """The one way the project writes a file: checked first, then temp file + fsync + atomic rename.
 
 Invariants: a reader sees the old file or the whole new one, never a partial one; nothing but a
-regular file (or nothing) is ever replaced -- not a symlink, FIFO, device node or folder -- nor a file
-the command is reading; the suffix matches the data's format. :func:`check_output` runs these checks
-alone, so a command can refuse its output before the work starts.
+regular file (or nothing) is ever replaced -- not a symlink, FIFO, device node or folder -- nor a
+file the command is reading; the suffix matches the data's format. :func:`check_output` runs these
+checks alone, so a command can refuse its output before the work starts.
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ def _refuse_target(target: Path, inputs: Iterable[PathLike]) -> None:
     except OSError as err:
         raise InputError(f"cannot write {target}: {err.strerror or err}") from err
     if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"refusing to replace {target}: it is {_kind(info.st_mode)}, not a regular file;"
+        raise InputError(f"refusing to replace {target}: it is {_kind(info.st_mode)}, not a "
+                         "regular file;"
                          " give a new file name")
     for source in inputs:
         if _same_file(info, Path(source)):
-            raise InputError(f"refusing to write {target}: it is the input {source} this command reads;"
+            raise InputError(f"refusing to write {target}: it is the input {source} this command "
+                             "reads;"
                              " give another output name")
 
 
@@ -87,19 +89,21 @@ def check_output(path: PathLike, *, suffixes: Iterable[str] = (), inputs: Iterab
 
 
 def check_folder_writable(folder: PathLike, what: str) -> None:
-    """``folder`` exists as a writable folder, or its nearest existing ancestor does (so that it can be
-    created when the output is written); nothing is created here."""
+    """``folder`` exists as a writable folder, or its nearest existing ancestor does (so that it can
+    be created when the output is written); nothing is created here."""
     existing = Path(folder).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"cannot write {what}: {existing} is not a folder; choose a writable path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {what}: folder {existing} is not writable; choose a writable path")
+        raise InputError(f"cannot write {what}: folder {existing} is not writable; choose a "
+                         "writable path")
 
 
 def fsync_folder(folder: PathLike) -> None:
-    """Make a rename in ``folder`` durable (best effort: some filesystems refuse fsync on folders)."""
+    """Make a rename in ``folder`` durable (best effort: some filesystems refuse fsync on
+    folders)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -121,15 +125,18 @@ def _umask() -> int:
 @contextmanager
 def atomic_path(path: PathLike, *, suffixes: Iterable[str] = (), inputs: Iterable[PathLike] = (),
                 what: str = "output") -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder (same suffix, so format-sniffing writers work); when
-    the block succeeds, fsync it and rename it onto ``path``. On any error the target is untouched."""
+    """Yield a temporary path in ``path``'s folder (same suffix, so format-sniffing writers work);
+    when the block succeeds, fsync it and rename it onto ``path``. On any error the target is
+    untouched."""
     target = check_output(path, suffixes=suffixes, inputs=inputs, what=what)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}",
                                     dir=target.parent)
     except OSError as err:
-        raise InputError(f"cannot write {target}: {err.strerror or err}; choose a writable path") from err
+        raise InputError(
+            f"cannot write {target}: {err.strerror or err}; choose a writable path"
+        ) from err
     os.close(fd)
     tmp = Path(name)
     try:
@@ -154,7 +161,8 @@ def write_text(path: PathLike, text: str, **checks: Any) -> Path:
     return Path(path)
 
 
-def write_json(path: PathLike, data: Any, *, indent: int = 2, allow_nan: bool = False, **checks: Any) -> Path:
+def write_json(path: PathLike, data: Any, *, indent: int = 2, allow_nan: bool = False,
+               **checks: Any) -> Path:
     """Write ``data`` as JSON (strict unless ``allow_nan``) plus a newline, atomically."""
     text = json.dumps(data, indent=indent, allow_nan=allow_nan) + "\n"
     return write_text(path, text, **{"suffixes": (".json",), **checks})
@@ -165,7 +173,8 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def save_figure(fig: Figure, path: PathLike, **savefig: Any) -> Path:
-    """``fig.savefig`` through :func:`atomic_path`; the format is the suffix (one of FIGURE_SUFFIXES)."""
+    """``fig.savefig`` through :func:`atomic_path`; the format is the suffix (one of
+    FIGURE_SUFFIXES)."""
     target = Path(path)
     with atomic_path(target, suffixes=FIGURE_SUFFIXES, what="figure") as tmp:
         fig.savefig(tmp, format=target.suffix[1:].lower(), **savefig)

@@ -1,9 +1,10 @@
-"""Untrusted HTTP input, bounded: JSON bodies of limited nesting, text that encodes, a capped server.
+"""Untrusted HTTP input, bounded: JSON bodies of limited nesting, text that encodes, a capped
+server.
 
 Invariants: :func:`parse_json_body` raises only InputError (never RecursionError or ValueError);
 :func:`check_text` (:mod:`mag.io.text`) returns text that UTF-8 can encode, within its length limit;
-:class:`BoundedHTTPServer` holds at most ``max_connections`` handler threads, answers the rest 503 at
-once, and its handlers time out a peer that stalls (slow headers, a body that never comes).
+:class:`BoundedHTTPServer` holds at most ``max_connections`` handler threads, answers the rest 503
+at once, and its handlers time out a peer that stalls (slow headers, a body that never comes).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ __all__ = ["BUSY_RESPONSE", "MAX_JSON_DEPTH", "BoundedHTTPServer", "check_text",
 # Deepest nesting of arrays/objects a body may have (the control body is one flat object).
 MAX_JSON_DEPTH = 8
 # What a connection over the cap gets before it is closed.
-BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n"
+BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
+                 b"text/plain\r\nContent-Length: 20\r\n"
                  b"Connection: close\r\n\r\ntoo many connections")
 
 
 def json_depth(text: str) -> int:
-    """Deepest ``[``/``{`` nesting of JSON ``text`` (brackets in strings ignored; linear, no recursion)."""
+    """Deepest ``[``/``{`` nesting of JSON ``text`` (brackets in strings ignored; linear, no
+    recursion)."""
     depth = deepest = 0
     in_string = escaped = False
     for char in text:
@@ -59,7 +62,8 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise InputError(f"body nests deeper than {max_depth} levels")
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, and ints past Python's digit limit
+    # JSONDecodeError, and ints past Python's digit limit
+    except (ValueError, RecursionError) as err:
         raise InputError(f"body is not JSON: {str(err)[:120]}") from err
 
 

@@ -25,7 +25,8 @@ class RunFolderBusy(MagError):
 
 
 class RunLock:
-    """Exclusive ownership of a folder while held; ``stale`` names a dead previous holder, if any."""
+    """Exclusive ownership of a folder while held; ``stale`` names a dead previous holder, if
+    any."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -43,7 +44,8 @@ class RunLock:
                 holder = _read(fd)
                 os.close(fd)
                 raise RunFolderBusy(f"run folder {self.folder} is in use by process {holder or '?'}"
-                                    f" (lock file {self.path}); wait for it to finish or choose another"
+                                    f" (lock file {self.path}); wait for it to finish or choose "
+                                    "another"
                                     " output folder") from None
             # The holder we waited on may have unlinked the file: lock the file that is there now.
             try:

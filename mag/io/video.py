@@ -2,10 +2,10 @@
 
 Tiny 32x32 frames suffer from H.264's 4:2:0 chroma subsampling (one colour sample per 2x2 pixels)
 and its 16x16 macroblocks, so :func:`write_mp4` upscales small frames by an integer factor with
-nearest-neighbour (each pixel becomes a flat ``scale x scale`` square, which 4:2:0 keeps exactly) and
-:func:`read_mp4` can average those squares back. By default the factor is the smallest that makes the
-short side at least ``MIN_SIDE_PX``, so real-size video (480x832) is written at its native size. Every
-write goes to a temporary file in the target folder, renamed into place when complete.
+nearest-neighbour (each pixel becomes a flat ``scale x scale`` square, which 4:2:0 keeps exactly)
+and :func:`read_mp4` can average those squares back. By default the factor is the smallest that
+makes the short side at least ``MIN_SIDE_PX``, so real-size video (480x832) is written at its native
+size. Every write goes to a temporary file in the target folder, renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 from mag.errors import InputError
 from mag.io.files import atomic_path, check_output
 
-__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "MIN_SIDE_PX", "MP4_SUFFIXES", "PNG_SUFFIXES", "auto_scale",
-           "check_mp4_output", "read_mp4", "write_mp4", "write_png_strip"]
+__all__ = ["DEFAULT_CRF", "DEFAULT_SCALE", "MIN_SIDE_PX", "MP4_SUFFIXES", "PNG_SUFFIXES",
+           "auto_scale", "check_mp4_output", "read_mp4", "write_mp4", "write_png_strip"]
 
 PixelFormat = Literal["yuv420p", "yuv444p"]
 
@@ -31,7 +31,8 @@ PixelFormat = Literal["yuv420p", "yuv444p"]
 DEFAULT_SCALE = 4
 # Short side (px) that small frames are upscaled to reach; larger frames are written as they are.
 MIN_SIDE_PX = 128
-# x264 constant rate factor: 0 is lossless, 23 is x264's default; 12 keeps flat synthetic frames sharp.
+# x264 constant rate factor: 0 is lossless, 23 is x264's default; 12 keeps flat synthetic frames
+# sharp.
 DEFAULT_CRF = 12
 # PNG strips: gap between frames and rows (px), label band height (px), background and text colours.
 STRIP_GAP_PX = 2
@@ -47,32 +48,41 @@ PNG_SUFFIXES = (".png",)
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+    if (
+        frames.dtype != np.uint8
+        or frames.ndim != 4
+        or frames.shape[-1] != 3
+        or frames.shape[0] == 0
+    ):
         raise InputError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype}"
                          f" {list(frames.shape)}")
     return frames
 
 
 def check_mp4_output(path: str | os.PathLike[str]) -> Path:
-    """Refuse an mp4 output path that :func:`write_mp4` could not write, before the frames are made."""
+    """Refuse an mp4 output path that :func:`write_mp4` could not write, before the frames are
+    made."""
     return check_output(path, suffixes=MP4_SUFFIXES)
 
 
 def auto_scale(height: int, width: int) -> int:
-    """Smallest integer upscale that brings the short side to ``MIN_SIDE_PX`` (1 for frames that big)."""
+    """Smallest integer upscale that brings the short side to ``MIN_SIDE_PX`` (1 for frames that
+    big)."""
     return max(1, math.ceil(MIN_SIDE_PX / min(height, width)))
 
 
-def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, scale: int | None = None,
+def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *,
+              scale: int | None = None,
               crf: int = DEFAULT_CRF, pix_fmt: PixelFormat = "yuv420p") -> Path:
-    """Encode ``frames`` (uint8 ``[T, H, W, 3]``) as an H.264 mp4 at ``fps``; returns the path written.
+    """Encode ``frames`` (uint8 ``[T, H, W, 3]``) as an H.264 mp4 at ``fps``; returns the path
+    written.
 
     Every frame is written, none dropped or repeated.
 
     Args:
-        scale: integer nearest-neighbour upscale before encoding (1 = none); None: :func:`auto_scale`.
-        crf: x264 quality, 0 (lossless) to 51.
-        pix_fmt: ``yuv420p`` plays everywhere; ``yuv444p`` keeps full colour resolution.
+        scale: integer nearest-neighbour upscale before encoding (1 = none); None:
+        :func:`auto_scale`. crf: x264 quality, 0 (lossless) to 51. pix_fmt: ``yuv420p`` plays
+        everywhere; ``yuv444p`` keeps full colour resolution.
     """
     import av
 
@@ -89,7 +99,8 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, s
         raise InputError(f"fps must be > 0, got {fps}")
     height, width = frames.shape[1] * scale, frames.shape[2] * scale
     if pix_fmt == "yuv420p" and (height % 2 or width % 2):
-        raise InputError(f"yuv420p needs even frame sizes, got {height}x{width} after scale {scale};"
+        raise InputError(f"yuv420p needs even frame sizes, got {height}x{width} after scale "
+                         f"{scale};"
                          " use an even scale or pix_fmt='yuv444p'")
     with atomic_path(path, suffixes=MP4_SUFFIXES) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
@@ -99,7 +110,8 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, *, s
             for frame in frames:
                 if scale > 1:
                     frame = frame.repeat(scale, axis=0).repeat(scale, axis=1)
-                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                                         format="rgb24")
                 container.mux(stream.encode(video_frame))
             container.mux(stream.encode(None))
     return Path(path)

@@ -8,5 +8,5 @@ from mag.models.attention import (
 )
 from mag.models.dit import WanDiT, count_parameters
 
-__all__ = ["CrossAttentionCache", "WanDiT", "block_causal_mask", "count_parameters", "last_frame_memory_mask",
-           "sink_window_mask"]
+__all__ = ["CrossAttentionCache", "WanDiT", "block_causal_mask", "count_parameters",
+           "last_frame_memory_mask", "sink_window_mask"]

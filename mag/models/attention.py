@@ -1,10 +1,11 @@
-"""Attention of the Wan DiT: frame-level masks, self-attention with a KV cache, cross-attention to text.
+"""Attention of the Wan DiT: frame-level masks, self-attention with a KV cache, cross-attention to
+text.
 
 Masks are frame-level (``[F_query, F_key]`` bool, True = may attend), turned into one
-:class:`AttentionMask` per forward and shared by all layers. Two execution paths give the same result:
-``dense`` (SDPA with a token mask) and ``grouped`` (default on CPU: query frames with identical mask rows
-attend only to the key frames they may see). When each pays, and flex attention at Wan scale:
-docs/performance.md, "Attention paths".
+:class:`AttentionMask` per forward and shared by all layers. Two execution paths give the same
+result: ``dense`` (SDPA with a token mask) and ``grouped`` (default on CPU: query frames with
+identical mask rows attend only to the key frames they may see). When each pays, and flex attention
+at Wan scale: docs/performance.md, "Attention paths".
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def block_causal_mask(num_frames: int, frames_per_block: int) -> Tensor:
     return block[None, :] <= block[:, None]
 
 
-def sink_window_mask(num_frames: int, frames_per_block: int, sink_frames: int, window_frames: int) -> Tensor:
+def sink_window_mask(num_frames: int, frames_per_block: int, sink_frames: int,
+                     window_frames: int) -> Tensor:
     """What :class:`mag.cache.WindowPolicy` streaming sees, as one full-sequence mask.
 
     A query in block ``b`` (first frame ``s = b * frames_per_block``) sees its own block, the
@@ -53,15 +55,19 @@ def last_frame_memory_mask(num_frames: int, frames_per_block: int, sink_frames: 
     block = frames // frames_per_block
     is_last = frames % frames_per_block == frames_per_block - 1
     earlier = block[None, :] < block[:, None]
-    return (block[None, :] == block[:, None]) | (earlier & ((frames < sink_frames) | is_last)[None, :])
+    return (block[None, :] == block[:, None]) | (earlier & ((frames < sink_frames) | is_last)[None,
+                                                                                              :])
 
 
 def expand_frame_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
-    """``[Fq, Fk]`` frame mask -> ``[Fq * T, Fk * T]`` token mask (tokens of a frame are contiguous)."""
-    return frame_mask.repeat_interleave(tokens_per_frame, dim=0).repeat_interleave(tokens_per_frame, dim=1)
+    """``[Fq, Fk]`` frame mask -> ``[Fq * T, Fk * T]`` token mask (tokens of a frame are
+    contiguous)."""
+    rows = frame_mask.repeat_interleave(tokens_per_frame, dim=0)
+    return rows.repeat_interleave(tokens_per_frame, dim=1)
 
 
-# A run of token indices: a slice when contiguous (a view, no copy), else an index tensor (a gather).
+# A run of token indices: a slice when contiguous (a view, no copy), else an index tensor (a
+# gather).
 TokenIndex = slice | Tensor
 
 
@@ -82,9 +88,9 @@ class AttentionMask:
     """A frame mask prepared once per forward for every layer (see the module docstring).
 
     Attributes:
-        dense: ``[Nq, Nk]`` bool token mask (dense path) or None.
-        groups: (query tokens, key tokens) per group of query frames with identical mask rows.
-        order: permutation putting the concatenated group outputs back in query order (None: already).
+        dense: ``[Nq, Nk]`` bool token mask (dense path) or None. groups: (query tokens, key tokens)
+        per group of query frames with identical mask rows. order: permutation putting the
+        concatenated group outputs back in query order (None: already).
     """
 
     dense: Tensor | None = None
@@ -94,9 +100,11 @@ class AttentionMask:
     @classmethod
     def from_frame_mask(cls, frame_mask: Tensor, tokens_per_frame: int, device: torch.device,
                         grouped: bool) -> AttentionMask:
-        """Build the dense or grouped form of ``frame_mask: [Fq, Fk]`` (grouped reads it on the host)."""
+        """Build the dense or grouped form of ``frame_mask: [Fq, Fk]`` (grouped reads it on the
+        host)."""
         if not grouped:
-            return cls(dense=expand_frame_mask(frame_mask.to(device, non_blocking=True), tokens_per_frame))
+            return cls(dense=expand_frame_mask(frame_mask.to(device, non_blocking=True),
+                                               tokens_per_frame))
         rows = frame_mask.cpu().tolist()
         by_row: dict[tuple[bool, ...], list[int]] = {}
         for q, row in enumerate(rows):
@@ -114,12 +122,14 @@ class AttentionMask:
             position = torch.empty(len(query_frames), dtype=torch.long)
             position[torch.tensor(query_frames)] = torch.arange(len(query_frames))
             tokens = torch.arange(tokens_per_frame)
-            order = (position[:, None] * tokens_per_frame + tokens).flatten().to(device, non_blocking=True)
+            order = (position[:, None] * tokens_per_frame + tokens).flatten().to(device,
+                                                                                 non_blocking=True)
         return cls(groups=tuple(groups), order=order)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
-    """Scaled dot-product attention of ``q: [B, H, Nq, D]`` over ``k, v: [B, H, Nk, D]`` under ``mask``."""
+    """Scaled dot-product attention of ``q: [B, H, Nq, D]`` over ``k, v: [B, H, Nk, D]`` under
+    ``mask``."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     if mask.dense is not None:
@@ -160,7 +170,8 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
 
 
 class AttentionProjections(nn.Module):
-    """The q / k / v / o projections and RMS qk-norms (over the full width) both attentions share."""
+    """The q / k / v / o projections and RMS qk-norms (over the full width) both attentions
+    share."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -179,8 +190,8 @@ class SelfAttention(AttentionProjections):
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Post-RoPE ``q, k`` and ``v`` ``[B, heads, N, head_dim]`` of ``x: [B, N, dim]``.
 
-        Everything before the cache, a pure function of its inputs with fixed shapes per block, so it can be
-        compiled (``mag bench speed --compile``) while :meth:`attend_cached` stays eager.
+        Everything before the cache, a pure function of its inputs with fixed shapes per block, so
+        it can be compiled (``mag bench speed --compile``) while :meth:`attend_cached` stays eager.
         """
         q = apply_rotary(_heads(self.norm_q(self.q(x)), self.num_heads), cos, sin)
         k = apply_rotary(_heads(self.norm_k(self.k(x)), self.num_heads), cos, sin)
@@ -196,7 +207,8 @@ class SelfAttention(AttentionProjections):
         layer: int = 0,
         pending: PendingWrite | None = None,
     ) -> Tensor:
-        """Attend ``q`` to ``[valid cached K/V ; k, v]`` and (with ``pending``) write ``k, v`` to the cache.
+        """Attend ``q`` to ``[valid cached K/V ; k, v]`` and (with ``pending``) write ``k, v`` to
+        the cache.
 
         Returns the attention output ``[B, N, dim]`` before the output projection ``o``. The cache's
         host-side bookkeeping decides how many keys there are, so this part runs eagerly.
@@ -224,10 +236,10 @@ class SelfAttention(AttentionProjections):
         """Attend the current tokens to ``[valid cached tokens ; current tokens]``.
 
         Args:
-            x: ``[B, N, dim]`` current tokens (frame-major).
-            rope: ``(cos, sin)`` tables of :func:`~mag.models.layers.rotation_tables` for the current tokens.
-            attn_mask: mask over ``[N_cached + N]`` keys, or None (attend to everything).
-            kv_cache: read (and, with ``pending``, written) at index ``layer``.
+            x: ``[B, N, dim]`` current tokens (frame-major). rope: ``(cos, sin)`` tables of
+            :func:`~mag.models.layers.rotation_tables` for the current tokens. attn_mask: mask over
+            ``[N_cached + N]`` keys, or None (attend to everything). kv_cache: read (and, with
+            ``pending``, written) at index ``layer``.
         Returns:
             ``[B, N, dim]``.
         """
@@ -240,10 +252,12 @@ class CrossAttention(AttentionProjections):
 
     def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, heads, L, head_dim]`` of embedded text ``context: [B, L, dim]``."""
-        return _heads(self.norm_k(self.k(context)), self.num_heads), _heads(self.v(context), self.num_heads)
+        return _heads(self.norm_k(self.k(context)), self.num_heads), _heads(self.v(context),
+                                                                            self.num_heads)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``x: [B, N, dim]`` attends to ``k, v: [B, heads, L, head_dim]``; returns ``[B, N, dim]``."""
+        """``x: [B, N, dim]`` attends to ``k, v: [B, heads, L, head_dim]``; returns ``[B, N,
+        dim]``."""
         q = _heads(self.norm_q(self.q(x)), self.num_heads)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
         return self.o(out.transpose(1, 2).flatten(2))

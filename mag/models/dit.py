@@ -76,8 +76,8 @@ class WanBlock(nn.Module):
     ) -> Tensor:
         """``x: [B, F*T, dim]``, ``e0: [B, F, 6, dim]`` float32 projected time embedding.
 
-        Split at the cache: :meth:`before_cache` and :meth:`after_cache` have fixed shapes per block (the
-        regions ``--compile`` compiles); the cached attention between them stays eager.
+        Split at the cache: :meth:`before_cache` and :meth:`after_cache` have fixed shapes per block
+        (the regions ``--compile`` compiles); the cached attention between them stays eager.
         """
         q, k, v = self.before_cache(x, e0, *rope)
         attended = self.self_attn.attend_cached(q, k, v, attn_mask, kv_cache, layer, pending)
@@ -87,15 +87,18 @@ class WanBlock(nn.Module):
         """shift1, scale1, gate1, shift2, scale2, gate2, each ``[B, F, 1, dim]`` float32."""
         return (self.modulation + e0.float()).unsqueeze(3).unbind(2)
 
-    def before_cache(self, x: Tensor, e0: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def before_cache(self, x: Tensor, e0: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor,
+                                                                                     Tensor]:
         """Modulated ``norm1`` and the self-attention's post-RoPE ``q, k, v``."""
         shift1, scale1 = self._modulations(e0)[:2]
-        h = modulate(self.norm1(x).unflatten(1, (e0.shape[1], -1)), shift1, scale1).flatten(1, 2).type_as(x)
+        h = modulate(self.norm1(x).unflatten(1, (e0.shape[1], -1)), shift1, scale1).flatten(1,
+                                                                                            2).type_as(x)
         return self.self_attn.project(h, cos, sin)
 
     def after_cache(self, x: Tensor, attended: Tensor, e0: Tensor, cross_k: Tensor,
                     cross_v: Tensor) -> Tensor:
-        """Output projection and gated residual of self-attention, cross-attention, modulated FFN."""
+        """Output projection and gated residual of self-attention, cross-attention, modulated
+        FFN."""
         frames = e0.shape[1]
         _, _, gate1, shift2, scale2, gate2 = self._modulations(e0)
 
@@ -113,7 +116,8 @@ class WanBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """Output head: 2-way modulation (shift, scale) of a LayerNorm, then a Linear to patch values."""
+    """Output head: 2-way modulation (shift, scale) of a LayerNorm, then a Linear to patch
+    values."""
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -122,7 +126,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, HEAD_MODULATIONS, cfg.dim))
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """``x: [B, F*T, dim]``, ``e: [B, F, dim]`` time embedding -> ``[B, F*T, C_out * patch volume]``."""
+        """``x: [B, F*T, dim]``, ``e: [B, F, dim]`` time embedding -> ``[B, F*T, C_out * patch
+        volume]``."""
         shift, scale = (self.modulation + e.float().unsqueeze(2)).unsqueeze(3).unbind(2)
         h = modulate(self.norm(x).unflatten(1, (e.shape[1], -1)), shift, scale).flatten(1, 2)
         return linear_float32(self.head, h)  # float32 output, as Wan's head
@@ -140,23 +145,27 @@ class WanDiT(nn.Module):
         cfg.validate()
         if cfg.patch_size[0] != 1:
             raise ConfigError(
-                f"dit.patch_size[0] must be 1 (one token frame per latent frame, needed for frame-level"
+                "dit.patch_size[0] must be 1 (one token frame per latent frame, needed for "
+                "frame-level"
                 f" causality and per-frame timesteps), got {cfg.patch_size}"
             )
         self.cfg = cfg
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size,
                                          stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(dim, dim))
-        self.time_embedding = Float32Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim),
+                                            nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = Float32Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(),
+                                                nn.Linear(dim, dim))
         self.time_projection = Float32Sequential(nn.SiLU(), nn.Linear(dim, BLOCK_MODULATIONS * dim))
         # No bias: ``actions=None`` is then exactly the zero action.
-        self.action_embedding = nn.Linear(cfg.action_dim, dim, bias=False) if cfg.action_dim > 0 else None
+        self.action_embedding = nn.Linear(cfg.action_dim, dim,
+                                          bias=False) if cfg.action_dim > 0 else None
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
-        # How frame masks run (mag.models.attention): "auto" = grouped on CPU, dense fused SDPA elsewhere.
+        # How frame masks run (mag.models.attention): "auto" = grouped on CPU, dense fused SDPA
+        # elsewhere.
         self.mask_execution: MaskExecution = "auto"
         if self.patch_embedding.weight.device.type != "meta":
             self.init_weights()
@@ -192,13 +201,16 @@ class WanDiT(nn.Module):
         return self.mask_execution == "grouped"
 
     def encode_context(self, context: Tensor) -> CrossAttentionCache:
-        """Embed text once and project every layer's cross-attention K/V (reuse for all blocks and steps).
+        """Embed text once and project every layer's cross-attention K/V (reuse for all blocks and
+        steps).
 
         Args:
-            context: ``[B, L, text_dim]`` text-encoder output (Wan pads it with zeros to 512 tokens).
+            context: ``[B, L, text_dim]`` text-encoder output (Wan pads it with zeros to 512
+            tokens).
         """
         if context.ndim != 3 or context.shape[-1] != self.cfg.text_dim:
-            raise InputError(f"context must be [B, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
+            raise InputError(f"context must be [B, L, {self.cfg.text_dim}], got "
+                             f"{tuple(context.shape)}")
         embedded = self.text_embedding(context.to(self.patch_embedding.weight.dtype))
         projected = [block.cross_attn.project_context(embedded) for block in self.blocks]
         keys, values = zip(*projected, strict=True)
@@ -220,16 +232,16 @@ class WanDiT(nn.Module):
         """Denoise (or, with ``cache_write``, memorise) a run of latent frames.
 
         Args:
-            x: ``[B, F, C_in, H, W]`` latents.
-            timestep: ``[B]`` or ``[B, F]`` (one per latent frame), in [0, 1000].
-            context: ``[B, L, text_dim]`` text embeddings or a :class:`CrossAttentionCache`.
-            frame_positions: ``[F]`` long RoPE temporal index per frame; default ``arange(F)``.
-            frame_mask: ``[F, F_cached + F]`` bool over ``[cached frames (read order) ; current frames]``,
+            x: ``[B, F, C_in, H, W]`` latents. timestep: ``[B]`` or ``[B, F]`` (one per latent
+            frame), in [0, 1000]. context: ``[B, L, text_dim]`` text embeddings or a
+            :class:`CrossAttentionCache`. frame_positions: ``[F]`` long RoPE temporal index per
+            frame; default ``arange(F)``. frame_mask: ``[F, F_cached + F]`` bool over ``[cached
+            frames (read order) ; current frames]``,
                 True = may attend; None = attend to everything (bidirectional).
             kv_cache: read in every layer; written when ``cache_write`` (then committed once).
             cache_write: store the policy's retained frames of this pass (the clean pass at t=0).
-            actions: ``[B, F, action_dim]`` camera actions; None = zero action.
-            width_offsets: ``[B, F]`` horizontal camera position of each frame in patches; required
+            actions: ``[B, F, action_dim]`` camera actions; None = zero action. width_offsets: ``[B,
+            F]`` horizontal camera position of each frame in patches; required
                 when ``cfg.camera_rope`` (camera-anchored RoPE), refused otherwise.
         Returns:
             ``[B, F, C_out, H, W]`` raw network output.
@@ -240,13 +252,15 @@ class WanDiT(nn.Module):
         batch, frames, _, height, width = x.shape
         _, ph, pw = cfg.patch_size
         if height % ph or width % pw:
-            raise InputError(f"latent size {height}x{width} is not divisible by the patch size {(ph, pw)}")
+            raise InputError(f"latent size {height}x{width} is not divisible by the patch size "
+                             f"{(ph, pw)}")
         grid_h, grid_w = height // ph, width // pw
         tokens_per_frame = grid_h * grid_w
 
         positions = self._frame_positions(frame_positions, frames, x.device)
         timestep = self._per_frame_timestep(timestep, batch, frames).to(x.device)
-        cross = context if isinstance(context, CrossAttentionCache) else self.encode_context(context)
+        cross = context if isinstance(context,
+                                      CrossAttentionCache) else self.encode_context(context)
         if cross.batch_size != batch:
             raise InputError(f"context batch {cross.batch_size} does not match x batch {batch}")
 
@@ -256,11 +270,13 @@ class WanDiT(nn.Module):
         e = e + self._action_embedding(actions, batch, frames, param_dtype)
         e0 = self.time_projection(e).unflatten(-1, (BLOCK_MODULATIONS, cfg.dim))
 
-        # Contiguous: every layer gets the same strides, so a compiled block region has one graph, not two.
+        # Contiguous: every layer gets the same strides, so a compiled block region has one graph,
+        # not two.
         patches = self.patch_embedding(x.transpose(1, 2).to(param_dtype))
         tokens = patches.flatten(2).transpose(1, 2).contiguous()
         offsets = self._width_offsets(width_offsets, batch, frames, x.device)
-        rope = rotation_tables(*self.rope(positions, grid_h, grid_w, offsets))  # once for all layers
+        # once for all layers
+        rope = rotation_tables(*self.rope(positions, grid_h, grid_w, offsets))
 
         cached_frames = 0
         if kv_cache is not None:
@@ -272,7 +288,8 @@ class WanDiT(nn.Module):
         if frame_mask is not None:
             expected = (frames, cached_frames + frames)
             if tuple(frame_mask.shape) != expected or frame_mask.dtype != torch.bool:
-                raise InputError(f"frame_mask must be bool {list(expected)} (current x [cached ; current]"
+                raise InputError(f"frame_mask must be bool {list(expected)} (current x [cached ; "
+                                 "current]"
                                  " frames),"
                                  f" got {frame_mask.dtype} {list(frame_mask.shape)}")
             attn_mask = AttentionMask.from_frame_mask(frame_mask, tokens_per_frame, x.device,
@@ -301,7 +318,8 @@ class WanDiT(nn.Module):
                                  f" got {min(values)}..{max(values)}; raise dit.rope_max_positions")
             frame_positions = torch.tensor(values, dtype=torch.long)
         if frame_positions.shape != (frames,):
-            raise InputError(f"frame_positions must be [{frames}], got {list(frame_positions.shape)}")
+            raise InputError(f"frame_positions must be [{frames}], got "
+                             f"{list(frame_positions.shape)}")
         return frame_positions.to(device=device, dtype=torch.long)
 
     def _width_offsets(self, width_offsets: Tensor | None, batch: int, frames: int,
@@ -313,7 +331,8 @@ class WanDiT(nn.Module):
         if width_offsets is None or tuple(width_offsets.shape) != (batch, frames):
             found = None if width_offsets is None else list(width_offsets.shape)
             raise InputError(f"a camera-anchored model (dit.camera_rope) needs width_offsets"
-                             f" [{batch}, {frames}] (camera position per frame, in patches), got {found}")
+                             f" [{batch}, {frames}] (camera position per frame, in patches), got "
+                             f"{found}")
         return width_offsets.to(device)
 
     @staticmethod
@@ -322,13 +341,15 @@ class WanDiT(nn.Module):
             return timestep[:, None].expand(batch, frames)
         if timestep.shape == (batch, frames):
             return timestep
-        raise InputError(f"timestep must be [{batch}] or [{batch}, {frames}], got {list(timestep.shape)}")
+        raise InputError(f"timestep must be [{batch}] or [{batch}, {frames}], got "
+                         f"{list(timestep.shape)}")
 
     def _action_embedding(self, actions: Tensor | None, batch: int, frames: int,
                           dtype: torch.dtype) -> Tensor | int:
         if self.action_embedding is None:
             if actions is not None:
-                raise InputError("actions given but the model has dit.action_dim=0 (no action conditioning)")
+                raise InputError("actions given but the model has dit.action_dim=0 (no action "
+                                 "conditioning)")
             return 0
         if actions is None:
             return 0
@@ -338,11 +359,13 @@ class WanDiT(nn.Module):
         return self.action_embedding(actions.to(dtype))
 
     def _unpatchify(self, out: Tensor, frames: int, grid_h: int, grid_w: int) -> Tensor:
-        """``[B, F*h*w, ph*pw*C]`` (patch-major, channel-minor as in Wan) -> ``[B, F, C, h*ph, w*pw]``."""
+        """``[B, F*h*w, ph*pw*C]`` (patch-major, channel-minor as in Wan) -> ``[B, F, C, h*ph,
+        w*pw]``."""
         _, ph, pw = self.cfg.patch_size
         c = self.cfg.out_channels
         out = out.view(out.shape[0], frames, grid_h, grid_w, ph, pw, c)
-        return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(out.shape[0], frames, c, grid_h * ph, grid_w * pw)
+        return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(out.shape[0], frames, c, grid_h * ph,
+                                                        grid_w * pw)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm evaluated in float32 (Wan's ``WanLayerNorm``); affine only where Wan has weights."""
+    """LayerNorm evaluated in float32 (Wan's ``WanLayerNorm``); affine only where Wan has
+    weights."""
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None
@@ -43,14 +44,16 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 def linear_float32(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` in float32 whatever the weights' dtype (Wan runs these layers under autocast(float32))."""
+    """``layer(x)`` in float32 whatever the weights' dtype (Wan runs these layers under
+    autocast(float32))."""
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
 class Float32Sequential(nn.Sequential):
     """An ``nn.Sequential`` of Linears and activations evaluated in float32 (the time embedding and
-    projection: Wan asserts both are float32, so a bf16 model's modulation is not rounded to bf16)."""
+    projection: Wan asserts both are float32, so a bf16 model's modulation is not rounded to
+    bf16)."""
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -83,7 +86,8 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 class RotaryEmbedding3D(nn.Module):
-    """3D RoPE: the head width is split into time / height / width parts, each rotated by its own index.
+    """3D RoPE: the head width is split into time / height / width parts, each rotated by its own
+    index.
 
     The time index is an explicit per-frame position (absolute latent-frame index), so a frame
     written into the KV cache keeps its position; height and width indices are ``arange``.
@@ -103,8 +107,9 @@ class RotaryEmbedding3D(nn.Module):
             self.reset_parameters()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding3D:
-        """Follow the model's device moves but not its dtype casts: the tables stay float32, so a bf16 model
-        rotates in float32 as Wan does (``model.to(torch.bfloat16)`` would round cos/sin to bf16)."""
+        """Follow the model's device moves but not its dtype casts: the tables stay float32, so a
+        bf16 model rotates in float32 as Wan does (``model.to(torch.bfloat16)`` would round cos/sin
+        to bf16)."""
         tables = {"cos": self.cos, "sin": self.sin}
         super()._apply(fn, recurse)
         for name, table in tables.items():
@@ -116,7 +121,8 @@ class RotaryEmbedding3D(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         positions = torch.arange(self.max_positions, dtype=torch.float64, device=self.cos.device)
-        table = torch.cat([torch.outer(positions, self._inverse_frequencies(axis_dim, self.cos.device))
+        table = torch.cat([torch.outer(positions, self._inverse_frequencies(axis_dim,
+                                                                            self.cos.device))
                            for axis_dim in rope_axis_dims(self.head_dim)], dim=1)
         self.cos.copy_(table.cos())
         self.sin.copy_(table.sin())
@@ -126,14 +132,14 @@ class RotaryEmbedding3D(nn.Module):
         """Angles for a ``[F, height, width]`` token grid in (frame, row, column) order.
 
         Args:
-            frame_positions: ``[F]`` long, absolute temporal index of each frame.
-            width_offsets: optional ``[B, F]`` float, added to each frame's column indices (in patches).
+            frame_positions: ``[F]`` long, absolute temporal index of each frame. width_offsets:
+            optional ``[B, F]`` float, added to each frame's column indices (in patches).
                 Camera-anchored RoPE: with the camera's horizontal position here, a column's width
                 index is its *world* column, so a view seen long ago sits at the same position when
                 revisited. Fractional offsets are exact (angles are computed, not looked up).
         Returns:
-            ``(cos, sin)``, each ``[F * height * width, head_dim / 2]`` float32, or
-            ``[B, F * height * width, head_dim / 2]`` with ``width_offsets``.
+            ``(cos, sin)``, each ``[F * height * width, head_dim / 2]`` float32, or ``[B, F * height
+            * width, head_dim / 2]`` with ``width_offsets``.
         """
         frames = frame_positions.shape[0]
         grid_shape = (frames, height, width, -1)
@@ -144,8 +150,10 @@ class RotaryEmbedding3D(nn.Module):
             w_sin_grid = w_sin[:width].view(1, 1, width, -1).expand(grid_shape)
         else:
             batch = width_offsets.shape[0]
-            columns = width_offsets.double()[:, :, None] + torch.arange(width, device=width_offsets.device)
-            angles = columns[..., None] * self.width_inv_freq(columns.device)      # [B, F, W, pairs]
+            columns = width_offsets.double()[:, :, None] + torch.arange(width,
+                                                                        device=width_offsets.device)
+            # [B, F, W, pairs]
+            angles = columns[..., None] * self.width_inv_freq(columns.device)
             grid_shape = (batch, frames, height, width, -1)
             w_cos_grid = angles.cos().float()[:, :, None].expand(grid_shape)
             w_sin_grid = angles.sin().float()[:, :, None].expand(grid_shape)
@@ -160,8 +168,8 @@ class RotaryEmbedding3D(nn.Module):
         return out[0], out[1]
 
     def width_inv_freq(self, device: torch.device | None = None) -> Tensor:
-        """Inverse frequencies of the width axis (float64), as in the tables, built on ``device`` (no copy:
-        a host-to-device copy per forward would sync the stream)."""
+        """Inverse frequencies of the width axis (float64), as in the tables, built on ``device``
+        (no copy: a host-to-device copy per forward would sync the stream)."""
         return self._inverse_frequencies(rope_axis_dims(self.head_dim)[2], device)
 
     def _inverse_frequencies(self, axis_dim: int, device: torch.device | None) -> Tensor:
@@ -170,9 +178,10 @@ class RotaryEmbedding3D(nn.Module):
 
 
 def rotation_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Full-width float32 tables for :func:`apply_rotary`, built once per forward from the half-width angles
-    ``[..., N, D/2]``: ``cos`` repeated per channel pair, and ``sin`` with the sign of each pair's slot
-    (``-sin`` on the even channel, ``+sin`` on the odd one), each ``[..., N, D]``."""
+    """Full-width float32 tables for :func:`apply_rotary`, built once per forward from the
+    half-width angles ``[..., N, D/2]``: ``cos`` repeated per channel pair, and ``sin`` with the
+    sign of each pair's slot (``-sin`` on the even channel, ``+sin`` on the odd one), each ``[...,
+    N, D]``."""
     cos, sin = cos.float(), sin.float()
     return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
@@ -181,9 +190,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x: [B, H, N, D]`` by the tables of
     :func:`rotation_tables` (``[N, D]``, or ``[B, N, D]`` for per-sample camera-anchored angles).
 
-    ``x * cos + swap(x) * sin``, with ``swap`` exchanging the two channels of each pair, is value for value
-    the textbook ``(x1 cos - x2 sin, x1 sin + x2 cos)`` (negation is exact, addition commutes) in 5 kernels
-    instead of 8; the products run in float32 by type promotion (GPU kernels cast ``x`` as they load).
+    ``x * cos + swap(x) * sin``, with ``swap`` exchanging the two channels of each pair, is value
+    for value the textbook ``(x1 cos - x2 sin, x1 sin + x2 cos)`` (negation is exact, addition
+    commutes) in 5 kernels instead of 8; the products run in float32 by type promotion (GPU kernels
+    cast ``x`` as they load).
     """
     if cos.dim() == 3:  # per-sample angles (camera-anchored RoPE): broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
@@ -192,20 +202,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation ``norm(x) * (1 + scale) + shift`` in float32 (shift/scale broadcast per frame).
+    """adaLN modulation ``norm(x) * (1 + scale) + shift`` in float32 (shift/scale broadcast per
+    frame).
 
-    ``scale`` is float32, so type promotion computes in float32 without a separate ``normed.float()`` copy.
+    ``scale`` is float32, so type promotion computes in float32 without a separate
+    ``normed.float()`` copy.
     """
     return normed * (1 + scale.float()) + shift
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """``x + y * gate`` in float32 (``gate`` is float32; promotion casts ``x``, ``y`` inside the kernels)."""
+    """``x + y * gate`` in float32 (``gate`` is float32; promotion casts ``x``, ``y`` inside the
+    kernels)."""
     return x + y * gate.float()
 
 
 def init_linear_xavier(module: nn.Module) -> None:
-    """Wan's default init: Xavier-uniform weights and zero biases for every Linear below ``module``."""
+    """Wan's default init: Xavier-uniform weights and zero biases for every Linear below
+    ``module``."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

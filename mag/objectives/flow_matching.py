@@ -3,8 +3,8 @@
 Both regress the preset's parameterisation target (velocity ``eps - x0`` or the clean ``x0``) at
 shifted uniform noise levels. The causal objective (CausVid-style initialisation) runs one parallel
 pass over ``[clean ; noisy]``: clean frames attend block-causally to clean frames (they play the KV
-cache), and noisy block ``i`` sees the clean blocks before it plus itself -- exactly what block ``i``
-sees when it is denoised while streaming with a full cache.
+cache), and noisy block ``i`` sees the clean blocks before it plus itself -- exactly what block
+``i`` sees when it is denoised while streaming with a full cache.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int,
     - noisy query in block i: clean keys of blocks < i, and the noisy keys of block i.
     """
     if num_frames % frames_per_block:
-        raise InputError(f"{num_frames} frames is not a multiple of the block size {frames_per_block}")
+        raise InputError(f"{num_frames} frames is not a multiple of the block size "
+                         f"{frames_per_block}")
     block = torch.arange(num_frames, device=device) // frames_per_block
     q, k = block[:, None], block[None, :]
     mask = torch.zeros(2 * num_frames, 2 * num_frames, dtype=torch.bool, device=device)
@@ -59,8 +60,9 @@ def teacher_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSched
                                width_offsets: Tensor | None = None) -> LossOutput:
     """Bidirectional flow matching on whole clips ``x0: [B, F, C, H, W]``, one noise level per clip.
 
-    ``noise`` is like ``x0``; ``timestep: [B]`` (drawn by the caller, e.g. ``sample_training_timesteps``);
-    ``width_offsets: [B, F]`` camera positions in patches for camera-anchored models.
+    ``noise`` is like ``x0``; ``timestep: [B]`` (drawn by the caller, e.g.
+    ``sample_training_timesteps``); ``width_offsets: [B, F]`` camera positions in patches for
+    camera-anchored models.
     """
     _check_draws(x0, noise)
     x_t = scheduler.add_noise(x0, noise, timestep)
@@ -71,17 +73,19 @@ def teacher_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSched
 
 def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, x0: Tensor,
                               context: Tensor, frames_per_block: int, noise: Tensor,
-                              block_timestep: Tensor, width_offsets: Tensor | None = None) -> LossOutput:
+                              block_timestep: Tensor,
+                              width_offsets: Tensor | None = None) -> LossOutput:
     """Teacher-forced block-causal flow matching; each block has its own noise level.
 
-    ``x0: [B, F, C, H, W]`` clean latents, ``noise`` like it, ``block_timestep: [B, F / frames_per_block]``.
-    The loss is taken on the noisy half only.
+    ``x0: [B, F, C, H, W]`` clean latents, ``noise`` like it, ``block_timestep: [B, F /
+    frames_per_block]``. The loss is taken on the noisy half only.
     """
     _check_draws(x0, noise)
     num_frames = x0.shape[1]
     t_frame = block_timestep.repeat_interleave(frames_per_block, dim=1)
     if t_frame.shape != x0.shape[:2]:
-        raise InputError(f"block_timestep {tuple(block_timestep.shape)} does not cover {num_frames} frames"
+        raise InputError(f"block_timestep {tuple(block_timestep.shape)} does not cover "
+                         f"{num_frames} frames"
                          f" in blocks of {frames_per_block}")
     x_t = scheduler.add_noise(x0, noise, t_frame)
     mask = teacher_forcing_mask(num_frames, frames_per_block, device=x0.device)
@@ -90,20 +94,21 @@ def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSchedu
     return LossOutput(per_element.mean(), per_element.detach())
 
 
-def clean_noisy_forward(model: torch.nn.Module, x0: Tensor, x_t: Tensor, t_frame: Tensor, context: Any,
-                        frame_mask: Tensor, *, start_position: int = 0,
+def clean_noisy_forward(model: torch.nn.Module, x0: Tensor, x_t: Tensor, t_frame: Tensor,
+                        context: Any, frame_mask: Tensor, *, start_position: int = 0,
                         width_offsets: Tensor | None = None) -> Tensor:
     """One parallel pass over ``[clean ; noisy]``; returns the raw output for the noisy half.
 
     The clean frames (t=0) stand in for the KV cache; both halves share RoPE positions
-    ``start_position + arange(F)`` and camera positions. ``frame_mask`` ``[2F, 2F]`` says who sees whom
-    (teacher forcing, the memory model's compressed view, ...). ``x0, x_t: [B, F, C, H, W]``,
+    ``start_position + arange(F)`` and camera positions. ``frame_mask`` ``[2F, 2F]`` says who sees
+    whom (teacher forcing, the memory model's compressed view, ...). ``x0, x_t: [B, F, C, H, W]``,
     ``t_frame: [B, F]``.
     """
     num_frames = x0.shape[1]
     sequence = torch.cat([x0, x_t], dim=1)
     timesteps = torch.cat([torch.zeros_like(t_frame), t_frame], dim=1)
-    positions = torch.arange(start_position, start_position + num_frames, device=x0.device).repeat(2)
+    end_position = start_position + num_frames
+    positions = torch.arange(start_position, end_position, device=x0.device).repeat(2)
     offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
     return model(sequence, timesteps, context, frame_positions=positions, frame_mask=frame_mask,
                  width_offsets=offsets)[:, num_frames:]

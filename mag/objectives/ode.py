@@ -1,10 +1,10 @@
 """ODE regression (Self-Forcing's initialisation of the causal student from teacher trajectories).
 
-The frozen bidirectional teacher integrates the guided probability-flow ODE; its states at the few-step
-levels and its endpoint form one training pair per clip (:func:`sample_ode_trajectory`, written by
-``mag train ode-pairs``). The student sees ``[x0 ; x_{t_k}]`` under the teacher-forcing mask, one level
-``k`` per block, and regresses ``x0`` (:func:`ode_regression_loss`). The pairs file (one safetensors file,
-written atomically) is described in docs/training.md, "Training chain".
+The frozen bidirectional teacher integrates the guided probability-flow ODE; its states at the
+few-step levels and its endpoint form one training pair per clip (:func:`sample_ode_trajectory`,
+written by ``mag train ode-pairs``). The student sees ``[x0 ; x_{t_k}]`` under the teacher-forcing
+mask, one level ``k`` per block, and regresses ``x0`` (:func:`ode_regression_loss`). The pairs file
+(one safetensors file, written atomically) is described in docs/training.md, "Training chain".
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from mag.io.files import SAFETENSORS_SUFFIXES, atomic_path
 from mag.objectives.flow_matching import LossOutput, clean_noisy_forward, teacher_forcing_mask
 from mag.schedulers import FlowMatchScheduler
 
-__all__ = ["ODE_PAIRS_FORMAT", "ODEPairs", "few_step_indices", "load_ode_pairs", "ode_regression_loss",
-           "sample_ode_trajectory", "save_ode_pairs"]
+__all__ = ["ODE_PAIRS_FORMAT", "ODEPairs", "few_step_indices", "load_ode_pairs",
+           "ode_regression_loss", "sample_ode_trajectory", "save_ode_pairs"]
 
 ODE_PAIRS_FORMAT = "mag-ode-pairs-v1"
 # Guidance scale at which the unconditional teacher pass is skipped.
@@ -51,14 +51,16 @@ class ODEPairs:
     def validate(self, source: str = "ode pairs") -> ODEPairs:
         n, frames = self.x0.shape[:2]
         k = self.timesteps.shape[0]
-        expected = {"trajectory": (n, k, *self.x0.shape[1:]), "context": (n, *self.context.shape[1:]),
+        expected = {"trajectory": (n, k, *self.x0.shape[1:]), "context": (n,
+                                                                          *self.context.shape[1:]),
                     "offsets": (n, frames)}
         if self.camera_px is not None:
             expected["camera_px"] = (n, frames)
         for name, shape in expected.items():
             found = tuple(getattr(self, name).shape)
             if found != shape:
-                raise InputError(f"{source}: {name} must be {list(shape)} (x0 {list(self.x0.shape)},"
+                raise InputError(f"{source}: {name} must be {list(shape)} (x0 "
+                                 f"{list(self.x0.shape)},"
                                  f" {k} timesteps), got {list(found)}")
         if self.x0.ndim != 5 or self.timesteps.ndim != 1 or n == 0:
             raise InputError(f"{source}: x0 must be [N > 0, F, C, H, W] and timesteps [K], got"
@@ -67,7 +69,8 @@ class ODEPairs:
 
 
 def save_ode_pairs(path: str | Path, pairs: ODEPairs) -> Path:
-    """Write ``pairs`` to one safetensors file via ``<path>.tmp`` + rename (no partial file survives)."""
+    """Write ``pairs`` to one safetensors file via ``<path>.tmp`` + rename (no partial file
+    survives)."""
     pairs.validate()
     path = Path(path)
     tensors = {name: getattr(pairs, name).detach().contiguous().cpu() for name in _REQUIRED}
@@ -83,40 +86,49 @@ def save_ode_pairs(path: str | Path, pairs: ODEPairs) -> Path:
 
 
 def load_ode_pairs(path: str | Path) -> ODEPairs:
-    """Read a file written by :func:`save_ode_pairs`; missing, corrupt or foreign files: CheckpointError."""
+    """Read a file written by :func:`save_ode_pairs`; missing, corrupt or foreign files:
+    CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"ODE pairs file not found: {path} (write one with `mag train ode-pairs`)")
+        raise CheckpointError(f"ODE pairs file not found: {path} (write one with `mag train "
+                              "ode-pairs`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = dict(f.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"ODE pairs file {path} is corrupt or not a safetensors file ({err})") from err
+        raise CheckpointError(
+            f"ODE pairs file {path} is corrupt or not a safetensors file ({err})"
+        ) from err
     if raw.get("format") != ODE_PAIRS_FORMAT:
-        raise CheckpointError(f"{path} is not an ODE pairs file (format {raw.get('format')!r}, expected"
+        raise CheckpointError(f"{path} is not an ODE pairs file (format {raw.get('format')!r}, "
+                              "expected"
                               f" {ODE_PAIRS_FORMAT!r})")
     missing = [name for name in _REQUIRED if name not in tensors]
     if missing:
         raise CheckpointError(f"ODE pairs file {path} lacks {', '.join(missing)}")
     metadata = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    pairs = ODEPairs(**{name: tensors[name] for name in _REQUIRED}, camera_px=tensors.get("camera_px"),
-                     metadata=metadata)
+    pairs = ODEPairs(**{name: tensors[name] for name in _REQUIRED},
+                     camera_px=tensors.get("camera_px"), metadata=metadata)
     return pairs.validate(str(path))
 
 
 def few_step_indices(scheduler: FlowMatchScheduler, num_steps: int) -> list[int]:
-    """Where the few-step levels fall on the ``num_steps``-step Euler grid (grid index of each level).
+    """Where the few-step levels fall on the ``num_steps``-step Euler grid (grid index of each
+    level).
 
-    Both lists are the same shift applied to ``1 - i / num_steps`` and to ``d / num_train_timesteps``,
-    so a level lies on the grid iff ``d * num_steps`` is a multiple of ``num_train_timesteps``.
+    Both lists are the same shift applied to ``1 - i / num_steps`` and to ``d /
+    num_train_timesteps``, so a level lies on the grid iff ``d * num_steps`` is a multiple of
+    ``num_train_timesteps``.
     """
     scale = scheduler.config.num_train_timesteps
     levels = scheduler.config.denoising_steps
     off_grid = [d for d in levels if (d * num_steps) % scale]
     if num_steps < 1 or off_grid:
-        raise InputError(f"{num_steps} Euler steps do not land on the few-step levels {list(levels)}"
-                         f" (of {scale}); use a step count that makes every level * steps / {scale} whole,"
+        raise InputError(f"{num_steps} Euler steps do not land on the few-step levels "
+                         f"{list(levels)}"
+                         f" (of {scale}); use a step count that makes every level * steps / "
+                         f"{scale} whole,"
                          f" e.g. {_smallest_grid(levels, scale)} or a multiple of it")
     return [num_steps - d * num_steps // scale for d in levels]
 
@@ -142,7 +154,8 @@ def sample_ode_trajectory(model: torch.nn.Module, scheduler: FlowMatchScheduler,
         width_offsets: ``[B, F]`` camera positions in patches (camera-anchored teachers).
 
     Returns:
-        ``trajectory [B, K, F, C, H, W]`` (the state at each few-step level) and ``x0 [B, F, C, H, W]``.
+        ``trajectory [B, K, F, C, H, W]`` (the state at each few-step level) and ``x0 [B, F, C, H,
+        W]``.
     """
     record = few_step_indices(scheduler, num_steps)
     timesteps = scheduler.sampling_timesteps(num_steps).to(noise.device)
@@ -161,21 +174,24 @@ def sample_ode_trajectory(model: torch.nn.Module, scheduler: FlowMatchScheduler,
     return torch.stack([states[i] for i in record], dim=1), x
 
 
-def _velocity(model: torch.nn.Module, scheduler: FlowMatchScheduler, x: Tensor, t: Tensor, context: Tensor,
-              width_offsets: Tensor | None) -> Tensor:
+def _velocity(model: torch.nn.Module, scheduler: FlowMatchScheduler, x: Tensor, t: Tensor,
+              context: Tensor, width_offsets: Tensor | None) -> Tensor:
     return scheduler.to_velocity(model(x, t, context, width_offsets=width_offsets), x, t)
 
 
 def ode_regression_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, trajectory: Tensor,
                         x0: Tensor, context: Tensor, frames_per_block: int, level_index: Tensor,
                         width_offsets: Tensor | None = None) -> LossOutput:
-    """MSE between the causal student's x0-prediction from trajectory points and the teacher's endpoint.
+    """MSE between the causal student's x0-prediction from trajectory points and the teacher's
+    endpoint.
 
     Args:
         trajectory: ``[B, K, F, C, H, W]`` teacher states at the few-step levels
             (``scheduler.few_step_timesteps()``); ``x0``: ``[B, F, C, H, W]`` their endpoint.
-        context: ``[B, L, text_dim]``; ``level_index``: ``[B, F / frames_per_block]`` long in ``[0, K)``,
-            the level each block is taken at; ``width_offsets``: ``[B, F]`` camera positions in patches.
+        context: ``[B, L, text_dim]``; ``level_index``: ``[B, F / frames_per_block]`` long in ``[0,
+        K)``,
+            the level each block is taken at; ``width_offsets``: ``[B, F]`` camera positions in
+            patches.
 
     Returns:
         ``loss`` (mean) and ``per_element`` ``[B, F, C, H, W]`` over the noisy half.
@@ -184,10 +200,15 @@ def ode_regression_loss(model: torch.nn.Module, scheduler: FlowMatchScheduler, t
     if tuple(trajectory.shape) != (batch, levels, *x0.shape[1:]) or x0.shape[0] != batch:
         raise InputError(f"trajectory {list(trajectory.shape)} must be [B, K, *x0.shape[1:]] for x0"
                          f" {list(x0.shape)}")
-    if num_frames % frames_per_block or tuple(level_index.shape) != (batch, num_frames // frames_per_block):
-        raise InputError(f"level_index must be [{batch}, {num_frames} / {frames_per_block}] (one level per"
+    if num_frames % frames_per_block or tuple(level_index.shape) != (
+        batch,
+        num_frames // frames_per_block,
+    ):
+        raise InputError(f"level_index must be [{batch}, {num_frames} / {frames_per_block}] (one "
+                         "level per"
                          f" block), got {list(level_index.shape)}")
-    frame_level = level_index.to(trajectory.device).repeat_interleave(frames_per_block, dim=1)  # [B, F]
+    # [B, F]
+    frame_level = level_index.to(trajectory.device).repeat_interleave(frames_per_block, dim=1)
     gather = frame_level[:, None, :, None, None, None].expand(batch, 1, *trajectory.shape[2:])
     x_t = trajectory.gather(1, gather)[:, 0]
     t_frame = scheduler.few_step_timesteps().to(trajectory.device)[frame_level]

@@ -1,4 +1,5 @@
-"""Pipelines: model + scheduler + cache combined into generation loops (streaming, training rollouts)."""
+"""Pipelines: model + scheduler + cache combined into generation loops (streaming, training
+rollouts)."""
 
 from mag.pipelines.loading import compile_stream, load_generator
 from mag.pipelines.pretrained import MagPipeline, load_any_dit
@@ -17,5 +18,5 @@ from mag.pipelines.writers import (
 
 __all__ = ["AVAILABLE_POLICIES", "GENERATOR_ONLY_POLICIES", "MEMORY_MODEL_POLICIES", "SAMPLERS",
            "CacheWriter", "GeneratorWriter", "MagPipeline", "SamplerConfig", "SamplerKind",
-           "StreamingGenerator", "check_policy_name", "compile_stream", "default_writer", "load_any_dit",
-           "load_generator", "policy_from_name", "writer_for"]
+           "StreamingGenerator", "check_policy_name", "compile_stream", "default_writer",
+           "load_any_dit", "load_generator", "policy_from_name", "writer_for"]

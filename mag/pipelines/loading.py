@@ -20,14 +20,15 @@ def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> t
                                                                                   dict[str, Any]]:
     """The generator stored in a training checkpoint or model file (EMA weights when present).
 
-    One loading path for the whole package: this is :func:`mag.registry.load_model`, which also takes
-    the names of shipped models.
+    One loading path for the whole package: this is :func:`mag.registry.load_model`, which also
+    takes the names of shipped models.
 
     Returns:
         ``(model, preset, metadata)`` with the model in eval mode and the preset from the ``preset``
         metadata; ``metadata`` keeps the recipe (``recipe.data.world`` is the training world).
     Raises:
-        CheckpointError: missing, corrupt or foreign file, no preset metadata, weights that do not fit, or
+        CheckpointError: missing, corrupt or foreign file, no preset metadata, weights that do not
+        fit, or
             a memory model (stage ``memory``) where a generator is expected.
     """
 
@@ -36,12 +37,13 @@ def load_generator(path: str | Path, *, device: torch.device | str = "cpu") -> t
 
 def compile_stream(gen: StreamingGenerator, context: Tensor, *, width_offsets: Tensor | None = None,
                    mode: str = "default") -> tuple[list[CompiledModules], str | None]:
-    """``torch.compile`` the models a stream runs (the generator, and the memory model that writes its
-    cache) and stream one throw-away block so that compiling is not part of the caller's timing.
+    """``torch.compile`` the models a stream runs (the generator, and the memory model that writes
+    its cache) and stream one throw-away block so that compiling is not part of the caller's timing.
 
-    Returns the handles to restore the eager models with (:meth:`CompiledModules.restore`) and None, or, when
-    the compiler fails, no handles (the models are eager again) and a one-line description of the failure.
-    The stream is left mid-way: the caller resets it (:meth:`StreamingGenerator.reset`) before using it.
+    Returns the handles to restore the eager models with (:meth:`CompiledModules.restore`) and None,
+    or, when the compiler fails, no handles (the models are eager again) and a one-line description
+    of the failure. The stream is left mid-way: the caller resets it
+    (:meth:`StreamingGenerator.reset`) before using it.
 
     Args:
         context: ``[B, L, text_dim]`` prompt embeddings for the warm-up block.

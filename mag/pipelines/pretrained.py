@@ -1,14 +1,18 @@
-"""``MagPipeline``: downloaded weights in, frames out as they stream (the Python face of ``mag generate``).
+"""``MagPipeline``: downloaded weights in, frames out as they stream (the Python face of ``mag
+generate``).
 
     pipe = MagPipeline.from_pretrained("MAG/generator", wan_dir="Wan2.1-T2V-1.3B",
-                                       memory_weights="MAG/memory", device="cuda", dtype=torch.bfloat16)
-    for frame in pipe.stream("a corgi running on a beach", seconds=30):  # uint8 [H, W, 3], as decoded
+                                       memory_weights="MAG/memory", device="cuda",
+                                       dtype=torch.bfloat16)
+    for frame in pipe.stream("a corgi running on a beach", seconds=30):  # uint8 [H, W, 3], as
+    decoded
         ...
 
-Weights may be in any format :func:`mag.weights.detect_source` knows, or a mag model file / shipped name.
-Wan-scale weights take their text encoder (UMT5 ``.pth`` + tokenizer) and VAE from ``wan_dir``. Latent
-blocks are decoded as they arrive by the codec's streaming decoder, which equals the whole-video decode
-(tests/test_codecs.py): every decoded frame is yielded, ``1 + 4 (F - 1)`` for ``F`` latent frames.
+Weights may be in any format :func:`mag.weights.detect_source` knows, or a mag model file / shipped
+name. Wan-scale weights take their text encoder (UMT5 ``.pth`` + tokenizer) and VAE from
+``wan_dir``. Latent blocks are decoded as they arrive by the codec's streaming decoder, which equals
+the whole-video decode (tests/test_codecs.py): every decoded frame is yielded, ``1 + 4 (F - 1)`` for
+``F`` latent frames.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from mag.weights.model import build_dit, preset_for
 __all__ = ["LoadedDiT", "MagPipeline", "latent_frames_for_seconds", "load_any_dit"]
 
 MEMORY_STAGE = "memory"
-# Preset fields a stream may change for a model file (video size, cache geometry), never the network's.
+# Preset fields a stream may change for a model file (video size, cache geometry), never the
+# network's.
 RUNTIME_FIELDS = ("video.", "cache.")
-# Text-encoder mode when a model file does not say: the tiny recipes use pooled MiniLM, Wan per-token UMT5.
+# Text-encoder mode when a model file does not say: the tiny recipes use pooled MiniLM, Wan
+# per-token UMT5.
 DEFAULT_TEXT_MODES = {"minilm": "pooled", "umt5": "tokens"}
 
 
@@ -58,16 +64,18 @@ def load_any_dit(path: str | Path, *, stages: tuple[str, ...] = GENERATOR_STAGES
                  dtype: torch.dtype | None = None, **preset_overrides: Any) -> LoadedDiT:
     """Load a DiT from a shipped name, a mag model file, or any upstream format (module docstring).
 
-    ``stages`` guards mag model files against the wrong slot (an upstream folder does not say whether it
-    is a generator or a memory model). ``preset_overrides`` (dotted, e.g. ``video.height``) apply to
-    upstream weights, whose preset is ``wan-1.3b`` with the network shapes of the weights.
+    ``stages`` guards mag model files against the wrong slot (an upstream folder does not say
+    whether it is a generator or a memory model). ``preset_overrides`` (dotted, e.g.
+    ``video.height``) apply to upstream weights, whose preset is ``wan-1.3b`` with the network
+    shapes of the weights.
     """
     name = str(path)
     if not Path(name).exists() or detect_source(name).kind == "mag-model":
         model, preset, meta = load_model(name, device=device, expect_stage=stages)
         fixed = sorted(k for k in preset_overrides if not k.startswith(RUNTIME_FIELDS))
         if fixed:
-            raise ConfigError(f"{name} is a mag model file: its network is fixed ({fixed} cannot change;"
+            raise ConfigError(f"{name} is a mag model file: its network is fixed ({fixed} cannot "
+                              "change;"
                               f" only {', '.join(RUNTIME_FIELDS)}* can)")
         preset = replace_nested(preset, preset_overrides).validate() if preset_overrides else preset
         return LoadedDiT(model.to(dtype=dtype) if dtype is not None else model, preset,
@@ -76,12 +84,14 @@ def load_any_dit(path: str | Path, *, stages: tuple[str, ...] = GENERATOR_STAGES
     weights = read_external_dit(name, shapes_from=shapes_from)
     preset = preset_for(weights, **preset_overrides)
     model = build_dit(weights, preset, device=device, dtype=dtype)
-    return LoadedDiT(model, preset, {"name": name, "stage": None, "source_format": weights.source.kind,
+    return LoadedDiT(model, preset, {"name": name, "stage": None,
+                                     "source_format": weights.source.kind,
                                      "preset": preset.to_dict()})
 
 
 def latent_frames_for_seconds(preset: Preset, seconds: float) -> int:
-    """Latent frames (whole blocks) for ``seconds`` of video at the preset's fps (30 s at Wan: 120)."""
+    """Latent frames (whole blocks) for ``seconds`` of video at the preset's fps (30 s at Wan:
+    120)."""
     if not math.isfinite(seconds) or seconds <= 0:
         raise InputError(f"seconds must be a positive number, got {seconds}")
     video = preset.video
@@ -91,11 +101,12 @@ def latent_frames_for_seconds(preset: Preset, seconds: float) -> int:
 
 
 class MagPipeline:
-    """A generator, its memory model, text encoder and codec under one cache policy; see the module docstring.
+    """A generator, its memory model, text encoder and codec under one cache policy; see the module
+    docstring.
 
     Attributes:
-        preset: the generator's preset (network shapes, cache geometry, video size).
-        policy_name: the cache policy streams run under (default: the preset's ``cache.default_policy``).
+        preset: the generator's preset (network shapes, cache geometry, video size). policy_name:
+        the cache policy streams run under (default: the preset's ``cache.default_policy``).
     """
 
     def __init__(self, generator: LoadedDiT, text: PromptEmbeddingCache, codec: Codec, *,
@@ -114,14 +125,17 @@ class MagPipeline:
     def from_pretrained(cls, weights: str | Path, *, wan_dir: str | Path | None = None,
                         memory_weights: str | Path | None = None, policy: str | None = None,
                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                        sampler: SamplerConfig | None = None, **preset_overrides: Any) -> MagPipeline:
-        """Load everything a stream needs (see the module docstring); ``dtype`` applies to every model."""
-        generator = load_any_dit(weights, wan_dir=wan_dir, device=device, dtype=dtype, **preset_overrides)
+                        sampler: SamplerConfig | None = None,
+                        **preset_overrides: Any) -> MagPipeline:
+        """Load everything a stream needs (see the module docstring); ``dtype`` applies to every
+        model."""
+        generator = load_any_dit(weights, wan_dir=wan_dir, device=device, dtype=dtype,
+                                 **preset_overrides)
         preset = generator.preset
         memory = None
         if memory_weights is not None:
-            loaded = load_any_dit(memory_weights, stages=(MEMORY_STAGE,), wan_dir=wan_dir, device=device,
-                                  dtype=dtype, **preset_overrides)
+            loaded = load_any_dit(memory_weights, stages=(MEMORY_STAGE,), wan_dir=wan_dir,
+                                  device=device, dtype=dtype, **preset_overrides)
             _check_same_network(preset, loaded.preset)
             memory = loaded.model
         text = _text_encoder(generator, wan_dir, device, dtype)
@@ -137,7 +151,8 @@ class MagPipeline:
         weight = self.generator.model.patch_embedding.weight
         return self.text.get(prompts).to(device=weight.device, dtype=weight.dtype)
 
-    @torch.no_grad()  # as a decorator: grad mode is set per step of the generator, never left behind
+    # as a decorator: grad mode is set per step of the generator, never left behind
+    @torch.no_grad()
     def stream(self, prompt: str, *, seconds: float | None = None, latent_frames: int | None = None,
                seed: int = 0) -> Iterator[np.ndarray]:
         """Yield the video's frames (uint8 ``[H, W, 3]``) as each block is generated and decoded.
@@ -161,15 +176,17 @@ class MagPipeline:
             yield from tensor_to_frames(decoder.decode(gen.generate_block(noise))[0])
 
     def streaming_generator(self) -> StreamingGenerator:
-        """A fresh :class:`StreamingGenerator` under this pipeline's policy, sampler and memory model."""
+        """A fresh :class:`StreamingGenerator` under this pipeline's policy, sampler and memory
+        model."""
         policy = policy_from_name(self.policy_name, self.preset)
         empty = self.encode([""]) if isinstance(policy, MagPolicy) else None
         writer = writer_for(policy, memory_model=self.memory, empty_context=empty)
-        return StreamingGenerator.for_preset(self.generator.model, self.preset, policy, sampler=self.sampler,
-                                             writer=writer)
+        return StreamingGenerator.for_preset(self.generator.model, self.preset, policy,
+                                             sampler=self.sampler, writer=writer)
 
     def memory_plan(self, latent_frames: int) -> dict[str, int]:
-        """Bytes the stream needs besides activations: each model's weights and the KV cache it allocates."""
+        """Bytes the stream needs besides activations: each model's weights and the KV cache it
+        allocates."""
         networks = {"generator": self.generator.model, "memory_model": self.memory}
         plan = {name: sum(p.numel() * p.element_size() for p in m.parameters())
                 for name, m in networks.items() if m is not None}
@@ -179,8 +196,8 @@ class MagPipeline:
         return plan
 
     def kv_cache_bytes(self, latent_frames: int) -> int:
-        """Bytes the KV cache allocates for a stream of ``latent_frames``, from the policy's capacity and the
-        cache's per-frame size (nothing is allocated)."""
+        """Bytes the KV cache allocates for a stream of ``latent_frames``, from the policy's
+        capacity and the cache's per-frame size (nothing is allocated)."""
         policy = policy_from_name(self.policy_name, self.preset)
         block = self.preset.cache.frames_per_block
         horizon = block * math.ceil(latent_frames / block)
@@ -193,8 +210,10 @@ class MagPipeline:
 def _check_same_network(generator: Preset, memory: Preset) -> None:
     if generator.dit != memory.dit:
         found = (memory.dit.dim, memory.dit.num_layers)
-        raise ConfigError(f"the memory model's network (width, layers) {found} differs from the generator's"
-                          f" {(generator.dit.dim, generator.dit.num_layers)}; a memory model must share the"
+        raise ConfigError(f"the memory model's network (width, layers) {found} differs from the "
+                          "generator's"
+                          f" {(generator.dit.dim, generator.dit.num_layers)}; a memory model must "
+                          "share the"
                           " generator's architecture")
 
 
@@ -203,8 +222,10 @@ def _text_encoder(generator: LoadedDiT, wan_dir: str | Path | None, device: torc
     preset = generator.preset
     if preset.text_encoder == "umt5":
         if wan_dir is None:
-            raise ConfigError("Wan-scale weights need the Wan2.1 folder for the UMT5 text encoder and the"
-                              " VAE: pass wan_dir (--wan-dir) = the downloaded Wan2.1-T2V-1.3B folder")
+            raise ConfigError("Wan-scale weights need the Wan2.1 folder for the UMT5 text encoder "
+                              "and the"
+                              " VAE: pass wan_dir (--wan-dir) = the downloaded Wan2.1-T2V-1.3B "
+                              "folder")
         encoder = get_text_encoder("umt5", path=wan_dir, max_tokens=preset.text_max_tokens)
         return PromptEmbeddingCache(encoder.to(device=device, dtype=dtype))
     recipe = generator.meta.get("recipe") if isinstance(generator.meta.get("recipe"), dict) else {}

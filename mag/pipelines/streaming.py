@@ -1,11 +1,12 @@
 """Block-causal streaming generation over a KV cache (Self-Forcing protocol, docs/design.md §1).
 
-One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the prompt's cross-attention K/V.
-Every block of ``F`` latent frames is first *denoised* (sampler steps that only read the cache), then
-*memorised* (one clean pass at ``t = 0`` by the stream's :class:`~mag.pipelines.writers.CacheWriter`).
-``feed`` memorises known clean frames; ``predict_block_teacher_forced`` memorises the true block after
-predicting it. Classifier-free guidance runs the unconditional branch as a second stream with its own
-cache. The block loop keeps everything on the device and never calls ``.item()``.
+One :class:`StreamingGenerator` owns one :class:`~mag.cache.KVCache` and the prompt's
+cross-attention K/V. Every block of ``F`` latent frames is first *denoised* (sampler steps that only
+read the cache), then *memorised* (one clean pass at ``t = 0`` by the stream's
+:class:`~mag.pipelines.writers.CacheWriter`). ``feed`` memorises known clean frames;
+``predict_block_teacher_forced`` memorises the true block after predicting it. Classifier-free
+guidance runs the unconditional branch as a second stream with its own cache. The block loop keeps
+everything on the device and never calls ``.item()``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class SamplerConfig:
 
     def validate(self) -> SamplerConfig:
         if self.kind not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.kind!r}; valid samplers: {', '.join(SAMPLERS)}")
+            raise ConfigError(f"unknown sampler {self.kind!r}; valid samplers: "
+                              f"{', '.join(SAMPLERS)}")
         if self.kind == "euler" and self.steps < 1:
             raise ConfigError(f"the euler sampler needs steps >= 1, got {self.steps}")
         if self.guidance_scale <= 0:
@@ -87,12 +89,15 @@ class StreamingGenerator:
     def for_preset(cls, model: WanDiT, preset: Preset, policy: CachePolicy, *,
                    sampler: SamplerConfig | None = None,
                    writer: CacheWriter | None = None) -> StreamingGenerator:
-        """A stream with the preset's scheduler and the model's prediction target (x0 or velocity)."""
-        return cls(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset, policy,
-                   sampler=sampler, writer=writer)
+        """A stream with the preset's scheduler and the model's prediction target (x0 or
+        velocity)."""
+        return cls(model, FlowMatchScheduler(preset.scheduler, preset.dit.prediction), preset,
+                   policy, sampler=sampler, writer=writer)
 
-    def __init__(self, model: WanDiT, scheduler: FlowMatchScheduler, preset: Preset, policy: CachePolicy,
-                 *, sampler: SamplerConfig | None = None, writer: CacheWriter | None = None) -> None:
+    def __init__(self, model: WanDiT, scheduler: FlowMatchScheduler, preset: Preset,
+                 policy: CachePolicy,
+                 *, sampler: SamplerConfig | None = None,
+                 writer: CacheWriter | None = None) -> None:
         self.model = model
         self.scheduler = scheduler
         self.preset = preset
@@ -107,7 +112,8 @@ class StreamingGenerator:
         self.position = 0
         self.horizon_frames = 0
         self._steps: list[tuple[Tensor, Tensor | None]] = []
-        # Clean blocks whose frames the cache still holds (generator-written caches only), for recache.
+        # Clean blocks whose frames the cache still holds (generator-written caches only), for
+        # recache.
         self._live_blocks: list[_WrittenBlock] = []
 
     # -- geometry ------------------------------------------------------------------------------
@@ -128,14 +134,16 @@ class StreamingGenerator:
 
     @property
     def forwards_per_block(self) -> int:
-        """Network forwards a generated block costs: one per sampler step (two under guidance) and one write
-        pass per cache (the memory model's under ``mag`` / ``bounded``). Valid after :meth:`reset`."""
+        """Network forwards a generated block costs: one per sampler step (two under guidance) and
+        one write pass per cache (the memory model's under ``mag`` / ``bounded``). Valid after
+        :meth:`reset`."""
         passes = 2 if self.uncond_cache is not None else 1
         return passes * (len(self._steps) + 1)
 
     def _require_cache(self) -> KVCache:
         if self.cache is None:
-            raise InputError("the stream is not started; call reset(batch_size, horizon_frames) first")
+            raise InputError("the stream is not started; call reset(batch_size, horizon_frames) "
+                             "first")
         return self.cache
 
     def _require_context(self) -> CrossAttentionCache:
@@ -146,7 +154,8 @@ class StreamingGenerator:
     # -- stream control ------------------------------------------------------------------------
 
     def reset(self, batch_size: int, horizon_frames: int) -> None:
-        """Start a new stream of up to ``horizon_frames`` latent frames for ``batch_size`` samples."""
+        """Start a new stream of up to ``horizon_frames`` latent frames for ``batch_size``
+        samples."""
         if batch_size <= 0 or horizon_frames <= 0:
             raise InputError(f"reset needs batch_size > 0 and horizon_frames > 0, got {batch_size},"
                              f" {horizon_frames}")
@@ -160,7 +169,8 @@ class StreamingGenerator:
 
         def new_cache() -> KVCache:
             return KVCache.for_model(self.model.cfg, self.policy, tokens_per_frame=tokens,
-                                     horizon_frames=horizon_frames, frames_per_block=self.frames_per_block,
+                                     horizon_frames=horizon_frames,
+                                     frames_per_block=self.frames_per_block,
                                      batch_size=batch_size, dtype=param.dtype, device=param.device)
 
         self.cache = new_cache()
@@ -186,15 +196,20 @@ class StreamingGenerator:
             self.uncond_context = None
             if self.sampler.uses_guidance:
                 if uncond_context is None:
-                    raise InputError(f"guidance_scale={self.sampler.guidance_scale} needs uncond_context"
+                    raise InputError(f"guidance_scale={self.sampler.guidance_scale} needs "
+                                     "uncond_context"
                                      " (the empty prompt's embeddings)")
-                self.uncond_context = self._encode(uncond_context, cache.batch_size, "uncond_context")
+                self.uncond_context = self._encode(uncond_context, cache.batch_size,
+                                                   "uncond_context")
 
-    def _encode(self, context: Tensor | CrossAttentionCache, batch: int, name: str) -> CrossAttentionCache:
-        encoded = context if isinstance(context, CrossAttentionCache) else self.model.encode_context(
+    def _encode(self, context: Tensor | CrossAttentionCache, batch: int,
+                name: str) -> CrossAttentionCache:
+        encoded = context if isinstance(context,
+                                        CrossAttentionCache) else self.model.encode_context(
             context.to(self.device))
         if encoded.batch_size != batch:
-            raise InputError(f"{name} has batch {encoded.batch_size}, the stream was reset for {batch}")
+            raise InputError(f"{name} has batch {encoded.batch_size}, the stream was reset for "
+                             f"{batch}")
         return encoded
 
     # -- the three block operations ------------------------------------------------------------
@@ -219,16 +234,18 @@ class StreamingGenerator:
                        renoise: Sequence[Tensor] | None = None) -> Tensor:
         """Denoise the next block from noise, memorise it, and return it: ``[B, F, C, H, W]``.
 
-        ``width_offsets: [B, F]``: where the camera looks in this block (camera-anchored models only).
-        ``noise`` (the block's starting noise) and ``renoise`` (the fresh noise of each few-step re-noising,
-        in order) replace the draws from ``generator``, to replay another implementation's run exactly.
+        ``width_offsets: [B, F]``: where the camera looks in this block (camera-anchored models
+        only). ``noise`` (the block's starting noise) and ``renoise`` (the fresh noise of each
+        few-step re-noising, in order) replace the draws from ``generator``, to replay another
+        implementation's run exactly.
         """
         block = self._denoise(generator, width_offsets, noise=noise, renoise=renoise)
         self._memorise(block, width_offsets)
         return block
 
     @torch.no_grad()
-    def predict_block_teacher_forced(self, true_block: Tensor, generator: torch.Generator | None = None,
+    def predict_block_teacher_forced(self, true_block: Tensor,
+                                     generator: torch.Generator | None = None,
                                      width_offsets: Tensor | None = None) -> Tensor:
         """Denoise the next block like :meth:`generate_block`, then memorise ``true_block`` instead.
 
@@ -240,7 +257,8 @@ class StreamingGenerator:
         """
         self._check_frames(true_block, "true_block", whole_blocks=True)
         if true_block.shape[1] != self.frames_per_block:
-            raise InputError(f"true_block must hold one block of {self.frames_per_block} frames, got"
+            raise InputError(f"true_block must hold one block of {self.frames_per_block} frames, "
+                             "got"
                              f" {true_block.shape[1]}")
         prediction = self._denoise(generator, width_offsets)
         self._memorise(true_block.to(self.device), width_offsets)
@@ -253,17 +271,18 @@ class StreamingGenerator:
                 uncond_context: Tensor | CrossAttentionCache | None = None) -> None:
         """Switch the prompt mid-stream and rewrite the cached K/V of the retained frames under it.
 
-        A cached frame's K/V depend on the prompt it was written with (cross-attention feeds every layer
-        after the first), so after :meth:`set_prompt` alone the next blocks would read history that still
-        "says" the old prompt. LongLive's KV re-cache re-runs the write pass of the retained recent frames
-        at t=0 with the new prompt. Here: the cache is emptied and every block that still has a frame in
-        it (the sinks and the window for ``window``; every block for ``full`` / ``downsample``) is written
-        again, oldest first, at its own positions and into its own slots, each block attending to the
-        re-written blocks before it. Frames the cache had already evicted are not seen again, so when
-        nothing was evicted the cache equals that of a stream that had the new prompt from the start.
+        A cached frame's K/V depend on the prompt it was written with (cross-attention feeds every
+        layer after the first), so after :meth:`set_prompt` alone the next blocks would read history
+        that still "says" the old prompt. LongLive's KV re-cache re-runs the write pass of the
+        retained recent frames at t=0 with the new prompt. Here: the cache is emptied and every
+        block that still has a frame in it (the sinks and the window for ``window``; every block for
+        ``full`` / ``downsample``) is written again, oldest first, at its own positions and into its
+        own slots, each block attending to the re-written blocks before it. Frames the cache had
+        already evicted are not seen again, so when nothing was evicted the cache equals that of a
+        stream that had the new prompt from the start.
 
-        Under ``mag`` / ``bounded`` the memory model writes the cache with the empty prompt, so the cache
-        does not depend on the prompt and only the prompt itself changes.
+        Under ``mag`` / ``bounded`` the memory model writes the cache with the empty prompt, so the
+        cache does not depend on the prompt and only the prompt itself changes.
 
         Args:
             context: ``[B, L, text_dim]`` the new prompt's embeddings (or an encoded cache).
@@ -282,7 +301,8 @@ class StreamingGenerator:
                 cache.frames_seen, cache.frames_retained = block.position, block.frames_retained
                 positions = torch.arange(block.position, block.position + self.frames_per_block,
                                          device=self.device)
-                self.writer.write(cache, block.latents, positions, prompt, width_offsets=block.width_offsets)
+                self.writer.write(cache, block.latents, positions, prompt,
+                                  width_offsets=block.width_offsets)
             cache.frames_seen, cache.frames_retained = seen, retained
 
     @property
@@ -291,8 +311,10 @@ class StreamingGenerator:
         return not isinstance(self.writer, MemoryWriter)
 
     def _record_block(self, cache: KVCache, clean_block: Tensor, offsets: Tensor | None) -> None:
-        """Keep ``clean_block`` for :meth:`recache`; forget blocks whose slots the write will reuse."""
-        slots = self.policy.plan(cache, self.frames_per_block).slots  # pure: what begin_write will plan
+        """Keep ``clean_block`` for :meth:`recache`; forget blocks whose slots the write will
+        reuse."""
+        # pure: what begin_write will plan
+        slots = self.policy.plan(cache, self.frames_per_block).slots
         taken = set(slots)
         live = []
         for block in self._live_blocks:
@@ -306,20 +328,24 @@ class StreamingGenerator:
     # -- internals -----------------------------------------------------------------------------
 
     def _positions(self) -> Tensor:
-        return torch.arange(self.position, self.position + self.frames_per_block, device=self.device)
+        return torch.arange(self.position, self.position + self.frames_per_block,
+                            device=self.device)
 
     def _check_frames(self, latents: Tensor, name: str, whole_blocks: bool) -> None:
         cache = self._require_cache()
         expected = (cache.batch_size, *self.latent_shape)
-        found = (latents.shape[0], *latents.shape[2:]) if latents.ndim == 5 else tuple(latents.shape)
+        found = (latents.shape[0],
+                 *latents.shape[2:]) if latents.ndim == 5 else tuple(latents.shape)
         if latents.ndim != 5 or found != expected:
-            raise InputError(f"{name} must be [{expected[0]}, n*{self.frames_per_block}, {expected[1]},"
+            raise InputError(f"{name} must be [{expected[0]}, n*{self.frames_per_block}, "
+                             f"{expected[1]},"
                              f" {expected[2]}, {expected[3]}], got {list(latents.shape)}")
         if whole_blocks and (latents.shape[1] == 0 or latents.shape[1] % self.frames_per_block):
             raise InputError(f"{name} must hold whole blocks of {self.frames_per_block} frames, got"
                              f" {latents.shape[1]}")
         if self.position + latents.shape[1] > self.horizon_frames:
-            raise InputError(f"the stream was reset for {self.horizon_frames} frames; {self.position} are"
+            raise InputError(f"the stream was reset for {self.horizon_frames} frames; "
+                             f"{self.position} are"
                              f" done and {latents.shape[1]} more do not fit")
 
     def _memorise(self, clean_block: Tensor, width_offsets: Tensor | None) -> None:
@@ -328,18 +354,21 @@ class StreamingGenerator:
         offsets = self._offsets(width_offsets)
         if self._writes_with_prompt:
             self._record_block(cache, clean_block, offsets)
-        self.writer.write(cache, clean_block, positions, self._require_context(), width_offsets=offsets)
+        self.writer.write(cache, clean_block, positions, self._require_context(),
+                          width_offsets=offsets)
         if self.uncond_cache is not None and self.uncond_context is not None:
             self.writer.write(self.uncond_cache, clean_block, positions, self.uncond_context,
                               width_offsets=offsets)
         self.position += self.frames_per_block
 
     def _timestep_pairs(self, batch: int) -> list[tuple[Tensor, Tensor | None]]:
-        """``(t, t_next)`` per sampler step as ``[B]`` device tensors; ``t_next`` None on the last step."""
+        """``(t, t_next)`` per sampler step as ``[B]`` device tensors; ``t_next`` None on the last
+        step."""
         if self.sampler.kind == "few_step":
             levels = self.scheduler.few_step_timesteps()
         else:
-            levels = torch.cat([self.scheduler.sampling_timesteps(self.sampler.steps), torch.zeros(1)])
+            levels = torch.cat([self.scheduler.sampling_timesteps(self.sampler.steps),
+                                torch.zeros(1)])
         levels = levels.to(self.device)
         per_sample = [level.expand(batch).contiguous() for level in levels]
         if self.sampler.kind == "few_step":
@@ -372,9 +401,11 @@ class StreamingGenerator:
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError(f"noise must be {list(shape)}, got {list(noise.shape)}")
         if renoise is not None and len(renoise) != len(self._steps) - 1:
-            raise InputError(f"renoise needs {len(self._steps) - 1} tensors (one per re-noising), got"
+            raise InputError(f"renoise needs {len(self._steps) - 1} tensors (one per re-noising), "
+                             "got"
                              f" {len(renoise)}")
-        x = (torch.randn(shape, generator=generator, device=self.device, dtype=dtype) if noise is None
+        x = (torch.randn(shape, generator=generator, device=self.device,
+                         dtype=dtype) if noise is None
              else noise.to(device=self.device, dtype=dtype))
         positions, offsets = self._positions(), self._offsets(width_offsets)
         for i, (t, t_next) in enumerate(self._steps):
@@ -386,7 +417,8 @@ class StreamingGenerator:
                 elif renoise is None:
                     x = self.scheduler.renoise(x0, t_next, generator)
                 else:
-                    x = self.scheduler.add_noise(x0, renoise[i].to(device=x0.device, dtype=x0.dtype), t_next)
+                    x = self.scheduler.add_noise(x0, renoise[i].to(device=x0.device,
+                                                                   dtype=x0.dtype), t_next)
             else:
                 x = self.scheduler.step_euler(self.scheduler.to_velocity(out, x, t), x, t, t_next)
         return x
@@ -403,10 +435,9 @@ class _WrittenBlock:
 
     Attributes:
         position: RoPE position of its first frame (= ``cache.frames_seen`` before its write).
-        frames_retained: ``cache.frames_retained`` before its write (the policy plans slots from it).
-        latents: ``[B, F, C, H, W]`` its clean latents.
-        width_offsets: ``[B, F]`` camera positions (patches) or None.
-        slots: cache slots that still hold its frames.
+        frames_retained: ``cache.frames_retained`` before its write (the policy plans slots from
+        it). latents: ``[B, F, C, H, W]`` its clean latents. width_offsets: ``[B, F]`` camera
+        positions (patches) or None. slots: cache slots that still hold its frames.
     """
 
     position: int

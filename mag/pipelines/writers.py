@@ -1,8 +1,9 @@
 """Who writes a stream's KV cache, and the cache policies by name.
 
-After a block is denoised, one clean pass at ``t = 0`` writes its K/V: by default the generator itself
-(:class:`GeneratorWriter`); under ``mag`` / ``bounded`` the MAG memory model
-(:class:`mag.memory.MemoryWriter`), which :func:`writer_for` builds and the streaming generator is handed.
+After a block is denoised, one clean pass at ``t = 0`` writes its K/V: by default the generator
+itself (:class:`GeneratorWriter`); under ``mag`` / ``bounded`` the MAG memory model
+(:class:`mag.memory.MemoryWriter`), which :func:`writer_for` builds and the streaming generator is
+handed.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POL
 
 
 def check_policy_name(name: str, *, has_memory_model: bool = True) -> str:
-    """``name`` if it is a cache policy (and, for ``mag`` / ``bounded``, a memory model is at hand), else a
-    one-line ConfigError listing what is available: CLIs call this before loading any model."""
+    """``name`` if it is a cache policy (and, for ``mag`` / ``bounded``, a memory model is at hand),
+    else a one-line ConfigError listing what is available: CLIs call this before loading any
+    model."""
     if name not in AVAILABLE_POLICIES:
         raise ConfigError(f"unknown cache policy {name!r}; available policies:"
                           f" {', '.join(AVAILABLE_POLICIES)}")
     if name in MEMORY_MODEL_POLICIES and not has_memory_model:
-        raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model NAME|PATH"
+        raise ConfigError(f"policy {name!r} needs a trained MAG memory model: pass --memory-model "
+                          "NAME|PATH"
                           f" (a stage 'memory' model, e.g. tiny-memory), or use one of"
                           f" {', '.join(GENERATOR_ONLY_POLICIES)}")
     return name
@@ -44,9 +47,10 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
 
     ``window`` keeps ``sink_frames`` + ``window_frames`` frames; ``downsample`` keeps
     ``memory_sink_frames`` uncompressed first frames plus the last frame of every block (unbounded);
-    ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is ``mag``
-    with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost stop growing;
-    ``official`` is ``bounded`` with the memory model reading the sinks too, as the released MAG does.
+    ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is
+    ``mag`` with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost
+    stop growing; ``official`` is ``bounded`` with the memory model reading the sinks too, as the
+    released MAG does.
     """
     cache = preset.cache
     check_policy_name(name)
@@ -63,16 +67,19 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
 
 def writer_for(policy: CachePolicy, *, memory_model: WanDiT | None = None,
                empty_context: Tensor | CrossAttentionCache | None = None) -> CacheWriter | None:
-    """The writer a stream under ``policy`` is handed: the memory model's (run with ``empty_context``, the
-    empty prompt's ``[1, L, text_dim]`` embeddings) under ``mag`` / ``bounded``, None (the generator) else."""
+    """The writer a stream under ``policy`` is handed: the memory model's (run with
+    ``empty_context``, the empty prompt's ``[1, L, text_dim]`` embeddings) under ``mag`` /
+    ``bounded``, None (the generator) else."""
     if not isinstance(policy, MagPolicy):
         return None
     if memory_model is None or empty_context is None:
         missing = "memory_model" if memory_model is None else "empty_context"
         raise ConfigError(
-            f"policy {policy.name!r} needs the trained MAG memory model and the empty prompt ({missing} not"
+            f"policy {policy.name!r} needs the trained MAG memory model and the empty prompt "
+            f"({missing} not"
             f" given): writer_for(policy, memory_model=load_memory_model(path)[0],"
-            " empty_context=<empty prompt embeddings [1, L, text_dim]>) (mag.memory.load_memory_model);"
+            " empty_context=<empty prompt embeddings [1, L, text_dim]>) "
+            "(mag.memory.load_memory_model);"
             f" without one, available policies: {', '.join(GENERATOR_ONLY_POLICIES)}"
         )
     return MemoryWriter(memory_model, empty_context)
@@ -83,7 +90,8 @@ def writer_for(policy: CachePolicy, *, memory_model: WanDiT | None = None,
 
 
 class CacheWriter(Protocol):
-    """Runs the clean write pass of one finished block on ``cache`` (phase 2 in the module docstring).
+    """Runs the clean write pass of one finished block on ``cache`` (phase 2 in the module
+    docstring).
 
     Args of :meth:`write`:
         cache: the stream's cache; the pass must use ``cache_write=True`` on it exactly once.
@@ -100,7 +108,8 @@ class CacheWriter(Protocol):
 
 
 class GeneratorWriter:
-    """Default writer: the generator itself runs the clean block at t=0 with the prompt (Self-Forcing)."""
+    """Default writer: the generator itself runs the clean block at t=0 with the prompt
+    (Self-Forcing)."""
 
     def __init__(self, model: WanDiT) -> None:
         self.model = model

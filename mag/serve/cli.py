@@ -40,19 +40,26 @@ from mag.serve.viewer import Viewer
 def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
-        "serve", help="live browser viewer on 127.0.0.1: frames stream, arrow keys steer, prompts switch",
-        description="Stream generated frames live to a local web page (127.0.0.1 only): the arrow keys"
-                    " steer the camera, a text box switches the prompt (KV re-cache), FPS and KV memory"
+        "serve", help="live browser viewer on 127.0.0.1: frames stream, arrow keys steer, prompts "
+                      "switch",
+        description="Stream generated frames live to a local web page (127.0.0.1 only): the arrow "
+                    "keys"
+                    " steer the camera, a text box switches the prompt (KV re-cache), FPS and KV "
+                    "memory"
                     " are shown live. Ctrl-C stops. See docs/generate.md.")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--policy", default=None,
-                   help="cache policy: full, window, downsample, mag, bounded, official (default: the"
+                   help="cache policy: full, window, downsample, mag, bounded, official (default: "
+                        "the"
                         f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
-    p.add_argument("--prompt", default=None, help="first prompt (default: a test-split world prompt)")
+    p.add_argument("--prompt", default=None, help="first prompt (default: a test-split world "
+                                                  "prompt)")
     p.add_argument("--max-frames", type=int, default=None,
-                   help=f"frames per stream before the cache is emptied (default: {GROWING_MAX_FRAMES} under"
-                        " full, downsample and mag, whose cache grows; the RoPE table's length under window"
+                   help="frames per stream before the cache is emptied (default: "
+                        f"{GROWING_MAX_FRAMES} under"
+                        " full, downsample and mag, whose cache grows; the RoPE table's length "
+                        "under window"
                         " and bounded)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     add_compile_argument(p)
@@ -67,7 +74,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     real = uses_real_weights(args)
     if not real:
         args.policy = args.policy or DEFAULT_POLICY
-        check_policy_name(args.policy, has_memory_model=bool(config.memory_model))  # before any model loads
+        # before any model loads
+        check_policy_name(args.policy, has_memory_model=bool(config.memory_model))
     if args.prompt is not None:
         check_text(args.prompt, "--prompt", MAX_PROMPT_CHARS)
     sampler = sampler_config(config)
@@ -75,7 +83,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         codec = None
         if real:
-            pipe = pipeline_from_args(args)  # few-step sampler: the released generators are DMD models
+            # few-step sampler: the released generators are DMD models
+            pipe = pipeline_from_args(args)
             loaded, codec = loaded_from_pipeline(pipe)
             sampler, args.policy = pipe.sampler, pipe.policy_name
         else:
@@ -86,13 +95,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if max_frames is None:
             max_frames = default_max_frames(args.policy, loaded.model.cfg.rope_max_positions)
         live = LiveStream(loaded, args.policy, sampler, args.prompt or DEFAULT_PROMPT,
-                          max_frames=max_frames, seed=args.seed, compile_model=args.compile, codec=codec)
+                          max_frames=max_frames, seed=args.seed, compile_model=args.compile,
+                          codec=codec)
     except BaseException:
         viewer.close()
         raise
     viewer.attach(live)
     live.start()
-    print(f"mag serve: {viewer.url} (policy {args.policy}, {live.horizon} frames per stream; frames are"
+    print(f"mag serve: {viewer.url} (policy {args.policy}, {live.horizon} frames per stream; "
+          "frames are"
           " generated while a page is open) -- Ctrl-C to stop", flush=True)
     try:
         viewer.server.serve_forever()

@@ -1,8 +1,9 @@
 """The live stream behind ``mag serve``: a generator thread streams blocks while a page watches.
 
-Camera-anchored models get width offsets from the commanded velocity (read at each block boundary); a new
-prompt is applied at the next block boundary by KV re-cache. A stream lasts ``max_frames`` frames, then
-the cache is emptied and the camera returns to 0. Design notes: docs/generate.md, "Live viewer".
+Camera-anchored models get width offsets from the commanded velocity (read at each block boundary);
+a new prompt is applied at the next block boundary by KV re-cache. A stream lasts ``max_frames``
+frames, then the cache is emptied and the camera returns to 0. Design notes: docs/generate.md, "Live
+viewer".
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ DEFAULT_PORT = 8765
 DEFAULT_POLICY = "mag"
 # Velocity the stream starts at, and the arrow keys' step (px/frame): the tiny world's camera speed.
 START_VELOCITY_PX = 4.0
-# Policies whose cache (and per-block cost) stays bounded, so a stream may run to the RoPE table's end.
+# Policies whose cache (and per-block cost) stays bounded, so a stream may run to the RoPE table's
+# end.
 RING_POLICIES = ("window", "bounded", "official")
-# Stream length of the policies whose cache grows (full, downsample, mag): measured for tiny-causal-long
-# under mag on the shared 2-core CPU, the rate falls from ~50 FPS (empty cache) to ~29 FPS at 480 frames
-# and below 20 FPS past ~600.
+# Stream length of the policies whose cache grows (full, downsample, mag): measured for
+# tiny-causal-long under mag on the shared 2-core CPU, the rate falls from ~50 FPS (empty cache) to
+# ~29 FPS at 480 frames and below 20 FPS past ~600.
 GROWING_MAX_FRAMES = 480
 # Frames kept for viewers that fall behind (a viewer further back skips to the newest).
 RING_FRAMES = 48
@@ -55,16 +57,17 @@ JOIN_TIMEOUT_S = 10.0
 
 
 def default_max_frames(policy: str, rope_max_positions: int) -> int:
-    """Frames per stream when ``--max-frames`` is not given: the RoPE table's length under a ring policy,
-    :data:`GROWING_MAX_FRAMES` under one whose cache grows."""
-    return rope_max_positions if policy in RING_POLICIES else min(GROWING_MAX_FRAMES, rope_max_positions)
+    """Frames per stream when ``--max-frames`` is not given: the RoPE table's length under a ring
+    policy, :data:`GROWING_MAX_FRAMES` under one whose cache grows."""
+    return rope_max_positions if policy in RING_POLICIES else min(GROWING_MAX_FRAMES,
+                                                                  rope_max_positions)
 
 
 @dataclass(frozen=True)
 class LiveFrame:
-    """One published frame: its global ``index`` (never reset), position in the current stream, the camera
-    velocity it was generated at (px/frame) and its camera position (px, the width offset it was generated
-    at), the base64 PNG and the stats after its block."""
+    """One published frame: its global ``index`` (never reset), position in the current stream, the
+    camera velocity it was generated at (px/frame) and its camera position (px, the width offset it
+    was generated at), the base64 PNG and the stats after its block."""
 
     index: int
     stream_frame: int
@@ -90,18 +93,18 @@ def _png_base64(frame: np.ndarray) -> str:
 
 
 class LiveStream:
-    """The generator thread: streams blocks while a viewer watches, takes velocity and prompt commands.
+    """The generator thread: streams blocks while a viewer watches, takes velocity and prompt
+    commands.
 
     Args:
-        loaded: :class:`mag.app.LoadedModels` (its memory model is needed under ``mag`` / ``bounded``).
-        policy_name: cache policy (:data:`mag.pipelines.AVAILABLE_POLICIES`).
-        sampler: :class:`mag.pipelines.SamplerConfig`.
-        prompt: the first prompt.
-        max_frames: frames per stream before the cache is emptied (rounded down to whole blocks).
+        loaded: :class:`mag.app.LoadedModels` (its memory model is needed under ``mag`` /
+        ``bounded``). policy_name: cache policy (:data:`mag.pipelines.AVAILABLE_POLICIES`). sampler:
+        :class:`mag.pipelines.SamplerConfig`. prompt: the first prompt. max_frames: frames per
+        stream before the cache is emptied (rounded down to whole blocks).
     """
 
-    def __init__(self, loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, prompt: str, *,
-                 max_frames: int, seed: int = 0, velocity: float = START_VELOCITY_PX,
+    def __init__(self, loaded: LoadedModels, policy_name: str, sampler: SamplerConfig, prompt: str,
+                 *, max_frames: int, seed: int = 0, velocity: float = START_VELOCITY_PX,
                  compile_model: bool = False, codec: Codec | None = None) -> None:
         import torch
 
@@ -120,8 +123,8 @@ class LiveStream:
         self.camera_rope = preset.dit.camera_rope
         policy = policy_from_name(policy_name, preset)
         writer = writer_for(policy, memory_model=loaded.memory, empty_context=loaded.empty_context)
-        self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy, sampler=sampler,
-                                                       writer=writer)
+        self.generator = StreamingGenerator.for_preset(loaded.model, preset, policy,
+                                                       sampler=sampler, writer=writer)
         self.codec = codec if codec is not None else get_codec_for(preset.video)
         self.decoder = self.codec.stream_decoder()  # whole-video decode, block by block
         self.noise = torch.Generator(device=self.generator.device).manual_seed(seed)
@@ -133,7 +136,8 @@ class LiveStream:
         self._velocity = _check_velocity(velocity, self.max_px)
         self._pending_prompt: str | None = None
         self._viewers = 0
-        # Generator-side state: only the generator thread writes these (stats snapshots go under _cond).
+        # Generator-side state: only the generator thread writes these (stats snapshots go under
+        # _cond).
         self.prompt = _check_prompt(prompt)
         self._context = loaded.encode([self.prompt])
         self._camera_px = 0.0
@@ -147,34 +151,40 @@ class LiveStream:
         self._compiled: list[CompiledModules] = []
         if compile_model:  # before the first frame, so compiling does not stall the viewer's stream
             offsets = torch.zeros(1, self.block) if self.camera_rope else None
-            self._compiled, failure = compile_stream(self.generator, self._context, width_offsets=offsets)
+            self._compiled, failure = compile_stream(self.generator, self._context,
+                                                     width_offsets=offsets)
             if failure is not None:
-                print(f"mag: torch.compile failed ({failure}); serving without compile", file=sys.stderr,
-                      flush=True)
+                print(f"mag: torch.compile failed ({failure}); serving without compile",
+                      file=sys.stderr, flush=True)
         self._start_stream()
         self._snapshot: dict[str, Any] = self._stream_stats()
 
     # -- commands (any thread) -------------------------------------------------------------------
 
     def set_velocity(self, value: Any) -> float:
-        """Command the camera velocity (px/frame) from the next block on; InputError when out of range."""
+        """Command the camera velocity (px/frame) from the next block on; InputError when out of
+        range."""
         velocity = _check_velocity(value, self.max_px)
         with self._cond:
             self._velocity = velocity
         return velocity
 
     def set_prompt(self, value: Any) -> str:
-        """Switch to prompt ``value`` at the next block boundary (KV re-cache); InputError when invalid."""
+        """Switch to prompt ``value`` at the next block boundary (KV re-cache); InputError when
+        invalid."""
         prompt = _check_prompt(value)
         with self._cond:
             self._pending_prompt = prompt
         return prompt
 
     def stats(self) -> dict[str, Any]:
-        """The live readouts: generated FPS, KV bytes, frame index, velocity, prompt (JSON-ready)."""
+        """The live readouts: generated FPS, KV bytes, frame index, velocity, prompt
+        (JSON-ready)."""
         with self._cond:
-            return {**self._snapshot, "velocity": self._velocity, "pending_prompt": self._pending_prompt,
-                    "viewers": self._viewers, "notice": self._notice if time.time() < self._notice_until
+            return {**self._snapshot, "velocity": self._velocity,
+                    "pending_prompt": self._pending_prompt,
+                    "viewers": self._viewers,
+                    "notice": self._notice if time.time() < self._notice_until
                     else "", "error": self.error}
 
     # -- viewers ---------------------------------------------------------------------------------
@@ -191,9 +201,11 @@ class LiveStream:
             self._viewers -= 1
 
     def frames_after(self, index: int, timeout: float) -> list[LiveFrame]:
-        """Frames newer than ``index`` still in the ring (oldest first), waiting up to ``timeout`` s."""
+        """Frames newer than ``index`` still in the ring (oldest first), waiting up to ``timeout``
+        s."""
         with self._cond:
-            self._cond.wait_for(lambda: self._stop.is_set() or self._next_index - 1 > index, timeout)
+            self._cond.wait_for(lambda: self._stop.is_set() or self._next_index - 1 > index,
+                                timeout)
             return [frame for frame in self._ring if frame.index > index]
 
     @property
@@ -232,13 +244,15 @@ class LiveStream:
                 self._cond.notify_all()
 
     def step(self) -> list[LiveFrame]:
-        """Generate and publish one block (the generator thread's unit of work; tests call it directly)."""
+        """Generate and publish one block (the generator thread's unit of work; tests call it
+        directly)."""
         import torch
 
         gen = self.generator
         if gen.position + self.block > self.horizon:
             self._resets += 1
-            self._notice = (f"stream reset after {self.horizon} frames (--max-frames): the cache starts"
+            self._notice = (f"stream reset after {self.horizon} frames (--max-frames): the cache "
+                            "starts"
                             " empty and the camera returns to 0")
             self._notice_until = time.time() + NOTICE_S
             print(f"mag serve: {self._notice}", flush=True)
@@ -256,7 +270,8 @@ class LiveStream:
             offsets = torch.tensor([track], dtype=torch.float32) / self.patch_px
         latents = gen.generate_block(self.noise, offsets)
         pixels = tensor_to_frames(self.decoder.decode(latents)[0])
-        count = len(pixels)  # a block's latent frames; 9 then 12 video frames through Wan's causal VAE
+        # a block's latent frames; 9 then 12 video frames through Wan's causal VAE
+        count = len(pixels)
         latent_of = [min(j * self.block // count, self.block - 1) for j in range(count)]
         now = time.perf_counter()
         if self._last_publish is not None and now > self._last_publish:
@@ -264,7 +279,8 @@ class LiveStream:
             self._fps = rate if self._fps == 0 else (1 - FPS_EMA) * self._fps + FPS_EMA * rate
         self._last_publish = now
         snapshot = self._stream_stats(self._next_index + count - 1)
-        frames = [LiveFrame(self._next_index + j, first + latent_of[j], velocity, track[latent_of[j]],
+        frames = [LiveFrame(self._next_index + j, first + latent_of[j], velocity,
+                            track[latent_of[j]],
                             _png_base64(pixels[j]), snapshot) for j in range(count)]
         with self._cond:
             self._snapshot = snapshot
@@ -274,12 +290,15 @@ class LiveStream:
         return frames
 
     def _switch_prompt(self, prompt: str) -> None:
-        """Encode and apply a new prompt; if the encoder refuses it, keep streaming the current one."""
+        """Encode and apply a new prompt; if the encoder refuses it, keep streaming the current
+        one."""
         gen = self.generator
         try:
             context = self.loaded.encode([prompt])
         except Exception as err:  # a command must never stop the stream
-            self._notice = f"prompt not applied ({type(err).__name__}: {err}); keeping the current one"
+            self._notice = (
+                f"prompt not applied ({type(err).__name__}: {err}); keeping the current one"
+            )
             self._notice_until = time.time() + NOTICE_S
             print(f"mag serve: {self._notice}", file=sys.stderr, flush=True)
             return
@@ -293,7 +312,8 @@ class LiveStream:
         caches = [c for c in (gen.cache, gen.uncond_cache) if c is not None]
         return {"fps": round(self._fps, 2), "kv_bytes": sum(c.nbytes for c in caches),
                 "kv_capacity_bytes": sum(c.capacity_bytes for c in caches), "frame": frame,
-                "stream_frame": gen.position - 1, "max_frames": self.horizon, "camera_px": self._camera_px,
+                "stream_frame": gen.position - 1, "max_frames": self.horizon,
+                "camera_px": self._camera_px,
                 "prompt": self.prompt, "policy": self.policy_name, "resets": self._resets,
                 "notice": self._notice if time.time() < self._notice_until else ""}
 

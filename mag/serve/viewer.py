@@ -1,9 +1,11 @@
-"""The HTTP side of ``mag serve``: the page (``mag/assets/viewer.html``), the frame event stream, control.
+"""The HTTP side of ``mag serve``: the page (``mag/assets/viewer.html``), the frame event stream,
+control.
 
-Binds 127.0.0.1 only, answers only loopback ``Host`` headers (no DNS rebinding) and takes control only as
-``application/json``. Endpoints: ``GET /``, ``GET /frames`` (Server-Sent Events), ``GET /stats``,
-``POST /control`` with ``{"velocity": v}`` and/or ``{"prompt": "..."}``. Untrusted input is bounded
-(:mod:`mag.io.http`): JSON nesting, text that must encode, a request timeout and a connection cap.
+Binds 127.0.0.1 only, answers only loopback ``Host`` headers (no DNS rebinding) and takes control
+only as ``application/json``. Endpoints: ``GET /``, ``GET /frames`` (Server-Sent Events), ``GET
+/stats``, ``POST /control`` with ``{"velocity": v}`` and/or ``{"prompt": "..."}``. Untrusted input
+is bounded (:mod:`mag.io.http`): JSON nesting, text that must encode, a request timeout and a
+connection cap.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ BACKLOG_FRAMES = 6
 # A viewer sends frames of one block spread over this fraction of a frame interval each, so the
 # display stays smooth and never falls behind the generator.
 PACE_FRACTION = 0.9
-# Longest pause between two frames a viewer paces (s), and the keep-alive period of an idle stream (s).
+# Longest pause between two frames a viewer paces (s), and the keep-alive period of an idle stream
+# (s).
 MAX_PACE_S = 0.25
 KEEPALIVE_S = 1.0
-# A control body holds a prompt of MAX_PROMPT_CHARS characters even when every one is written as a JSON
-# surrogate-pair escape ("\\ud83d\\ude00", 12 bytes), plus the velocity and the braces.
+# A control body holds a prompt of MAX_PROMPT_CHARS characters even when every one is written as a
+# JSON surrogate-pair escape ("\\ud83d\\ude00", 12 bytes), plus the velocity and the braces.
 MAX_ESCAPED_CHAR_BYTES = 12
 BODY_OVERHEAD_BYTES = 1024
 MAX_BODY_BYTES = MAX_PROMPT_CHARS * MAX_ESCAPED_CHAR_BYTES + BODY_OVERHEAD_BYTES
-# A peer must send its request (headers and body) within this many seconds; a viewer that stops reading
-# the event stream for this long is dropped. Connections handled at once (more are answered 503).
+# A peer must send its request (headers and body) within this many seconds; a viewer that stops
+# reading the event stream for this long is dropped. Connections handled at once (more are answered
+# 503).
 REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 64
 # Display size of the frames on the page (CSS px) and the frames the page keeps for inspection.
@@ -68,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if name in ("127.0.0.1", "localhost", "[::1]"):
             return True
-        self._send_json(HTTPStatus.FORBIDDEN, {"error": f"host {host!r} refused: the viewer answers only"
+        self._send_json(HTTPStatus.FORBIDDEN, {"error": f"host {host!r} refused: the viewer "
+                                                        "answers only"
                                                         f" http://{HOST}:{self.server.server_port}/"})
         return False
 
@@ -95,26 +100,31 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/frames":
             self._stream_frames(live)
         else:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no page {path}; try /, /frames, /stats or"
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no page {path}; try /, /frames, "
+                                                            "/stats or"
                                                             " POST /control"})
 
     def do_POST(self) -> None:
         if not self._host_ok():
             return
         if self.path.split("?", 1)[0] != "/control":
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot POST {self.path}; POST /control"})
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot POST {self.path}; POST "
+                                                            "/control"})
             return
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
-            self._send_json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                            {"error": f"POST /control takes application/json, got {content_type!r}"})
+            self._send_json(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                {"error": f"POST /control takes application/json, got {content_type!r}"},
+            )
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if not 0 < length <= MAX_BODY_BYTES:
-            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"POST /control needs a JSON body of 1 to"
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": "POST /control needs a JSON body "
+                                                              "of 1 to"
                                                               f" {MAX_BODY_BYTES} bytes"})
             return
         try:
@@ -153,9 +163,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def apply_control(live: LiveStream, body: Any) -> dict[str, Any]:
-    """Apply a ``POST /control`` body ``{"velocity": v, "prompt": p}`` (either or both); InputError if bad."""
+    """Apply a ``POST /control`` body ``{"velocity": v, "prompt": p}`` (either or both); InputError
+    if bad."""
     if not isinstance(body, dict) or not body or set(body) - {"velocity", "prompt"}:
-        raise InputError(f"POST /control takes a JSON object with \"velocity\" (px/frame) and/or \"prompt\","
+        raise InputError("POST /control takes a JSON object with \"velocity\" (px/frame) and/or "
+                         "\"prompt\","
                          f" got {json.dumps(body)[:80]}")
     reply: dict[str, Any] = {"ok": True}
     if "velocity" in body:
@@ -186,9 +198,11 @@ class Viewer:
             self.server = _Server((HOST, port), _Handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise InputError(f"port {port} on {HOST} is in use; stop what is serving it or choose"
+                raise InputError(f"port {port} on {HOST} is in use; stop what is serving it or "
+                                 "choose"
                                  " another with --port (0 picks a free one)") from err
-            raise InputError(f"cannot listen on {HOST}:{port}: {err.strerror or err}; choose another"
+            raise InputError(f"cannot listen on {HOST}:{port}: {err.strerror or err}; choose "
+                             "another"
                              " --port") from err
         self._thread: threading.Thread | None = None
 
@@ -205,7 +219,8 @@ class Viewer:
 
     def start(self) -> None:
         """Serve from a background thread (tests); the command serves from the main thread."""
-        self._thread = threading.Thread(target=self.server.serve_forever, name="mag-serve-http", daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="mag-serve-http",
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:

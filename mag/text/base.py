@@ -1,9 +1,10 @@
 """The text-encoder interface: prompts -> per-token embeddings the DiT cross-attends to.
 
-Output convention (Wan's): ``[B, max_tokens, text_dim]``, the encoder's last hidden states at the real
-tokens (special tokens included) followed by rows of exact zeros up to ``max_tokens``. Zero rows, not the
-encoder's outputs at padding positions, are what Wan's T5 wrapper and diffusers' ``WanPipeline`` feed the
-DiT, so the padding carries no information. Prompts longer than ``max_tokens`` tokens are truncated.
+Output convention (Wan's): ``[B, max_tokens, text_dim]``, the encoder's last hidden states at the
+real tokens (special tokens included) followed by rows of exact zeros up to ``max_tokens``. Zero
+rows, not the encoder's outputs at padding positions, are what Wan's T5 wrapper and diffusers'
+``WanPipeline`` feed the DiT, so the padding carries no information. Prompts longer than
+``max_tokens`` tokens are truncated.
 """
 
 from __future__ import annotations
@@ -25,16 +26,21 @@ __all__ = ["TextEncoder", "HFTokenEncoder", "check_prompts", "clean_prompt"]
 def check_prompts(prompts: Any) -> list[str]:
     """Accept a non-empty list/tuple of strings; a bare string is a common slip, so say so."""
     if isinstance(prompts, str):
-        raise InputError(f"text encoders take a list of prompts, got the str {prompts[:40]!r}; use [prompt]")
-    if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"text encoders take a list of prompts, got the str {prompts[:40]!r}; "
+                         "use [prompt]")
+    if (
+        not isinstance(prompts, list | tuple)
+        or not prompts
+        or not all(isinstance(p, str) for p in prompts)
+    ):
         found = f"{type(prompts).__name__} {prompts!r:.80}"
         raise InputError(f"text encoders take a non-empty list of str, got {found}")
     return list(prompts)
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt clean-up (its tokenizer's ``clean="whitespace"``): ``ftfy.fix_text``, unescape HTML
-    entities twice, strip, collapse whitespace runs to one space, strip."""
+    """Wan's prompt clean-up (its tokenizer's ``clean="whitespace"``): ``ftfy.fix_text``, unescape
+    HTML entities twice, strip, collapse whitespace runs to one space, strip."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
@@ -60,10 +66,12 @@ class TextEncoder(ABC):
 
     @abstractmethod
     def encode_with_lengths(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """prompts -> (embeddings [B, max_tokens, text_dim], valid rows per prompt [B] int64 on CPU)."""
+        """prompts -> (embeddings [B, max_tokens, text_dim], valid rows per prompt [B] int64 on
+        CPU)."""
 
     @abstractmethod
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> TextEncoder:
         """Move the weights; returns self."""
 
     def parameter_bytes(self) -> int:
@@ -72,11 +80,13 @@ class TextEncoder(ABC):
 
 
 class HFTokenEncoder:
-    """A transformers tokenizer + encoder pair run the Wan way (shared by ``minilm`` and ``umt5``)."""
+    """A transformers tokenizer + encoder pair run the Wan way (shared by ``minilm`` and
+    ``umt5``)."""
 
     def __init__(self, tokenizer: Any, model: torch.nn.Module) -> None:
         self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "right"  # real tokens first, then padding: what pad_tokens assumes
+        # real tokens first, then padding: what pad_tokens assumes
+        self.tokenizer.padding_side = "right"
         self.model = model.eval().requires_grad_(False)
 
     @property
@@ -88,13 +98,15 @@ class HFTokenEncoder:
 
     @torch.no_grad()
     def hidden_states(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-        """prompts -> (last hidden states [B, n, D] with n the longest prompt, attention mask [B, n]).
+        """prompts -> (last hidden states [B, n, D] with n the longest prompt, attention mask [B,
+        n]).
 
         Padding to the batch's longest prompt (not to ``max_length``) gives the same values at real
         tokens, because padded keys are masked out, and costs less.
         """
         batch = self.tokenizer(prompts, padding="longest", truncation=True, max_length=max_length,
-                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+                               add_special_tokens=True, return_attention_mask=True,
+                               return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask

@@ -1,10 +1,10 @@
-"""Prompt-embedding cache: encode each distinct prompt once per encoder, keep it in memory (LRU) and,
-optionally, on disk as safetensors so later runs skip the text encoder.
+"""Prompt-embedding cache: encode each distinct prompt once per encoder, keep it in memory (LRU)
+and, optionally, on disk as safetensors so later runs skip the text encoder.
 
-Keys are (encoder fingerprint, prompt), so two encoders never share entries; ``get`` pads an entry's real
-token rows back to ``max_tokens`` and so reproduces ``encoder.encode`` exactly. Disk writes are atomic;
-an unreadable or mismatching file is a warned miss, re-encoded and overwritten (the cache holds derived
-data). The on-disk layout: docs/codecs-and-text.md.
+Keys are (encoder fingerprint, prompt), so two encoders never share entries; ``get`` pads an entry's
+real token rows back to ``max_tokens`` and so reproduces ``encoder.encode`` exactly. Disk writes are
+atomic; an unreadable or mismatching file is a warned miss, re-encoded and overwritten (the cache
+holds derived data). The on-disk layout: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
@@ -41,18 +41,21 @@ class PromptEmbeddingCache:
     """``get(prompts) -> [B, max_tokens, text_dim]`` through ``encoder``, encoding only the misses.
 
     Attributes:
-        hits / misses: prompts served without encoding (from memory, disk, or a duplicate in the same call)
+        hits / misses: prompts served without encoding (from memory, disk, or a duplicate in the
+        same call)
             / prompts sent to the encoder.
     """
 
     def __init__(self, encoder: TextEncoder, max_entries: int = DEFAULT_MAX_ENTRIES,
                  cache_dir: str | Path | None = None) -> None:
         if max_entries <= 0:
-            raise ConfigError(f"PromptEmbeddingCache max_entries must be positive, got {max_entries}")
+            raise ConfigError("PromptEmbeddingCache max_entries must be positive, got "
+                              f"{max_entries}")
         self.encoder = encoder
         self.max_entries = max_entries
         self._memory: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
-        self._dir = Path(cache_dir) / _sha(encoder.fingerprint, _FOLDER_HASH_CHARS) if cache_dir else None
+        self._dir = Path(cache_dir) / _sha(encoder.fingerprint,
+                                           _FOLDER_HASH_CHARS) if cache_dir else None
         self.hits = 0
         self.misses = 0
 
@@ -113,7 +116,11 @@ class PromptEmbeddingCache:
     # -- disk ----------------------------------------------------------------------------------
 
     def _file(self, prompt: str) -> Path | None:
-        return self._dir / f"{_sha(prompt, _FILE_HASH_CHARS)}{_SUFFIX}" if self._dir is not None else None
+        return (
+            self._dir / f"{_sha(prompt, _FILE_HASH_CHARS)}{_SUFFIX}"
+            if self._dir is not None
+            else None
+        )
 
     def _read(self, prompt: str) -> Tensor | None:
         path = self._file(prompt)
@@ -129,7 +136,8 @@ class PromptEmbeddingCache:
             if entry.ndim != 2 or entry.shape[0] > enc.max_tokens or entry.shape[1] != enc.text_dim:
                 raise ValueError(f"embedding shape {tuple(entry.shape)} does not fit this encoder")
         except Exception as err:  # safetensors raises several types for damaged files
-            warnings.warn(f"prompt-embedding cache file {path} is unusable ({err}); re-encoding the prompt",
+            warnings.warn(f"prompt-embedding cache file {path} is unusable ({err}); re-encoding "
+                          "the prompt",
                           RuntimeWarning, stacklevel=3)
             return None
         return entry

@@ -24,12 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = text.add_subparsers(dest="text_command", metavar="COMMAND", required=True)
     t = commands.add_parser(
         "table", help="encode a fixed prompt set into one file (MAG_PROMPT_TABLE=FILE uses it)",
-        description="Encode every prompt the panorama world can write (plus the empty prompt and any"
+        description="Encode every prompt the panorama world can write (plus the empty prompt and "
+                    "any"
                     " --prompt) with a text encoder and save the embeddings, so that training and"
-                    " benchmarks run where the encoder is not installed: set MAG_PROMPT_TABLE=FILE.")
+                    " benchmarks run where the encoder is not installed: set "
+                    "MAG_PROMPT_TABLE=FILE.")
     add_out_argument(t, "output .safetensors file")
-    t.add_argument("--encoder", default=DEFAULT_ENCODER, help="text encoder registry name (minilm, umt5)")
-    t.add_argument("--mode", default=DEFAULT_MODE, choices=("pooled", "tokens"), help="minilm output mode")
+    t.add_argument("--encoder", default=DEFAULT_ENCODER, help="text encoder registry name "
+                                                              "(minilm, umt5)")
+    t.add_argument("--mode", default=DEFAULT_MODE, choices=("pooled", "tokens"), help="minilm "
+                                                                                      "output mode")
     t.add_argument("--prompt", action="append", default=[], help="an extra prompt (repeatable)")
     t.add_argument("--no-world", action="store_true", help="leave out the panorama world's prompts")
     t.set_defaults(func=_table)
@@ -42,11 +46,13 @@ def _table(args: argparse.Namespace) -> int:
         prompts += [p for theme in THEMES.values() for p in theme_prompts(theme)]
     out = Path(args.out)
     if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a file name such as {out / 'prompts.safetensors'}")
+        raise InputError(f"--out {out} is a folder; give a file name such as "
+                         f"{out / 'prompts.safetensors'}")
     check_output(out, suffixes=SAFETENSORS_SUFFIXES)
     kwargs = {"mode": args.mode} if args.encoder == "minilm" else {}
     encoder = build_registered("text encoder", TEXT_ENCODERS, args.encoder, **kwargs)
     write_prompt_table(encoder, prompts, out)
-    print(f"wrote {out}: {len(dict.fromkeys(prompts))} prompts of {encoder.name} ({encoder.fingerprint});"
+    print(f"wrote {out}: {len(dict.fromkeys(prompts))} prompts of {encoder.name} "
+          f"({encoder.fingerprint});"
           f" use it with {PROMPT_TABLE_ENV}={out}")
     return 0

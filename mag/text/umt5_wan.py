@@ -1,11 +1,13 @@
-"""Wan2.1's original text-encoder file (``models_t5_umt5-xxl-enc-bf16.pth``) as a transformers UMT5 encoder.
+"""Wan2.1's original text-encoder file (``models_t5_umt5-xxl-enc-bf16.pth``) as a transformers UMT5
+encoder.
 
 The original release stores Wan's own T5 encoder class: ``token_embedding``, per block ``norm1``,
 ``attn.{q,k,v,o}``, a per-block relative position table ``pos_embedding.embedding`` (umT5 keeps one
 per layer), ``norm2`` and a gated-GELU feed-forward ``ffn.{gate.0,fc1,fc2}``, then ``norm``. Every
 tensor maps one-to-one onto ``UMT5EncoderModel`` (same shapes; ``gate.0`` is ``wi_0``, the GELU-tanh
 branch). The architecture is read from the shapes; what they cannot say is Wan's fixed setting
-(relative-position max distance 128). The tokenizer is the ``google/umt5-xxl`` folder next to the file.
+(relative-position max distance 128). The tokenizer is the ``google/umt5-xxl`` folder next to the
+file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from mag.errors import CheckpointError
 
-__all__ = ["WAN_T5_FILE", "WAN_T5_TOKENIZER", "hf_to_wan_t5", "load_wan_t5", "wan_t5_config", "wan_t5_to_hf"]
+__all__ = ["WAN_T5_FILE", "WAN_T5_TOKENIZER", "hf_to_wan_t5", "load_wan_t5", "wan_t5_config",
+           "wan_t5_to_hf"]
 
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 """The encoder file's name in a Wan2.1 folder."""
@@ -47,7 +50,8 @@ _KEYS_SHOWN = 5
 
 
 def wan_t5_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Wan T5 encoder state dict -> ``UMT5EncoderModel`` names; an unknown key is an error, never dropped."""
+    """Wan T5 encoder state dict -> ``UMT5EncoderModel`` names; an unknown key is an error, never
+    dropped."""
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -60,15 +64,18 @@ def wan_t5_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"{len(unknown)} keys are not Wan T5 encoder keys (e.g. {unknown[:_KEYS_SHOWN]}); expected the"
-            f" encoder-only {WAN_T5_FILE} layout (token_embedding, blocks.N.attn/ffn/norm1/norm2, norm)"
+            f"{len(unknown)} keys are not Wan T5 encoder keys (e.g. {unknown[:_KEYS_SHOWN]}); "
+            "expected the"
+            f" encoder-only {WAN_T5_FILE} layout (token_embedding, blocks.N.attn/ffn/norm1/norm2, "
+            "norm)"
         )
     out["encoder.embed_tokens.weight"] = out["shared.weight"]
     return out
 
 
 def hf_to_wan_t5(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``UMT5EncoderModel`` state dict -> the original Wan layout (writes small files in Wan's format)."""
+    """``UMT5EncoderModel`` state dict -> the original Wan layout (writes small files in Wan's
+    format)."""
     top = {hf: wan for wan, hf in _TOP.items()}
     in_block = {hf: wan for wan, hf in _IN_BLOCK.items()}
     out = {}
@@ -94,13 +101,15 @@ def wan_t5_config(state: Mapping[str, Tensor]) -> dict[str, object]:
     except (KeyError, ValueError) as err:
         found = list(state)[:_KEYS_SHOWN]
         raise CheckpointError(
-            f"not a Wan T5 encoder state dict (found keys {found}); expected token_embedding.weight and"
+            f"not a Wan T5 encoder state dict (found keys {found}); expected "
+            "token_embedding.weight and"
             " blocks.N.pos_embedding / attn / ffn, as in " + WAN_T5_FILE
         ) from err
     return {
         "vocab_size": int(vocab), "d_model": int(dim), "d_kv": int(dim_attn) // int(heads),
         "d_ff": int(dim_ffn),
-        "num_layers": layers, "num_heads": int(heads), "relative_attention_num_buckets": int(buckets),
+        "num_layers": layers, "num_heads": int(heads),
+        "relative_attention_num_buckets": int(buckets),
         "relative_attention_max_distance": WAN_T5_MAX_DISTANCE, "feed_forward_proj": "gated-gelu",
         "layer_norm_epsilon": WAN_T5_EPS, "is_encoder_decoder": False, "use_cache": False,
         "tie_word_embeddings": False,
@@ -108,13 +117,18 @@ def wan_t5_config(state: Mapping[str, Tensor]) -> dict[str, object]:
 
 
 def load_wan_t5(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """A ``UMT5EncoderModel`` (eval mode, frozen) holding the weights of the original Wan file at ``path``."""
-    from transformers import UMT5Config, UMT5EncoderModel  # lazy: transformers takes seconds to import
+    """A ``UMT5EncoderModel`` (eval mode, frozen) holding the weights of the original Wan file at
+    ``path``."""
+    from transformers import (  # lazy: transformers takes seconds to import
+        UMT5Config,
+        UMT5EncoderModel,
+    )
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for a damaged or non-weights-only file
-        raise CheckpointError(f"cannot read the Wan T5 encoder file {path} (corrupt, truncated, or not a"
+        raise CheckpointError(f"cannot read the Wan T5 encoder file {path} (corrupt, truncated, "
+                              "or not a"
                               f" weights-only file): {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
@@ -127,7 +141,8 @@ def load_wan_t5(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     wrong = [f"{k}: {list(hf[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
              if k in hf and hf[k].shape != v.shape]
     if missing or wrong:
-        raise CheckpointError(f"{path} does not fit a UMT5 encoder: missing {missing[:_KEYS_SHOWN]},"
+        raise CheckpointError(f"{path} does not fit a UMT5 encoder: missing "
+                              f"{missing[:_KEYS_SHOWN]},"
                               f" wrong shapes {wrong[:_KEYS_SHOWN]}")
     model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=True, assign=True)
     model.tie_weights()

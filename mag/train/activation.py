@@ -1,11 +1,12 @@
-"""Per-block activation checkpointing of a ``WanDiT``: each block's activations are recomputed in backward.
+"""Per-block activation checkpointing of a ``WanDiT``: each block's activations are recomputed in
+backward.
 
 Applied from outside the model, like the sharding (:mod:`mag.train.mesh` applies it before
 ``fully_shard``), and without wrapper modules, so parameter names (and checkpoints) do not change.
 Only forwards that build a graph are checkpointed, and never a cache *write* (recomputing it would
-write twice). A forward that *reads* a KV cache (a rollout's exit step) checkpoints against a copy of
-the cached K/V it read, because the rollout writes later blocks into the cache before backward runs;
-the copy holds what the attention would have saved for backward anyway.
+write twice). A forward that *reads* a KV cache (a rollout's exit step) checkpoints against a copy
+of the cached K/V it read, because the rollout writes later blocks into the cache before backward
+runs; the copy holds what the attention would have saved for backward anyway.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mag.errors import ConfigError
 
 
 class _CachedRead:
-    """The ``read`` side of a KV cache frozen at one layer's values (what ``attend_cached`` uses)."""
+    """The ``read`` side of a KV cache frozen at one layer's values (what ``attend_cached``
+    uses)."""
 
     def __init__(self, keys: Tensor, values: Tensor) -> None:
         self.keys, self.values = keys, values
@@ -30,10 +32,12 @@ class _CachedRead:
 
 
 def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``forward`` (a bound ``WanBlock.forward``) with non-reentrant checkpointing when it builds a graph."""
+    """``forward`` (a bound ``WanBlock.forward``) with non-reentrant checkpointing when it builds a
+    graph."""
 
     def run(x: Tensor, e0: Tensor, rope: tuple[Tensor, Tensor], attn_mask: object,
-            cross_kv: tuple[Tensor, Tensor], kv_cache: object, layer: int, pending: object) -> Tensor:
+            cross_kv: tuple[Tensor, Tensor], kv_cache: object, layer: int,
+            pending: object) -> Tensor:
         if pending is not None or not torch.is_grad_enabled():
             return forward(x, e0, rope, attn_mask, cross_kv, kv_cache, layer, pending)
         cached = kv_cache
@@ -51,13 +55,15 @@ def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    """Turn on activation checkpointing for every block of ``model.blocks`` in place; returns ``model``.
+    """Turn on activation checkpointing for every block of ``model.blocks`` in place; returns
+    ``model``.
 
     Call before sharding (FSDP's hooks then wrap the checkpointed forward, torchtitan's order).
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ConfigError(f"activation checkpointing expects a model with a non-empty ModuleList 'blocks',"
+        raise ConfigError("activation checkpointing expects a model with a non-empty ModuleList "
+                          "'blocks',"
                           f" got {type(model).__name__}")
     for block in blocks:
         if not is_checkpointed(block):

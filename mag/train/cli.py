@@ -1,4 +1,5 @@
-"""``mag train`` and ``mag plot``: run a recipe (optionally resuming) and draw its training curves."""
+"""``mag train`` and ``mag plot``: run a recipe (optionally resuming) and draw its training
+curves."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from mag.objectives.ode import save_ode_pairs
 from mag.train.distributed import destroy, init_distributed
 from mag.train.recipe import load_recipe
 
-# Euler steps of the teacher's ODE in `mag train ode-pairs` (Self-Forcing samples its teacher with 48;
-# 48 puts the levels 1000, 750, 500, 250 on the grid).
+# Euler steps of the teacher's ODE in `mag train ode-pairs` (Self-Forcing samples its teacher with
+# 48; 48 puts the levels 1000, 750, 500, 250 on the grid).
 DEFAULT_ODE_STEPS = 48
 SECONDS_PER_MINUTE = 60.0
 PLOT_DPI = 120
@@ -27,47 +28,62 @@ DEFAULT_FIGURE_SUFFIX = ".png"
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train", help="train a recipe (teacher, causal init, DMD, ...); ode-pairs for the ODE init",
-        description="Train one recipe into an output folder with resumable checkpoints, or (ode-pairs)"
+        description="Train one recipe into an output folder with resumable checkpoints, or "
+                    "(ode-pairs)"
                     " write the teacher trajectories the 'ode' objective regresses.")
-    train.add_argument("--recipe", help="TOML recipe file (see recipes/); required unless a subcommand")
+    train.add_argument("--recipe", help="TOML recipe file (see recipes/); required unless a "
+                                        "subcommand")
     add_out_argument(train, "run folder: checkpoints/, metrics.jsonl, recipe.json", required=False)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint "
+                                                             "in --out")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many more steps (a time-boxed sitting); resume later")
     train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
-                       help="stop with a checkpoint at the first log step after this many minutes; resume"
+                       help="stop with a checkpoint at the first log step after this many "
+                            "minutes; resume"
                             " later with --resume")
     add_runtime_arguments(train)  # under torchrun each worker uses cuda:LOCAL_RANK
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still "
+                                                                  "written)")
     train.add_argument("--plan", action="store_true",
-                       help="print per-GPU memory and step FLOPs of --recipe on --gpus x --nodes GPUs (meta"
+                       help="print per-GPU memory and step FLOPs of --recipe on --gpus x --nodes "
+                            "GPUs (meta"
                             " device, nothing allocated) instead of training")
-    train.add_argument("--gpus", type=int, default=1, help="GPUs per node for --plan (default %(default)s)")
-    train.add_argument("--nodes", type=int, default=1, help="nodes for --plan (default %(default)s)")
+    train.add_argument("--gpus", type=int, default=1, help="GPUs per node for --plan (default "
+                                                           "%(default)s)")
+    train.add_argument("--nodes", type=int, default=1, help="nodes for --plan (default "
+                                                            "%(default)s)")
     train.set_defaults(func=_train)
 
     tools = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=False)
     pairs = tools.add_parser(
         "ode-pairs", help="sample teacher ODE trajectories for the 'ode' objective",
-        description="Integrate the teacher's guided ODE (many Euler steps) on world clips' prompts and store"
+        description="Integrate the teacher's guided ODE (many Euler steps) on world clips' "
+                    "prompts and store"
                     " its state at the few-step levels and its endpoint in one safetensors file.")
-    pairs.add_argument("--teacher", required=True, help="teacher model file, checkpoint or registry name")
+    pairs.add_argument("--teacher", required=True, help="teacher model file, checkpoint or "
+                                                        "registry name")
     add_out_argument(pairs, "output .safetensors", dest="pairs_out")
     pairs.add_argument("--clips", type=int, required=True, help="number of clips (trajectories)")
     pairs.add_argument("--steps", type=int, default=DEFAULT_ODE_STEPS,
-                       help="Euler steps; the few-step levels must fall on the grid (default %(default)s)")
+                       help="Euler steps; the few-step levels must fall on the grid (default "
+                            "%(default)s)")
     pairs.add_argument("--guidance-scale", type=float, default=SELF_FORCING_GUIDANCE_SCALE,
                        help="CFG scale x0_u + s (x0_c - x0_u), 1 = off (default %(default)s)")
     pairs.add_argument("--frames", type=int, default=None,
-                       help="latent frames per clip (default: the teacher recipe's data.clip_frames)")
+                       help="latent frames per clip (default: the teacher recipe's "
+                            "data.clip_frames)")
     pairs.add_argument("--seed", type=int, default=0, help="seed of the clips' prompts and noise")
     pairs.add_argument("--batch", type=int, default=8, help="clips sampled together")
     add_runtime_arguments(pairs, dest_prefix="pairs_")
-    pairs.add_argument("--no-progress", dest="pairs_no_progress", action="store_true", help="no progress bar")
+    pairs.add_argument(
+        "--no-progress", dest="pairs_no_progress", action="store_true", help="no progress bar"
+    )
     pairs.set_defaults(func=_ode_pairs)
 
     plot = subparsers.add_parser("plot", help="plot training curves from metrics.jsonl",
-                                 description="Draw loss and recall-signal curves of one or more runs.")
+                                 description="Draw loss and recall-signal curves of one or more "
+                                             "runs.")
     plot.add_argument("metrics", nargs="+", help="metrics.jsonl files (or run folders)")
     add_out_argument(plot, "output PNG")
     plot.add_argument("--smooth", type=int, default=20, help="moving-average window in log records")
@@ -75,24 +91,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group first."""
+    """Train one recipe; under torchrun (``RANK``/``WORLD_SIZE`` set) every worker joins the group
+    first."""
 
     if args.plan:
         return _plan(args)
     if not args.recipe or not args.out:
-        raise InputError("mag train needs --recipe and --out (or a subcommand: mag train ode-pairs ...)")
+        raise InputError("mag train needs --recipe and --out (or a subcommand: mag train "
+                         "ode-pairs ...)")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.time_limit is not None and not args.time_limit > 0:
-        raise InputError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+        raise InputError("--time-limit must be a positive number of minutes, got "
+                         f"{args.time_limit}")
     set_threads(args.threads)
-    from mag.train.mesh import needs_process_group  # lazy: FSDP and DCP imports add ~1.5 s to `mag` start
-    from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s to `mag` start
+    from mag.train.mesh import needs_process_group  # lazy: FSDP/DCP add ~1.5 s to `mag` start
+    from mag.train.trainer import Trainer  # lazy: torch.distributed.checkpoint adds ~1.5 s
 
     recipe = load_recipe(args.recipe)
     ctx = init_distributed(args.device, single_group=needs_process_group(recipe.parallel))
     try:
-        trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress, dist=ctx)
+        trainer = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress,
+                          dist=ctx)
         _print_notes(trainer.notes, ctx.is_main)
         limit_s = None if args.time_limit is None else args.time_limit * SECONDS_PER_MINUTE
         try:
@@ -104,12 +124,14 @@ def _train(args: argparse.Namespace) -> int:
     if ctx.is_main:
         stopped = (f" (time limit of {args.time_limit} min; resume with --resume)"
                    if result.stopped_early else "")
-        print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}{stopped}")
+        print(f"step {result.step}: loss {result.last_loss:.4f}; checkpoint "
+              f"{result.checkpoint}{stopped}")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """``mag train --plan``: the recipe's memory per GPU and step FLOPs, with and without checkpointing."""
+    """``mag train --plan``: the recipe's memory per GPU and step FLOPs, with and without
+    checkpointing."""
     from mag.train.plan import plan_training  # lazy: FSDP and DCP imports add ~1.5 s to `mag` start
 
     if not args.recipe:
@@ -141,7 +163,8 @@ def _ode_pairs(args: argparse.Namespace) -> int:
                            progress=not args.pairs_no_progress)
     out = save_ode_pairs(args.pairs_out, pairs)
     print(f"wrote {out}: {len(pairs)} trajectories of {pairs.x0.shape[1]} frames at levels"
-          f" {[round(t, 1) for t in pairs.timesteps.tolist()]} ({time.perf_counter() - start:.1f} s)")
+          f" {[round(t, 1) for t in pairs.timesteps.tolist()]} ({time.perf_counter() - start:.1f} "
+          "s)")
     return 0
 
 
@@ -172,8 +195,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_path(out: str) -> Path:
-    """The file ``mag plot -o`` writes: a name without a suffix gets ``.png`` (as matplotlib would add);
-    another suffix must be a figure format. Checked before any metrics are read."""
+    """The file ``mag plot -o`` writes: a name without a suffix gets ``.png`` (as matplotlib would
+    add); another suffix must be a figure format. Checked before any metrics are read."""
     path = Path(out)
     if not path.suffix:
         path = path.with_name(path.name + DEFAULT_FIGURE_SUFFIX)
@@ -190,15 +213,16 @@ def _plot(args: argparse.Namespace) -> int:
 
     out = plot_path(args.out)
     runs = [(source, read_metrics(source)) for source in args.metrics]
-    # DMD runs log the critic's loss as `loss` and the generator's separately; flow-matching runs log the
-    # loss by view category. The right panel shows whichever the runs have.
+    # DMD runs log the critic's loss as `loss` and the generator's separately; flow-matching runs
+    # log the loss by view category. The right panel shows whichever the runs have.
     dmd = any("generator_loss" in r for _, records in runs for r in records)
     fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(11, 4))
     for source, records in runs:
         steps = [r["step"] for r in records]
         label = Path(source).parent.name if Path(source).is_file() else Path(source).name
         main = "critic loss" if dmd else "loss"
-        ax_loss.plot(steps, _smooth([r["loss"] for r in records], args.smooth), label=f"{label} {main}")
+        ax_loss.plot(steps, _smooth([r["loss"] for r in records], args.smooth), label=f"{label} "
+                                                                                      f"{main}")
         keys = (("generator_loss", "-"),) if dmd else (("loss_new", ":"), ("loss_recent", "--"),
                                                         ("loss_recall", "-"))
         for key, style in keys:
@@ -209,7 +233,8 @@ def _plot(args: argparse.Namespace) -> int:
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log",
                 title="critic (fake-score) loss" if dmd else "training loss")
     ax_right.set(xlabel="step", ylabel="loss", yscale="log",
-                 title="DMD generator loss" if dmd else "loss by view category (recall = seen long ago)")
+                 title="DMD generator loss" if dmd else "loss by view category (recall = seen "
+                                                        "long ago)")
     for ax in (ax_loss, ax_right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

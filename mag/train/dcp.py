@@ -56,7 +56,8 @@ class Trained:
 
 
 def _state(networks: dict[str, Trained], ema: dict[str, Tensor]) -> dict[str, Any]:
-    """DCP's state dict: sharded (DTensor) or plain tensors, by reference where DCP loads in place."""
+    """DCP's state dict: sharded (DTensor) or plain tensors, by reference where DCP loads in
+    place."""
     state: dict[str, Any] = {EMA_KEY: ema, RNG_KEY: capture_rng()}
     for name, net in networks.items():
         state[f"{name}.model"] = get_model_state_dict(net.model)
@@ -88,9 +89,10 @@ def save_dcp(directory: str | Path, step: int, networks: dict[str, Trained], ema
     return final
 
 
-def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tensor]) -> dict[str, Any]:
-    """Load a DCP checkpoint into the (sharded or plain) networks, optimisers and EMA shadow in place;
-    restores the global RNG; returns its metadata. Collective under a process group."""
+def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tensor]) -> dict[str,
+                                                                                             Any]:
+    """Load a DCP checkpoint into the (sharded or plain) networks, optimisers and EMA shadow in
+    place; restores the global RNG; returns its metadata. Collective under a process group."""
     metadata = read_dcp_metadata(path)
     state = _state(networks, ema)
     try:
@@ -98,7 +100,9 @@ def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tens
             warnings.filterwarnings("ignore", message=NO_GROUP_WARNING)
             dcp.load(state, checkpoint_id=str(path))
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"DCP checkpoint {path} does not fit this run's networks: {err}") from err
+        raise CheckpointError(
+            f"DCP checkpoint {path} does not fit this run's networks: {err}"
+        ) from err
     for name, net in networks.items():
         set_model_state_dict(net.model, state[f"{name}.model"])
         set_optimizer_state_dict(net.model, net.optimizer, state[f"{name}.optimizer"])
@@ -107,8 +111,12 @@ def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tens
 
 
 def check_memory_record(stored: Any, current: dict[str, str]) -> None:
-    """Refuse a DMD resume whose ``mag`` rollouts would use other memory-model weights than the run's."""
-    if isinstance(stored, dict) and current and stored.get("weights_sha256") != current["weights_sha256"]:
-        raise CheckpointError(f"dmd.memory_model {current['source']!r} has other weights than the memory"
-                              f" model this run started with ({stored.get('source')!r}); resume with the same"
+    """Refuse a DMD resume whose ``mag`` rollouts would use other memory-model weights than the
+    run's."""
+    if isinstance(stored,
+                  dict) and current and stored.get("weights_sha256") != current["weights_sha256"]:
+        raise CheckpointError(f"dmd.memory_model {current['source']!r} has other weights than the "
+                              "memory"
+                              f" model this run started with ({stored.get('source')!r}); resume "
+                              "with the same"
                               " memory model file, or start a new run")

@@ -1,9 +1,9 @@
 """Process groups for data-parallel training: who am I, which device, how to average logged numbers.
 
 ``torchrun`` (or ``python -m torch.distributed.run``) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and joins the group (gloo on
-CPU, nccl on CUDA). Without them -- a plain ``mag train`` -- it returns a single-process context and
-creates no process group, so the same trainer code runs either way.
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and joins the group (gloo
+on CPU, nccl on CUDA). Without them -- a plain ``mag train`` -- it returns a single-process context
+and creates no process group, so the same trainer code runs either way.
 
 Together with ``mag.train.parallelize`` this is the only place that imports ``torch.distributed``;
 models and caches stay free of it (torchtitan's split: parallelism is applied from outside).
@@ -55,19 +55,23 @@ class DistributedContext:
     def mesh(self) -> DeviceMesh:
         """The 1-D data-parallel device mesh over all ranks (FSDP shards parameters along it)."""
         if not self.is_distributed:
-            raise ConfigError("a device mesh needs a process group (world_size > 1); launch with torchrun")
+            raise ConfigError("a device mesh needs a process group (world_size > 1); launch with "
+                              "torchrun")
         return init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
 
     def batch_slice(self, micro_batch_size: int) -> range:
-        """This rank's sample indices of a micro-batch: ``[r*b/W, (r+1)*b/W)`` (disjoint, equal slices).
+        """This rank's sample indices of a micro-batch: ``[r*b/W, (r+1)*b/W)`` (disjoint, equal
+        slices).
 
         Equal slices make the FSDP-averaged gradient equal to the single-process gradient of the
         whole micro-batch, so a W-rank run follows the 1-rank run up to float reduction order.
         """
         if micro_batch_size % self.world_size:
             raise ConfigError(
-                f"the micro-batch (loop.batch_size / loop.grad_accum = {micro_batch_size}) must be divisible"
-                f" by the number of processes ({self.world_size}); change loop.batch_size or --nproc_per_node"
+                f"the micro-batch (loop.batch_size / loop.grad_accum = {micro_batch_size}) must "
+                "be divisible"
+                f" by the number of processes ({self.world_size}); change loop.batch_size or "
+                "--nproc_per_node"
             )
         per_rank = micro_batch_size // self.world_size
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
@@ -78,11 +82,14 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ConfigError(f"environment variable {name} must be an integer, found {value!r}") from None
+        raise ConfigError(
+            f"environment variable {name} must be an integer, found {value!r}"
+        ) from None
 
 
 def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the torchrun variables are present (``WORLD_SIZE`` is the one every launcher sets)."""
+    """Whether the torchrun variables are present (``WORLD_SIZE`` is the one every launcher
+    sets)."""
     return ENV_WORLD_SIZE in (os.environ if env is None else env)
 
 
@@ -91,8 +98,9 @@ def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] 
     """Join the process group described by the torchrun environment, or run as a single process.
 
     ``device`` is the device *type* the user asked for: ``cuda`` becomes ``cuda:LOCAL_RANK`` (nccl),
-    ``cpu`` stays ``cpu`` (gloo). With no torchrun variables, or ``WORLD_SIZE=1``, no group is created
-    unless ``single_group`` asks for a one-rank group (in-process store; FSDP2's bf16 policy needs one).
+    ``cpu`` stays ``cpu`` (gloo). With no torchrun variables, or ``WORLD_SIZE=1``, no group is
+    created unless ``single_group`` asks for a one-rank group (in-process store; FSDP2's bf16 policy
+    needs one).
     """
     env = os.environ if env is None else env
     device = torch.device(device)
@@ -116,7 +124,8 @@ def init_distributed(device: torch.device | str = "cpu", env: Mapping[str, str] 
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
+                              device=device)
 
 
 def _backend(device: torch.device) -> str:
@@ -145,7 +154,8 @@ def barrier(ctx: DistributedContext) -> None:
 
 
 def all_reduce_mean(values: dict[str, Tensor], ctx: DistributedContext) -> dict[str, Tensor]:
-    """Mean over ranks of 0-dim tensors, in one collective; called only when a log record is written."""
+    """Mean over ranks of 0-dim tensors, in one collective; called only when a log record is
+    written."""
     if not ctx.is_distributed or not values:
         return values
     names = list(values)

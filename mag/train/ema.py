@@ -11,14 +11,15 @@ from mag.errors import CheckpointError
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * param`` after every optimiser step.
 
-    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so early averages are not dominated
-    by the random initialisation.
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so early averages are not
+    dominated by the random initialisation.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.shadow: dict[str, Tensor] = {
-            name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad
+            name: p.detach().float().clone() for name,
+            p in model.named_parameters() if p.requires_grad
         }
 
     @torch.no_grad()
@@ -38,7 +39,8 @@ class EMA:
         wrong = [f"{k}: {list(state[k].shape)} vs {list(v.shape)}" for k, v in self.shadow.items()
                  if state[k].shape != v.shape]
         if wrong:
-            raise CheckpointError(f"EMA state does not fit the model: {len(wrong)} wrong-shape ({wrong[0]})")
+            raise CheckpointError(f"EMA state does not fit the model: {len(wrong)} wrong-shape "
+                                  f"({wrong[0]})")
         for name in self.shadow:
             self.shadow[name].copy_(state[name])
 

@@ -1,10 +1,11 @@
-"""The networks a recipe names (``init.model``, ``dmd.teacher``, ``dmd.critic``), from mag or official files.
+"""The networks a recipe names (``init.model``, ``dmd.teacher``, ``dmd.critic``), from mag or
+official files.
 
-A registry name, a mag model file or a mag training checkpoint carries its preset and stage and loads
-through :func:`mag.registry.load_model`; anything else (a Wan2.1 folder, a diffusers ``transformer/``
-folder, a Self-Forcing or MAG ``.pt`` checkpoint, a plain safetensors state dict) is read by
-:func:`mag.weights.load_state_dict_any` into a network built from the recipe's ``dit`` config, which
-must then fit it exactly (names and shapes).
+A registry name, a mag model file or a mag training checkpoint carries its preset and stage and
+loads through :func:`mag.registry.load_model`; anything else (a Wan2.1 folder, a diffusers
+``transformer/`` folder, a Self-Forcing or MAG ``.pt`` checkpoint, a plain safetensors state dict)
+is read by :func:`mag.weights.load_state_dict_any` into a network built from the recipe's ``dit``
+config, which must then fit it exactly (names and shapes).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def is_mag_source(source: str | Path) -> bool:
 
 def load_network(source: str | Path, dit: DiTConfig, device: torch.device | str = "cpu", *,
                  expect_stage: Sequence[str] | None = None) -> WanDiT:
-    """The network of ``source`` on ``device`` in eval mode (mag files keep their own ``dit`` config;
-    the caller checks it against the recipe's)."""
+    """The network of ``source`` on ``device`` in eval mode (mag files keep their own ``dit``
+    config; the caller checks it against the recipe's)."""
     if is_mag_source(source):
         return load_model(source, device, expect_stage=expect_stage)[0]
     if not Path(source).exists():
-        raise CheckpointError(f"no model named or at {str(source)!r} (a registry name, a mag model file, or"
+        raise CheckpointError(f"no model named or at {str(source)!r} (a registry name, a mag "
+                              "model file, or"
                               " official Wan2.1 / diffusers / Self-Forcing / MAG weights)")
     with torch.device("meta"):
         model = WanDiT(dit)

@@ -1,10 +1,11 @@
 """FSDP2 for the Wan DiT, applied from outside the model (torchtitan's ``parallelize`` split).
 
-Units, innermost first: ``blocks[i].cross_attn`` (with ``project_context`` registered as an FSDP forward
-method), the rest of ``blocks[i]``, and the root. Every rank builds the full model from the recipe seed
-before sharding, so an N-rank run starts from the single-process weights. Checkpoints stay full tensors
-in the single-process format (:func:`full_model_state`, :func:`load_full_model_state`, ...: collectives,
-call them on every rank), so a checkpoint moves between any world sizes. docs/training.md.
+Units, innermost first: ``blocks[i].cross_attn`` (with ``project_context`` registered as an FSDP
+forward method), the rest of ``blocks[i]``, and the root. Every rank builds the full model from the
+recipe seed before sharding, so an N-rank run starts from the single-process weights. Checkpoints
+stay full tensors in the single-process format (:func:`full_model_state`,
+:func:`load_full_model_state`, ...: collectives, call them on every rank), so a checkpoint moves
+between any world sizes. docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mag.errors import CheckpointError, ConfigError
@@ -37,7 +43,8 @@ FULL_ON_EVERY_RANK = StateDictOptions(full_state_dict=True, strict=True)
 
 # FSDP2 warns whenever a unit returns a view (the blocks' ``flatten``, ``project_context``'s
 # transposes), because an in-place op on it would skip a backward hook. The DiT only ever combines
-# these outputs out of place, and tests/test_distributed.py pins sharded gradients to unsharded ones.
+# these outputs out of place, and tests/test_distributed.py pins sharded gradients to unsharded
+# ones.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
@@ -47,7 +54,8 @@ def parallelize_dit(model: nn.Module, mesh_or_ctx: DeviceMesh | DistributedConte
     """Shard ``model`` (a ``WanDiT`` with materialised weights) in place with FSDP2; returns it.
 
     Args:
-        mesh_or_ctx: the data-parallel mesh (1-D, or 2-D ``(replicate, shard)`` for HSDP), or a context
+        mesh_or_ctx: the data-parallel mesh (1-D, or 2-D ``(replicate, shard)`` for HSDP), or a
+        context
             that builds the 1-D one.
         reshard_after_forward: free gathered weights after each unit's forward (ZeRO-3); False keeps
             them until backward (ZeRO-2: less communication, more memory).
@@ -63,14 +71,15 @@ def parallelize_dit(model: nn.Module, mesh_or_ctx: DeviceMesh | DistributedConte
     for block in blocks:
         early = getattr(block, EARLY_UNIT, None)
         if early is not None:
-            fully_shard(early, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            fully_shard(early, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=policy)
             for method in EARLY_METHODS:
                 register_fsdp_forward_method(early, method)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # The root's weights (embeddings, head) are needed again at the start of backward: keep them.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-    # Rollouts project prompts with ``encode_context`` outside ``forward``; it must gather the root's
-    # parameters like a forward does.
+    # Rollouts project prompts with ``encode_context`` outside ``forward``; it must gather the
+    # root's parameters like a forward does.
     if hasattr(model, "encode_context"):
         register_fsdp_forward_method(model, "encode_context")
     return model
@@ -87,7 +96,8 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load a full (single-process) model state into a sharded model; every rank passes the same state."""
+    """Load a full (single-process) model state into a sharded model; every rank passes the same
+    state."""
     try:
         set_model_state_dict(model, state, options=FULL_ON_EVERY_RANK)
     except (RuntimeError, KeyError) as err:
@@ -117,7 +127,8 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                               state: dict[str, Any]) -> None:
-    """Load a single-process (index-keyed, full) optimiser state into a sharded model's optimiser."""
+    """Load a single-process (index-keyed, full) optimiser state into a sharded model's
+    optimiser."""
     names = _param_names(model, optimizer)
     try:
         by_name = {
@@ -154,12 +165,13 @@ def shard_like(full: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Te
             if tuple(value.shape) != tuple(ref.shape):
                 raise CheckpointError(f"{name}: checkpoint has shape {tuple(value.shape)},"
                                       f" the model {tuple(ref.shape)}")
-            value = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements,
-                                      src_data_rank=None)
+            value = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh,
+                                      ref.placements, src_data_rank=None)
         out[name] = value
     return out
 
 
 def local_value(value: Tensor) -> Tensor:
-    """A replicated DTensor (e.g. a clipped-gradient norm) as a plain tensor; plain tensors unchanged."""
+    """A replicated DTensor (e.g. a clipped-gradient norm) as a plain tensor; plain tensors
+    unchanged."""
     return value.full_tensor() if isinstance(value, DTensor) else value

@@ -1,4 +1,5 @@
-"""``mag train --plan``: per-GPU memory and step FLOPs of a recipe on N GPUs, from meta-device models.
+"""``mag train --plan``: per-GPU memory and step FLOPs of a recipe on N GPUs, from meta-device
+models.
 
 Nothing is allocated: the networks are built on the meta device. Parameters, gradients, AdamW state
 and EMA are counted from the parameters' own shapes, cut the way FSDP2 cuts them (dim 0 padded to a
@@ -32,7 +33,8 @@ from mag.train.recipe import Recipe
 GPU_BYTES = 80 * 10 ** 9  # an 80 GB GPU (H100 / A100 80GB)
 GB = 10 ** 9
 MASTER_BYTES = 4           # float32 master weights, gradients, AdamW moments, EMA
-ADAM_MOMENTS = 2           # exp_avg, exp_avg_sq; plus one float32 ``step`` scalar per parameter tensor
+# exp_avg, exp_avg_sq; plus one float32 ``step`` scalar per parameter tensor
+ADAM_MOMENTS = 2
 BACKWARD_FORWARDS = 2      # a backward costs about two forwards
 UNITS_IN_FLIGHT = 2        # FSDP2 gathers the next unit while computing the current one
 
@@ -89,8 +91,12 @@ class TrainingPlan:
         lines += [f"  {label:<32}{value / GB:9.2f} GB" for label, value in rows]
         for checkpointing in (False, True):
             verdict = "fits" if self.fits(checkpointing) else "does NOT fit"
-            lines.append(f"  {'total, ' + ('checkpointing' if checkpointing else 'no checkpointing'):<32}"
-                         f"{self.total_bytes(checkpointing) / GB:9.2f} GB  ({verdict} an 80 GB GPU)")
+            lines.append(
+                "  "
+                f"{'total, ' + ('checkpointing' if checkpointing else 'no checkpointing'):<32}"
+                f"{self.total_bytes(checkpointing) / GB:9.2f} GB  ({verdict} an 80 GB "
+                "GPU)"
+            )
         lines.append(f"step: {self.step_flops_per_gpu / 1e12:.1f} TFLOP per GPU"
                      f" ({self.step_flops_per_gpu * self.world / 1e15:.2f} PFLOP in all)")
         return "\n".join(lines)
@@ -98,7 +104,8 @@ class TrainingPlan:
 
 # ------------------------------------------------------------------------------ states
 def networks_of(recipe: Recipe) -> tuple[Network, ...]:
-    """The networks a run holds: the trained one (with EMA), and for DMD critic, teacher, memory model."""
+    """The networks a run holds: the trained one (with EMA), and for DMD critic, teacher, memory
+    model."""
     nets = [Network("generator" if recipe.causal else "model", trainable=True, ema=True)]
     if recipe.objective.kind == "dmd":
         nets += [Network("critic", trainable=True), Network("teacher", trainable=False)]
@@ -113,15 +120,15 @@ def meta_model(cfg: DiTConfig, dtype: torch.dtype = torch.float32) -> WanDiT:
 
 
 def sharded_numel(model: nn.Module, shard: int) -> int:
-    """Parameters held by the largest rank when FSDP2 shards ``model`` over ``shard`` ranks (dim 0 of
-    every parameter padded to a multiple of ``shard``)."""
+    """Parameters held by the largest rank when FSDP2 shards ``model`` over ``shard`` ranks (dim 0
+    of every parameter padded to a multiple of ``shard``)."""
     return sum(math.ceil(p.shape[0] / shard) * (p.numel() // p.shape[0]) if p.ndim else p.numel()
                for p in model.parameters())
 
 
 def _units(model: WanDiT) -> list[int]:
-    """Parameter counts of the FSDP units of :func:`mag.train.parallelize.parallelize_dit` (blocks, each
-    block's cross-attention), and the root's last."""
+    """Parameter counts of the FSDP units of :func:`mag.train.parallelize.parallelize_dit` (blocks,
+    each block's cross-attention), and the root's last."""
     units: list[int] = []
     in_blocks = 0
     for block in model.blocks:
@@ -134,24 +141,28 @@ def _units(model: WanDiT) -> list[int]:
 
 # ------------------------------------------------------------------------------ activations, FLOPs
 class _FusedAttention(torch.autograd.Function):
-    """Meta stand-in for a fused attention kernel: saves q, k, v, output and the float32 log-sum-exp."""
+    """Meta stand-in for a fused attention kernel: saves q, k, v, output and the float32
+    log-sum-exp."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor,
+                v: Tensor) -> Tensor:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor,
+                                                                                  Tensor]:
         q, k, v, _, _ = ctx.saved_tensors
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @contextmanager
 def _measured_attention(flops: list[float]) -> Iterator[None]:
-    def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, **_: object) -> Tensor:
+    def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                  **_: object) -> Tensor:
         batch_heads = math.prod(q.shape[:-2])
         flops.append(4.0 * batch_heads * q.shape[-2] * k.shape[-2] * q.shape[-1])  # QK^T and PV
         return _FusedAttention.apply(q, k, v)
@@ -184,7 +195,11 @@ def _forward_cost(preset: Preset, layers: int, frames: int, dtype: torch.dtype,
 
     attention_flops: list[float] = []
     counter = FlopCounterMode(display=False)
-    with _measured_attention(attention_flops), counter, torch.autograd.graph.saved_tensors_hooks(pack, _same):
+    with (
+        _measured_attention(attention_flops),
+        counter,
+        torch.autograd.graph.saved_tensors_hooks(pack, _same),
+    ):
         out = model(x, timestep, context, width_offsets=offsets)
     del out  # with checkpointing, what is saved outside the blocks includes every block's input
     return saved, counter.get_total_flops() + sum(attention_flops)
@@ -196,7 +211,8 @@ def _same(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class SampleCost:
-    """Activation bytes (without / with checkpointing) and forward FLOPs of one sample of some frames."""
+    """Activation bytes (without / with checkpointing) and forward FLOPs of one sample of some
+    frames."""
 
     activations: int
     activations_checkpointed: int
@@ -204,9 +220,9 @@ class SampleCost:
 
 
 def sample_cost(preset: Preset, frames: int, dtype: torch.dtype) -> SampleCost:
-    """Extrapolated from 1- and 2-layer meta forwards to ``preset.dit.num_layers``; with checkpointing
-    every block keeps its input and one block's activations are alive at a time (its recomputation in
-    backward)."""
+    """Extrapolated from 1- and 2-layer meta forwards to ``preset.dit.num_layers``; with
+    checkpointing every block keeps its input and one block's activations are alive at a time (its
+    recomputation in backward)."""
     layers = preset.dit.num_layers
     (one, f1), (two, f2) = (_forward_cost(preset, n, frames, dtype, False) for n in (1, 2))
     (one_ac, _), (two_ac, _) = (_forward_cost(preset, n, frames, dtype, True) for n in (1, 2))
@@ -219,7 +235,8 @@ def sample_cost(preset: Preset, frames: int, dtype: torch.dtype) -> SampleCost:
 
 # ------------------------------------------------------------------------------ the plan
 def _frames(recipe: Recipe) -> tuple[int, int, int]:
-    """(frames of the graph held for the trained network's backward, critic windows, window frames)."""
+    """(frames of the graph held for the trained network's backward, critic windows, window
+    frames)."""
     kind, data, dmd = recipe.objective.kind, recipe.data, recipe.dmd
     if kind == "dmd":
         fpb = recipe.build_preset().cache.frames_per_block
@@ -227,7 +244,8 @@ def _frames(recipe: Recipe) -> tuple[int, int, int]:
         stride = dmd.teacher_frames - dmd.window_overlap_frames
         windows = (frames - dmd.teacher_frames) // stride + 1
         return dmd.grad_last_frames or frames, windows, dmd.teacher_frames
-    # [clean ; noisy] sequences for the causal kinds and the memory model; plain clips for the teacher.
+    # [clean ; noisy] sequences for the causal kinds and the memory model; plain clips for the
+    # teacher.
     return (data.clip_frames if kind == "teacher_fm" else 2 * data.clip_frames), 0, 0
 
 
@@ -236,7 +254,9 @@ def plan_training(recipe: Recipe, gpus: int, nodes: int = 1) -> TrainingPlan:
     preset = recipe.build_preset()
     world = gpus * nodes
     replicate, shard = mesh_shape(world, recipe.parallel.shard_size)
-    DistributedContext(world_size=world).batch_slice(recipe.loop.batch_size // recipe.loop.grad_accum)
+    DistributedContext(world_size=world).batch_slice(
+        recipe.loop.batch_size // recipe.loop.grad_accum
+    )
     dtype = PARAM_DTYPES[recipe.parallel.mixed_precision]
     model = meta_model(preset.dit)
     numel, per_rank = sum(p.numel() for p in model.parameters()), sharded_numel(model, shard)
@@ -246,8 +266,9 @@ def plan_training(recipe: Recipe, gpus: int, nodes: int = 1) -> TrainingPlan:
     units = _units(model)
     gathered = 0
     if shard > 1 or dtype != torch.float32:
-        # FSDP materialises unsharded units in the compute dtype: two units' parameters in flight, one
-        # unit's unsharded gradients before the reduce-scatter, and the root (kept after forward).
+        # FSDP materialises unsharded units in the compute dtype: two units' parameters in flight,
+        # one unit's unsharded gradients before the reduce-scatter, and the root (kept after
+        # forward).
         largest = max(units[:-1])
         gathered = ((UNITS_IN_FLIGHT + 1) * largest + units[-1]) * (torch.finfo(dtype).bits // 8)
 
@@ -287,15 +308,16 @@ def _dmd_flops(recipe: Recipe, preset: Preset, critic: SampleCost, windows: int)
 
     every step, the critic: a no-grad rollout (on average (K+1)/2 denoising forwards per block + the
     write pass) and forward + backward over its windows; every n-th step, the generator: a rollout
-    whose exit forwards with gradient are also backpropagated (and recomputed under checkpointing), the
-    teacher with CFG (2 forwards) and the critic (1 forward) on each window. The history loss's second
-    rollout is not counted.
+    whose exit forwards with gradient are also backpropagated (and recomputed under checkpointing),
+    the teacher with CFG (2 forwards) and the critic (1 forward) on each window. The history loss's
+    second rollout is not counted.
     """
     dmd = recipe.dmd
     frames = dmd.rollout_blocks * preset.cache.frames_per_block
     grad_frames = dmd.grad_last_frames or frames
     steps = len(preset.scheduler.denoising_steps)
-    # Per frame of a teacher window (block-local attention is cheaper; this over-counts it a little).
+    # Per frame of a teacher window (block-local attention is cheaper; this over-counts it a
+    # little).
     per_frame = critic.forward_flops / dmd.teacher_frames
     rollout = ((steps + 1) / 2 + 1) * frames * per_frame
     critic_step = rollout + (BACKWARD_FORWARDS + 1) * windows * critic.forward_flops
@@ -307,10 +329,12 @@ def _dmd_flops(recipe: Recipe, preset: Preset, critic: SampleCost, windows: int)
 
 def _cached_kv_bytes(recipe: Recipe, preset: Preset, grad_frames: int, dtype: torch.dtype) -> int:
     """K/V of the cache that every exit step with gradient attends to (kept for its backward): all
-    earlier frames under ``full``, at most the sinks and memory slots under ``mag`` / ``downsample``."""
+    earlier frames under ``full``, at most the sinks and memory slots under ``mag`` /
+    ``downsample``."""
     fpb, cache = preset.cache.frames_per_block, preset.cache
     frames = recipe.dmd.rollout_blocks * fpb
     cap = frames if recipe.dmd.rollout_policy == "full" else cache.sink_frames + cache.memory_slots
-    per_frame = preset.tokens_per_frame * preset.dit.dim * 2 * (torch.finfo(dtype).bits // 8)  # K and V
+    # K and V
+    per_frame = preset.tokens_per_frame * preset.dit.dim * 2 * (torch.finfo(dtype).bits // 8)
     starts = range(frames - grad_frames, frames, fpb)
     return sum(min(start, cap) for start in starts) * per_frame * preset.dit.num_layers

@@ -1,9 +1,10 @@
 """The recall signal: is the loss lower where the model has seen the view before, long ago?
 
-Every pixel column of every training frame shows a known panorama column, so each is ``new`` (never in
-the context), ``recent`` (last shown within ``window_frames`` frames) or ``recall`` (shown longer ago: only
-long-term memory helps); only earlier blocks count as context. Training works when
-``loss_recall / loss_new`` falls clearly below 1. docs/recall.md, "The recall signal during training".
+Every pixel column of every training frame shows a known panorama column, so each is ``new`` (never
+in the context), ``recent`` (last shown within ``window_frames`` frames) or ``recall`` (shown longer
+ago: only long-term memory helps); only earlier blocks count as context. Training works when
+``loss_recall / loss_new`` falls clearly below 1. docs/recall.md, "The recall signal during
+training".
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ CATEGORY_NAMES = ("new", "recent", "recall")
 
 def view_categories(offsets: Tensor, frame_width: int, panorama_width: int, frames_per_block: int,
                     window_frames: int) -> Tensor:
-    """Category of each pixel column, ``[B, F, frame_width]`` (long), from camera offsets ``[B, F]``.
+    """Category of each pixel column, ``[B, F, frame_width]`` (long), from camera offsets ``[B,
+    F]``.
 
-    Column ``x`` of frame ``t`` shows panorama column ``floor(offset_t + x) mod panorama_width``; it was
-    visible in an earlier frame ``s`` when that column lies inside frame ``s``'s window.
+    Column ``x`` of frame ``t`` shows panorama column ``floor(offset_t + x) mod panorama_width``; it
+    was visible in an earlier frame ``s`` when that column lies inside frame ``s``'s window.
     """
     batch, frames = offsets.shape
     cols = torch.arange(frame_width, device=offsets.device)
@@ -31,9 +33,11 @@ def view_categories(offsets: Tensor, frame_width: int, panorama_width: int, fram
     visible = rel < frame_width
     frame = torch.arange(frames, device=offsets.device)
     block_start = (frame // frames_per_block) * frames_per_block
-    context = frame[None, :] < block_start[:, None]                          # [F(t), F(s)] s in context of t
+    # [F(t), F(s)] s in context of t
+    context = frame[None, :] < block_start[:, None]
     seen = visible & context[None, :, None, :]
-    last = torch.where(seen, frame.expand_as(seen), torch.full_like(seen, -1, dtype=torch.long)).amax(-1)
+    last = torch.where(seen, frame.expand_as(seen), torch.full_like(seen, -1,
+                                                                    dtype=torch.long)).amax(-1)
     gap = frame[None, :, None] - last
     category = torch.full_like(last, NEW)
     category[(last >= 0) & (gap <= window_frames)] = RECENT

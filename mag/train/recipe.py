@@ -41,8 +41,8 @@ DATA_SOURCES: tuple[str, ...] = ("world", "prompts", "shards")
 
 ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
 OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
-# Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional teacher,
-# ``memory`` the stage-1 memory model).
+# Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional
+# teacher, ``memory`` the stage-1 memory model).
 CAUSAL_OBJECTIVES: tuple[str, ...] = ("causal_fm", "ode", "dmd")
 
 
@@ -59,14 +59,21 @@ class OptimConfig:
 
     def validate(self) -> None:
         if self.lr <= 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
-            raise ConfigError("optim.lr and optim.grad_clip must be > 0 and optim.warmup_steps >= 0")
-        if not (0 <= self.ema_decay < 1) or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError("optim.ema_decay must be in [0, 1) and optim.betas two values in [0, 1)")
+            raise ConfigError("optim.lr and optim.grad_clip must be > 0 and optim.warmup_steps >= "
+                              "0")
+        if (
+            not (0 <= self.ema_decay < 1)
+            or len(self.betas) != 2
+            or not all(0 <= b < 1 for b in self.betas)
+        ):
+            raise ConfigError("optim.ema_decay must be in [0, 1) and optim.betas two values in "
+                              "[0, 1)")
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Step counts and cadence. ``batch_size`` is per optimiser step, split into ``grad_accum`` parts."""
+    """Step counts and cadence. ``batch_size`` is per optimiser step, split into ``grad_accum``
+    parts."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -82,7 +89,8 @@ class LoopConfig:
                 raise ConfigError(f"loop.{name} must be > 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
-                f"loop.batch_size={self.batch_size} must be divisible by loop.grad_accum={self.grad_accum}"
+                f"loop.batch_size={self.batch_size} must be divisible by "
+                f"loop.grad_accum={self.grad_accum}"
             )
 
 
@@ -91,15 +99,16 @@ class DataConfig:
     """Panorama-world clips. ``world`` holds ``WorldConfig`` overrides (see ``mag.world``).
 
     Attributes:
-        clip_frames: latent frames per training clip (a multiple of the block size).
-        world: overrides of the world config (speeds, excursions, frame size, ...).
-        text_mode: ``tokens`` (per-token MiniLM states) or ``pooled`` (one sentence vector).
-        source: ``world`` (procedural clips), ``prompts`` (``data.prompts``, one prompt per line; the
-            data-free DMD stages only, :class:`mag.data.PromptFileSource`) or ``shards`` (VAE latents
-            of real videos from ``mag data encode``, :class:`mag.data.shards.LatentShardSource`).
-        prompts: the prompt file of ``source = "prompts"``.
-        shards: the shard folder of ``source = "shards"``.
-        text_encoder_path: weights of a ``umt5`` text encoder (a diffusers Wan pipeline folder or a
+        clip_frames: latent frames per training clip (a multiple of the block size). world:
+        overrides of the world config (speeds, excursions, frame size, ...). text_mode: ``tokens``
+        (per-token MiniLM states) or ``pooled`` (one sentence vector). source: ``world`` (procedural
+        clips), ``prompts`` (``data.prompts``, one prompt per line; the
+            data-free DMD stages only, :class:`mag.data.PromptFileSource`) or ``shards`` (VAE
+            latents of real videos from ``mag data encode``,
+            :class:`mag.data.shards.LatentShardSource`).
+        prompts: the prompt file of ``source = "prompts"``. shards: the shard folder of ``source =
+        "shards"``. text_encoder_path: weights of a ``umt5`` text encoder (a diffusers Wan pipeline
+        folder or a
             UMT5 encoder folder); ``MAG_PROMPT_TABLE`` (``mag text table``) may stand in for it.
     """
 
@@ -113,18 +122,22 @@ class DataConfig:
 
     def validate(self, frames_per_block: int) -> None:
         if self.source not in DATA_SOURCES:
-            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got "
+                              f"{self.source!r}")
         if self.source == "prompts" and not self.prompts:
-            raise ConfigError("data.source = 'prompts' needs data.prompts (a text file, one prompt per line)")
+            raise ConfigError("data.source = 'prompts' needs data.prompts (a text file, one "
+                              "prompt per line)")
         if self.source == "shards" and not self.shards:
-            raise ConfigError("data.source = 'shards' needs data.shards (a folder from `mag data encode`)")
+            raise ConfigError("data.source = 'shards' needs data.shards (a folder from `mag data "
+                              "encode`)")
         if self.clip_frames <= 0 or self.clip_frames % frames_per_block:
             raise ConfigError(
                 f"data.clip_frames={self.clip_frames} must be a positive multiple of the block size"
                 f" {frames_per_block}"
             )
         if self.text_mode not in ("tokens", "pooled"):
-            raise ConfigError(f"data.text_mode must be 'tokens' or 'pooled', got {self.text_mode!r}")
+            raise ConfigError("data.text_mode must be 'tokens' or 'pooled', got "
+                              f"{self.text_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -133,11 +146,12 @@ class ObjectiveConfig:
 
     Attributes:
         kind: ``teacher_fm`` (bidirectional flow matching), ``causal_fm`` (teacher-forced
-            block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init), ``ode``
-            (the causal student regresses the teacher's ODE endpoint from its trajectory, Self-Forcing's
-            init; needs ``ode.pairs``), ``dmd`` (Self-Forcing DMD with a critic; needs ``dmd.teacher``)
-            or ``memory`` (the stage-1 memory model: reconstruct whole blocks from their compressed
-            last frames, always with the empty prompt; ``init.model`` should be the generator).
+            block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init),
+            ``ode`` (the causal student regresses the teacher's ODE endpoint from its trajectory,
+            Self-Forcing's init; needs ``ode.pairs``), ``dmd`` (Self-Forcing DMD with a critic;
+            needs ``dmd.teacher``) or ``memory`` (the stage-1 memory model: reconstruct whole blocks
+            from their compressed last frames, always with the empty prompt; ``init.model`` should
+            be the generator).
         cfg_dropout: probability of replacing the prompt with the empty prompt (enables CFG and
             teaches the model to draw from history alone); flow-matching kinds only (``memory``
             always reads the empty prompt and ignores it).
@@ -151,7 +165,8 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         if self.kind not in OBJECTIVES:
-            raise ConfigError(f"objective.kind must be one of {', '.join(OBJECTIVES)}, got {self.kind!r}")
+            raise ConfigError(f"objective.kind must be one of {', '.join(OBJECTIVES)}, got "
+                              f"{self.kind!r}")
         if not 0 <= self.cfg_dropout <= 1:
             raise ConfigError(f"objective.cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
 
@@ -163,10 +178,10 @@ class InitConfig:
     Attributes:
         model: a model file, training checkpoint (its EMA weights) or registry name, or official
             weights (a Wan2.1 or diffusers folder, a Self-Forcing / MAG checkpoint), loaded with
-            :func:`mag.train.networks.load_network`; its ``dit`` config must equal the recipe's. Empty: random
-            initialisation from ``loop.seed``. Read once at the start of a run, not on resume. A
-            ``memory`` run should start from the generator whose blocks it will compress (docs/design.md §1);
-            without one it trains from scratch and warns.
+            :func:`mag.train.networks.load_network`; its ``dit`` config must equal the recipe's.
+            Empty: random initialisation from ``loop.seed``. Read once at the start of a run, not on
+            resume. A ``memory`` run should start from the generator whose blocks it will compress
+            (docs/design.md §1); without one it trains from scratch and warns.
     """
 
     model: str = ""
@@ -218,14 +233,19 @@ class Recipe:
         self.parallel.validate()
         self.data.validate(preset.cache.frames_per_block)
         if self.objective.kind == "ode" and not self.ode.pairs:
-            raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train ode-pairs`)")
+            raise ConfigError("objective.kind = 'ode' needs ode.pairs (a file from `mag train "
+                              "ode-pairs`)")
         if self.objective.kind == "dmd":
             self.dmd.validate(preset, self.data.clip_frames)
         elif self.data.source == "prompts":
             raise ConfigError(f"data.source = 'prompts' gives prompts only: objective.kind ="
                               f" {self.objective.kind!r} trains on clips; use 'world' or 'shards'")
-        if self.objective.kind == "memory" and self.data.clip_frames > preset.dit.rope_max_positions:
-            raise ConfigError(f"objective.kind = 'memory' trains on whole clips at random RoPE positions:"
+        if (
+            self.objective.kind == "memory"
+            and self.data.clip_frames > preset.dit.rope_max_positions
+        ):
+            raise ConfigError("objective.kind = 'memory' trains on whole clips at random RoPE "
+                              "positions:"
                               f" data.clip_frames={self.data.clip_frames} must fit in"
                               f" dit.rope_max_positions={preset.dit.rope_max_positions}")
         return self
@@ -234,13 +254,15 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# Recipe sections that are typed dataclasses (every field has a default, whose type the value must have).
+# Recipe sections that are typed dataclasses (every field has a default, whose type the value must
+# have).
 _SECTIONS = ("objective", "optim", "loop", "data", "init", "ode", "dmd")
 
 
 def check_field_types(cfg: Any, section: str) -> None:
-    """Refuse values of the wrong type in a recipe section: ``batch_size = true``, ``lr = "1e-3"``, a
-    NaN or infinite float (TOML has ``nan`` and ``inf``). Ints are accepted where floats are expected."""
+    """Refuse values of the wrong type in a recipe section: ``batch_size = true``, ``lr = "1e-3"``,
+    a NaN or infinite float (TOML has ``nan`` and ``inf``). Ints are accepted where floats are
+    expected."""
     defaults = type(cfg)()
     for f in dataclasses.fields(cfg):
         _check_value(f"{section}.{f.name}", getattr(cfg, f.name), getattr(defaults, f.name))
@@ -257,7 +279,10 @@ def _check_value(name: str, value: Any, default: Any) -> None:
     elif isinstance(default, str):
         ok, kind = isinstance(value, str), "a string"
     elif isinstance(default, tuple):
-        ok, kind = isinstance(value, tuple) and len(value) == len(default), f"a list of {len(default)} values"
+        ok, kind = (
+            isinstance(value, tuple) and len(value) == len(default),
+            f"a list of {len(default)} values",
+        )
         if ok:
             for i, (item, item_default) in enumerate(zip(value, default, strict=True)):
                 _check_value(f"{name}[{i}]", item, item_default)
@@ -268,7 +293,8 @@ def _check_value(name: str, value: Any, default: Any) -> None:
 
 
 # Fields that may change between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop", "keep_last"),
+RESUMABLE_CHANGES = {("loop", "steps"), ("loop", "log_every"), ("loop", "ckpt_every"), ("loop",
+                                                                                        "keep_last"),
                      ("parallel", "shard_size"), ("parallel", "activation_checkpointing"),
                      ("parallel", "checkpoint"),
                      # the global batch stays; moving between 8 and 64 GPUs changes how it is split
@@ -293,7 +319,9 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+        raise ConfigError(
+            f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from err
     except OSError as err:
         raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from err
     except tomllib.TOMLDecodeError as err:
@@ -317,8 +345,10 @@ def recipe_differences(stored: dict[str, Any], current: Recipe) -> list[str]:
         a, b = stored.get(section), now.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                if (section, key) not in RESUMABLE_CHANGES and _norm(a.get(key)) != _norm(b.get(key)):
-                    diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
+                if (section,
+                    key) not in RESUMABLE_CHANGES and _norm(a.get(key)) != _norm(b.get(key)):
+                    diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now "
+                                 f"{b.get(key)!r}")
         elif _norm(a) != _norm(b):
             diffs.append(f"{section}: checkpoint {a!r} vs now {b!r}")
     return diffs

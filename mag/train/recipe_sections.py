@@ -22,43 +22,49 @@ from mag.objectives.dmd import (
 
 # Self-Forcing's AdamW betas for the critic (and the generator) in the DMD stage.
 SELF_FORCING_DMD_BETAS = (0.0, 0.999)
-# KV-cache policies of DMD rollouts: Self-Forcing's full cache, MAG's memory-model-written compressed
-# cache, and the same frames written by the generator (MAG's "w/o stage 1" ablation).
+# KV-cache policies of DMD rollouts: Self-Forcing's full cache, MAG's memory-model-written
+# compressed cache, and the same frames written by the generator (MAG's "w/o stage 1" ablation).
 RolloutPolicy = Literal["full", "mag", "downsample"]
 ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
 
 
 @dataclass(frozen=True)
 class DMDConfig:
-    """Self-Forcing DMD (``objective.kind = "dmd"``): frozen teacher, trained critic, student rollouts.
+    """Self-Forcing DMD (``objective.kind = "dmd"``): frozen teacher, trained critic, student
+    rollouts.
 
     Attributes:
-        teacher: the frozen real score (model file, checkpoint, registry name or official weights, e.g.
+        teacher: the frozen real score (model file, checkpoint, registry name or official weights,
+        e.g.
             a Wan2.1-T2V-1.3B folder).
         critic: initial weights of the fake score; empty: a trainable copy of the teacher.
-        critic_lr: the critic's AdamW learning rate (warmed up like ``optim.lr``).
-        critic_betas: the critic's AdamW betas (Self-Forcing: (0, 0.999)).
-        critic_steps_per_generator_step: the critic updates every optimizer step, the generator every
+        critic_lr: the critic's AdamW learning rate (warmed up like ``optim.lr``). critic_betas: the
+        critic's AdamW betas (Self-Forcing: (0, 0.999)). critic_steps_per_generator_step: the critic
+        updates every optimizer step, the generator every
             n-th (Self-Forcing: 5).
-        guidance_scale: CFG of the real score, ``x0_u + s (x0_c - x0_u)`` (1 = off; Self-Forcing's 3.0
+        guidance_scale: CFG of the real score, ``x0_u + s (x0_c - x0_u)`` (1 = off; Self-Forcing's
+        3.0
             is 4.0 here).
         rollout_blocks: blocks the student generates per rollout; the rollout's frames
             (``rollout_blocks * frames_per_block``) must tile into teacher windows and fit
             ``data.clip_frames`` (the clips give prompts and camera tracks).
         teacher_frames: clip length the teacher and critic score (windows of the rollout).
-        window_overlap_frames: frames a window shares with the previous one.
-        history_lambda: λ of ``(1-λ) L_DMD + λ L_history`` (0: plain Self-Forcing DMD).
-        history_mode: ``weight`` or ``probability`` (see :func:`mag.objectives.dmd.combine`).
-        rollout_policy: KV-cache policy of every rollout (generator, history and critic rollouts):
+        window_overlap_frames: frames a window shares with the previous one. history_lambda: λ of
+        ``(1-λ) L_DMD + λ L_history`` (0: plain Self-Forcing DMD). history_mode: ``weight`` or
+        ``probability`` (see :func:`mag.objectives.dmd.combine`). rollout_policy: KV-cache policy of
+        every rollout (generator, history and critic rollouts):
             ``full`` keeps every frame (Self-Forcing); ``mag`` is MAG stage 2: the frozen
             ``memory_model`` writes each finished block's compressed K/V (sinks + each block's last
-            frame) and the generator only reads them; ``downsample`` keeps the same frames written by
-            the generator itself (the paper's "w/o stage 1" ablation).
-        memory_model: the stage-1 memory model (a ``memory`` model file, checkpoint or registry name;
-            its ``dit`` config must equal the recipe's). Required by, and only allowed with, ``mag``.
-        grad_last_frames: 0: every block's exit step carries gradient; ``n > 0``: only blocks starting in
-            the last ``n`` frames do (Self-Forcing-style detaching of earlier chunks, which bounds the
-            activation memory of long rollouts), and windows with no such frame are not scored.
+            frame) and the generator only reads them; ``downsample`` keeps the same frames written
+            by the generator itself (the paper's "w/o stage 1" ablation).
+        memory_model: the stage-1 memory model (a ``memory`` model file, checkpoint or registry
+        name;
+            its ``dit`` config must equal the recipe's). Required by, and only allowed with,
+            ``mag``.
+        grad_last_frames: 0: every block's exit step carries gradient; ``n > 0``: only blocks
+        starting in
+            the last ``n`` frames do (Self-Forcing-style detaching of earlier chunks, which bounds
+            the activation memory of long rollouts), and windows with no such frame are not scored.
     """
 
     teacher: str = ""
@@ -86,11 +92,13 @@ class DMDConfig:
 
     def validate(self, preset: Preset, clip_frames: int) -> None:
         if not self.teacher:
-            raise ConfigError("objective.kind = 'dmd' needs dmd.teacher (a model file or registry name)")
+            raise ConfigError("objective.kind = 'dmd' needs dmd.teacher (a model file or registry "
+                              "name)")
         if self.critic_lr <= 0:
             raise ConfigError(f"dmd.critic_lr must be > 0, got {self.critic_lr}")
         if len(self.critic_betas) != 2 or not all(0 <= b < 1 for b in self.critic_betas):
-            raise ConfigError(f"dmd.critic_betas must be two values in [0, 1), got {self.critic_betas}")
+            raise ConfigError("dmd.critic_betas must be two values in [0, 1), got "
+                              f"{self.critic_betas}")
         if self.rollout_blocks < 1:
             raise ConfigError(f"dmd.rollout_blocks must be >= 1, got {self.rollout_blocks}")
         if self.history_mode not in HISTORY_MODES:
@@ -100,10 +108,13 @@ class DMDConfig:
         fpb = preset.cache.frames_per_block
         frames = self.rollout_blocks * fpb
         if frames > clip_frames:
-            raise ConfigError(f"dmd.rollout_blocks={self.rollout_blocks} makes {frames} frames, more than"
-                              f" data.clip_frames={clip_frames} (the clips give prompts and camera tracks)")
+            raise ConfigError(f"dmd.rollout_blocks={self.rollout_blocks} makes {frames} frames, "
+                              "more than"
+                              f" data.clip_frames={clip_frames} (the clips give prompts and "
+                              "camera tracks)")
         if self.teacher_frames % fpb:
-            raise ConfigError(f"dmd.teacher_frames={self.teacher_frames} must be a multiple of the block"
+            raise ConfigError(f"dmd.teacher_frames={self.teacher_frames} must be a multiple of "
+                              "the block"
                               f" size {fpb}")
         try:
             windows = num_score_windows(frames, self.teacher_frames, self.window_overlap_frames)
@@ -111,24 +122,31 @@ class DMDConfig:
             raise ConfigError(f"dmd.rollout_blocks / dmd.teacher_frames: {err}") from err
         if self.history_lambda > 0 and windows < 2:
             raise ConfigError(f"dmd.history_lambda > 0 needs a rollout of >= 2 teacher windows; "
-                              f"{frames} frames hold {windows} of dmd.teacher_frames={self.teacher_frames}")
+                              f"{frames} frames hold {windows} of "
+                              f"dmd.teacher_frames={self.teacher_frames}")
         self._validate_memory(frames, fpb)
 
     def _validate_memory(self, frames: int, frames_per_block: int) -> None:
         """The rollout policy, its memory model and the gradient horizon (MAG stage 2)."""
         if self.rollout_policy not in ROLLOUT_POLICIES:
-            raise ConfigError(f"dmd.rollout_policy must be one of {', '.join(ROLLOUT_POLICIES)}, got"
+            raise ConfigError(f"dmd.rollout_policy must be one of {', '.join(ROLLOUT_POLICIES)}, "
+                              "got"
                               f" {self.rollout_policy!r}")
         if self.rollout_policy == "mag" and not self.memory_model:
-            raise ConfigError("dmd.rollout_policy = 'mag' needs dmd.memory_model (the stage-1 memory model"
-                              " file or registry name, e.g. models/tiny-memory.safetensors); for the 'w/o"
+            raise ConfigError("dmd.rollout_policy = 'mag' needs dmd.memory_model (the stage-1 "
+                              "memory model"
+                              " file or registry name, e.g. models/tiny-memory.safetensors); for "
+                              "the 'w/o"
                               " stage 1' ablation use rollout_policy = 'downsample'")
         if self.memory_model and self.rollout_policy != "mag":
-            raise ConfigError(f"dmd.memory_model is set but dmd.rollout_policy is {self.rollout_policy!r}:"
-                              " only 'mag' lets the memory model write the cache; set rollout_policy ="
+            raise ConfigError("dmd.memory_model is set but dmd.rollout_policy is "
+                              f"{self.rollout_policy!r}:"
+                              " only 'mag' lets the memory model write the cache; set "
+                              "rollout_policy ="
                               " 'mag' or remove memory_model")
         if not 0 <= self.grad_last_frames <= frames or self.grad_last_frames % frames_per_block:
-            raise ConfigError(f"dmd.grad_last_frames must be 0 (every block) or a multiple of the block size"
+            raise ConfigError("dmd.grad_last_frames must be 0 (every block) or a multiple of the "
+                              "block size"
                               f" {frames_per_block} up to the rollout's {frames} frames, got"
                               f" {self.grad_last_frames}")
 
@@ -142,11 +160,12 @@ CHECKPOINT_FORMATS: tuple[str, ...] = ("file", "dcp")
 @dataclass(frozen=True)
 class ParallelConfig:
     """How the networks are sharded, computed and checkpointed (:mod:`mag.train.mesh`,
-    :mod:`mag.train.dcp`). Only ``mixed_precision`` changes the numbers (beyond reduction order), so a
-    run may resume under another shard size, checkpointing or checkpoint format.
+    :mod:`mag.train.dcp`). Only ``mixed_precision`` changes the numbers (beyond reduction order), so
+    a run may resume under another shard size, checkpointing or checkpoint format.
 
     Attributes:
-        mixed_precision: ``fp32``, or ``bf16`` (FSDP2 gathers bf16 parameters and reduces gradients in
+        mixed_precision: ``fp32``, or ``bf16`` (FSDP2 gathers bf16 parameters and reduces gradients
+        in
             float32; master weights, optimiser state and EMA stay float32). ``bf16`` shards even a
             single process (a one-rank group).
         activation_checkpointing: recompute each transformer block's activations in backward instead
@@ -154,7 +173,8 @@ class ParallelConfig:
         shard_size: ranks that shard one copy of the weights (the inner mesh dimension); the world
             size divided by it replicates (HSDP). 0: all ranks shard one copy (plain FSDP).
         checkpoint: ``file`` (one atomic safetensors file of full tensors, gathered on rank 0) or
-            ``dcp`` (a ``torch.distributed.checkpoint`` folder written shard by shard by every rank).
+            ``dcp`` (a ``torch.distributed.checkpoint`` folder written shard by shard by every
+            rank).
     """
 
     mixed_precision: MixedPrecision = "fp32"
@@ -164,10 +184,12 @@ class ParallelConfig:
 
     def validate(self) -> None:
         if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ConfigError(f"parallel.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)},"
+            raise ConfigError("parallel.mixed_precision must be one of "
+                              f"{', '.join(MIXED_PRECISIONS)},"
                               f" got {self.mixed_precision!r}")
         if self.checkpoint not in CHECKPOINT_FORMATS:
             raise ConfigError(f"parallel.checkpoint must be one of {', '.join(CHECKPOINT_FORMATS)},"
                               f" got {self.checkpoint!r}")
         if self.shard_size < 0:
-            raise ConfigError(f"parallel.shard_size must be >= 0 (0: all ranks), got {self.shard_size}")
+            raise ConfigError("parallel.shard_size must be >= 0 (0: all ranks), got "
+                              f"{self.shard_size}")

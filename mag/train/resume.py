@@ -1,8 +1,8 @@
 """Which checkpoint a ``--resume`` continues from, and whether it may.
 
-The newest checkpoint that loads and verifies wins (newer ones that do not are skipped, and noted); a
-DCP folder is returned as its path, loaded into the built networks later. The stored recipe must match
-the current one except for the fields of ``RESUMABLE_CHANGES``.
+The newest checkpoint that loads and verifies wins (newer ones that do not are skipped, and noted);
+a DCP folder is returned as its path, loaded into the built networks later. The stored recipe must
+match the current one except for the fields of ``RESUMABLE_CHANGES``.
 """
 
 from __future__ import annotations
@@ -42,5 +42,7 @@ def resume_state(ckpt_dir: Path, recipe: Recipe, notes: list[str]) -> TrainingSt
     diffs = recipe_differences(stored, recipe)
     if diffs:
         raise CheckpointError(
-            f"cannot resume from {path}: its recipe differs from this one in " + "; ".join(diffs[:5]))
+            f"cannot resume from {path}: its recipe differs from this one in "
+            + "; ".join(diffs[:5])
+        )
     return path if state is None else state

@@ -1,9 +1,9 @@
 """A run folder's log and its guards: metrics.jsonl cut back on resume, divergence detected.
 
-``metrics.jsonl`` is append-only while its run holds the folder's lock (:mod:`mag.io.lock`); a resume
-first rewrites it atomically with only the records up to the resumed step (a torn last line from a
-killed run is dropped), so no step appears twice. A non-finite loss, gradient norm or weight stops
-training with :class:`TrainingDiverged` naming the newest checkpoint, which is always finite.
+``metrics.jsonl`` is append-only while its run holds the folder's lock (:mod:`mag.io.lock`); a
+resume first rewrites it atomically with only the records up to the resumed step (a torn last line
+from a killed run is dropped), so no step appears twice. A non-finite loss, gradient norm or weight
+stops training with :class:`TrainingDiverged` naming the newest checkpoint, which is always finite.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class TrainingDiverged(MagError):
 
 
 def cut_metrics(path: Path, step: int) -> int:
-    """Keep the records of ``path`` with ``step <= step`` (and parseable); returns how many were dropped."""
+    """Keep the records of ``path`` with ``step <= step`` (and parseable); returns how many were
+    dropped."""
     if not path.is_file():
         return 0
     kept: list[str] = []
@@ -42,7 +43,8 @@ def cut_metrics(path: Path, step: int) -> int:
         except json.JSONDecodeError:
             dropped += 1
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if isinstance(record, dict) and isinstance(record.get("step"),
+                                                   int) and record["step"] <= step:
             kept.append(line)
         else:
             dropped += 1
@@ -55,7 +57,8 @@ def check_record(record: Mapping[str, Any], newest: Path | None, hint: str) -> N
     """Raise TrainingDiverged when a guarded statistic of a log record is not finite."""
     bad = {k: record[k] for k in GUARDED_STATS if k in record and not math.isfinite(record[k])}
     if bad:
-        raise diverged(f"{', '.join(f'{k} {v}' for k, v in bad.items())} at step {record.get('step')}",
+        raise diverged(f"{', '.join(f'{k} {v}' for k, v in bad.items())} at step "
+                       f"{record.get('step')}",
                        newest, hint)
 
 
@@ -71,9 +74,9 @@ CATEGORY_STATS = ("category_mean", "category_count")
 def interval_mean(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """One log record's statistics from the steps since the last record (device tensors, no sync).
 
-    Scalars are averaged ignoring NaN (a DMD generator loss exists only on generator steps, so it is the
-    mean over the interval's generator steps, NaN if there was none); per-category losses are weighted
-    by their element counts, as :meth:`Trainer._log_record` weights ranks.
+    Scalars are averaged ignoring NaN (a DMD generator loss exists only on generator steps, so it is
+    the mean over the interval's generator steps, NaN if there was none); per-category losses are
+    weighted by their element counts, as :meth:`Trainer._log_record` weights ranks.
     """
     out: dict[str, Tensor] = {}
     for key in steps[0]:
@@ -82,7 +85,9 @@ def interval_mean(steps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         out[key] = torch.nanmean(torch.stack([step[key].float() for step in steps]))
     if "category_mean" in steps[0]:
         counts = torch.stack([step["category_count"] for step in steps])
-        sums = (torch.stack([torch.nan_to_num(step["category_mean"]) for step in steps]) * counts).sum(0)
+        sums = (
+            torch.stack([torch.nan_to_num(step["category_mean"]) for step in steps]) * counts
+        ).sum(0)
         total = counts.sum(0)
         out["category_mean"] = torch.where(total > 0, sums / total.clamp_min(1), math.nan)
         out["category_count"] = total

@@ -1,8 +1,9 @@
-"""The training loop: AdamW, warm-up, clipping, accumulation, EMA, logging, atomic checkpoints, resume.
+"""The training loop: AdamW, warm-up, clipping, accumulation, EMA, logging, atomic checkpoints,
+resume.
 
-Exact resume by construction: every step's data and noise come from generators seeded by
-``(seed, step, micro_batch)`` and the checkpoint restores weights, EMA, optimiser state and the global
-RNG, so N steps equal N/2 + resume + N/2 bitwise on CPU. Under ``torchrun`` rank ``r`` of ``W`` trains on
+Exact resume by construction: every step's data and noise come from generators seeded by ``(seed,
+step, micro_batch)`` and the checkpoint restores weights, EMA, optimiser state and the global RNG,
+so N steps equal N/2 + resume + N/2 bitwise on CPU. Under ``torchrun`` rank ``r`` of ``W`` trains on
 a disjoint slice of the same global batch with the model sharded by FSDP2; only the main rank writes
 files, and checkpoints hold full tensors in the single-process format. docs/training.md.
 """
@@ -36,7 +37,13 @@ from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
 from mag.train.data import clip_source
 from mag.train.dcp import Trained, check_memory_record, load_dcp, save_dcp
-from mag.train.distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, has_group
+from mag.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    has_group,
+)
 from mag.train.ema import EMA
 from mag.train.mesh import make_parallelize
 from mag.train.parallelize import (
@@ -95,10 +102,10 @@ class TrainResult:
 class Trainer:
     """Runs one recipe into ``out_dir`` (``checkpoints/``, ``metrics.jsonl``, ``recipe.json``).
 
-    The objective kind picks the step runner (:mod:`mag.train.steps`): flow matching, ODE regression and
-    memory reconstruction give one loss per micro-batch and run in :meth:`train_step`'s loop; DMD runs its own
-    generator/critic step. ``self.model`` is always the trained network (the generator in DMD), whose
-    EMA is what ``mag export`` ships.
+    The objective kind picks the step runner (:mod:`mag.train.steps`): flow matching, ODE regression
+    and memory reconstruction give one loss per micro-batch and run in :meth:`train_step`'s loop;
+    DMD runs its own generator/critic step. ``self.model`` is always the trained network (the
+    generator in DMD), whose EMA is what ``mag export`` ships.
 
     ``dist`` places this process in a data-parallel group (its device then replaces ``device``); the
     model is prepared by ``parallelize`` (default: the recipe's ``[parallel]`` section through
@@ -108,7 +115,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
                  device: torch.device | str = "cpu", progress: bool = True,
-                 dist: DistributedContext | None = None, parallelize: Parallelize | None = None) -> None:
+                 dist: DistributedContext | None = None,
+                 parallelize: Parallelize | None = None) -> None:
         self.recipe = recipe.validate()
         self.preset = recipe.build_preset()
         self.out_dir = Path(out_dir)
@@ -122,10 +130,13 @@ class Trainer:
         self.sample_indices = self.dist.batch_slice(loop.batch_size // loop.grad_accum)
         self.scheduler = FlowMatchScheduler(self.preset.scheduler, self.preset.dit.prediction)
         if resume and not self.out_dir.is_dir():
-            raise InputError(f"cannot resume: run folder {self.out_dir} does not exist; check --out, or"
+            raise InputError(f"cannot resume: run folder {self.out_dir} does not exist; check "
+                             "--out, or"
                              " drop --resume to start a new run")
-        self.notes: list[str] = []  # what the trainer decided on its own (fallbacks), printed by the CLI
-        # The folder is this trainer's from here until run() ends (or close()); only the main rank writes.
+        # what the trainer decided on its own (fallbacks), printed by the CLI
+        self.notes: list[str] = []
+        # The folder is this trainer's from here until run() ends (or close()); only the main rank
+        # writes.
         self._lock = RunLock(self.out_dir) if self.is_main else None
         self._acquire()
         try:
@@ -138,7 +149,8 @@ class Trainer:
         if self._lock is not None and not self._lock.held:
             self._lock.acquire()
             if self._lock.stale:
-                self.notes.append(f"{self._lock.path} was left by process {self._lock.stale}, which has"
+                self.notes.append(f"{self._lock.path} was left by process {self._lock.stale}, "
+                                  "which has"
                                   " ended; taking the folder over")
 
     def close(self) -> None:
@@ -151,19 +163,21 @@ class Trainer:
         existing = latest_checkpoint(self.ckpt_dir)
         if existing is not None and not resume:
             raise CheckpointError(
-                f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass --resume to"
+                f"{self.ckpt_dir} already holds checkpoints (latest {existing.name}); pass "
+                "--resume to"
                 " continue that run or choose another output directory"
             )
         resume_state: TrainingState | Path | None = self._load_resume_state() if resume else None
 
-        # Every rank builds the full model from the recipe seed (or init.model), then shards it: all start
-        # from the single-process weights. The EMA shadow is built after sharding, so it is sharded like
-        # the parameters (elementwise, hence the same math) and gathered only when saved. A resumed run
-        # takes its weights from the checkpoint and does not read init.model.
+        # Every rank builds the full model from the recipe seed (or init.model), then shards it: all
+        # start from the single-process weights. The EMA shadow is built after sharding, so it is
+        # sharded like the parameters (elementwise, hence the same math) and gathered only when
+        # saved. A resumed run takes its weights from the checkpoint and does not read init.model.
         self.model = build_model(recipe, self.device, init=resume_state is None)
         shard_frozen: Parallelize | None = None
         if parallelize is None:
-            parallelize, shard_frozen = make_parallelize(recipe.parallel, self.dist, grouped=has_group())
+            parallelize, shard_frozen = make_parallelize(recipe.parallel, self.dist,
+                                                         grouped=has_group())
         self.model = parallelize(self.model)
         self.ema = EMA(self.model, recipe.optim.ema_decay)
         self.optimizer = torch.optim.AdamW(
@@ -177,7 +191,8 @@ class Trainer:
         self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode,
                                  recipe.data.text_encoder_path)
         self.empty_context = self.text.get([""]).to(self.device)
-        ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text, self.empty_context,
+        ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text,
+                          self.empty_context,
                            self.device)
         kind = recipe.objective.kind
         self.dmd: DMDStep | None = (DMDStep(ctx, self.model, self.dist, parallelize, shard_frozen)
@@ -200,7 +215,8 @@ class Trainer:
         return nets
 
     def _restore(self, state: TrainingState | Path) -> None:
-        """Load a full checkpoint (from any world size); a sharded model keeps only its own shards."""
+        """Load a full checkpoint (from any world size); a sharded model keeps only its own
+        shards."""
         if isinstance(state, Path):
             metadata = load_dcp(state, self._trained(), self.ema.state_dict())
             if self.dmd is not None:
@@ -214,7 +230,8 @@ class Trainer:
         else:
             load_into(self.model, state.model, f"checkpoint of step {state.step}")
         if state.ema is not None:
-            self.ema.load_state_dict(shard_like(state.ema, self.ema.state_dict()) if sharded else state.ema)
+            self.ema.load_state_dict(shard_like(state.ema,
+                                                self.ema.state_dict()) if sharded else state.ema)
         if state.optimizer is not None:
             if sharded:
                 load_full_optimizer_state(self.model, self.optimizer, state.optimizer)
@@ -229,15 +246,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of full tensors; the path on the main rank, None elsewhere.
 
-        Under FSDP this gathers the shards (a collective: every rank calls it) and only the main rank
-        writes; the others wait at a barrier, so the file exists when any rank returns. With
-        ``parallel.checkpoint = "dcp"`` every rank writes its own shards instead (:mod:`mag.train.dcp`).
+        Under FSDP this gathers the shards (a collective: every rank calls it) and only the main
+        rank writes; the others wait at a barrier, so the file exists when any rank returns. With
+        ``parallel.checkpoint = "dcp"`` every rank writes its own shards instead
+        (:mod:`mag.train.dcp`).
         """
         if self.recipe.parallel.checkpoint == "dcp":
             memory = self.dmd.memory_record if self.dmd is not None else {}
             metadata = {**self._metadata(), **({MEMORY_MODEL_METADATA: memory} if memory else {})}
-            path = save_dcp(self.ckpt_dir, self.step, self._trained(), self.ema.state_dict(), metadata,
-                            self.dist, self.recipe.loop.keep_last)
+            path = save_dcp(self.ckpt_dir, self.step, self._trained(), self.ema.state_dict(),
+                            metadata, self.dist, self.recipe.loop.keep_last)
             return path if self.is_main else None
         if is_sharded(self.model):
             model = full_model_state(self.model)
@@ -263,7 +281,8 @@ class Trainer:
             barrier(self.dist)
 
     def _metadata(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.to_dict(), "preset": self.preset.to_dict(), "commit": git_commit(),
+        return {"recipe": self.recipe.to_dict(), "preset": self.preset.to_dict(),
+                "commit": git_commit(),
                 "kind": "training", "train_seconds": self.train_seconds, "device": str(self.device),
                 "threads": torch.get_num_threads(), "world_size": self.dist.world_size}
 
@@ -277,16 +296,17 @@ class Trainer:
         return self.recipe.optim.lr * self._lr_scale(step)
 
     def train_step(self) -> dict[str, Tensor]:
-        """One optimiser step on this rank's slice of every micro-batch; device tensors, no host sync.
+        """One optimiser step on this rank's slice of every micro-batch; device tensors, no host
+        sync.
 
-        Returns ``loss`` (mean over this rank's samples), ``grad_norm`` (global) and, per micro-batch and
-        view category, ``category_mean`` / ``category_count`` ``[grad_accum, categories]`` -- the counts
-        let :meth:`_log_record` weight ranks' category means exactly. A DMD step returns the step runner's
-        statistics instead (:meth:`DMDStep.train_step`).
+        Returns ``loss`` (mean over this rank's samples), ``grad_norm`` (global) and, per
+        micro-batch and view category, ``category_mean`` / ``category_count`` ``[grad_accum,
+        categories]`` -- the counts let :meth:`_log_record` weight ranks' category means exactly. A
+        DMD step returns the step runner's statistics instead (:meth:`DMDStep.train_step`).
         """
         if self.dmd is not None:
-            stats = self.dmd.train_step(self.step, self.optimizer, self.ema, self._lr_scale(self.step),
-                                        self.sample_indices)
+            stats = self.dmd.train_step(self.step, self.optimizer, self.ema,
+                                        self._lr_scale(self.step), self.sample_indices)
             self.step += 1
             return stats
         loop = self.recipe.loop
@@ -303,10 +323,13 @@ class Trainer:
             (out.loss / loop.grad_accum).backward()
             total += out.loss.detach() / loop.grad_accum
             means = category_losses(out.per_element, categories)
-            category_mean[micro] = torch.stack([means[name] for name in CATEGORY_NAMES]).to(self.device)
+            category_mean[micro] = torch.stack([means[name] for name in CATEGORY_NAMES]).to(
+                self.device
+            )
             category_count[micro] = torch.stack([(categories == index).sum()
                                                  for index in range(len(CATEGORY_NAMES))])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.recipe.optim.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.step += 1
@@ -314,15 +337,16 @@ class Trainer:
                 "category_count": category_count}
 
     def _gradient_sync(self, enabled: bool) -> None:
-        """Turn FSDP2's per-backward gradient reduction on or off (a no-op for an unsharded model)."""
+        """Turn FSDP2's per-backward gradient reduction on or off (a no-op for an unsharded
+        model)."""
         set_sync = getattr(self.model, "set_requires_gradient_sync", None)
         if set_sync is not None:
             set_sync(enabled)
 
     def _log_record(self, stats: dict[str, Tensor]) -> dict[str, Any]:
-        """Host numbers of one step, reduced over ranks: losses averaged over the global batch, gradient
-        norms as they are (already global), and per category the count-weighted mean (what one process
-        on the whole batch would log)."""
+        """Host numbers of one step, reduced over ranks: losses averaged over the global batch,
+        gradient norms as they are (already global), and per category the count-weighted mean (what
+        one process on the whole batch would log)."""
         norms = {k: local_value(v) for k, v in stats.items() if k.endswith("grad_norm")}
         means = all_reduce_mean({k: v for k, v in stats.items()
                                  if k not in norms and k not in CATEGORY_STATS}, self.dist)
@@ -331,19 +355,24 @@ class Trainer:
         means_by_category = stats["category_mean"]
         if self.dist.is_distributed:
             counts = stats["category_count"]
-            summed = all_reduce_sum(torch.stack([torch.nan_to_num(means_by_category) * counts, counts]),
+            summed = all_reduce_sum(torch.stack([torch.nan_to_num(means_by_category) * counts,
+                                                 counts]),
                                     self.dist)
-            means_by_category = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1), math.nan)
+            means_by_category = torch.where(summed[1] > 0, summed[0] / summed[1].clamp_min(1),
+                                            math.nan)
         per_category = (means_by_category / self.recipe.loop.grad_accum).sum(0)
         return to_host({**means, **norms,
-                         **{f"loss_{name}": per_category[i] for i, name in enumerate(CATEGORY_NAMES)}})
+                         **{f"loss_{name}": per_category[i] for i,
+                            name in enumerate(CATEGORY_NAMES)}})
 
     # ------------------------------------------------------------------ loop
     def run(self, max_steps: int | None = None, time_limit_s: float | None = None) -> TrainResult:
-        """Train until ``loop.steps`` (or ``max_steps`` more steps, for tests / time-boxed sittings).
+        """Train until ``loop.steps`` (or ``max_steps`` more steps, for tests / time-boxed
+        sittings).
 
         ``time_limit_s``: stop at the first log step after this many seconds of wall time, with a
-        checkpoint, so a run on a lent machine ends cleanly and resumes later (all ranks decide together).
+        checkpoint, so a run on a lent machine ends cleanly and resumes later (all ranks decide
+        together).
         """
         if time_limit_s is not None and time_limit_s <= 0:
             raise ConfigError(f"time limit must be positive, got {time_limit_s} s")
@@ -380,9 +409,15 @@ class Trainer:
                     interval = []
                     record.update(step=self.step, lr=self._lr(self.step - 1),
                                   steps_per_s=window_steps / elapsed,
-                                  tokens_per_s=window_steps * tokens_per_step / elapsed, time=time.time())
+                                  tokens_per_s=window_steps * tokens_per_step / elapsed,
+                                  time=time.time())
                     recall, new = record.get("loss_recall"), record.get("loss_new")
-                    if recall is not None and new and not math.isnan(recall) and not math.isnan(new):
+                    if (
+                        recall is not None
+                        and new
+                        and not math.isnan(recall)
+                        and not math.isnan(new)
+                    ):
                         record["recall_ratio"] = recall / new
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -399,7 +434,8 @@ class Trainer:
                 if out_of_time:
                     break
         bar.close()
-        return TrainResult(self.step, last_loss, ckpt, self.metrics_path, stopped_early=self.step < target)
+        return TrainResult(self.step, last_loss, ckpt, self.metrics_path,
+                           stopped_early=self.step < target)
 
     def _past(self, deadline: float) -> bool:
         """Whether any rank is past ``deadline`` (one tiny all-reduce, at log steps only)."""

@@ -1,9 +1,10 @@
-"""``mag weights download`` (the upstream releases, through huggingface_hub) and ``mag weights convert``.
+"""``mag weights download`` (the upstream releases, through huggingface_hub) and ``mag weights
+convert``.
 
-Downloads go through ``huggingface_hub.snapshot_download`` into ``--local-dir``: files already complete
-are skipped and interrupted ones resume, so re-running the command finishes a broken download. Each
-release's licence is printed before anything is fetched; afterwards every weights folder found in the
-download is listed with its detected format, ready to pass to ``mag generate``.
+Downloads go through ``huggingface_hub.snapshot_download`` into ``--local-dir``: files already
+complete are skipped and interrupted ones resume, so re-running the command finishes a broken
+download. Each release's licence is printed before anything is fetched; afterwards every weights
+folder found in the download is listed with its detected format, ready to pass to ``mag generate``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ RELEASES: dict[str, Release] = {
     "wan": Release("Wan-AI/Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B",
                    "Apache-2.0 (Wan2.1 base model: DiT, VAE, UMT5 text encoder)"),
     "mag": Release("xilluill/MAG", "MAG",
-                   "CC BY-NC-SA 4.0 (MAG generator and memory model: non-commercial use only, share alike,"
+                   "CC BY-NC-SA 4.0 (MAG generator and memory model: non-commercial use only, "
+                   "share alike,"
                    " attribution)"),
     "self-forcing": Release("gdhe17/Self-Forcing", "Self-Forcing",
-                            "CC BY-NC-SA 4.0 (Self-Forcing DMD generator: non-commercial use only, share"
+                            "CC BY-NC-SA 4.0 (Self-Forcing DMD generator: non-commercial use "
+                            "only, share"
                             " alike, attribution)", ("checkpoints/self_forcing_dmd.pt",)),
 }
 
@@ -54,7 +57,8 @@ Fetch = Callable[..., str]
 
 def download(name: str, local_dir: str | Path, *, fetch: Fetch | None = None,
              revision: str | None = None) -> Path:
-    """Fetch release ``name`` into ``local_dir`` (resumable; see the module docstring); returns the folder.
+    """Fetch release ``name`` into ``local_dir`` (resumable; see the module docstring); returns the
+    folder.
 
     ``fetch`` stands in for ``huggingface_hub.snapshot_download`` (same keyword arguments).
     """
@@ -67,7 +71,8 @@ def download(name: str, local_dir: str | Path, *, fetch: Fetch | None = None,
 
 
 def find_weights(folder: Path, depth: int = SCAN_DEPTH) -> Iterator[WeightSource]:
-    """Every weights folder or ``.pt`` under ``folder`` (itself included) whose format is recognised."""
+    """Every weights folder or ``.pt`` under ``folder`` (itself included) whose format is
+    recognised."""
     try:
         yield detect_source(folder)
         return
@@ -83,12 +88,15 @@ def find_weights(folder: Path, depth: int = SCAN_DEPTH) -> Iterator[WeightSource
 # ---------------------------------------------------------------------------------------------- CLI
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    weights = subparsers.add_parser("weights", help="download the upstream releases; convert to a model file",
-                                    description="Download Wan2.1 / MAG / Self-Forcing weights, or convert"
+    weights = subparsers.add_parser("weights", help="download the upstream releases; convert to a "
+                                                    "model file",
+                                    description="Download Wan2.1 / MAG / Self-Forcing weights, or "
+                                                "convert"
                                                 " any supported weights into one mag model file.")
     sub = weights.add_subparsers(dest="weights_command", metavar="SUBCOMMAND", required=True)
     get = sub.add_parser("download", help="fetch releases from the Hugging Face hub (resumable)",
-                         description="Fetch releases into --local-dir/<release folder>, printing each licence"
+                         description="Fetch releases into --local-dir/<release folder>, printing "
+                                     "each licence"
                                      " first; re-run to resume. Releases: "
                                      + "; ".join(f"{k}: {r.repo_id}" for k, r in RELEASES.items()))
     get.add_argument("releases", nargs="+", choices=[*RELEASES, "all"], help="what to fetch")
@@ -97,24 +105,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     get.set_defaults(func=_cmd_download)
 
     convert = sub.add_parser("convert", help="write any supported weights as one mag model file",
-                             description="Read an official MAG folder, a Wan2.1 folder, a diffusers folder or"
-                                         " a Self-Forcing .pt and write a mag model file (safetensors with"
+                             description="Read an official MAG folder, a Wan2.1 folder, a "
+                                         "diffusers folder or"
+                                         " a Self-Forcing .pt and write a mag model file "
+                                         "(safetensors with"
                                          " its preset and stage as metadata).")
     convert.add_argument("source", help="weights folder or file")
     convert.add_argument("-o", "--out", required=True, help="output .safetensors")
     convert.add_argument("--stage", required=True, choices=CONVERT_STAGES,
-                         help="what the weights are (a memory model and a generator share one architecture)")
-    convert.add_argument("--name", default=None, help="model name (default: the output file's stem)")
+                         help="what the weights are (a memory model and a generator share one "
+                              "architecture)")
+    convert.add_argument("--name", default=None, help="model name (default: the output file's "
+                                                      "stem)")
     convert.add_argument("--wan-dir", default=None,
                          help="Wan2.1 folder whose config.json gives the heads of a bare .pt")
-    convert.add_argument("--raw", action="store_true", help="Self-Forcing: the raw generator, not the EMA")
+    convert.add_argument("--raw", action="store_true", help="Self-Forcing: the raw generator, not "
+                                                            "the EMA")
     convert.set_defaults(func=_cmd_convert)
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
     names = list(RELEASES) if "all" in args.releases else list(dict.fromkeys(args.releases))
     for name in names:
-        folder = download(name, Path(args.local_dir) / RELEASES[name].folder, revision=args.revision)
+        folder = download(name, Path(args.local_dir) / RELEASES[name].folder,
+                          revision=args.revision)
         found = list(find_weights(folder))
         for source in found:
             print(f"  {source.kind:<13} {source.path}")
@@ -132,7 +146,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = check_output_file(args.out)  # after the source is read: bad input leaves nothing on disk
     write_model_file(weights, preset, out, name=args.name or out.stem, stage=args.stage)
     params = sum(t.numel() for t in weights.state.values())
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {weights.source.kind} weights, {params:,}"
-          f" parameters, preset {BASE_PRESET} (dim {preset.dit.dim}, {preset.dit.num_layers} layers),"
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {weights.source.kind} weights, "
+          f"{params:,}"
+          f" parameters, preset {BASE_PRESET} (dim {preset.dit.dim}, {preset.dit.num_layers} "
+          "layers),"
           f" stage {args.stage}")
     return 0

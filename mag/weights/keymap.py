@@ -1,4 +1,5 @@
-"""Key maps between our parameter names (= original Wan2.1 names) and diffusers ``WanTransformer3DModel``.
+"""Key maps between our parameter names (= original Wan2.1 names) and diffusers
+``WanTransformer3DModel``.
 
 Every tensor has the same shape in both layouts (checked against diffusers' module definitions:
 the 6-way block modulation ``blocks.N.modulation [1, 6, dim]`` is diffusers'

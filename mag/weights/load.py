@@ -29,7 +29,8 @@ WeightFormat = Literal["wan", "diffusers"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-# Self-Forcing checkpoint entries, and the prefix its WanDiffusionWrapper puts on the network's keys.
+# Self-Forcing checkpoint entries, and the prefix its WanDiffusionWrapper puts on the network's
+# keys.
 SELF_FORCING_EMA = "generator_ema"
 SELF_FORCING_RAW = "generator"
 SELF_FORCING_PREFIX = "model."
@@ -70,30 +71,36 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 
 def _pick_file_in_dir(folder: Path) -> Path:
-    for pattern in (f"*{SAFETENSORS_INDEX_SUFFIX}", "*.safetensors", *(f"*{s}" for s in TORCH_SUFFIXES)):
+    for pattern in (f"*{SAFETENSORS_INDEX_SUFFIX}", "*.safetensors",
+                    *(f"*{s}" for s in TORCH_SUFFIXES)):
         found = sorted(folder.glob(pattern))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             raise CheckpointError(
-                f"{folder} holds several {pattern} files ({', '.join(p.name for p in found[:KEYS_SHOWN])});"
+                f"{folder} holds several {pattern} files "
+                f"({', '.join(p.name for p in found[:KEYS_SHOWN])});"
                 " pass the file (or the shard index) itself"
             )
-    raise CheckpointError(f"no checkpoint file (.safetensors, index json, .pt/.pth/.bin) in folder {folder}")
+    raise CheckpointError("no checkpoint file (.safetensors, index json, .pt/.pth/.bin) in "
+                          f"folder {folder}")
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return dict(load_file(str(path), device="cpu"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read safetensors file {path} (corrupt or truncated?): {err}") from err
+        raise CheckpointError(
+            f"cannot read safetensors file {path} (corrupt or truncated?): {err}"
+        ) from err
 
 
 def _read_sharded(index_path: Path) -> dict[str, Any]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read shard index {index_path}: expected JSON with a 'weight_map'"
+        raise CheckpointError(f"cannot read shard index {index_path}: expected JSON with a "
+                              "'weight_map'"
                               f" ({err})") from err
     state: dict[str, Any] = {}
     for shard in sorted(set(weight_map.values())):
@@ -111,7 +118,8 @@ def _read_sharded(index_path: Path) -> dict[str, Any]:
 def _read_torch(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile,
+            OSError) as err:
         raise CheckpointError(f"cannot read torch checkpoint {path} (corrupt, truncated, or not a"
                               f" weights-only file): {err}") from err
     if not isinstance(data, dict):
@@ -123,16 +131,20 @@ def _read_torch(path: Path) -> dict[str, Any]:
 # Layouts
 
 
-def unwrap_training_checkpoint(data: Mapping[str, Any], *, use_ema: bool = True) -> dict[str, Tensor]:
-    """Flat network state dict out of a raw checkpoint (plain, ``state_dict``-nested or Self-Forcing).
+def unwrap_training_checkpoint(data: Mapping[str, Any], *, use_ema: bool = True) -> dict[str,
+                                                                                         Tensor]:
+    """Flat network state dict out of a raw checkpoint (plain, ``state_dict``-nested or
+    Self-Forcing).
 
     Self-Forcing: ``generator_ema`` is chosen when present and ``use_ema``; otherwise ``generator``.
-    Only keys under the wrapper's ``model.`` prefix are the network; other wrapper heads are dropped.
+    Only keys under the wrapper's ``model.`` prefix are the network; other wrapper heads are
+    dropped.
     """
     if SELF_FORCING_RAW in data or SELF_FORCING_EMA in data:
         entry = SELF_FORCING_EMA if use_ema and SELF_FORCING_EMA in data else SELF_FORCING_RAW
         if entry not in data:
-            raise CheckpointError(f"Self-Forcing checkpoint has no {entry!r} entry (has {sorted(data)})")
+            raise CheckpointError(f"Self-Forcing checkpoint has no {entry!r} entry (has "
+                                  f"{sorted(data)})")
         state = _strip_wrappers(data[entry])
         prefix = SELF_FORCING_PREFIX
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -142,7 +154,8 @@ def unwrap_training_checkpoint(data: Mapping[str, Any], *, use_ema: bool = True)
     if not_tensors:
         raise CheckpointError(
             f"checkpoint entries {not_tensors[:KEYS_SHOWN]} are not tensors; expected a state dict,"
-            f" a 'state_dict' entry, or a Self-Forcing dict with '{SELF_FORCING_EMA}' / '{SELF_FORCING_RAW}'"
+            f" a 'state_dict' entry, or a Self-Forcing dict with '{SELF_FORCING_EMA}' / "
+            f"'{SELF_FORCING_RAW}'"
         )
     return _strip_wrappers(data)
 
@@ -166,12 +179,14 @@ def detect_format(state: Mapping[str, Tensor]) -> WeightFormat:
     if any(k.startswith(WAN_MARKERS) or ".self_attn." in k for k in keys):
         return "wan"
     raise CheckpointError(
-        f"cannot tell the checkpoint layout from its keys (e.g. {keys[:KEYS_SHOWN]}); expected Wan2.1,"
+        f"cannot tell the checkpoint layout from its keys (e.g. {keys[:KEYS_SHOWN]}); expected "
+        "Wan2.1,"
         " diffusers WanTransformer3DModel or Self-Forcing names"
     )
 
 
-def load_state_dict_any(source: str | Path | Mapping[str, Any], *, use_ema: bool = True) -> dict[str, Tensor]:
+def load_state_dict_any(source: str | Path | Mapping[str, Any], *,
+                        use_ema: bool = True) -> dict[str, Tensor]:
     """Read any supported checkpoint and return it under our (original Wan2.1) parameter names.
 
     Args:
@@ -196,13 +211,14 @@ def require_finite(state: Mapping[str, Tensor], source: str = "checkpoint") -> N
     bad = nonfinite_keys(state)
     if bad:
         raise CheckpointError(f"{source} holds non-finite weights ({len(bad)} tensors, e.g."
-                              f" {'; '.join(bad[:KEYS_SHOWN])}): the run that wrote it diverged; use an"
+                              f" {'; '.join(bad[:KEYS_SHOWN])}): the run that wrote it diverged; "
+                              "use an"
                               " earlier checkpoint")
 
 
 def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Copy ``state`` into ``model`` after checking that keys and shapes match exactly and that every
-    value is finite.
+    """Copy ``state`` into ``model`` after checking that keys and shapes match exactly and that
+    every value is finite.
 
     Works for models built on the meta device too (tensors are then assigned, not copied).
 
@@ -225,5 +241,5 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "chec
     model.load_state_dict(dict(state), strict=True, assign=on_meta)
 
 
-__all__ = ["detect_format", "load_into", "load_state_dict_any", "nonfinite_keys", "read_checkpoint_file",
-           "require_finite", "unwrap_training_checkpoint"]
+__all__ = ["detect_format", "load_into", "load_state_dict_any", "nonfinite_keys",
+           "read_checkpoint_file", "require_finite", "unwrap_training_checkpoint"]

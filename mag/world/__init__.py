@@ -1,7 +1,7 @@
 """The panorama world: seeded cylindrical panoramas, backtracking cameras, episodes and clips.
 
-Exact ground truth for the tiny scale: every frame is a window of a known panorama at a known offset,
-so the benchmark can tell which history frame shows the same view (:func:`last_seen`).
+Exact ground truth for the tiny scale: every frame is a window of a known panorama at a known
+offset, so the benchmark can tell which history frame shows the same view (:func:`last_seen`).
 """
 
 from mag.world.episodes import (
@@ -37,9 +37,10 @@ from mag.world.trajectory import (
 )
 
 __all__ = [
-    "DEFAULT_WORLD", "NUM_TEST_EPISODES", "SAME_VIEW_TOLERANCE_PX", "SPLIT_SEEDS", "THEMES", "WORLD_PRESETS",
-    "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory", "camera_track",
-    "episode_seed",
+    "DEFAULT_WORLD", "NUM_TEST_EPISODES", "SAME_VIEW_TOLERANCE_PX", "SPLIT_SEEDS", "THEMES",
+    "WORLD_PRESETS",
+    "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory",
+    "camera_track", "episode_seed",
     "get_world_config", "last_seen", "last_seen_all", "make_clip", "make_episode", "make_panorama",
     "make_prompt", "render_frames", "sample_clip", "switch_frame_for", "theme_prompts",
 ]

@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     preview = commands.add_parser(
         "preview", help="write an episode as an mp4",
-        description="Render episode INDEX of a split and write its first FRAMES frames as an H.264 mp4.",
+        description="Render episode INDEX of a split and write its first FRAMES frames as an "
+                    "H.264 mp4.",
     )
     _episode_arguments(preview)
     preview.add_argument("--fps", type=float, default=DEFAULT_PREVIEW_FPS,
@@ -53,12 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     show = commands.add_parser(
         "show", help="write an episode's panorama and frames as a PNG strip",
-        description="Render episode INDEX and save its panorama plus every EVERY-th frame as one PNG.",
+        description="Render episode INDEX and save its panorama plus every EVERY-th frame as one "
+                    "PNG.",
     )
     _episode_arguments(show)
     show.add_argument("--every", type=int, default=DEFAULT_SHOW_EVERY,
                       help="keep one frame in this many (default %(default)s)")
-    show.add_argument("--scale", type=int, default=DEFAULT_SHOW_SCALE, help="upscale (default %(default)s)")
+    show.add_argument("--scale", type=int, default=DEFAULT_SHOW_SCALE, help="upscale (default "
+                                                                            "%(default)s)")
     show.add_argument("--png", required=True, type=Path, help="PNG file to write")
     show.set_defaults(func=_show)
 
@@ -66,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _episode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=list(SPLIT_SEEDS),
                         help="seed range (default %(default)s)")
-    parser.add_argument("--index", type=int, default=0, help="episode index in the split (default 0)")
+    parser.add_argument("--index", type=int, default=0, help="episode index in the split (default "
+                                                             "0)")
     parser.add_argument("--seed-base", type=int, default=None,
                         help="use seed SEED_BASE + INDEX instead of the split's seed range")
     parser.add_argument("--frames", type=int, default=None,
@@ -74,7 +78,8 @@ def _episode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", default="default", choices=list(WORLD_PRESETS),
                         help="named world configuration (default %(default)s)")
     parser.add_argument("--theme", default=None, choices=list(_THEME_SLUGS), help="force one theme")
-    parser.add_argument("--subpixel", action="store_true", help="sub-pixel camera motion (default: whole px)")
+    parser.add_argument("--subpixel", action="store_true", help="sub-pixel camera motion "
+                                                                "(default: whole px)")
 
 
 def _episode(args: argparse.Namespace) -> Episode:
@@ -101,8 +106,10 @@ def _preview(args: argparse.Namespace) -> int:
     check_mp4_output(args.out)  # before the episode is rendered
     episode = _episode(args)
     count = args.frames or len(episode.frames)
-    path = write_mp4(Path(args.out), episode.frames[:count], args.fps, scale=args.scale, crf=args.crf)
-    print(f"wrote {count} frames ({episode.frames.shape[2]}x{episode.frames.shape[1]} px, x{args.scale}"
+    path = write_mp4(Path(args.out), episode.frames[:count], args.fps, scale=args.scale,
+                     crf=args.crf)
+    print(f"wrote {count} frames ({episode.frames.shape[2]}x{episode.frames.shape[1]} px, "
+          f"x{args.scale}"
           f" upscaled, {args.fps:g} fps) to {path}")
     return 0
 

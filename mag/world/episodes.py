@@ -2,8 +2,9 @@
 
 Seeds: split ``s`` owns the seed range :data:`SPLIT_SEEDS` ``[s]`` (disjoint ranges), and episode
 ``index`` of a split uses seed ``range.start + index`` -- or ``seed_base + index`` when an explicit
-base is given. One seed fixes the theme, prompt adjectives, panorama and trajectory through independent
-child seeds. The MAG-Bench-style test set is the first :data:`NUM_TEST_EPISODES` test episodes.
+base is given. One seed fixes the theme, prompt adjectives, panorama and trajectory through
+independent child seeds. The MAG-Bench-style test set is the first :data:`NUM_TEST_EPISODES` test
+episodes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from mag.errors import ConfigError, InputError
-from mag.world.panorama import DEFAULT_WORLD, THEMES, Theme, WorldConfig, make_panorama, render_frames
-from mag.world.trajectory import Trajectory, backtracking_trajectory, last_seen_all, switch_frame_for
+from mag.world.panorama import (
+    DEFAULT_WORLD,
+    THEMES,
+    Theme,
+    WorldConfig,
+    make_panorama,
+    render_frames,
+)
+from mag.world.trajectory import (
+    Trajectory,
+    backtracking_trajectory,
+    last_seen_all,
+    switch_frame_for,
+)
 
-__all__ = ["NUM_TEST_EPISODES", "SPLIT_SEEDS", "Clip", "Episode", "episode_seed", "make_clip", "make_episode",
-           "make_prompt", "sample_clip", "theme_prompts"]
+__all__ = ["NUM_TEST_EPISODES", "SPLIT_SEEDS", "Clip", "Episode", "episode_seed", "make_clip",
+           "make_episode", "make_prompt", "sample_clip", "theme_prompts"]
 
 # Disjoint seed ranges. Training draws from a billion panoramas; val and test are fixed, small sets.
 SPLIT_SEEDS: dict[str, range] = {
@@ -70,9 +83,8 @@ class Episode(Clip):
     """A benchmark episode: a backtracking clip with a split, an index and a switch time.
 
     Attributes:
-        split: ``train``, ``val`` or ``test``.
-        index: position in the split.
-        switch_frame: frames ``[0, switch_frame)`` are history; a multiple of the block size, at least
+        split: ``train``, ``val`` or ``test``. index: position in the split. switch_frame: frames
+        ``[0, switch_frame)`` are history; a multiple of the block size, at least
             one block after ``turn_frame``.
     """
 
@@ -82,7 +94,8 @@ class Episode(Clip):
 
 
 def episode_seed(split: str, index: int, seed_base: int | None = None) -> int:
-    """The world seed of episode ``index`` of ``split`` (``seed_base + index`` when a base is given)."""
+    """The world seed of episode ``index`` of ``split`` (``seed_base + index`` when a base is
+    given)."""
     if split not in SPLIT_SEEDS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLIT_SEEDS)}")
     if not isinstance(index, int | np.integer) or index < 0:
@@ -93,7 +106,8 @@ def episode_seed(split: str, index: int, seed_base: int | None = None) -> int:
         return int(seed_base) + int(index)
     seeds = SPLIT_SEEDS[split]
     if index >= len(seeds):
-        raise ConfigError(f"split {split!r} has {len(seeds)} episodes; index {index} is out of range")
+        raise ConfigError(f"split {split!r} has {len(seeds)} episodes; index {index} is out of "
+                          "range")
     return seeds[int(index)]
 
 
@@ -133,8 +147,8 @@ def make_episode(split: str, index: int, *, seed_base: int | None = None,
                  config: WorldConfig = DEFAULT_WORLD) -> Episode:
     """Episode ``index`` of ``split``: ``config.episode_frames`` frames with a switch time.
 
-    Reproducible from ``(split, index)``, or from ``(seed_base, index)`` when a base is given. A longer
-    ``episode_frames`` only extends the return leg: the first frames stay the same.
+    Reproducible from ``(split, index)``, or from ``(seed_base, index)`` when a base is given. A
+    longer ``episode_frames`` only extends the return leg: the first frames stay the same.
     """
     seed = episode_seed(split, index, seed_base)
     clip = make_clip(seed, config.episode_frames, config)
@@ -151,13 +165,15 @@ def sample_clip(rng_or_seed: np.random.Generator | int, num_frames: int,
     """One training clip from a random train-split world (infinite procedural data).
 
     Args:
-        rng_or_seed: generator (advanced by one draw) or an int seed for a fresh one.
-        num_frames: clip length; excursions longer than the clip allows are shortened so that the
-            camera still turns back (short clips + short ``excursion_frames_range`` = curriculum start).
+        rng_or_seed: generator (advanced by one draw) or an int seed for a fresh one. num_frames:
+        clip length; excursions longer than the clip allows are shortened so that the
+            camera still turns back (short clips + short ``excursion_frames_range`` = curriculum
+            start).
         config: world knobs; see :class:`WorldConfig` for the ones that make recall learnable.
     """
     if num_frames <= 0:
         raise InputError(f"num_frames must be positive, got {num_frames}")
-    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    rng = rng_or_seed if isinstance(rng_or_seed,
+                                    np.random.Generator) else np.random.default_rng(rng_or_seed)
     seeds = SPLIT_SEEDS["train"]
     return make_clip(int(rng.integers(seeds.start, seeds.stop)), num_frames, config)

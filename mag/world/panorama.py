@@ -27,11 +27,12 @@ __all__ = ["DEFAULT_WORLD", "THEMES", "Theme", "WORLD_PRESETS", "WorldConfig", "
 RGB = tuple[int, int, int]
 StripeStyle = Literal["none", "vertical", "horizontal"]
 
-# Background: a slow horizontal brightness wave of 1..this many whole periods around the cylinder (so
-# no seam), and a horizon whose height wobbles by this share of the panorama height.
+# Background: a slow horizontal brightness wave of 1..this many whole periods around the cylinder
+# (so no seam), and a horizon whose height wobbles by this share of the panorama height.
 BACKGROUND_WAVE_MAX_PERIODS = 3
 HORIZON_WOBBLE_FRACTION = 0.08
-# Stripe patches: how many, their width as a share of the panorama width, and the stripe period (px).
+# Stripe patches: how many, their width as a share of the panorama width, and the stripe period
+# (px).
 STRIPE_PATCHES_RANGE = (1, 2)
 STRIPE_PATCH_WIDTH_FRACTION = (0.12, 0.25)
 STRIPE_PERIODS_PX = (4, 6, 8)
@@ -77,7 +78,8 @@ THEMES: dict[str, Theme] = {
             name="desert at dusk",
             scene="desert at dusk with dunes, rocks and cacti",
             adjectives=("quiet", "warm", "dusty", "endless", "golden"),
-            sky_top=(70, 40, 110), sky_bottom=(240, 140, 80), ground=(200, 150, 90), ground_fraction=0.3,
+            sky_top=(70, 40, 110), sky_bottom=(240, 140, 80), ground=(200, 150, 90),
+            ground_fraction=0.3,
             palette=((110, 150, 70), (150, 90, 60), (230, 190, 120), (90, 60, 50), (250, 220, 160)),
             shape_weights=(0.3, 0.3, 0.4), stripes="horizontal", stripe_color=(180, 120, 70),
             texture_levels=5.0,
@@ -86,8 +88,10 @@ THEMES: dict[str, Theme] = {
             name="underwater reef",
             scene="underwater coral reef with fish and sea plants",
             adjectives=("calm", "deep", "sunlit", "colourful", "tropical"),
-            sky_top=(20, 90, 150), sky_bottom=(10, 40, 90), ground=(200, 180, 130), ground_fraction=0.2,
-            palette=((250, 110, 90), (250, 200, 60), (120, 220, 200), (200, 90, 180), (250, 250, 240)),
+            sky_top=(20, 90, 150), sky_bottom=(10, 40, 90), ground=(200, 180, 130),
+            ground_fraction=0.2,
+            palette=((250, 110, 90), (250, 200, 60), (120, 220, 200), (200, 90, 180), (250, 250,
+                                                                                       240)),
             shape_weights=(0.15, 0.6, 0.25), stripes="vertical", stripe_color=(60, 160, 120),
             texture_levels=6.0,
         ),
@@ -95,8 +99,10 @@ THEMES: dict[str, Theme] = {
             name="neon city",
             scene="neon city street at night with glowing signs and towers",
             adjectives=("rainy", "busy", "futuristic", "electric", "late-night"),
-            sky_top=(10, 10, 30), sky_bottom=(40, 20, 70), ground=(30, 30, 40), ground_fraction=0.15,
-            palette=((255, 40, 180), (40, 240, 255), (250, 240, 60), (120, 60, 255), (60, 255, 120)),
+            sky_top=(10, 10, 30), sky_bottom=(40, 20, 70), ground=(30, 30, 40),
+            ground_fraction=0.15,
+            palette=((255, 40, 180), (40, 240, 255), (250, 240, 60), (120, 60, 255), (60, 255,
+                                                                                      120)),
             shape_weights=(0.7, 0.15, 0.15), stripes="vertical", stripe_color=(90, 90, 120),
             texture_levels=4.0,
         ),
@@ -104,7 +110,8 @@ THEMES: dict[str, Theme] = {
             name="snowy forest",
             scene="snowy forest with pine trees and frozen hills",
             adjectives=("silent", "frosty", "misty", "wintry", "peaceful"),
-            sky_top=(160, 190, 220), sky_bottom=(230, 235, 245), ground=(245, 248, 252), ground_fraction=0.3,
+            sky_top=(160, 190, 220), sky_bottom=(230, 235, 245), ground=(245, 248, 252),
+            ground_fraction=0.3,
             palette=((30, 80, 50), (60, 110, 70), (120, 80, 50), (180, 200, 220), (90, 100, 120)),
             shape_weights=(0.15, 0.25, 0.6), stripes="none", stripe_color=(200, 210, 225),
             texture_levels=3.0,
@@ -113,7 +120,8 @@ THEMES: dict[str, Theme] = {
             name="autumn park",
             scene="autumn park with trees, benches and fallen leaves",
             adjectives=("crisp", "sunny", "golden", "breezy", "cosy"),
-            sky_top=(110, 160, 220), sky_bottom=(200, 220, 235), ground=(120, 140, 60), ground_fraction=0.3,
+            sky_top=(110, 160, 220), sky_bottom=(200, 220, 235), ground=(120, 140, 60),
+            ground_fraction=0.3,
             palette=((220, 90, 30), (240, 180, 40), (160, 40, 30), (110, 70, 40), (90, 130, 50)),
             shape_weights=(0.25, 0.5, 0.25), stripes="horizontal", stripe_color=(140, 100, 60),
             texture_levels=6.0,
@@ -122,7 +130,8 @@ THEMES: dict[str, Theme] = {
             name="lava cave",
             scene="lava cave with glowing rivers and dark rock",
             adjectives=("smouldering", "gloomy", "fiery", "ancient", "volcanic"),
-            sky_top=(25, 15, 15), sky_bottom=(70, 30, 20), ground=(230, 90, 20), ground_fraction=0.2,
+            sky_top=(25, 15, 15), sky_bottom=(70, 30, 20), ground=(230, 90, 20),
+            ground_fraction=0.2,
             palette=((255, 140, 20), (255, 220, 80), (60, 40, 40), (120, 50, 40), (200, 40, 20)),
             shape_weights=(0.35, 0.3, 0.35), stripes="vertical", stripe_color=(90, 40, 30),
             texture_levels=7.0,
@@ -133,37 +142,37 @@ THEMES: dict[str, Theme] = {
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Panorama, camera and trajectory knobs of the procedural world (lengths in px, times in frames).
+    """Panorama, camera and trajectory knobs of the procedural world (lengths in px, times in
+    frames).
 
-    Knobs that make recall learnable for a tiny model (see ``docs/world.md``): ``integer_motion`` with
-    ``speed_quantum_px`` equal to the patch size (patch-aligned motion: an old view reappears as the
-    same tokens), large ``shape_size_range``, small ``colors_per_panorama``, ``texture_scale=0`` and
-    ``stripes=False`` (flat regions, nothing to memorise but the layout), and short
-    ``excursion_frames_range`` first (a curriculum), long ones later.
+    Knobs that make recall learnable for a tiny model (see ``docs/world.md``): ``integer_motion``
+    with ``speed_quantum_px`` equal to the patch size (patch-aligned motion: an old view reappears
+    as the same tokens), large ``shape_size_range``, small ``colors_per_panorama``,
+    ``texture_scale=0`` and ``stripes=False`` (flat regions, nothing to memorise but the layout),
+    and short ``excursion_frames_range`` first (a curriculum), long ones later.
 
     Attributes:
         pano_height / pano_width: panorama size; the panorama wraps around horizontally.
         frame_height / frame_width: camera window; it is centred vertically in the panorama.
         num_shapes_range: inclusive range of the number of flat shapes per panorama.
-        shape_size_range: inclusive range of a shape's width and height in px.
-        themes: theme names an episode draws from (empty = all of :data:`THEMES`).
-        colors_per_panorama: palette colours one panorama uses for its shapes.
-        stripes: draw the theme's stripe patches.
-        texture_scale: multiplies the theme's per-pixel noise (0 = perfectly flat colours).
-        background_wave_levels: amplitude (uint8 levels) of the slow horizontal brightness wave of the
+        shape_size_range: inclusive range of a shape's width and height in px. themes: theme names
+        an episode draws from (empty = all of :data:`THEMES`). colors_per_panorama: palette colours
+        one panorama uses for its shapes. stripes: draw the theme's stripe patches. texture_scale:
+        multiplies the theme's per-pixel noise (0 = perfectly flat colours). background_wave_levels:
+        amplitude (uint8 levels) of the slow horizontal brightness wave of the
             background; it tells far-apart background views apart, 0 makes the sky a flat gradient.
-        speed_range_px: inclusive range of the camera speed in px/frame.
-        speed_quantum_px: with integer motion, speeds are multiples of this (4 = patch-aligned for 4x4
+        speed_range_px: inclusive range of the camera speed in px/frame. speed_quantum_px: with
+        integer motion, speeds are multiples of this (4 = patch-aligned for 4x4
             patches).
         integer_motion: whole-pixel offsets (frames are exact shifted slices); False draws sub-pixel
             speeds and start offsets, rendered by linear interpolation.
         excursion_frames_range: inclusive range of the frames the camera pans away before turning.
-        pause_frames_range: inclusive range of the frames it stands still at the turn.
-        legs_range: inclusive range of the number of legs (straight pans between turns). 2 is the
-            benchmark's backtrack (out, then back past the start); more legs oscillate, each later leg
-            revisiting what the previous one showed, so training clips hold far more revisits.
-        episode_frames: length of a benchmark episode.
-        block_frames: frames per generation block; the switch time is a multiple of it.
+        pause_frames_range: inclusive range of the frames it stands still at the turn. legs_range:
+        inclusive range of the number of legs (straight pans between turns). 2 is the
+            benchmark's backtrack (out, then back past the start); more legs oscillate, each later
+            leg revisiting what the previous one showed, so training clips hold far more revisits.
+        episode_frames: length of a benchmark episode. block_frames: frames per generation block;
+        the switch time is a multiple of it.
     """
 
     pano_height: int = 32
@@ -203,17 +212,19 @@ class WorldConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
-        for name in ("pano_height", "pano_width", "frame_height", "frame_width", "colors_per_panorama",
-                     "speed_quantum_px", "episode_frames", "block_frames"):
+        for name in ("pano_height", "pano_width", "frame_height", "frame_width",
+                     "colors_per_panorama", "speed_quantum_px", "episode_frames", "block_frames"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"WorldConfig.{name} must be a positive int, got {value!r}")
         if self.frame_height > self.pano_height or self.frame_width >= self.pano_width:
             raise ConfigError(
                 f"camera window {self.frame_height}x{self.frame_width} must fit in the panorama"
-                f" {self.pano_height}x{self.pano_width} (height <= panorama height, width < panorama width)"
+                f" {self.pano_height}x{self.pano_width} (height <= panorama height, width < "
+                "panorama width)"
             )
-        for name, minimum in (("num_shapes_range", 0), ("shape_size_range", 1), ("speed_range_px", 0),
+        for name, minimum in (("num_shapes_range", 0), ("shape_size_range", 1), ("speed_range_px",
+                                                                                 0),
                               ("excursion_frames_range", 1), ("pause_frames_range", 0),
                               ("legs_range", 2)):
             _check_range(self, name, minimum)
@@ -233,14 +244,18 @@ class WorldConfig:
         smallest_palette = min(len(THEMES[name].palette) for name in self.theme_names)
         if self.colors_per_panorama > smallest_palette:
             raise ConfigError(
-                f"WorldConfig.colors_per_panorama={self.colors_per_panorama} exceeds the smallest theme"
+                f"WorldConfig.colors_per_panorama={self.colors_per_panorama} exceeds the smallest "
+                "theme"
                 f" palette ({smallest_palette} colours)"
             )
         # The camera must come back to where it started, and a switch block must fit after the turn.
-        needed = 2 * self.excursion_frames_range[1] + self.pause_frames_range[1] + 2 * self.block_frames
+        needed = (
+            2 * self.excursion_frames_range[1] + self.pause_frames_range[1] + 2 * self.block_frames
+        )
         if self.episode_frames < needed:
             raise ConfigError(
-                f"WorldConfig.episode_frames={self.episode_frames} is too short: the longest excursion"
+                f"WorldConfig.episode_frames={self.episode_frames} is too short: the longest "
+                "excursion"
                 f" and its return need 2*excursion + pause + 2*block = {needed} frames"
             )
 
@@ -258,23 +273,27 @@ class WorldConfig:
 def _check_range(cfg: WorldConfig, name: str, minimum: float) -> None:
     value = getattr(cfg, name)
     if not (isinstance(value, tuple) and len(value) == 2 and minimum <= value[0] <= value[1]):
-        raise ConfigError(f"WorldConfig.{name} must be a (low, high) pair with {minimum} <= low <= high,"
+        raise ConfigError(f"WorldConfig.{name} must be a (low, high) pair with {minimum} <= low "
+                          "<= high,"
                           f" got {value!r}")
 
 
 # The benchmark's world (a module-level singleton so functions can default to it).
 DEFAULT_WORLD = WorldConfig()
-# Named worlds: the benchmark default, and easier ones for a recall curriculum (short excursions first).
+# Named worlds: the benchmark default, and easier ones for a recall curriculum (short excursions
+# first).
 WORLD_PRESETS: dict[str, WorldConfig] = {
     "default": DEFAULT_WORLD,
     "recall-easy": WorldConfig(
         num_shapes_range=(5, 8), shape_size_range=(12, 28), colors_per_panorama=3, stripes=False,
-        texture_scale=0.0, speed_range_px=(4, 4), speed_quantum_px=4, excursion_frames_range=(3, 12),
+        texture_scale=0.0, speed_range_px=(4, 4), speed_quantum_px=4, excursion_frames_range=(3,
+                                                                                              12),
         pause_frames_range=(0, 3), episode_frames=48,
     ),
     "recall-long": WorldConfig(
         num_shapes_range=(5, 8), shape_size_range=(12, 28), colors_per_panorama=3, stripes=False,
-        texture_scale=0.0, speed_range_px=(4, 4), speed_quantum_px=4, excursion_frames_range=(12, 36),
+        texture_scale=0.0, speed_range_px=(4, 4), speed_quantum_px=4, excursion_frames_range=(12,
+                                                                                              36),
         pause_frames_range=(0, 6),
     ),
 }
@@ -291,7 +310,8 @@ def get_world_config(name: str = "default", **overrides: Any) -> WorldConfig:
 # Panorama
 
 
-def make_panorama(seed: int | np.random.SeedSequence, theme: Theme, config: WorldConfig) -> np.ndarray:
+def make_panorama(seed: int | np.random.SeedSequence, theme: Theme,
+                  config: WorldConfig) -> np.ndarray:
     """Draw one panorama: uint8 ``[pano_height, pano_width, 3]``, wrapping horizontally.
 
     Background, stripes, shapes and texture use independent child seeds, so switching stripes or
@@ -313,8 +333,8 @@ def make_panorama(seed: int | np.random.SeedSequence, theme: Theme, config: Worl
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _background(rng: np.random.Generator, theme: Theme, wave_levels: float, ys: np.ndarray, xs: np.ndarray,
-                h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, theme: Theme, wave_levels: float, ys: np.ndarray,
+                xs: np.ndarray, h: int, w: int) -> np.ndarray:
     """Vertical gradient, a seamless brightness wave, and a wavy ground band: float32 [h, w, 3]."""
     t = ys[..., None] / max(h - 1, 1)
     top, bottom = np.asarray(theme.sky_top, np.float32), np.asarray(theme.sky_bottom, np.float32)
@@ -360,7 +380,8 @@ def _draw_shapes(rng: np.random.Generator, image: np.ndarray, theme: Theme, conf
     lo, hi = config.num_shapes_range
     for _ in range(rng.integers(lo, hi + 1)):
         kind = SHAPE_KINDS[rng.choice(len(SHAPE_KINDS), p=weights / weights.sum())]
-        size_w, size_h = rng.integers(config.shape_size_range[0], config.shape_size_range[1] + 1, size=2)
+        size_w, size_h = rng.integers(config.shape_size_range[0], config.shape_size_range[1] + 1,
+                                      size=2)
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         color = theme.palette[colors[rng.integers(len(colors))]]
         dx, dy = _circular_dx(xs, cx, w), ys - cy
@@ -380,7 +401,8 @@ def _draw_shapes(rng: np.random.Generator, image: np.ndarray, theme: Theme, conf
 
 def render_frames(panorama: np.ndarray, offsets: np.ndarray, *, frame_width: int = 32,
                   frame_height: int | None = None) -> np.ndarray:
-    """Camera windows of a panorama at horizontal offsets: uint8 ``[T, frame_height, frame_width, 3]``.
+    """Camera windows of a panorama at horizontal offsets: uint8 ``[T, frame_height, frame_width,
+    3]``.
 
     Args:
         panorama: uint8 ``[H, W_pano, 3]``, wrapping horizontally.
@@ -391,7 +413,8 @@ def render_frames(panorama: np.ndarray, offsets: np.ndarray, *, frame_width: int
             shorter window is centred vertically.
     """
     if panorama.dtype != np.uint8 or panorama.ndim != 3 or panorama.shape[2] != 3:
-        raise InputError(f"panorama must be uint8 [H, W, 3], got {panorama.dtype} {list(panorama.shape)}")
+        raise InputError(f"panorama must be uint8 [H, W, 3], got {panorama.dtype} "
+                         f"{list(panorama.shape)}")
     pano_h, pano_w, _ = panorama.shape
     frame_height = pano_h if frame_height is None else frame_height
     if not (0 < frame_height <= pano_h and 0 < frame_width <= pano_w):

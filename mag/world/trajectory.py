@@ -17,8 +17,8 @@ import numpy as np
 from mag.errors import InputError
 from mag.world.panorama import WorldConfig
 
-__all__ = ["SAME_VIEW_TOLERANCE_PX", "Trajectory", "backtracking_trajectory", "camera_track", "last_seen",
-           "last_seen_all", "switch_frame_for"]
+__all__ = ["SAME_VIEW_TOLERANCE_PX", "Trajectory", "backtracking_trajectory", "camera_track",
+           "last_seen", "last_seen_all", "switch_frame_for"]
 
 # Two offsets closer than this (px, around the cylinder) show the same view.
 SAME_VIEW_TOLERANCE_PX = 1e-3
@@ -47,7 +47,8 @@ class Trajectory:
     pause_frames: int
 
 
-def backtracking_trajectory(rng: np.random.Generator, num_frames: int, config: WorldConfig) -> Trajectory:
+def backtracking_trajectory(rng: np.random.Generator, num_frames: int,
+                            config: WorldConfig) -> Trajectory:
     """Draw a pan-away / pause / pan-back path of ``num_frames`` frames from ``rng``.
 
     Speed, direction, start, excursion and pause are drawn from ``config``. For clips too short for
@@ -63,7 +64,8 @@ def backtracking_trajectory(rng: np.random.Generator, num_frames: int, config: W
         speed = float(rng.uniform(*config.speed_range_px))
         start = float(rng.uniform(0, config.pano_width))
     direction = int(rng.choice((-1, 1)))
-    excursion = int(rng.integers(config.excursion_frames_range[0], config.excursion_frames_range[1] + 1))
+    excursion = int(rng.integers(config.excursion_frames_range[0],
+                                 config.excursion_frames_range[1] + 1))
     pause = int(rng.integers(config.pause_frames_range[0], config.pause_frames_range[1] + 1))
     # Shorten only when needed: turn + one visible block must fit in the clip.
     room = (num_frames - pause - config.block_frames) // 2
@@ -92,15 +94,17 @@ def backtracking_trajectory(rng: np.random.Generator, num_frames: int, config: W
 
 def _oscillating_steps(rng: np.random.Generator, num_frames: int, first_leg: int, first_pause: int,
                        legs: int, config: WorldConfig) -> np.ndarray:
-    """Step counts (in units of the speed) of a path with ``legs`` straight pans of alternating direction.
+    """Step counts (in units of the speed) of a path with ``legs`` straight pans of alternating
+    direction.
 
-    Leg 1 and its pause are the backtrack's; legs 2..legs-1 draw their length from the excursion range
-    and a pause; the last leg runs to the end of the clip.
+    Leg 1 and its pause are the backtrack's; legs 2..legs-1 draw their length from the excursion
+    range and a pause; the last leg runs to the end of the clip.
     """
     moves = [1] * first_leg + [0] * first_pause
     direction = -1
     for _ in range(legs - 2):
-        length = int(rng.integers(config.excursion_frames_range[0], config.excursion_frames_range[1] + 1))
+        length = int(rng.integers(config.excursion_frames_range[0],
+                                  config.excursion_frames_range[1] + 1))
         pause = int(rng.integers(config.pause_frames_range[0], config.pause_frames_range[1] + 1))
         moves += [direction] * length + [0] * pause
         direction = -direction
@@ -109,7 +113,8 @@ def _oscillating_steps(rng: np.random.Generator, num_frames: int, first_leg: int
 
 
 def camera_track(velocities: np.ndarray) -> np.ndarray:
-    """Unwrapped horizontal camera position (px) of every frame relative to frame 0: ``[T]`` float32.
+    """Unwrapped horizontal camera position (px) of every frame relative to frame 0: ``[T]``
+    float32.
 
     ``offsets`` wrap around the cylinder; this track does not, so equal values mean the same view
     (within one turn of the panorama). It is what camera-anchored RoPE uses as width positions.
@@ -120,8 +125,8 @@ def camera_track(velocities: np.ndarray) -> np.ndarray:
 def switch_frame_for(turn_frame: int, block_frames: int) -> int:
     """MAG-Bench switch time: the first block boundary at least one block after the turn.
 
-    Frames before it are history; the block ``[turn, turn + block)`` of backward motion lies inside it,
-    so the direction the camera is going is visible to the model.
+    Frames before it are history; the block ``[turn, turn + block)`` of backward motion lies inside
+    it, so the direction the camera is going is visible to the model.
     """
     if turn_frame < 0:
         raise InputError("the camera never turns back in this clip; it has no switch time")
@@ -159,7 +164,8 @@ def last_seen(offsets: np.ndarray, t: int, *, period: float | None = None,
 
 def last_seen_all(offsets: np.ndarray, *, period: float | None = None,
                   tolerance: float = SAME_VIEW_TOLERANCE_PX) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`last_seen` for every frame: int64 ``[T]`` indices and ``[T]`` gaps (-1 where unseen)."""
+    """:func:`last_seen` for every frame: int64 ``[T]`` indices and ``[T]`` gaps (-1 where
+    unseen)."""
     offsets = np.asarray(offsets)
     pairs = [last_seen(offsets, t, period=period, tolerance=tolerance) for t in range(len(offsets))]
     result = np.asarray(pairs, dtype=np.int64).reshape(len(offsets), 2)

@@ -1,4 +1,5 @@
-"""Figures of the consistency benchmark: PSNR vs gap length per row, and a revisit strip of frames."""
+"""Figures of the consistency benchmark: PSNR vs gap length per row, and a revisit strip of
+frames."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from mag.bench.consistency.scores import ConsistencyResult
 from mag.io.files import save_figure
 from mag.io.video import write_png_strip
 
-# Frames shown in the revisit strip, and how many of them come before the first beyond-window revisit.
+# Frames shown in the revisit strip, and how many of them come before the first beyond-window
+# revisit.
 STRIP_FRAMES = 8
 STRIP_LEAD_FRAMES = 2
 # Nearest-neighbour upscale of strip frames (16-32 px frames are too small to see).
 STRIP_SCALE = 3
 FIGURE_SIZE_IN = (11.0, 4.0)
 FIGURE_DPI = 120
-# Rows drawn dashed (references) and rows left out of the gap plot (oracle-copy sits at the PSNR cap).
+# Rows drawn dashed (references) and rows left out of the gap plot (oracle-copy sits at the PSNR
+# cap).
 REFERENCE_STYLE = "--"
 GAP_PLOT_SKIP = ("oracle-copy",)
 
@@ -26,7 +29,8 @@ GAP_PLOT_SKIP = ("oracle-copy",)
 def plot_psnr_vs_gap(summary: dict[str, Any], path: str | Path) -> Path:
     """PSNR vs gap bin (frames since the view was last seen in the history), vs GT and vs history.
 
-    One line per policy (solid) and for ``repeat-last`` (dashed); bins without frames are gaps in the line.
+    One line per policy (solid) and for ``repeat-last`` (dashed); bins without frames are gaps in
+    the line.
     """
     import matplotlib
 
@@ -61,8 +65,8 @@ def plot_psnr_vs_gap(summary: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_revisit_strip(result: ConsistencyResult, path: str | Path) -> Path:
-    """GT | history frame of the same view | each policy's frames around the first beyond-window revisit
-    of one episode (the first episode that has one)."""
+    """GT | history frame of the same view | each policy's frames around the first beyond-window
+    revisit of one episode (the first episode that has one)."""
 
     index = result.strip_episode
     ep = result.episodes[index]

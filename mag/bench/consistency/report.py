@@ -34,15 +34,19 @@ _TABLE_DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3}
 
 
 def markdown_summary(summary: dict[str, Any]) -> str:
-    """Two tables (vs ground truth, vs history): PSNR / SSIM / LPIPS over all, within and beyond frames."""
+    """Two tables (vs ground truth, vs history): PSNR / SSIM / LPIPS over all, within and beyond
+    frames."""
     rows = {**summary["policies"], **summary["references"]}
     lines = [f"# Consistency benchmark ({summary['mode']}, {summary['episodes']} episodes)", "",
-             f"within/beyond: the window policy's attention (sink {summary['window']['sink_frames']} +"
-             f" last {summary['window']['window_frames']} frames before the block). PSNR in dB, capped at"
+             "within/beyond: the window policy's attention (sink "
+             f"{summary['window']['sink_frames']} +"
+             f" last {summary['window']['window_frames']} frames before the block). PSNR in dB, "
+             "capped at"
              f" {PSNR_CAP_DB:g}; oracle-copy is scored on revisited frames only.", ""]
     for target, title in (("vs_gt", "vs ground truth"), ("vs_history", "vs history (same view)")):
         lines += [f"## {title}", "",
-                  "| row | PSNR | SSIM | LPIPS | PSNR within | SSIM within | LPIPS within | PSNR beyond"
+                  "| row | PSNR | SSIM | LPIPS | PSNR within | SSIM within | LPIPS within | PSNR "
+                  "beyond"
                   " | SSIM beyond | LPIPS beyond | episodes beyond |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
@@ -59,10 +63,10 @@ def write_json(path: Path, data: Any) -> None:
     files.write_json(path, data, indent=1)
 
 
-def write_results(out_dir: str | Path, result: ConsistencyResult, config: ConsistencyConfig, preset: Preset,
-                  metadata: dict[str, Any]) -> dict[str, Any]:
-    """Write ``summary.json``, ``summary.md``, ``episodes/<row>/<episode>.json``, ``metadata.json`` and the
-    two plots into ``out_dir``; return the summary."""
+def write_results(out_dir: str | Path, result: ConsistencyResult, config: ConsistencyConfig,
+                  preset: Preset, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Write ``summary.json``, ``summary.md``, ``episodes/<row>/<episode>.json``, ``metadata.json``
+    and the two plots into ``out_dir``; return the summary."""
 
     out = Path(out_dir)
     try:
@@ -72,7 +76,8 @@ def write_results(out_dir: str | Path, result: ConsistencyResult, config: Consis
     summary: dict[str, Any] = {
         "mode": config.mode,
         "episodes": len(result.episodes),
-        "window": {"sink_frames": preset.cache.sink_frames, "window_frames": preset.cache.window_frames,
+        "window": {"sink_frames": preset.cache.sink_frames,
+                   "window_frames": preset.cache.window_frames,
                    "frames_per_block": preset.cache.frames_per_block},
         "psnr_cap_db": PSNR_CAP_DB,
         "gap_bins": gap_bin_labels(),

@@ -1,5 +1,6 @@
-"""The consistency benchmark's runner: every cache policy streams the same episodes with the same noise
-(``seed`` and the first episode of each batch), next to the ``repeat-last`` and ``oracle-copy`` rows.
+"""The consistency benchmark's runner: every cache policy streams the same episodes with the same
+noise (``seed`` and the first episode of each batch), next to the ``repeat-last`` and
+``oracle-copy`` rows.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from mag.schedulers import FlowMatchScheduler
 
 
 def _groups(episodes: Sequence[BenchEpisode], batch_size: int) -> list[list[int]]:
-    """Episode indices sharing ``(switch_frame, num_generate)``, in chunks of at most ``batch_size``."""
+    """Episode indices sharing ``(switch_frame, num_generate)``, in chunks of at most
+    ``batch_size``."""
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, ep in enumerate(episodes):
         by_shape.setdefault((ep.switch_frame, ep.num_generate), []).append(i)
@@ -62,7 +64,8 @@ def _choose_strip_episode(episodes: Sequence[BenchEpisode], within: Sequence[np.
 def _check_codec(codec: Codec) -> None:
     if codec.temporal_compression != 1:
         raise ConfigError(
-            f"the consistency benchmark matches generated and history frames one to one, which needs a"
+            "the consistency benchmark matches generated and history frames one to one, which "
+            "needs a"
             f" codec without temporal compression; codec {codec.name!r} compresses time"
             f" {codec.temporal_compression}x"
         )
@@ -74,10 +77,10 @@ def stream_episodes(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Be
                     on_block: Callable[[], None] | None = None) -> np.ndarray:
     """Feed the history of same-shape episodes and generate the rest; uint8 ``[B, n, H, W, 3]``.
 
-    The benchmark's per-episode streaming loop, shared with ``mag demo``. ``context``: ``[B, L, text_dim]``
-    prompt embeddings; ``generation_context`` (default ``context``): the prompt embeddings after the
-    switch; ``noise`` seeds every block, so two policies given equal seeds see equal noise; ``on_block``
-    is called after each generated block (a progress bar).
+    The benchmark's per-episode streaming loop, shared with ``mag demo``. ``context``: ``[B, L,
+    text_dim]`` prompt embeddings; ``generation_context`` (default ``context``): the prompt
+    embeddings after the switch; ``noise`` seeds every block, so two policies given equal seeds see
+    equal noise; ``on_block`` is called after each generated block (a progress bar).
     """
     s, n = episodes[0].switch_frame, episodes[0].num_generate
     block = gen.frames_per_block
@@ -94,7 +97,8 @@ def stream_episodes(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Be
         frames = slice(start, start + block)
         block_offsets = None if offsets is None else offsets[:, frames]
         if teacher_forced:
-            blocks.append(gen.predict_block_teacher_forced(latents[:, frames], noise, block_offsets))
+            blocks.append(gen.predict_block_teacher_forced(latents[:, frames], noise,
+                                                           block_offsets))
         else:
             blocks.append(gen.generate_block(noise, block_offsets))
         if on_block is not None:
@@ -106,42 +110,52 @@ def stream_episodes(gen: StreamingGenerator, codec: Codec, episodes: Sequence[Be
 def _width_offsets(model: WanDiT, episodes: Sequence[BenchEpisode], frames: int) -> Tensor | None:
     """Camera positions in patches ``[B, frames]`` for camera-anchored models, else None.
 
-    The benchmark gives a camera-anchored model the ground-truth camera path (it is a camera-controlled
-    world model); the frames themselves are still generated from memory alone.
+    The benchmark gives a camera-anchored model the ground-truth camera path (it is a
+    camera-controlled world model); the frames themselves are still generated from memory alone.
     """
     if not model.cfg.camera_rope:
         return None
     if any(ep.camera_px is None for ep in episodes):
-        raise ConfigError("this model is camera-anchored (dit.camera_rope) and needs a camera track per"
+        raise ConfigError("this model is camera-anchored (dit.camera_rope) and needs a camera "
+                          "track per"
                           " episode; real-video folders have none")
     track = torch.from_numpy(np.stack([ep.camera_px[:frames] for ep in episodes]))
     return (track / model.cfg.patch_size[2]).to(model.patch_embedding.weight.device)
 
 
 def build_policies(names: Sequence[str], preset: Preset, *, memory_model: WanDiT | None = None,
-                   empty_context: Tensor | None = None) -> dict[str, tuple[CachePolicy, CacheWriter | None]]:
-    """Cache policies and their writers by name; ``mag`` / ``bounded`` are written by ``memory_model`` run
-    with ``empty_context`` (``[1, L, text_dim]``, the empty prompt), which must then be given."""
+                   empty_context: Tensor | None = None) -> dict[str, tuple[CachePolicy,
+                                                                           CacheWriter | None]]:
+    """Cache policies and their writers by name; ``mag`` / ``bounded`` are written by
+    ``memory_model`` run with ``empty_context`` (``[1, L, text_dim]``, the empty prompt), which must
+    then be given."""
     built = {}
     for name in names:
-        policy = policy_from_name(check_policy_name(name, has_memory_model=memory_model is not None), preset)
-        built[name] = (policy, writer_for(policy, memory_model=memory_model, empty_context=empty_context))
+        policy = policy_from_name(check_policy_name(name,
+                                                    has_memory_model=memory_model is not None),
+                                  preset)
+        built[name] = (policy, writer_for(policy, memory_model=memory_model,
+                                          empty_context=empty_context))
     return built
 
 
 def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpisode],
                     encode_prompts: Callable[[list[str]], Tensor], config: ConsistencyConfig, *,
                     progress: bool = True, memory_model: WanDiT | None = None,
-                    empty_context: Tensor | None = None, codec: Codec | None = None) -> ConsistencyResult:
+                    empty_context: Tensor | None = None,
+                    codec: Codec | None = None) -> ConsistencyResult:
     """Run every policy and the reference rows on ``episodes``; see the module docstring.
 
     Args:
-        encode_prompts: prompts -> ``[B, L, text_dim]`` text embeddings (e.g. a PromptEmbeddingCache.get).
-        memory_model: the stage-1 memory model that writes the cache under ``mag`` / ``bounded``
+        encode_prompts: prompts -> ``[B, L, text_dim]`` text embeddings (e.g. a
+        PromptEmbeddingCache.get). memory_model: the stage-1 memory model that writes the cache
+        under ``mag`` / ``bounded``
             (same preset as the generator, see :func:`mag.memory.check_memory_model`).
-        empty_context: ``[1, L, text_dim]`` embeddings of the empty prompt that the memory model reads.
-        codec: the codec frames go through (default: the preset's, built here; real weights pass the
-            Wan2.1 folder's VAE, which the frame-aligned protocol refuses for its temporal compression).
+        empty_context: ``[1, L, text_dim]`` embeddings of the empty prompt that the memory model
+        reads. codec: the codec frames go through (default: the preset's, built here; real weights
+        pass the
+            Wan2.1 folder's VAE, which the frame-aligned protocol refuses for its temporal
+            compression).
     """
     from tqdm.auto import tqdm
 
@@ -149,7 +163,8 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
         raise ConfigError("the benchmark needs at least one episode")
     if config.batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
-    policies = build_policies(config.policies, preset, memory_model=memory_model, empty_context=empty_context)
+    policies = build_policies(config.policies, preset, memory_model=memory_model,
+                              empty_context=empty_context)
     codec = codec if codec is not None else get_codec_for(preset.video)
     _check_codec(codec)
     scheduler = FlowMatchScheduler(preset.scheduler, preset.dit.prediction)
@@ -168,21 +183,30 @@ def run_consistency(model: WanDiT, preset: Preset, episodes: Sequence[BenchEpiso
         if i == strip:
             # Frames without a history match have nothing to copy: shown black in the strip.
             strip_frames["repeat-last"] = repeat
-            strip_frames["oracle-copy"] = np.where((ep.history_match >= 0)[:, None, None, None], oracle, 0)
+            strip_frames["oracle-copy"] = np.where((ep.history_match >= 0)[:, None, None, None],
+                                                   oracle, 0)
 
     chunks = _groups(episodes, config.batch_size)
     rows: dict[str, RowScores] = {}
     for name, (policy, writer) in policies.items():
-        gen = StreamingGenerator(model, scheduler, preset, policy, sampler=config.sampler, writer=writer)
+        gen = StreamingGenerator(model, scheduler, preset, policy, sampler=config.sampler,
+                                 writer=writer)
         per_episode: list[dict[str, dict[str, np.ndarray]] | None] = [None] * len(episodes)
-        bar = tqdm(total=len(episodes), desc=f"{name} ({config.mode})", unit="episode", disable=not progress)
+        bar = tqdm(total=len(episodes), desc=f"{name} ({config.mode})", unit="episode",
+                   disable=not progress)
         for chunk in chunks:
             members = [episodes[i] for i in chunk]
-            noise = torch.Generator(device=gen.device).manual_seed(config.seed * 1_000_003 + chunk[0])
+            noise = torch.Generator(device=gen.device).manual_seed(
+                config.seed * 1_000_003 + chunk[0]
+            )
             context = encode_prompts([ep.prompt for ep in members]).to(gen.device)
-            after = (encode_prompts([""] * len(members)).to(gen.device) if config.empty_prompt_after_switch
-                     else None)
-            frames = stream_episodes(gen, codec, members, context, config.teacher_forced, noise, after)
+            after = (
+                encode_prompts([""] * len(members)).to(gen.device)
+                if config.empty_prompt_after_switch
+                else None
+            )
+            frames = stream_episodes(gen, codec, members, context, config.teacher_forced, noise,
+                                     after)
             for i, pred in zip(chunk, frames, strict=True):
                 per_episode[i] = score_episode(pred, episodes[i], with_lpips=config.lpips)
                 if i == strip:

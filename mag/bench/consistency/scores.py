@@ -1,5 +1,6 @@
-"""Scores of the consistency benchmark: per-frame PSNR / SSIM / LPIPS against the ground truth and the
-matching history frame, and their means per gap bin, per episode and per row (policy or reference).
+"""Scores of the consistency benchmark: per-frame PSNR / SSIM / LPIPS against the ground truth and
+the matching history frame, and their means per gap bin, per episode and per row (policy or
+reference).
 """
 
 from __future__ import annotations
@@ -64,15 +65,14 @@ class ConsistencyConfig:
     """Knobs of one benchmark run.
 
     Attributes:
-        policies: cache policy names (see :func:`mag.pipelines.policy_from_name`).
-        teacher_forced: predict each block from the true earlier frames instead of the model's own.
-        sampler: how blocks are denoised.
-        batch_size: episodes streamed together at most.
-        seed: noise seed (the same noise for every policy).
-        lpips: compute LPIPS (the slowest metric on CPU); off -> reported as null.
-        empty_prompt_after_switch: generate with the EMPTY prompt after the switch (the history is fed
-            with the real one), so what the model draws can come only from its memory -- the setting of
-            MAG's history loss (docs/design.md, "Generator (MAG stage 2)").
+        policies: cache policy names (see :func:`mag.pipelines.policy_from_name`). teacher_forced:
+        predict each block from the true earlier frames instead of the model's own. sampler: how
+        blocks are denoised. batch_size: episodes streamed together at most. seed: noise seed (the
+        same noise for every policy). lpips: compute LPIPS (the slowest metric on CPU); off ->
+        reported as null. empty_prompt_after_switch: generate with the EMPTY prompt after the switch
+        (the history is fed
+            with the real one), so what the model draws can come only from its memory -- the setting
+            of MAG's history loss (docs/design.md, "Generator (MAG stage 2)").
     """
 
     policies: tuple[str, ...] = ("full", "window", "downsample")
@@ -103,7 +103,8 @@ def _lpips_upsampled(a: Tensor, b: Tensor) -> Tensor:
     return lpips(a, b)
 
 
-def score_pairs(pred: np.ndarray, target: np.ndarray, *, with_lpips: bool = True) -> dict[str, np.ndarray]:
+def score_pairs(pred: np.ndarray, target: np.ndarray, *, with_lpips: bool = True) -> dict[str,
+                                                                                          np.ndarray]:
     """PSNR (capped), SSIM and LPIPS of uint8 frame pairs ``[N, H, W, 3]`` -> float64 ``[N]`` each.
 
     Identical pairs skip LPIPS (it is exactly 0 there).
@@ -127,7 +128,8 @@ def score_pairs(pred: np.ndarray, target: np.ndarray, *, with_lpips: bool = True
 
 def score_episode(pred: np.ndarray, episode: BenchEpisode, *, with_lpips: bool,
                    only_revisited: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """Scores of generated frames ``pred: [num_generate, H, W, 3]`` vs GT and vs the matched history."""
+    """Scores of generated frames ``pred: [num_generate, H, W, 3]`` vs GT and vs the matched
+    history."""
     n, s = episode.num_generate, episode.switch_frame
     revisited = np.flatnonzero(episode.history_match >= 0)
     scored = revisited if only_revisited else np.arange(n)
@@ -151,7 +153,8 @@ def score_episode(pred: np.ndarray, episode: BenchEpisode, *, with_lpips: bool,
 def gap_bin_labels() -> list[str]:
     """Labels of the gap bins: ``"1-6"``, ``"7-12"``, ..., ``">96"``."""
     edges = GAP_BIN_EDGES
-    return [f"{lo + 1}-{hi}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [f">{edges[-1]}"]
+    return [f"{lo + 1}-{hi}" for lo, hi in zip(edges[:-1], edges[1:],
+                                               strict=True)] + [f">{edges[-1]}"]
 
 
 def _gap_bin(gaps: np.ndarray) -> np.ndarray:
@@ -168,8 +171,8 @@ def _mean(values: np.ndarray, mask: np.ndarray) -> float | None:
 def psnr_of_mean_mse(psnr_db: np.ndarray, mask: np.ndarray) -> float | None:
     """PSNR of the mean MSE of the chosen frames (frames on [0, 1], so MSE = 10^(-PSNR/10)).
 
-    Averaging MSE, not dB, lets identical frames count as MSE 0 instead of a cap that would dominate a
-    mean of dB values; the result is capped only when every chosen frame is identical.
+    Averaging MSE, not dB, lets identical frames count as MSE 0 instead of a cap that would dominate
+    a mean of dB values; the result is capped only when every chosen frame is identical.
     """
     chosen = psnr_db[mask & ~np.isnan(psnr_db)]
     if not chosen.size:
@@ -186,7 +189,8 @@ def _category_means(scores: dict[str, np.ndarray], mask: np.ndarray) -> dict[str
 
 def episode_summary(frame_scores: dict[str, dict[str, np.ndarray]], episode: BenchEpisode,
                     within: np.ndarray) -> dict[str, Any]:
-    """Per-episode means: all scored frames, ``within``, ``beyond``, ``unseen`` (vs_gt) and gap bins."""
+    """Per-episode means: all scored frames, ``within``, ``beyond``, ``unseen`` (vs_gt) and gap
+    bins."""
     revisited = episode.history_match >= 0
     bins = _gap_bin(episode.gaps)
     out: dict[str, Any] = {}
@@ -205,7 +209,8 @@ def episode_summary(frame_scores: dict[str, dict[str, np.ndarray]], episode: Ben
 
 
 def _mean_over_episodes(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of per-episode means, over the episodes that have the category (``episodes`` counts them)."""
+    """Mean of per-episode means, over the episodes that have the category (``episodes`` counts
+    them)."""
     out: dict[str, Any] = {}
     for m in METRICS:
         values = [e[m] for e in entries if e[m] is not None]
@@ -215,10 +220,12 @@ def _mean_over_episodes(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize_row(row: RowScores, result: ConsistencyResult) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def summarize_row(row: RowScores, result: ConsistencyResult) -> tuple[dict[str, Any], list[dict[str,
+                                                                                                Any]]]:
     """``(summary over episodes, per-episode summaries)`` of one row (the contract's JSON shape)."""
     per_episode = [episode_summary(scores, ep, within)
-                   for scores, ep, within in zip(row.frames, result.episodes, result.within, strict=True)]
+                   for scores, ep, within in zip(row.frames, result.episodes, result.within,
+                                                 strict=True)]
     summary: dict[str, Any] = {}
     for target in TARGETS:
         entries = [e[target] for e in per_episode]

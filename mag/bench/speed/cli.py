@@ -41,33 +41,42 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated cache policies ({', '.join(AVAILABLE_POLICIES)})")
     parser.add_argument("--frames", type=int, default=48,
                         help="video frames of the measured stream (rounded up to whole blocks)")
-    parser.add_argument("--warmup-blocks", type=int, default=1, help="unmeasured blocks before each stream")
+    parser.add_argument("--warmup-blocks", type=int, default=1, help="unmeasured blocks before "
+                                                                     "each stream")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="measured streams per policy, interleaved across policies; fps is their median")
+                        help="measured streams per policy, interleaved across policies; fps is "
+                             "their median")
     parser.add_argument("--attention", default="auto", choices=tuple(ATTENTION_BACKENDS),
-                        help="pin the SDPA backend (default auto: PyTorch chooses; cudnn and efficient are"
+                        help="pin the SDPA backend (default auto: PyTorch chooses; cudnn and "
+                             "efficient are"
                              " CUDA only)")
     parser.add_argument("--profile-blocks", type=int, default=0,
-                        help="profile one more stream of this many blocks per policy (torch.profiler; top"
+                        help="profile one more stream of this many blocks per policy "
+                             "(torch.profiler; top"
                              " operators in the JSON's 'profile')")
     add_model_flags(parser, model=None, memory_model=None, model_when_none="random weights",
                     memory_when_none="random weights", cuda_dtype="bfloat16")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights (the default when no --model is given)")
     add_runtime_arguments(parser, devices=DEVICES)
-    parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the "
+                                                                "preset's)")
     parser.add_argument("--height", type=int, default=None, help="video height override (pixels)")
     parser.add_argument("--rope-max-positions", type=int, default=None,
-                        help="position-table length of a random-weight model, for streams longer than the"
+                        help="position-table length of a random-weight model, for streams longer "
+                             "than the"
                              " preset's (e.g. 10,000 frames of the tiny preset)")
     parser.add_argument("--width", type=int, default=None, help="video width override (pixels)")
     add_memory_cache_arguments(parser)
-    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                        metavar="MODE",
-                        help="torch.compile each block except its cached attention, in torch.compile mode"
-                             f" MODE ({', '.join(COMPILE_MODES)}; default 'default'; reduce-overhead adds"
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile each block except its cached attention, in "
+                             "torch.compile mode"
+                             f" MODE ({', '.join(COMPILE_MODES)}; default 'default'; "
+                             "reduce-overhead adds"
                              " CUDA graphs); falls back to eager on failure")
-    parser.add_argument("--no-decode", action="store_true", help="do not decode latents (codec not timed)")
+    parser.add_argument("--no-decode", action="store_true", help="do not decode latents (codec "
+                                                                 "not timed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     add_out_argument(parser, "output .json file (the PNG plot is written next to it)")
@@ -111,14 +120,17 @@ def run_speed_cli(args: argparse.Namespace) -> int:
         raise ConfigError("--device cuda but torch sees no CUDA device; run on a GPU machine or use"
                           " --device cpu")
     if args.device == "cpu" and config.attention in CUDA_ONLY_ATTENTION:
-        raise ConfigError(f"--attention {config.attention} runs on CUDA only; on the CPU use auto, flash or"
+        raise ConfigError(f"--attention {config.attention} runs on CUDA only; on the CPU use "
+                          "auto, flash or"
                           " math")
     models = build_models(args.preset, model=args.weights or args.model,
                           memory_model=args.memory_weights or args.memory_model, policies=policies,
                           wan_dir=args.wan_dir,
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
-                          height=args.height, width=args.width, rope_max_positions=args.rope_max_positions,
-                          memory_sink_frames=args.memory_sink_frames, memory_slots=args.memory_slots)
+                          height=args.height, width=args.width,
+                          rope_max_positions=args.rope_max_positions,
+                          memory_sink_frames=args.memory_sink_frames,
+                          memory_slots=args.memory_slots)
     metadata = {
         "benchmark": "speed",
         "command": shlex.join(["mag", *sys.argv[1:]]),

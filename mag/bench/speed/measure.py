@@ -1,6 +1,6 @@
-"""The timed streams of ``mag bench speed``: per policy, a warm-up stream then measured streams whose
-blocks (denoise + cache write + streaming decode) each end with a device synchronise; rounds are
-interleaved across policies. What each report field means: docs/benchmark.md, "Speed benchmark".
+"""The timed streams of ``mag bench speed``: per policy, a warm-up stream then measured streams
+whose blocks (denoise + cache write + streaming decode) each end with a device synchronise; rounds
+are interleaved across policies. What each report field means: docs/benchmark.md, "Speed benchmark".
 """
 
 from __future__ import annotations
@@ -105,9 +105,10 @@ def _ru_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
 
 
-def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: int, *, codec: Any | None,
-                  generator: torch.Generator | None) -> tuple[list[float], int]:
-    """Stream ``num_blocks`` blocks from a fresh stream; ``(per-block wall seconds, video frames made)``.
+def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: int, *,
+                  codec: Any | None, generator: torch.Generator | None) -> tuple[list[float], int]:
+    """Stream ``num_blocks`` blocks from a fresh stream; ``(per-block wall seconds, video frames
+    made)``.
 
     Each block's time covers the denoise, the cache write and (with ``codec``) the streaming decode,
     closed by a device synchronise.
@@ -118,7 +119,8 @@ def stream_blocks(gen: StreamingGenerator, context: torch.Tensor, num_blocks: in
     decoder = codec.stream_decoder() if codec is not None else None
     device = gen.device
     # A camera-anchored model is told where the camera looks: a steady pan of one patch per frame.
-    pan = (torch.arange(num_blocks * block, dtype=torch.float32, device=device)[None] * PAN_PATCHES_PER_FRAME
+    pan = (torch.arange(num_blocks * block, dtype=torch.float32,
+                        device=device)[None] * PAN_PATCHES_PER_FRAME
            if gen.model.cfg.camera_rope else None)
     synchronize(device)
     seconds: list[float] = []
@@ -143,9 +145,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def profile_stream(gen: StreamingGenerator, context: torch.Tensor, num_blocks: int, *, codec: Any | None,
+def profile_stream(gen: StreamingGenerator, context: torch.Tensor, num_blocks: int, *,
+                   codec: Any | None,
                    generator: torch.Generator | None, rows: int = PROFILE_ROWS) -> dict[str, Any]:
-    """Top operators by self time (device time on CUDA, CPU time otherwise) of one profiled stream."""
+    """Top operators by self time (device time on CUDA, CPU time otherwise) of one profiled
+    stream."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = gen.device.type == "cuda"
@@ -160,17 +164,26 @@ def profile_stream(gen: StreamingGenerator, context: torch.Tensor, num_blocks: i
         "blocks": num_blocks,
         "time": "self device time" if cuda else "self CPU time",
         "total_ms": total / US_PER_MS,
-        "ops": [{"op": e.key, "self_ms": getattr(e, field) / US_PER_MS, "share": getattr(e, field) / total,
-                 "calls": e.count} for e in top],
+        "ops": [
+            {
+                "op": e.key,
+                "self_ms": getattr(e, field) / US_PER_MS,
+                "share": getattr(e, field) / total,
+                "calls": e.count,
+            }
+            for e in top
+        ],
     }
 
 
-def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedConfig, device: torch.device,
-               context: torch.Tensor, empty_context: torch.Tensor,
+def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedConfig,
+               device: torch.device, context: torch.Tensor, empty_context: torch.Tensor,
                profile_blocks: int = 0) -> tuple[dict[str, Any], KVCache]:
-    """Warm up, then stream ``config.frames`` video frames under policy ``name``; the policy's report.
+    """Warm up, then stream ``config.frames`` video frames under policy ``name``; the policy's
+    report.
 
-    With ``profile_blocks``, one more stream of that many blocks runs under the profiler (``profile``)."""
+    With ``profile_blocks``, one more stream of that many blocks runs under the profiler
+    (``profile``)."""
     preset = models.preset
     policy = policy_from_name(name, preset)
     writer = writer_for(policy, memory_model=models.memory_model, empty_context=empty_context)
@@ -205,7 +218,8 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
 
 
 def merge_rounds(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """One row per policy from its rounds' rows (see the module docstring), with ``fps_over_window``."""
+    """One row per policy from its rounds' rows (see the module docstring), with
+    ``fps_over_window``."""
     merged: dict[str, dict[str, Any]] = {}
     for name, rows in rounds.items():
         if not rows:
@@ -230,14 +244,15 @@ def merge_rounds(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
     for name, row in merged.items():
         paired = list(zip(rounds[name], window, strict=False))
         if paired:
-            row["fps_over_window"] = statistics.median(mine["fps"] / ref["fps"] for mine, ref in paired)
+            row["fps_over_window"] = statistics.median(mine["fps"] / ref["fps"] for mine,
+                                                       ref in paired)
     return merged
 
 
 def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_path: Path,
               metadata: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Benchmark every policy of ``config`` and write ``json_path`` after each one (a killed run keeps what
-    finished) and the plot next to it at the end. Returns the report."""
+    """Benchmark every policy of ``config`` and write ``json_path`` after each one (a killed run
+    keeps what finished) and the plot next to it at the end. Returns the report."""
     config.validate()
     dev = torch.device(device)
     preset = models.preset
@@ -250,7 +265,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     compile_info: dict[str, Any] = {"requested": config.compile is not None, "used": False}
     compiled: list[CompiledModules] = []
     if config.compile is not None:
-        compiled = [compile_model(m, mode=config.compile) for m in (models.generator, models.memory_model)
+        compiled = [compile_model(m, mode=config.compile) for m in (models.generator,
+                                                                    models.memory_model)
                     if m is not None]
         compile_info.update(used=True, mode=config.compile, scope=compile_scope(config.compile))
     warmup = max(config.warmup_blocks, 1) if config.compile is not None else config.warmup_blocks
@@ -258,7 +274,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     report: dict[str, Any] = {
         **metadata,
         "preset": preset.name,
-        "video": {"height": preset.video.height, "width": preset.video.width, "codec": preset.video.codec,
+        "video": {"height": preset.video.height, "width": preset.video.width,
+                  "codec": preset.video.codec,
                   "decode": config.decode, "latent_shape": [preset.video.latent_channels,
                                                             preset.video.latent_height,
                                                             preset.video.latent_width]},
@@ -273,7 +290,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         "compile": compile_info,
         "attention": config.attention,
         "models": models.source,
-        "text": {"encoder": None, "context": f"fixed random {list(text_shape)} (the text encoder runs once"
+        "text": {"encoder": None, "context": f"fixed random {list(text_shape)} (the text encoder "
+                                             "runs once"
                                              " per prompt, outside the block loop; not timed)"},
         "cache": dataclasses.asdict(preset.cache),
         "policies": {},
@@ -281,17 +299,21 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
     def measure(name: str, profile_blocks: int) -> dict[str, Any]:
         nonlocal compiled
         try:
-            row, cache = run_policy(name, models, codec, config, dev, context, empty_context, profile_blocks)
-        except Exception as err:  # compile errors surface on the first forward: fall back once to eager
+            row, cache = run_policy(name, models, codec, config, dev, context, empty_context,
+                                    profile_blocks)
+        # compile errors surface on the first forward: fall back once to eager
+        except Exception as err:
             if not compiled or isinstance(err, (ConfigError, InputError)):
                 raise
             for c in compiled:
                 c.restore()
             compiled = []
             compile_info.update(used=False, error=f"{type(err).__name__}: {err}"[:2000])
-            print(f"mag: torch.compile failed ({compile_failure(err)}); continuing without compile (recorded"
+            print(f"mag: torch.compile failed ({compile_failure(err)}); continuing without "
+                  "compile (recorded"
                   " in the JSON)", file=sys.stderr, flush=True)
-            row, cache = run_policy(name, models, codec, config, dev, context, empty_context, profile_blocks)
+            row, cache = run_policy(name, models, codec, config, dev, context, empty_context,
+                                    profile_blocks)
         del cache
         return row
 
@@ -301,7 +323,8 @@ def run_speed(models: SpeedModels, config: SpeedConfig, *, device: str, json_pat
         shift = round_index % len(config.policies)
         for name in config.policies[shift:] + config.policies[:shift]:
             if progress:
-                print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_index + 1}/{config.rounds}):"
+                print(f"[{time.strftime('%H:%M:%S')}] {name} (round "
+                      f"{round_index + 1}/{config.rounds}):"
                       f" warmup {warmup} blocks, then {config.frames} video frames",
                       file=sys.stderr, flush=True)
             with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):

@@ -9,8 +9,9 @@ from typing import Any
 from mag.io import files
 
 PLOT_DPI = 120
-# The peak figure of a policy row: device memory on CUDA, resident-set growth on the CPU. Files written
-# before the rename carry ``peak_memory_bytes`` (device on CUDA, resident set on the CPU alike).
+# The peak figure of a policy row: device memory on CUDA, resident-set growth on the CPU. Files
+# written before the rename carry ``peak_memory_bytes`` (device on CUDA, resident set on the CPU
+# alike).
 PEAK_KEYS = ("peak_device_bytes", "peak_rss_bytes", "peak_memory_bytes")
 
 

@@ -38,7 +38,8 @@ TIMESTEP_SCALE = 1000
 # Seeds: the generator, the memory model and the random text context get their own.
 MEMORY_SEED_OFFSET = 1
 TEXT_SEED_OFFSET = 2
-# Presets too large to build on a CPU (1.4B parameters; fp32 would need 5.6 GB and minutes per block).
+# Presets too large to build on a CPU (1.4B parameters; fp32 would need 5.6 GB and minutes per
+# block).
 GPU_ONLY_PRESETS: tuple[str, ...] = ("wan-1.3b",)
 
 
@@ -47,19 +48,22 @@ class SpeedConfig:
     """What to stream and how.
 
     Attributes:
-        policies: cache policy names (:data:`mag.pipelines.AVAILABLE_POLICIES`).
-        frames: video frames of the measured stream (rounded up to whole blocks).
-        warmup_blocks: blocks of a separate, unmeasured stream per policy (allocator, kernels, compile).
-        decode: decode every block through the preset's codec inside the timed region.
-        compile: ``torch.compile`` mode for every transformer block except its cached attention
-            (:func:`compile_model`; one of :data:`~mag.models.compile.COMPILE_MODES`), or None: eager.
+        policies: cache policy names (:data:`mag.pipelines.AVAILABLE_POLICIES`). frames: video
+        frames of the measured stream (rounded up to whole blocks). warmup_blocks: blocks of a
+        separate, unmeasured stream per policy (allocator, kernels, compile). decode: decode every
+        block through the preset's codec inside the timed region. compile: ``torch.compile`` mode
+        for every transformer block except its cached attention
+            (:func:`compile_model`; one of :data:`~mag.models.compile.COMPILE_MODES`), or None:
+            eager.
         rounds: measured streams per policy, interleaved across policies (see the module docstring).
-        attention: SDPA backend for every attention call (:data:`ATTENTION_BACKENDS`; ``auto`` lets PyTorch
+        attention: SDPA backend for every attention call (:data:`ATTENTION_BACKENDS`; ``auto`` lets
+        PyTorch
             choose, e.g. FlashAttention-2 on H100; ``cudnn`` is cuDNN's fused attention, CUDA only).
-        profile_blocks: after the first round's measured stream, profile a stream of this many blocks per
-            policy with ``torch.profiler`` (0: none); its top operators go to the policy's ``profile``.
-        seed: noise seed.
-        kv_horizons: video-frame horizons of the ``kv_bytes`` curve.
+        profile_blocks: after the first round's measured stream, profile a stream of this many
+        blocks per
+            policy with ``torch.profiler`` (0: none); its top operators go to the policy's
+            ``profile``.
+        seed: noise seed. kv_horizons: video-frame horizons of the ``kv_bytes`` curve.
     """
 
     policies: tuple[str, ...] = ("full", "window", "mag")
@@ -81,7 +85,8 @@ class SpeedConfig:
         if len(set(self.policies)) != len(self.policies):
             raise ConfigError(f"--policies names a policy twice: {','.join(self.policies)}")
         if self.frames < 1:
-            raise InputError(f"--frames must be a positive number of video frames, got {self.frames}")
+            raise InputError("--frames must be a positive number of video frames, got "
+                             f"{self.frames}")
         if self.warmup_blocks < 0:
             raise InputError(f"--warmup-blocks must be >= 0, got {self.warmup_blocks}")
         if self.rounds < 1:
@@ -92,7 +97,8 @@ class SpeedConfig:
         if self.profile_blocks < 0:
             raise InputError(f"--profile-blocks must be >= 0, got {self.profile_blocks}")
         if any(h < 1 for h in self.kv_horizons):
-            raise InputError(f"KV horizons must be positive video-frame counts, got {self.kv_horizons}")
+            raise InputError("KV horizons must be positive video-frame counts, got "
+                             f"{self.kv_horizons}")
         return self
 
 
@@ -105,9 +111,9 @@ def speed_preset(base: str | Preset, *, steps: int | None = None, height: int | 
                  memory_sink_frames: int | None = None, memory_slots: int | None = None) -> Preset:
     """Preset ``base`` (a registry name, or a loaded model's preset) with the benchmark's overrides.
 
-    ``steps=k`` spaces the few-step list evenly from 1000 down (k=4 gives Self-Forcing's 1000, 750, 500, 250),
-    before the preset's shift. A loaded model's preset keeps its own overrides (video size, camera RoPE)
-    under the ones given here.
+    ``steps=k`` spaces the few-step list evenly from 1000 down (k=4 gives Self-Forcing's 1000, 750,
+    500, 250), before the preset's shift. A loaded model's preset keeps its own overrides (video
+    size, camera RoPE) under the ones given here.
     """
     overrides: dict[str, Any] = {}
     if steps is not None:
@@ -129,7 +135,8 @@ def speed_preset(base: str | Preset, *, steps: int | None = None, height: int | 
 def latent_frames_for(preset: Preset, video_frames: int) -> int:
     """Latent frames (whole blocks) needed for at least ``video_frames`` video frames.
 
-    A temporal-compression-k codec gives 1 video frame for the first latent frame and k for each later one.
+    A temporal-compression-k codec gives 1 video frame for the first latent frame and k for each
+    later one.
     """
     k = preset.video.temporal_compression
     latent = 1 + math.ceil(max(video_frames - 1, 0) / k)
@@ -148,7 +155,8 @@ def video_frames_for(preset: Preset, latent_frames: int) -> int:
 
 def kv_bytes_curve(policy: CachePolicy, preset: Preset, dtype: torch.dtype,
                    video_horizons: tuple[int, ...] | list[int]) -> list[list[int]]:
-    """``[[video_frames, kv_bytes], ...]`` for a stream of each horizon (rounded up to whole blocks)."""
+    """``[[video_frames, kv_bytes], ...]`` for a stream of each horizon (rounded up to whole
+    blocks)."""
     latent = [latent_frames_for(preset, h) for h in video_horizons]
     sizes = retained_bytes(policy, preset, dtype, latent)
     return [[int(h), n] for h, n in zip(video_horizons, sizes, strict=True)]
@@ -160,7 +168,8 @@ def kv_bytes_curve(policy: CachePolicy, preset: Preset, dtype: torch.dtype,
 
 @dataclass
 class SpeedModels:
-    """The generator, the memory model (None unless a memory policy is asked for) and where they came from."""
+    """The generator, the memory model (None unless a memory policy is asked for) and where they
+    came from."""
 
     generator: WanDiT
     memory_model: WanDiT | None
@@ -169,9 +178,10 @@ class SpeedModels:
     wan_dir: str | None = None  # the Wan2.1 folder whose VAE decodes (else a random VAE)
 
 
-def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype, seed: int) -> WanDiT:
-    """A random-weights generator built on the meta device and materialised on ``device`` (never on the CPU
-    first, so a 1.4B model costs no host memory), in ``dtype`` and eval mode."""
+def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype,
+                 seed: int) -> WanDiT:
+    """A random-weights generator built on the meta device and materialised on ``device`` (never on
+    the CPU first, so a 1.4B model costs no host memory), in ``dtype`` and eval mode."""
     with torch.device("meta"):
         model = WanDiT(preset.dit)
     model.to_empty(device=device)
@@ -187,25 +197,27 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
                  memory_slots: int | None = None, wan_dir: str | None = None) -> SpeedModels:
     """Load ``--model`` / ``--memory-model`` or build random models of ``preset_name``.
 
-    A memory policy with no ``--memory-model`` gets a random memory model of the generator's config (its cost
-    is the same as a trained one's).
+    A memory policy with no ``--memory-model`` gets a random memory model of the generator's config
+    (its cost is the same as a trained one's).
     """
 
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
     if model is None:
         preset = speed_preset(preset_name or "tiny", steps=steps, height=height, width=width,
-                              rope_max_positions=rope_max_positions, memory_sink_frames=memory_sink_frames,
-                              memory_slots=memory_slots)
+                              rope_max_positions=rope_max_positions,
+                              memory_sink_frames=memory_sink_frames, memory_slots=memory_slots)
         _check_device(preset, device)
         generator = random_model(preset, device, dtype, seed)
     else:
         if rope_max_positions is not None:
-            raise ConfigError("--rope-max-positions sizes the position table of random-weight models only;"
+            raise ConfigError("--rope-max-positions sizes the position table of random-weight "
+                              "models only;"
                               " a trained model keeps the table it was trained with")
         loaded = load_any_dit(model, wan_dir=wan_dir, device=device)  # any format (mag.weights)
         generator, preset, meta = loaded.model, loaded.preset, loaded.meta
         if preset_name is not None and preset_name != preset.name:
-            raise ConfigError(f"--preset {preset_name} does not match the model's preset {preset.name!r};"
+            raise ConfigError(f"--preset {preset_name} does not match the model's preset "
+                              f"{preset.name!r};"
                               " drop --preset (the model defines it)")
         preset = speed_preset(preset, steps=steps, height=height, width=width,
                               memory_sink_frames=memory_sink_frames, memory_slots=memory_slots)
@@ -219,10 +231,13 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
         else:
             loaded = load_any_dit(memory_model, stages=("memory",), wan_dir=wan_dir, device=device)
             memory, memory_preset, meta = loaded.model, loaded.preset, loaded.meta
-            # The speed run may override the generator's video size, so only the network and block must agree.
-            mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit", "cache.frames_per_block"))
+            # The speed run may override the generator's video size, so only the network and block
+            # must agree.
+            mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit",
+                                                                            "cache.frames_per_block"))
             if mismatch is not None:
-                raise ConfigError(f"--memory-model {memory_model} does not match the generator in {mismatch};"
+                raise ConfigError(f"--memory-model {memory_model} does not match the generator in "
+                                  f"{mismatch};"
                                   " give the memory model trained for this generator")
             memory = memory.to(dtype).requires_grad_(False)
             source["memory_model"] = {"model": memory_model, "name": meta.get("name")}
@@ -233,17 +248,19 @@ def _check_device(preset: Preset, device: str) -> None:
     if device not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device; run on a GPU machine or use --device"
+        raise ConfigError("--device cuda but torch sees no CUDA device; run on a GPU machine or "
+                          "use --device"
                           " cpu with --preset tiny")
     if device == "cpu" and preset.name in GPU_ONLY_PRESETS:
-        raise ConfigError(f"preset {preset.name!r} (1.4B parameters) is benchmarked on a GPU only; use"
+        raise ConfigError(f"preset {preset.name!r} (1.4B parameters) is benchmarked on a GPU "
+                          "only; use"
                           " --device cuda, or --preset tiny on the CPU")
 
 
 def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int,
                 wan_dir: str | None = None) -> Any:
-    """The preset's codec for decoding in the loop: ``pixel`` as is, ``wan-vae`` from ``wan_dir`` (the
-    Wan2.1 folder) or with random weights (the same cost)."""
+    """The preset's codec for decoding in the loop: ``pixel`` as is, ``wan-vae`` from ``wan_dir``
+    (the Wan2.1 folder) or with random weights (the same cost)."""
 
     if preset.video.codec == "pixel":
         return get_codec_for(preset.video)
@@ -252,6 +269,7 @@ def build_codec(preset: Preset, device: torch.device, dtype: torch.dtype, seed: 
     try:
         import diffusers  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"decoding through the wan-vae codec needs diffusers, which does not import here"
+        raise ConfigError("decoding through the wan-vae codec needs diffusers, which does not "
+                          "import here"
                           f" ({err}); pass --no-decode to time generation alone") from err
     return get_codec_for(preset.video, config={}, seed=seed).to(device=device, dtype=dtype)

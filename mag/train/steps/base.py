@@ -1,12 +1,14 @@
-"""What every training step runner shares: keyed random draws, model building, the prompt cache and the
-:class:`StepContext`.
+"""What every training step runner shares: keyed random draws, model building, the prompt cache and
+the :class:`StepContext`.
 
 Every random draw comes from a generator keyed by ``(seed, step, micro, index, role)``
-(:func:`draw_generator`), so resuming is exact and data-parallel ranks draw the single-process batch.
+(:func:`draw_generator`), so resuming is exact and data-parallel ranks draw the single-process
+batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,8 +39,8 @@ ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batc
 
 
 def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
-    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so resuming,
-    or splitting the batch across data-parallel ranks, reproduces them exactly."""
+    """The CPU generator of one sample of one micro-batch: draws depend on nothing else, so
+    resuming, or splitting the batch across data-parallel ranks, reproduces them exactly."""
     state = np.random.SeedSequence([seed, step, micro, index]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
 
@@ -47,13 +49,15 @@ def draw_generator(seed: int, step: int, micro: int, index: int, role: int) -> t
     """Like :func:`sample_generator`, one independent stream per ``role`` (``ROLE_*``)."""
     if role == ROLE_SAMPLE:
         return sample_generator(seed, step, micro, index)
-    state = np.random.SeedSequence([seed, step, micro, index, role]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence([seed, step, micro, index, role]).generate_state(1,
+                                                                                    dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)
 
 
 def build_model(recipe: Recipe, device: torch.device | str = "cpu", *, init: bool = True) -> WanDiT:
-    """Build on the meta device, materialise on ``device``, initialise from the recipe seed, then load
-    ``init.model`` when the recipe names one and ``init`` (a resumed run takes the checkpoint's)."""
+    """Build on the meta device, materialise on ``device``, initialise from the recipe seed, then
+    load ``init.model`` when the recipe names one and ``init`` (a resumed run takes the
+    checkpoint's)."""
     preset = recipe.build_preset()
     with torch.device("meta"):
         model = WanDiT(preset.dit)
@@ -71,7 +75,8 @@ def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
     source = load_network(name_or_path, preset.dit)
     if source.cfg != preset.dit:
         differences = config_differences(preset.dit, source.cfg)
-        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit config differs"
+        raise CheckpointError(f"init.model {name_or_path!r} is a different network: its dit "
+                              "config differs"
                               f" from the recipe's ({differences}; recipe vs file)")
     with torch.no_grad():
         model.load_state_dict(source.state_dict())
@@ -79,7 +84,8 @@ def load_init_weights(model: WanDiT, name_or_path: str, preset: Preset) -> None:
 
 @dataclass
 class StepContext:
-    """What every stage reads: the recipe, its preset and schedule, the data and text, the device."""
+    """What every stage reads: the recipe, its preset and schedule, the data and text, the
+    device."""
 
     recipe: Recipe
     preset: Preset
@@ -90,14 +96,16 @@ class StepContext:
     device: torch.device
 
     def width_offsets(self, camera_px: Tensor) -> Tensor | None:
-        """Camera track ``[B, F]`` in pixels -> width positions in patches (camera-anchored presets only)."""
+        """Camera track ``[B, F]`` in pixels -> width positions in patches (camera-anchored presets
+        only)."""
         if not self.preset.dit.camera_rope:
             return None
         return (camera_px / self.preset.dit.patch_size[2]).to(self.device)
 
     def categories(self, offsets: Tensor) -> Tensor:
-        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B, F]``
-        (all ``new`` where they are not the world's pixel columns: latent shards, VAE latents)."""
+        """Recall-signal categories ``[B, F, W]`` of the frames of clips with camera ``offsets: [B,
+        F]`` (all ``new`` where they are not the world's pixel columns: latent shards, VAE
+        latents)."""
         if not isinstance(self.data, WorldClipSource) or self.preset.video.spatial_compression != 1:
             return torch.zeros(*offsets.shape, self.preset.video.latent_width, dtype=torch.long,
                                device=self.device)
@@ -105,3 +113,14 @@ class StepContext:
         return view_categories(offsets, world.frame_width, world.pano_width,
                                self.preset.cache.frames_per_block,
                                self.recipe.objective.recall_window_frames).to(self.device)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, bytes), in name order:
+    names the exact weights a run used, whatever file or registry name they came from."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,5 +1,6 @@
 """Supervised step runners, one loss per micro-batch: ``teacher_fm`` / ``causal_fm`` flow matching
-(:class:`FlowMatchingStep`) and ``ode`` regression onto the teacher's trajectories (:class:`ODEStep`).
+(:class:`FlowMatchingStep`) and ``ode`` regression onto the teacher's trajectories
+(:class:`ODEStep`).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class FlowMatchingStep:
         self.ctx = ctx
         self.causal = ctx.recipe.objective.kind == "causal_fm"
         data = ctx.recipe.data
-        self.tokens_per_sample = data.clip_frames * ctx.preset.tokens_per_frame * (2 if self.causal else 1)
+        self.tokens_per_sample = (
+            data.clip_frames * ctx.preset.tokens_per_frame * (2 if self.causal else 1)
+        )
 
-    def _draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int, ...]) -> SampleDraws:
+    def _draws(self, step: int, micro: int, indices: range, clip_shape: tuple[int,
+                                                                              ...]) -> SampleDraws:
         ctx = self.ctx
-        per_sample_t = (1, clip_shape[0] // ctx.preset.cache.frames_per_block) if self.causal else (1,)
+        per_sample_t = (1,
+                        clip_shape[0] // ctx.preset.cache.frames_per_block) if self.causal else (1,)
         noise, timestep, drop = [], [], []
         for i in indices:
             gen = sample_generator(ctx.recipe.loop.seed, step, micro, i)
@@ -53,8 +58,10 @@ class FlowMatchingStep:
             noise.append(torch.randn(clip_shape, generator=gen))
         return SampleDraws(torch.stack(noise), torch.cat(timestep), torch.cat(drop))
 
-    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
-        """The loss of this rank's samples of one micro-batch, and their recall categories ``[B, F, W]``."""
+    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput,
+                                                                                     Tensor]:
+        """The loss of this rank's samples of one micro-batch, and their recall categories ``[B, F,
+        W]``."""
         ctx = self.ctx
         batch = ctx.data.batch(step, micro, indices)
         draws = self._draws(step, micro, indices, tuple(batch.video.shape[1:]))
@@ -65,9 +72,11 @@ class FlowMatchingStep:
         offsets = ctx.width_offsets(batch.camera_px)
         if self.causal:
             out = causal_flow_matching_loss(model, ctx.scheduler, video, context,
-                                            ctx.preset.cache.frames_per_block, noise, timestep, offsets)
+                                            ctx.preset.cache.frames_per_block, noise, timestep,
+                                            offsets)
         else:
-            out = teacher_flow_matching_loss(model, ctx.scheduler, video, context, noise, timestep, offsets)
+            out = teacher_flow_matching_loss(model, ctx.scheduler, video, context, noise, timestep,
+                                             offsets)
         return out, ctx.categories(batch.offsets)
 
 
@@ -84,19 +93,26 @@ class ODEStep:
         frames = self.pairs.x0.shape[1]
         fpb = ctx.preset.cache.frames_per_block
         expected = ctx.scheduler.few_step_timesteps()
-        if self.pairs.timesteps.shape != expected.shape or not torch.allclose(self.pairs.timesteps, expected):
-            raise ConfigError(f"{ctx.recipe.ode.pairs} holds levels {self.pairs.timesteps.tolist()}, but the"
-                              f" recipe's scheduler steps through {expected.tolist()}; regenerate the pairs")
+        if self.pairs.timesteps.shape != expected.shape or not torch.allclose(self.pairs.timesteps,
+                                                                              expected):
+            raise ConfigError(f"{ctx.recipe.ode.pairs} holds levels "
+                              f"{self.pairs.timesteps.tolist()}, but the"
+                              f" recipe's scheduler steps through {expected.tolist()}; regenerate "
+                              "the pairs")
         if frames % fpb:
-            raise ConfigError(f"{ctx.recipe.ode.pairs} holds {frames}-frame clips, not a multiple of the"
+            raise ConfigError(f"{ctx.recipe.ode.pairs} holds {frames}-frame clips, not a multiple "
+                              "of the"
                               f" block size {fpb}")
         if ctx.preset.dit.camera_rope and self.pairs.camera_px is None:
-            raise ConfigError(f"{ctx.recipe.ode.pairs} has no camera tracks, which the camera-anchored"
-                              " preset (dit.camera_rope) needs; regenerate it with a camera-anchored teacher")
+            raise ConfigError(f"{ctx.recipe.ode.pairs} has no camera tracks, which the "
+                              "camera-anchored"
+                              " preset (dit.camera_rope) needs; regenerate it with a "
+                              "camera-anchored teacher")
         self.num_blocks = frames // fpb
         self.tokens_per_sample = 2 * frames * ctx.preset.tokens_per_frame
 
-    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput, Tensor]:
+    def loss(self, model: nn.Module, step: int, micro: int, indices: range) -> tuple[LossOutput,
+                                                                                     Tensor]:
         ctx, pairs = self.ctx, self.pairs
         levels = pairs.timesteps.shape[0]
         clip, level = [], []
@@ -107,6 +123,8 @@ class ODEStep:
         chosen = torch.cat(clip)
         camera = None if pairs.camera_px is None else ctx.width_offsets(pairs.camera_px[chosen])
         out = ode_regression_loss(model, ctx.scheduler, pairs.trajectory[chosen].to(ctx.device),
-                                  pairs.x0[chosen].to(ctx.device), pairs.context[chosen].to(ctx.device),
-                                  ctx.preset.cache.frames_per_block, torch.cat(level).to(ctx.device), camera)
+                                  pairs.x0[chosen].to(ctx.device),
+                                  pairs.context[chosen].to(ctx.device),
+                                  ctx.preset.cache.frames_per_block,
+                                  torch.cat(level).to(ctx.device), camera)
         return out, ctx.categories(pairs.offsets[chosen])
