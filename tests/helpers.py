@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -158,3 +159,15 @@ def torchrun_train(recipe: Path, out: Path, *extra: str) -> None:
         if done.returncode == 0 or "address already in use" not in output.lower():
             break
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{output}"
+
+
+def folder_tree(folder: Path) -> dict[str, bytes | str]:
+    """Every path under ``folder`` with its bytes (regular files) or its mode string (the rest),
+    so a test can assert that nothing on disk changed, not even a link, FIFO or device node."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        mode = path.lstat().st_mode
+        out[str(path.relative_to(folder))] = (
+            path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
+        )
+    return out

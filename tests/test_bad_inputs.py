@@ -7,11 +7,10 @@ One table: each row is a command line (``{t}`` a scratch folder holding a finish
 from __future__ import annotations
 
 import shlex
-import stat
 from pathlib import Path
 
 import pytest
-from helpers import recipe_dict
+from helpers import folder_tree, recipe_dict
 
 from mag.checkpoint import latest_checkpoint
 from mag.cli import main
@@ -98,16 +97,6 @@ CASES: list[tuple[str, str]] = [
 ]
 
 
-def _tree(folder: Path) -> dict[str, bytes | str]:
-    out: dict[str, bytes | str] = {}
-    for path in sorted(folder.rglob("*")):
-        mode = path.lstat().st_mode
-        out[str(path.relative_to(folder))] = (
-            path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
-        )
-    return out
-
-
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     """A finished 2-step run and the recipe files the table names."""
@@ -124,7 +113,7 @@ def scratch(tmp_path_factory) -> Path:
 def test_a_bad_value_is_one_line_exit_2_and_nothing_changes(scratch, command, expected, capsys):
     ck = latest_checkpoint(scratch / "run" / "checkpoints")
     argv = [arg.format(t=scratch, ck=ck, run=scratch / "run") for arg in shlex.split(command)]
-    before = _tree(scratch)
+    before = folder_tree(scratch)
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -133,4 +122,4 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_changes(scratch, command, ex
     lines = out.err.strip().splitlines()
     assert code == 2, out.err
     assert len(lines) == 1 and expected in lines[0], lines
-    assert _tree(scratch) == before
+    assert folder_tree(scratch) == before

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import recipe_dict
+from helpers import folder_tree, recipe_dict
 
 from mag.checkpoint import latest_checkpoint
 from mag.cli import main
@@ -18,17 +18,6 @@ from mag.io.files import atomic_path, check_output, write_json, write_text
 from mag.io.lock import RunFolderBusy, RunLock
 from mag.train.recipe import recipe_from_dict
 from mag.train.trainer import Trainer
-
-
-def _tree(folder) -> dict[str, bytes | str]:
-    """Every entry under ``folder``: file contents, or the kind of a non-regular entry."""
-    out: dict[str, bytes | str] = {}
-    for path in sorted(folder.rglob("*")):
-        mode = path.lstat().st_mode
-        out[str(path.relative_to(folder))] = (
-            path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
-        )
-    return out
 
 
 def test_a_symlink_a_fifo_and_a_device_node_are_refused_not_replaced(tmp_path):
@@ -71,11 +60,11 @@ def test_the_suffix_must_match_the_format_and_the_input_is_never_the_output(tmp_
 
 def test_world_preview_refuses_a_wrong_suffix_before_rendering(tmp_path, capsys):
     """``-o x.avi`` used to get mp4 data under that name; now one line, exit 2, nothing written."""
-    before = _tree(tmp_path)
+    before = folder_tree(tmp_path)
     assert main(["world", "preview", "--frames", "4", "-o", str(tmp_path / "x.avi")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ".mp4" in err[0]
-    assert _tree(tmp_path) == before
+    assert folder_tree(tmp_path) == before
 
 
 def test_generate_refuses_an_unwritable_output_before_loading_any_model(tmp_path, capsys,
@@ -95,12 +84,12 @@ def test_generate_refuses_an_unwritable_output_before_loading_any_model(tmp_path
 def test_export_onto_its_own_checkpoint_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
     Trainer(recipe_from_dict(recipe_dict("causal_fm")), tmp_path / "run", progress=False).run()
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    before = _tree(tmp_path)
+    before = folder_tree(tmp_path)
     assert main(["export", str(ckpt), "-o", str(ckpt), "--name", "t", "--stage", "causal"]) == 2
     assert "is the input" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), "-o", str(ckpt), "--name", "t", "--stage",
                  "causal"]) == 2
-    assert _tree(tmp_path) == before
+    assert folder_tree(tmp_path) == before
 
 
 def test_export_refuses_a_memory_label_on_a_generator_checkpoint(tmp_path, capsys):
