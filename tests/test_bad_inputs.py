@@ -29,8 +29,8 @@ CASES: list[tuple[str, str]] = [
     ("world preview --index -1 -o {t}/p.mp4", "index"),
     ("world preview --split nope -o {t}/p.mp4", "--split"),
     ("world preview -o {t}/p.avi", ".mp4"),
-    ("world show --every 0 --png {t}/s.png", "--every"),
-    ("world show --png {t}/s.jpg", ".png"),
+    ("world show --every 0 -o {t}/s.png", "--every"),
+    ("world show -o {t}/s.jpg", ".png"),
     # train
     ("train --recipe {t}/missing.toml -o {t}/r", "recipe not found"),
     ("train --recipe {t}/nan.toml -o {t}/r", "optim.lr must be a finite number"),

@@ -100,7 +100,7 @@ def test_cli_world_preview_writes_the_episode(tmp_path, capsys):
 
 def test_cli_world_show_writes_a_png_and_errors_are_one_line(tmp_path, capsys):
     png = tmp_path / "strip.png"
-    assert main(["world", "show", "--index", "0", "--theme", "snowy-forest", "--png",
+    assert main(["world", "show", "--index", "0", "--theme", "snowy-forest", "-o",
                  str(png)]) == 0
     assert Image.open(png).format == "PNG"
     blocker = tmp_path / "f"

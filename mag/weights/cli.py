@@ -17,6 +17,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 
 from mag.errors import CheckpointError, InputError
+from mag.io.cli import add_out_argument
 from mag.io.paths import check_output_file
 from mag.weights.model import BASE_PRESET, preset_for, write_model_file
 from mag.weights.sources import WeightSource, detect_source, read_external_dit
@@ -111,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "(safetensors with"
                                          " its preset and stage as metadata).")
     convert.add_argument("source", help="weights folder or file")
-    convert.add_argument("-o", "--out", required=True, help="output .safetensors")
+    add_out_argument(convert, "output .safetensors")
     convert.add_argument("--stage", required=True, choices=CONVERT_STAGES,
                          help="what the weights are (a memory model and a generator share one "
                               "architecture)")

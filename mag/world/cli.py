@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="keep one frame in this many (default %(default)s)")
     show.add_argument("--scale", type=int, default=DEFAULT_SHOW_SCALE, help="upscale (default "
                                                                             "%(default)s)")
-    show.add_argument("--png", required=True, type=Path, help="PNG file to write")
+    add_out_argument(show, "PNG file to write")
     show.set_defaults(func=_show)
 
 
@@ -115,7 +115,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    check_output(args.png, suffixes=PNG_SUFFIXES)  # before the episode is rendered
+    check_output(args.out, suffixes=PNG_SUFFIXES)  # before the episode is rendered
     episode = _episode(args)
     if args.every <= 0:
         raise InputError(f"--every must be positive, got {args.every}")
@@ -131,6 +131,6 @@ def _show(args: argparse.Namespace) -> int:
     if future:
         rows.append(episode.frames[future])
         labels.append(f"after the switch, frames {future[0]}..{future[-1]} every {args.every}")
-    path = write_png_strip(args.png, rows, labels, scale=args.scale)
+    path = write_png_strip(args.out, rows, labels, scale=args.scale)
     print(f"wrote {path}")
     return 0
