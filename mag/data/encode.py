@@ -19,7 +19,14 @@ from safetensors.torch import safe_open
 from tqdm.auto import tqdm
 
 from mag.codecs import Codec, frames_to_tensor, get_codec
-from mag.data.shards import INDEX_FILE, read_index, shard_name, write_index, write_shard
+from mag.data.shards import (
+    INDEX_FILE,
+    read_index,
+    shard_name,
+    write_empty_context,
+    write_index,
+    write_shard,
+)
 from mag.errors import InputError
 from mag.io.cli import add_out_argument, add_runtime_arguments, set_threads
 from mag.io.video import read_mp4
@@ -90,6 +97,8 @@ def encode_videos(videos_dir: str | Path, captions_csv: str | Path, out: str | P
                              "differ); choose"
                              " another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    if text is not None:  # the empty prompt (CFG, history loss): stored once, read by training
+        info["empty_context"] = write_empty_context(out, text.encode([""]).float().cpu())
     counts: list[int] = []
     bar = tqdm(total=len(clips), desc="encode", unit="clip", disable=not progress)
     for k in range(math.ceil(len(clips) / shard_size)):

@@ -3,13 +3,14 @@ reads them.
 
 A shard folder holds ``index.json`` and ``shard_XXXXX.safetensors`` files, each with ``latents``
 ``[n, F, C, h, w]``, optionally ``context`` ``[n, L, D]`` (text-encoder states), and the clips'
-prompts and source files as metadata. Shard ``k`` holds rows ``[k * shard_size, (k + 1) *
-shard_size)`` of the captions file, so a writer resumes by skipping complete shards (each is written
-to ``*.tmp`` and renamed). The loader reads one row at a time (safetensors slices, no whole-shard
-load) in an order that is a pure function of ``(seed, step, micro, index)``: global sample ``n`` of
-the run is row ``perm_e[n mod N]`` of epoch ``e = n div N``, so every clip is seen once per epoch,
-ranks take disjoint slices of each global batch, and a resumed run reads exactly what the
-uninterrupted one would.
+prompts and source files as metadata; with contexts, ``empty_context.safetensors`` (named by the
+index) holds the empty prompt's ``[1, L, D]``, so training needs no text encoder. Shard ``k`` holds
+rows ``[k * shard_size, (k + 1) * shard_size)`` of the captions file, so a writer resumes by
+skipping complete shards (each is written to ``*.tmp`` and renamed). The loader reads one row at a
+time (safetensors slices, no whole-shard load) in an order that is a pure function of ``(seed, step,
+micro, index)``: global sample ``n`` of the run is row ``perm_e[n mod N]`` of epoch ``e = n div N``,
+so every clip is seen once per epoch, ranks take disjoint slices of each global batch, and a resumed
+run reads exactly what the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mag.errors import InputError
 SHARDS_FORMAT = "mag-latent-shards-v1"
 INDEX_FILE = "index.json"
 LATENTS, CONTEXT = "latents", "context"
+EMPTY_FILE = "empty_context.safetensors"
 
 
 def shard_name(k: int) -> str:
@@ -60,6 +62,15 @@ def write_shard(folder: Path, k: int, latents: Tensor, prompts: list[str], sourc
                                            "sources": json.dumps(sources)})
     os.replace(tmp, final)
     return final
+
+
+def write_empty_context(folder: Path, context: Tensor) -> str:
+    """Store the empty prompt's states ``[1, L, D]`` (atomically); returns the file's name."""
+    final = folder / EMPTY_FILE
+    tmp = final.with_name(final.name + ".tmp")
+    save_file({CONTEXT: context.contiguous()}, str(tmp))
+    os.replace(tmp, final)
+    return EMPTY_FILE
 
 
 def write_index(folder: Path, counts: list[int], info: dict[str, Any]) -> None:
@@ -109,8 +120,27 @@ class LatentShardSource:
                              "data.clip_frames"
                              f" = {clip_frames}")
         self.clip_frames, self.seed = clip_frames, seed
+        self.text_encoder = str(index.get("text_encoder", "none"))
+        empty = index.get("empty_context")
+        self.empty_file = self.folder / empty if empty else None
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self._orders: dict[int, Tensor] = {}
+
+    @property
+    def has_context(self) -> bool:
+        """Whether the shards carry text-encoder states (and the empty prompt's)."""
+        return self.text_encoder != "none" and self.empty_file is not None
+
+    def empty_context(self) -> Tensor:
+        """The stored empty prompt's states ``[1, L, D]`` (float32)."""
+        if self.empty_file is None:
+            raise InputError(f"{self.folder} stores no empty-prompt context (encode it again with "
+                             "--text-encoder)")
+        try:
+            with safe_open(str(self.empty_file), framework="pt") as f:
+                return f.get_tensor(CONTEXT).float()
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"cannot read {self.empty_file}: {err}") from err
 
     def _permutation(self, epoch: int) -> Tensor:
         """The row order of ``epoch`` (the last two are kept: a batch may straddle an epoch

@@ -1,4 +1,5 @@
-"""Training batches from the panorama world: infinite procedural clips, reproducible per step.
+"""Training batches from the panorama world: infinite procedural clips, reproducible per step;
+the recipe's data source and where its text states come from (an encoder, or the shards).
 
 Every batch is a pure function of ``(seed, step, micro_batch)``: nothing about the data stream needs
 to be checkpointed, and a resumed run sees exactly the clips the uninterrupted run would have seen.
@@ -6,6 +7,7 @@ to be checkpointed, and a resumed run sees exactly the clips the uninterrupted r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,8 @@ from mag.codecs.base import frames_to_tensor
 from mag.config import Preset
 from mag.data import PromptFileSource
 from mag.data.shards import LatentShardSource
+from mag.errors import ConfigError
+from mag.text import PROMPT_TABLE_ENV, PromptEmbeddingCache, prompt_cache
 from mag.train.recipe import DataConfig, LoopConfig
 from mag.world import WorldConfig, camera_track, get_world_config, sample_clip
 
@@ -77,3 +81,28 @@ def clip_source(preset: Preset, data: DataConfig, loop: LoopConfig) -> ClipSourc
         return LatentShardSource(data.shards, data.clip_frames, loop.seed,
                                  loop.batch_size // loop.grad_accum, loop.grad_accum)
     return WorldClipSource(preset, data, loop.seed)
+
+
+def text_inputs(preset: Preset, data: DataConfig,
+                source: ClipSource) -> tuple[PromptEmbeddingCache | None, Tensor]:
+    """The prompt cache (``None`` where the shards carry the text states: no encoder is built) and
+    the empty prompt's states ``[1, L, text_dim]`` (stored by ``mag data encode``, or encoded)."""
+    if isinstance(source, LatentShardSource) and source.has_context:
+        if source.text_encoder != preset.text_encoder:
+            raise ConfigError(f"{source.folder} holds {source.text_encoder} text states; the "
+                              f"preset's text encoder is {preset.text_encoder}")
+        return None, source.empty_context()
+    check_text_encoder(preset, data)
+    text = prompt_cache(preset.text_encoder, data.text_mode, data.text_encoder_path)
+    return text, text.get([""])
+
+
+def check_text_encoder(preset: Preset, data: DataConfig) -> None:
+    """Refuse, before anything is allocated, a UMT5 run with neither stored text nor weights."""
+    if preset.text_encoder != "umt5" or data.text_encoder_path or os.environ.get(PROMPT_TABLE_ENV):
+        return
+    if data.source == "shards":
+        raise ConfigError(f"{data.shards} carries no text states and data.text_encoder_path is "
+                          "empty: run `mag data encode --text-encoder umt5` or set the path")
+    raise ConfigError("data.text_encoder_path is empty: the umt5 text encoder needs its weights "
+                      "(a Wan2.1 folder or its UMT5 file)")

@@ -35,7 +35,7 @@ from mag.io.files import write_json
 from mag.io.lock import RunLock
 from mag.schedulers import FlowMatchScheduler
 from mag.text import prompt_cache
-from mag.train.data import clip_source
+from mag.train.data import clip_source, text_inputs
 from mag.train.dcp import Trained, check_memory_record, load_dcp, save_dcp
 from mag.train.distributed import (
     DistributedContext,
@@ -168,6 +168,11 @@ class Trainer:
                 " continue that run or choose another output directory"
             )
         resume_state: TrainingState | Path | None = self._load_resume_state() if resume else None
+        # Data and text first: a run that cannot get text states fails before any model exists.
+        # Shards that carry text states stand in for the encoder (none is built).
+        self.data = clip_source(self.preset, recipe.data, recipe.loop)
+        self.text, empty = text_inputs(self.preset, recipe.data, self.data)
+        self.empty_context = empty.to(self.device)
 
         # Every rank builds the full model from the recipe seed (or init.model), then shards it: all
         # start from the single-process weights. The EMA shadow is built after sharding, so it is
@@ -187,10 +192,6 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in train steps, summed over all sittings
 
-        self.data = clip_source(self.preset, recipe.data, recipe.loop)
-        self.text = prompt_cache(self.preset.text_encoder, recipe.data.text_mode,
-                                 recipe.data.text_encoder_path)
-        self.empty_context = self.text.get([""]).to(self.device)
         ctx = StepContext(recipe, self.preset, self.scheduler, self.data, self.text,
                           self.empty_context,
                            self.device)

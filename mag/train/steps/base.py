@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from mag.config import Preset, config_differences
-from mag.errors import CheckpointError
+from mag.data.shards import LatentBatch
+from mag.errors import CheckpointError, InputError
 from mag.models import WanDiT
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache
-from mag.train.data import ClipSource, WorldClipSource
+from mag.train.data import ClipBatch, ClipSource, WorldClipSource
 from mag.train.networks import load_network
 from mag.train.recall import view_categories
 from mag.train.recipe import Recipe
@@ -91,9 +92,19 @@ class StepContext:
     preset: Preset
     scheduler: FlowMatchScheduler
     data: ClipSource
-    text: PromptEmbeddingCache
+    text: PromptEmbeddingCache | None  # None: the shards carry the text states
     empty_context: Tensor
     device: torch.device
+
+    def context(self, batch: ClipBatch | LatentBatch) -> Tensor:
+        """Text states ``[B, L, text_dim]`` of a batch on the device: the stored ones of latent
+        shards that carry them, else its prompts through the encoder."""
+        stored = getattr(batch, "context", None)
+        if stored is not None:
+            return stored.to(self.device)
+        if self.text is None:
+            raise InputError("a batch without stored text states, and no text encoder was built")
+        return self.text.get(batch.prompts).to(self.device)
 
     def width_offsets(self, camera_px: Tensor) -> Tensor | None:
         """Camera track ``[B, F]`` in pixels -> width positions in patches (camera-anchored presets

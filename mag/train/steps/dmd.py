@@ -239,7 +239,7 @@ class DMDStep:
     def _clips(self, step: int, micro: int, indices: range) -> _Clips:
         ctx = self.ctx
         batch = ctx.data.batch(step, micro, indices)
-        context = ctx.text.get(batch.prompts).to(ctx.device)
+        context = ctx.context(batch)
         camera = batch.camera_px[:, :self.num_frames]
         offsets = (
             (camera / ctx.preset.dit.patch_size[2]).to(ctx.device) if self.camera_anchored else None

@@ -66,7 +66,7 @@ class FlowMatchingStep:
         batch = ctx.data.batch(step, micro, indices)
         draws = self._draws(step, micro, indices, tuple(batch.video.shape[1:]))
         video, noise = batch.video.to(ctx.device), draws.noise.to(ctx.device)
-        context = apply_cfg_dropout(ctx.text.get(batch.prompts).to(ctx.device), ctx.empty_context,
+        context = apply_cfg_dropout(ctx.context(batch), ctx.empty_context,
                                     draws.drop_text.to(ctx.device))
         timestep = draws.timestep.to(ctx.device)
         offsets = ctx.width_offsets(batch.camera_px)
