@@ -23,6 +23,7 @@ from mag.cli import main
 from mag.codecs import WanVAECodec
 from mag.data.encode import encode_videos
 from mag.data.shards import CONTEXT, EMPTY_FILE, LatentShardSource, read_index, shard_name
+from mag.errors import ConfigError
 from mag.io.video import write_mp4
 from mag.text import UMT5Encoder, minilm_path
 from mag.train.recipe import recipe_from_dict
@@ -131,3 +132,13 @@ def test_shards_without_text_and_no_umt5_weights_are_a_one_line_error_before_any
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "carries no text states" in err
     assert "text_encoder_path" in err
+
+
+def test_stored_text_of_another_width_is_a_one_line_error_before_any_model(videos, umt5, tmp_path,
+                                                                            monkeypatch):
+    shards = _encode(videos, tmp_path / "shards", umt5)
+    monkeypatch.setattr(trainer_module, "build_model", _no_encoder)
+    data = _recipe(shards, "")
+    data["preset_overrides"] = {**PRESET_OVERRIDES, "dit.text_dim": 2 * TINY_UMT5_DIM}
+    with pytest.raises(ConfigError, match="text states of shape"):
+        Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)

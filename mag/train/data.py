@@ -91,7 +91,13 @@ def text_inputs(preset: Preset, data: DataConfig,
         if source.text_encoder != preset.text_encoder:
             raise ConfigError(f"{source.folder} holds {source.text_encoder} text states; the "
                               f"preset's text encoder is {preset.text_encoder}")
-        return None, source.empty_context()
+        empty = source.empty_context()
+        expected = (preset.text_max_tokens, preset.dit.text_dim)
+        found = tuple(empty.shape[-2:])
+        if found != expected:
+            raise ConfigError(f"{source.folder} holds text states of shape {found}; the preset "
+                              f"needs {expected} (text_max_tokens, dit.text_dim)")
+        return None, empty
     check_text_encoder(preset, data)
     text = prompt_cache(preset.text_encoder, data.text_mode, data.text_encoder_path)
     return text, text.get([""])
