@@ -155,12 +155,12 @@ def _doc_commands() -> list[list[str]]:
 
 def test_the_documented_commands_parse_and_the_generate_ones_run(files, tmp_path):
     """The doc's commands are the tested ones: every one parses with the real parser, and the
-    generate commands run as written, with the downloaded paths pointing at the small files, the
-    device set to the CPU and the length and size cut to what a CPU test affords."""
+    generate and MAG-Bench commands run as written, with the downloaded paths pointing at the small
+    files, the device set to the CPU and the length and size cut to what a CPU test affords."""
     commands = _doc_commands()
     assert [c[:2] for c in commands] == [["weights", "download"], ["generate", "--wan-dir"],
                                          ["generate", "--wan-dir"], ["weights", "convert"],
-                                         ["bench", "speed"]]
+                                         ["bench", "speed"], ["bench", "consistency"]]
     parser = build_parser()
     for argv in commands:
         parser.parse_args(argv)
@@ -176,6 +176,23 @@ def test_the_documented_commands_parse_and_the_generate_ones_run(files, tmp_path
                      "--no-progress"]) == 0, argv
         assert read_mp4(tmp_path / Path(argv[argv.index("-o") + 1]).name, downscale=2).shape == (
             9, HEIGHT, WIDTH, 3)
+    # MAG-Bench: 45 frames keep 12 latent frames and switch after 9 (frame 33): one block generated
+    videos = tmp_path / "MAG-Bench" / "videos"
+    videos.mkdir(parents=True)
+    clip = np.random.default_rng(0).integers(0, 256, (45, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    write_mp4(videos / "clip.mp4", clip, 16)
+    paths["MAG-Bench/videos"] = videos
+    argv = [str(paths.get(a, a)) for a in commands[5]]
+    argv[argv.index("--device") + 1] = "cpu"
+    out = tmp_path / argv[argv.index("-o") + 1]
+    argv[argv.index("-o") + 1] = str(out)
+    assert main([*argv, "--height", str(HEIGHT), "--width", str(WIDTH), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "magbench" and set(summary["policies"]) == {"official", "window"}
+    for row in summary["policies"].values():
+        assert row["clips"][0]["switch_frame"] == 33 and row["clips"][0]["frames"] == 45
+        assert all(33 <= j < 45 for j in row["clips"][0]["matched_frames"])
+        assert 0 < row["lpips"] and np.isfinite(row["psnr"])
 
 
 def _files_args(files, command: str) -> list[str]:
@@ -242,3 +259,12 @@ def test_a_converted_model_file_streams_the_same_frames_as_the_folder_it_came_fr
                                                                           latent_frames=6),
                     strict=True):
         assert np.array_equal(a, b)
+
+
+def test_bench_consistency_takes_a_frame_size_only_with_downloaded_weights(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "consistency", "--protocol", "magbench", "--videos", str(tmp_path),
+                 "--height", "64", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--height and --width go with --wan-dir" in err and err.count("\n") == 1
+    assert not out.exists()

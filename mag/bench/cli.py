@@ -151,6 +151,10 @@ def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
                              " what comes back can only come from memory")
     add_memory_cache_arguments(parser)
     add_real_weights_arguments(parser)
+    for side in ("height", "width"):
+        parser.add_argument(f"--{side}", type=int, default=None,
+                            help=f"frame {side} with --wan-dir / --weights (default the preset's);"
+                                 " the videos are resized to it")
     add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_out_argument(parser, "output folder (summary.json, summary.md, plots, episodes/)")
@@ -203,7 +207,12 @@ def _consistency(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(args.sampler, args.steps, args.guidance_scale).validate(),
         batch_size=args.batch_size, seed=args.seed, lpips=not args.no_lpips,
         empty_prompt_after_switch=args.empty_prompt_after_switch)
-    pipe = pipeline_from_args(args, policy=policies[0]) if uses_real_weights(args) else None
+    size = {f"video.{k}": getattr(args, k) for k in ("height", "width")
+            if getattr(args, k) is not None}
+    if size and not uses_real_weights(args):
+        raise ConfigError("--height and --width go with --wan-dir / --weights (downloaded weights);"
+                          " the tiny presets fix their frame size")
+    pipe = pipeline_from_args(args, policy=policies[0], **size) if uses_real_weights(args) else None
     if pipe is not None:
         model, preset, model_meta = pipe.generator.model, pipe.preset, pipe.generator.meta
     else:
