@@ -209,14 +209,14 @@ def sampler_config(config: DemoConfig) -> SamplerConfig:
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memory_model: str | None,
                     model_when_none: str = "", memory_when_none: str = "", with_model: bool = True,
-                    memory_required: bool = False, cuda_dtype: str = "float32") -> None:
+                    memory_required: bool = False) -> None:
     """``--model`` (the generator), ``--memory-model`` and ``--dtype``, declared once for every
     command.
 
     ``model`` / ``memory_model`` are the defaults; ``*_when_none`` says what a None default means;
-    ``cuda_dtype`` is ``--dtype``'s default on a CUDA device (read it with ``dtype_from_args``).
+    read ``--dtype`` with :func:`mag.io.cli.dtype_from_args`.
     """
-    add_dtype_argument(parser, cuda_default=cuda_dtype)
+    add_dtype_argument(parser)
     if with_model:
         shown = model if model is not None else model_when_none
         parser.add_argument("--model", default=model,

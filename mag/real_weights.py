@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mag.app import LoadedModels
 from mag.codecs import Codec
 from mag.errors import ConfigError
+from mag.io.cli import add_dtype_argument, dtype_from_args
 from mag.io.paths import check_output_file
 from mag.io.video import write_mp4
 from mag.pipelines import MagPipeline, SamplerConfig
@@ -26,10 +27,9 @@ from mag.pipelines.pretrained import latent_frames_for_seconds
 from mag.registry import shipped_models
 from mag.weights import detect_source
 
-__all__ = ["DTYPES", "add_real_weights_arguments", "loaded_from_pipeline", "pipeline_from_args",
+__all__ = ["add_real_weights_arguments", "loaded_from_pipeline", "pipeline_from_args",
            "run_generate", "uses_real_weights"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GIB = 2 ** 30
 FORMATS = ("an official MAG folder (config.json + diffusion_pytorch_model.safetensors), a "
            "Self-Forcing .pt,"
@@ -50,21 +50,11 @@ def add_real_weights_arguments(parser: argparse.ArgumentParser, *, memory: bool 
                            help="MAG memory model weights (mag, bounded and official policies): "
                                 f"{FORMATS}")
     if not any("--dtype" in action.option_strings for action in parser._actions):
-        group.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                           help="weights, activations and KV cache dtype (default bfloat16 on "
-                                "cuda, else"
-                                " float32)")
+        add_dtype_argument(group)
 
 
 def uses_real_weights(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "wan_dir", None) or getattr(args, "weights", None))
-
-
-def _dtype(args: argparse.Namespace) -> torch.dtype:
-    name = getattr(args, "dtype", None)
-    if name is None:
-        return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
-    return DTYPES[name]
 
 
 def _check_files(args: argparse.Namespace) -> None:
@@ -87,8 +77,8 @@ def pipeline_from_args(args: argparse.Namespace, *, policy: str | None = None,
     _check_files(args)
     return MagPipeline.from_pretrained(
         args.weights, wan_dir=args.wan_dir, memory_weights=getattr(args, "memory_weights", None),
-        policy=policy or getattr(args, "policy", None), device=args.device, dtype=_dtype(args),
-        sampler=SamplerConfig(), **preset_overrides)
+        policy=policy or getattr(args, "policy", None), device=args.device,
+        dtype=dtype_from_args(args), sampler=SamplerConfig(), **preset_overrides)
 
 
 def loaded_from_pipeline(pipe: MagPipeline) -> tuple[LoadedModels, Codec]:
@@ -125,7 +115,7 @@ def run_generate(args: argparse.Namespace) -> int:
     plan = pipe.memory_plan(latent)
     kv = plan.pop("kv_cache")
     parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in plan.items())
-    dtype = str(_dtype(args)).removeprefix("torch.")
+    dtype = str(dtype_from_args(args)).removeprefix("torch.")
     print(f"memory ({dtype}): weights {sum(plan.values()) / GIB:.2f} GiB ({parts}), KV cache"
           f" {kv / GIB:.2f} GiB ({pipe.policy_name}); activations come on top", flush=True)
     prompt = args.prompt

@@ -16,6 +16,7 @@ DEFAULT_THREADS = 1
 DEFAULT_DEVICE = "cpu"
 # ``--dtype`` names: weights, activations and KV cache of the models a command loads.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+AUTO_DTYPE = "auto"  # bfloat16 on a CUDA device, float32 elsewhere (resolve_dtype)
 
 
 def add_out_argument(parser: argparse.ArgumentParser, help: str, *, required: bool = True,
@@ -35,23 +36,24 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, devices: Sequence[
                         help=f"torch intra-op threads on the CPU (default {DEFAULT_THREADS})")
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser, *, cuda_default: str = "float32") -> None:
-    """``--dtype`` (default float32, and ``cuda_default`` on a CUDA ``--device``); read it with
-    :func:`dtype_from_args`."""
-    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                        help=f"weights, activations and KV cache dtype (default: {cuda_default} "
-                             "on cuda,"
-                             " float32 elsewhere)")
-    parser.set_defaults(dtype_cuda_default=cuda_default)
+def add_dtype_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--dtype`` (default :data:`AUTO_DTYPE`); read it with :func:`dtype_from_args`."""
+    parser.add_argument("--dtype", default=AUTO_DTYPE, choices=(AUTO_DTYPE, *DTYPES),
+                        help="weights, activations and KV cache dtype (default auto: bfloat16 on a"
+                             " cuda device, as the official inference runs, float32 elsewhere)")
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The one ``--dtype`` rule: a named dtype is itself; ``auto`` is bfloat16 on CUDA, else
+    float32."""
+    if name == AUTO_DTYPE:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
 
 
 def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
-    """The ``--dtype`` of ``args``, or its device's default (see :func:`add_dtype_argument`)."""
-    name = args.dtype
-    if name is None:
-        on_cuda = str(args.device).startswith("cuda")
-        name = getattr(args, "dtype_cuda_default", "float32") if on_cuda else "float32"
-    return DTYPES[name]
+    """The dtype ``args.dtype`` names on ``args.device`` (:func:`resolve_dtype`)."""
+    return resolve_dtype(args.dtype, args.device)
 
 
 def set_threads(threads: int | None) -> None:

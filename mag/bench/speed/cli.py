@@ -55,7 +55,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              "(torch.profiler; top"
                              " operators in the JSON's 'profile')")
     add_model_flags(parser, model=None, memory_model=None, model_when_none="random weights",
-                    memory_when_none="random weights", cuda_dtype="bfloat16")
+                    memory_when_none="random weights")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights (the default when no --model is given)")
     add_runtime_arguments(parser, devices=DEVICES)
