@@ -3,7 +3,10 @@ errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from mag.bench.consistency import (
     world_episodes,
 )
 from mag.checkpoint import TrainingState, save_checkpoint
-from mag.cli import main
+from mag.cli import build_parser, main
 from mag.config import get_preset
 from mag.errors import InputError
 from mag.io.video import write_mp4
@@ -333,3 +336,18 @@ def test_memory_slots_make_bounded_forget_and_empty_prompt_changes_generation(tm
     assert metadata["preset"]["cache"]["memory_sink_frames"] == 0
     assert _run(*common, "--policies", "bounded", "--memory-slots", "0", "--out",
                 str(tmp_path / "bad")) == 2
+
+
+def test_every_flag_the_benchmark_doc_lists_for_consistency_exists_in_the_command():
+    """The options paragraph of docs/benchmark.md's opening names real flags, the memory model's
+    included (it once said the CLI could not pass one)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark.md").read_text()
+    options = doc[doc.index("Options: `--policies"):].split("\n\n")[0]
+    named = set(re.findall(r"`(--[a-z-]+)", options))
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = next(a for a in sub.choices["bench"]._actions
+                 if isinstance(a, argparse._SubParsersAction)).choices["consistency"]
+    flags = {s for a in bench._actions for s in a.option_strings}
+    assert {"--memory-model", "--memory-weights", "--dtype"} <= named
+    assert named <= flags, named - flags
