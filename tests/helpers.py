@@ -15,11 +15,13 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from mag.checkpoint import latest_checkpoint
 from mag.config import DiTConfig
+from mag.io.video import write_mp4
 from mag.models import WanDiT
 from mag.registry import export_model
 from mag.train.recipe import recipe_from_dict
@@ -171,3 +173,17 @@ def folder_tree(folder: Path) -> dict[str, bytes | str]:
             path.read_bytes() if stat.S_ISREG(mode) else stat.filemode(mode)
         )
     return out
+
+
+def write_captioned_videos(root: Path, captions: list[str], frames: int, size: int,
+                           seed: int = 0) -> Path:
+    """``root/v{i}.mp4`` (random ``frames x size x size`` clips, 16 fps) and ``root/captions.csv``
+    naming each with its caption: the input of ``mag data encode``."""
+    rng = np.random.default_rng(seed)
+    lines = ["video,caption"]
+    for i, caption in enumerate(captions):
+        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8),
+                  fps=16, scale=1)
+        lines.append(f'v{i}.mp4,"{caption}"')
+    (root / "captions.csv").write_text("\n".join(lines) + "\n")
+    return root

@@ -7,9 +7,9 @@ resumed run repeats.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from helpers import write_captioned_videos
 from safetensors.torch import load_file
 
 from mag.cli import main
@@ -18,7 +18,6 @@ from mag.data import PromptFileSource, read_prompt_file
 from mag.data.encode import encode_clip
 from mag.data.shards import LatentShardSource, read_index, shard_name
 from mag.errors import InputError
-from mag.io.video import write_mp4
 
 CLIPS, LATENT_FRAMES, SIZE, SHARD = 3, 3, 16, 2
 CAPTIONS = ["a red ball rolls", "waves on a beach", "a cat, sleeping"]
@@ -26,16 +25,8 @@ CAPTIONS = ["a red ball rolls", "waves on a beach", "a cat, sleeping"]
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
     frames = WanVAECodec.tiny_random().video_frames(LATENT_FRAMES) + 2  # longer than needed
-    lines = ["video,caption"]
-    for i, caption in enumerate(CAPTIONS):
-        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (frames, SIZE, SIZE, 3), dtype=np.uint8),
-                  fps=16, scale=1)
-        lines.append(f'v{i}.mp4,"{caption}"')
-    (root / "captions.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return write_captioned_videos(tmp_path_factory.mktemp("videos"), CAPTIONS, frames, SIZE)
 
 
 def _encode(videos, out) -> int:

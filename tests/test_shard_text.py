@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import write_captioned_videos
 from safetensors.torch import load_file
 
 import mag.train.data as train_data
@@ -24,7 +25,6 @@ from mag.codecs import WanVAECodec
 from mag.data.encode import encode_videos
 from mag.data.shards import CONTEXT, EMPTY_FILE, LatentShardSource, read_index, shard_name
 from mag.errors import ConfigError
-from mag.io.video import write_mp4
 from mag.text import UMT5Encoder, minilm_path
 from mag.train.recipe import recipe_from_dict
 from mag.train.trainer import Trainer
@@ -42,16 +42,8 @@ BOGUS_WEIGHTS = "/nonexistent/umt5-weights"
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
     frames = WanVAECodec.tiny_random().video_frames(FRAMES)
-    lines = ["video,caption"]
-    for i, caption in enumerate(CAPTIONS):
-        write_mp4(root / f"v{i}.mp4", rng.integers(0, 256, (frames, SIZE, SIZE, 3), dtype=np.uint8),
-                  fps=16, scale=1)
-        lines.append(f'v{i}.mp4,"{caption}"')
-    (root / "captions.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return write_captioned_videos(tmp_path_factory.mktemp("videos"), CAPTIONS, frames, SIZE)
 
 
 @pytest.fixture(scope="module")
