@@ -137,6 +137,10 @@ class CacheConfig:
         window_frames: most recent frames the ``window`` policy keeps besides the sinks.
         memory_slots: ring-buffer size (compressed frames) of the ``bounded`` and ``official``
         policies. default_policy: the policy commands use when none is asked for.
+        archive_ring_slots: ring of recent compressed frames of the ``archive`` policy.
+        archive_retrieval_slots: GPU slots the ``archive`` policy fills, per block, with the
+            archived (evicted) compressed frames that best match the block's view.
+        archive_host_mib: host memory the archive fills before it spills to disk.
     """
 
     frames_per_block: int = 3
@@ -145,9 +149,13 @@ class CacheConfig:
     window_frames: int = 9
     memory_slots: int = 32
     default_policy: str = "mag"
+    archive_ring_slots: int = 4
+    archive_retrieval_slots: int = 4
+    archive_host_mib: int = 4096
 
     def validate(self) -> None:
-        _positive(self, "frames_per_block", "window_frames", "memory_slots")
+        _positive(self, "frames_per_block", "window_frames", "memory_slots", "archive_ring_slots",
+                  "archive_retrieval_slots", "archive_host_mib")
         for name in ("sink_frames", "memory_sink_frames"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cache.{name} must be >= 0, got {getattr(self, name)}")

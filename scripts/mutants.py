@@ -26,6 +26,7 @@ class Mutant:
 
 
 CACHE = "tests/test_cache.py"
+ARCHIVE = "tests/test_archive.py"
 MEMORY = "tests/test_memory.py"
 RECON = "tests/test_memory_recon.py"
 DIT = "tests/test_dit.py"
@@ -240,6 +241,17 @@ MUTANTS: tuple[Mutant, ...] = (
                                                                             "(-0.030, -0.088, "
                                                                             "0.188)",
            METRICS, "official", "an LPIPS scaling-layer constant with the wrong sign"),
+    # -- archive memory (issue 18)
+    # -----------------------------------------------------------------------
+    Mutant("archive-shift-sign", "shifts = self.assigned_positions() - self.slot_stored",
+           "shifts = -self.assigned_positions() + 2 * self.slot_stored", ARCHIVE, "return",
+           "stored keys are rotated away from their re-assigned positions"),
+    Mutant("archive-retrieval-ignores-view", "return np.clip(self.view_width - distance, 0, None)",
+           "return np.clip(distance - self.view_width, 0, None)", ARCHIVE, "return",
+           "retrieval prefers frames that do not show the block's view"),
+    Mutant("archive-sinks-keep-true-distance",
+           "assigned[:, sink_columns] = oldest[:, None] - (first - frames[:, sink_columns])",
+           "pass", ARCHIVE, "return", "sinks stay at their true (out-of-training) distance"),
     # -- checkpoint and resume
     # -----------------------------------------------------------------------
     Mutant("resume-rng-not-restored", 'torch.set_rng_state(states["torch_cpu"])', "pass", TRAIN,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mag.cache.archive import ArchivePolicy
 from mag.cache.kv import kv_bytes_per_frame
 from mag.cache.policies import CachePolicy
 from mag.config import Preset
@@ -31,6 +32,14 @@ class PlanReplay:
 
     def add_block(self, num_block_frames: int) -> None:
         plan = self.policy.plan(self, num_block_frames)
+        if isinstance(self.policy, ArchivePolicy):
+            # A ring frame written over goes to the archive; the next block fills one more
+            # retrieval slot from it (until all are in use).
+            evicted = len(self.valid.intersection(plan.slots))
+            first = self.policy.sink_frames + self.policy.ring_slots
+            filled = sum(1 for s in self.valid if s >= first)
+            self.valid.update(range(first, first + min(self.policy.retrieval_slots,
+                                                       filled + evicted)))
         self.valid.update(plan.slots)
         self.frames_seen += num_block_frames
         self.frames_retained += len(plan.frames)

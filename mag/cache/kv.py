@@ -125,6 +125,16 @@ class KVCache:
         self._read_index: Tensor | None = None
         self._hidden_prefix = 0
 
+    # -- per block (hooks of caches that re-assign positions: mag.cache.archive) ---------------
+
+    def rope_position(self, frame_index: int) -> int:
+        """RoPE temporal position at which stream frame ``frame_index`` is run: itself here."""
+        return frame_index
+
+    def prepare_block(self, frame_index: int, width_offsets: Tensor | None) -> None:
+        """Called before block ``frame_index`` is denoised or written (camera ``width_offsets
+        [B, F]`` or None); nothing to do for a plain cache."""
+
     # -- sizes ---------------------------------------------------------------------------------
 
     @property

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mag.cache.rotary import full_width_tables, inverse_frequencies, rope_axis_dims, rotate_pairs
+
 # Base of the sinusoidal timestep embedding (the same constant as Transformer position encodings).
 TIMESTEP_MAX_PERIOD = 10000.0
 
@@ -77,12 +79,6 @@ def sinusoidal_embedding(timestep: Tensor, dim: int) -> Tensor:
     freqs = torch.pow(TIMESTEP_MAX_PERIOD, -exponent)
     angles = timestep.to(torch.float64).unsqueeze(-1) * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
-
-
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """Split of the head width between the (time, height, width) rotary axes, as Wan does it."""
-    spatial = 2 * (head_dim // 6)
-    return head_dim - 2 * spatial, spatial, spatial
 
 
 class RotaryEmbedding3D(nn.Module):
@@ -173,8 +169,7 @@ class RotaryEmbedding3D(nn.Module):
         return self._inverse_frequencies(rope_axis_dims(self.head_dim)[2], device)
 
     def _inverse_frequencies(self, axis_dim: int, device: torch.device | None) -> Tensor:
-        exponents = torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
-        return 1.0 / self.theta ** exponents
+        return inverse_frequencies(axis_dim, self.theta, device)
 
 
 def rotation_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,8 +177,7 @@ def rotation_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     half-width angles ``[..., N, D/2]``: ``cos`` repeated per channel pair, and ``sin`` with the
     sign of each pair's slot (``-sin`` on the even channel, ``+sin`` on the odd one), each ``[...,
     N, D]``."""
-    cos, sin = cos.float(), sin.float()
-    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return full_width_tables(cos, sin)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -197,8 +191,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     if cos.dim() == 3:  # per-sample angles (camera-anchored RoPE): broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x * cos + swapped * sin).type_as(x)
+    return rotate_pairs(x, cos, sin)
 
 
 def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

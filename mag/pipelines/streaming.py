@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mag.cache import CachePolicy, KVCache
+from mag.cache import CachePolicy, KVCache, new_cache
 from mag.config import Preset
 from mag.errors import ConfigError, InputError
 from mag.memory import MemoryWriter
@@ -159,22 +159,24 @@ class StreamingGenerator:
         if batch_size <= 0 or horizon_frames <= 0:
             raise InputError(f"reset needs batch_size > 0 and horizon_frames > 0, got {batch_size},"
                              f" {horizon_frames}")
-        if horizon_frames > self.model.cfg.rope_max_positions:
-            raise InputError(f"horizon of {horizon_frames} frames exceeds dit.rope_max_positions="
-                             f"{self.model.cfg.rope_max_positions}")
         _, ph, pw = self.model.cfg.patch_size
         _, height, width = self.latent_shape
-        tokens = (height // ph) * (width // pw)
         param = self.model.patch_embedding.weight
 
-        def new_cache() -> KVCache:
-            return KVCache.for_model(self.model.cfg, self.policy, tokens_per_frame=tokens,
-                                     horizon_frames=horizon_frames,
-                                     frames_per_block=self.frames_per_block,
-                                     batch_size=batch_size, dtype=param.dtype, device=param.device)
+        def stream_cache() -> KVCache:
+            return new_cache(self.model.cfg, self.policy,
+                             tokens_per_frame=(height // ph) * (width // pw),
+                             view_width=width // pw, horizon_frames=horizon_frames,
+                             frames_per_block=self.frames_per_block, batch_size=batch_size,
+                             dtype=param.dtype, device=param.device)
 
-        self.cache = new_cache()
-        self.uncond_cache = new_cache() if self.sampler.uses_guidance else None
+        cache = stream_cache()
+        last = cache.rope_position(horizon_frames - self.frames_per_block) + self.frames_per_block
+        if last > self.model.cfg.rope_max_positions:
+            raise InputError(f"horizon of {horizon_frames} frames exceeds dit.rope_max_positions="
+                             f"{self.model.cfg.rope_max_positions}")
+        self.cache = cache
+        self.uncond_cache = stream_cache() if self.sampler.uses_guidance else None
         self.context = None
         self.uncond_context = None
         self.position = 0
@@ -197,8 +199,7 @@ class StreamingGenerator:
             if self.sampler.uses_guidance:
                 if uncond_context is None:
                     raise InputError(f"guidance_scale={self.sampler.guidance_scale} needs "
-                                     "uncond_context"
-                                     " (the empty prompt's embeddings)")
+                                     "uncond_context (the empty prompt's embeddings)")
                 self.uncond_context = self._encode(uncond_context, cache.batch_size,
                                                    "uncond_context")
 
@@ -226,7 +227,8 @@ class StreamingGenerator:
         latents = latents.to(self.device)
         for start in range(0, latents.shape[1], self.frames_per_block):
             frames = slice(start, start + self.frames_per_block)
-            self._memorise(latents[:, frames], _frames(width_offsets, frames))
+            self._memorise(latents[:, frames],
+                           None if width_offsets is None else width_offsets[:, frames])
 
     @torch.no_grad()
     def generate_block(self, generator: torch.Generator | None = None,
@@ -258,8 +260,7 @@ class StreamingGenerator:
         self._check_frames(true_block, "true_block", whole_blocks=True)
         if true_block.shape[1] != self.frames_per_block:
             raise InputError(f"true_block must hold one block of {self.frames_per_block} frames, "
-                             "got"
-                             f" {true_block.shape[1]}")
+                             f"got {true_block.shape[1]}")
         prediction = self._denoise(generator, width_offsets)
         self._memorise(true_block.to(self.device), width_offsets)
         return prediction
@@ -328,8 +329,13 @@ class StreamingGenerator:
     # -- internals -----------------------------------------------------------------------------
 
     def _positions(self) -> Tensor:
-        return torch.arange(self.position, self.position + self.frames_per_block,
-                            device=self.device)
+        start = self._require_cache().rope_position(self.position)
+        return torch.arange(start, start + self.frames_per_block, device=self.device)
+
+    def _prepare(self, width_offsets: Tensor | None) -> None:
+        """Let the caches prepare the next block (the archive retrieves for its camera)."""
+        for cache in filter(None, (self.cache, self.uncond_cache)):
+            cache.prepare_block(self.position, width_offsets)
 
     def _check_frames(self, latents: Tensor, name: str, whole_blocks: bool) -> None:
         cache = self._require_cache()
@@ -338,18 +344,18 @@ class StreamingGenerator:
                  *latents.shape[2:]) if latents.ndim == 5 else tuple(latents.shape)
         if latents.ndim != 5 or found != expected:
             raise InputError(f"{name} must be [{expected[0]}, n*{self.frames_per_block}, "
-                             f"{expected[1]},"
-                             f" {expected[2]}, {expected[3]}], got {list(latents.shape)}")
+                             f"{expected[1]}, {expected[2]}, {expected[3]}], got "
+                             f"{list(latents.shape)}")
         if whole_blocks and (latents.shape[1] == 0 or latents.shape[1] % self.frames_per_block):
-            raise InputError(f"{name} must hold whole blocks of {self.frames_per_block} frames, got"
-                             f" {latents.shape[1]}")
+            raise InputError(f"{name} must hold whole blocks of {self.frames_per_block} frames, "
+                             f"got {latents.shape[1]}")
         if self.position + latents.shape[1] > self.horizon_frames:
             raise InputError(f"the stream was reset for {self.horizon_frames} frames; "
-                             f"{self.position} are"
-                             f" done and {latents.shape[1]} more do not fit")
+                             f"{self.position} are done and {latents.shape[1]} more do not fit")
 
     def _memorise(self, clean_block: Tensor, width_offsets: Tensor | None) -> None:
         """Phase 2: the writer runs the clean block at t=0 into the cache; the stream advances."""
+        self._prepare(width_offsets)
         cache, positions = self._require_cache(), self._positions()
         offsets = self._offsets(width_offsets)
         if self._writes_with_prompt:
@@ -402,11 +408,11 @@ class StreamingGenerator:
             raise InputError(f"noise must be {list(shape)}, got {list(noise.shape)}")
         if renoise is not None and len(renoise) != len(self._steps) - 1:
             raise InputError(f"renoise needs {len(self._steps) - 1} tensors (one per re-noising), "
-                             "got"
-                             f" {len(renoise)}")
+                             f"got {len(renoise)}")
         x = (torch.randn(shape, generator=generator, device=self.device,
                          dtype=dtype) if noise is None
              else noise.to(device=self.device, dtype=dtype))
+        self._prepare(width_offsets)
         positions, offsets = self._positions(), self._offsets(width_offsets)
         for i, (t, t_next) in enumerate(self._steps):
             out = self._predict(x, t, positions, offsets)
@@ -422,10 +428,6 @@ class StreamingGenerator:
             else:
                 x = self.scheduler.step_euler(self.scheduler.to_velocity(out, x, t), x, t, t_next)
         return x
-
-
-def _frames(width_offsets: Tensor | None, frames: slice) -> Tensor | None:
-    return None if width_offsets is None else width_offsets[:, frames]
 
 
 @dataclass

@@ -13,7 +13,15 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mag.cache import CachePolicy, DownsamplePolicy, FullPolicy, KVCache, MagPolicy, WindowPolicy
+from mag.cache import (
+    ArchivePolicy,
+    CachePolicy,
+    DownsamplePolicy,
+    FullPolicy,
+    KVCache,
+    MagPolicy,
+    WindowPolicy,
+)
 from mag.config import Preset
 from mag.errors import ConfigError
 from mag.memory import MemoryWriter
@@ -21,7 +29,7 @@ from mag.models.attention import CrossAttentionCache
 from mag.models.dit import WanDiT
 
 # Policies whose cache is written by the trained memory model (mag.memory), which must be passed in.
-MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded", "official")
+MEMORY_MODEL_POLICIES: tuple[str, ...] = ("mag", "bounded", "official", "archive")
 # Policies that need nothing but the generator.
 GENERATOR_ONLY_POLICIES: tuple[str, ...] = ("full", "window", "downsample")
 AVAILABLE_POLICIES: tuple[str, ...] = GENERATOR_ONLY_POLICIES + MEMORY_MODEL_POLICIES
@@ -50,10 +58,14 @@ def policy_from_name(name: str, preset: Preset) -> CachePolicy:
     ``mag`` keeps the same frames, written by the memory model (:func:`writer_for`); ``bounded`` is
     ``mag`` with a ring of ``cache.memory_slots`` compressed frames, so KV size and per-block cost
     stop growing; ``official`` is ``bounded`` with the memory model reading the sinks too, as the
-    released MAG does.
+    released MAG does; ``archive`` is a ring of ``cache.archive_ring_slots`` compressed frames plus
+    ``cache.archive_retrieval_slots`` filled from the frames it evicted (:mod:`mag.cache.archive`).
     """
     cache = preset.cache
     check_policy_name(name)
+    if name == "archive":
+        return ArchivePolicy(cache.memory_sink_frames, cache.archive_ring_slots,
+                             cache.archive_retrieval_slots, host_mib=cache.archive_host_mib)
     if name == "full":
         return FullPolicy()
     if name == "window":
