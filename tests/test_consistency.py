@@ -15,8 +15,12 @@ import torch
 from mag.bench.consistency import (
     PSNR_CAP_DB,
     BenchEpisode,
+    ConsistencyResult,
+    RowScores,
     bench_world,
     episode_summary,
+    gap_bin_labels,
+    revisit_summary,
     score_pairs,
     video_episodes,
     within_window,
@@ -351,3 +355,56 @@ def test_every_flag_the_benchmark_doc_lists_for_consistency_exists_in_the_comman
     flags = {s for a in bench._actions for s in a.option_strings}
     assert {"--memory-model", "--memory-weights", "--dtype"} <= named
     assert named <= flags, named - flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop episodes and long gaps
+
+
+def test_gap_bins_reach_500_and_bin_long_gaps():
+    assert gap_bin_labels() == ["1-6", "7-12", "13-18", "19-24", "25-36", "37-48", "49-72",
+                                "73-96", "97-150", "151-200", "201-300", "301-400", "401-500",
+                                ">500"]
+    ep = BenchEpisode(name="0", frames=np.zeros((606, 4, 4, 3), np.uint8), switch_frame=600,
+                      num_generate=6, prompt="", history_match=np.array([600 - 96, 600 - 97 + 1,
+                                                                         401, 100, 99, -1]))
+    scores = {t: {m: np.full(6, 30.0) for m in ("psnr", "ssim", "lpips")}
+              for t in ("vs_gt", "vs_history")}
+    by_gap = episode_summary(scores, ep, np.zeros(6, bool))["vs_gt"]["by_gap"]
+    # gaps 96, 97, 201, 503, 505 (and one unseen frame)
+    assert {label: by_gap[label]["frames"] for label in by_gap if by_gap[label]["frames"]} == {
+        "73-96": 1, "97-150": 1, "201-300": 1, ">500": 2}
+
+
+def _fake_result(gaps: list[list[int]], psnr_db: list[list[float]],
+                 within: list[list[bool]]) -> tuple[RowScores, ConsistencyResult]:
+    """A result with one row whose frames have these gaps, PSNRs vs GT and within flags."""
+    episodes, frames = [], []
+    for ep_gaps, ep_psnr in zip(gaps, psnr_db, strict=True):
+        n, s = len(ep_gaps), 600
+        match = np.array([s + i - g if g > 0 else -1 for i, g in enumerate(ep_gaps)])
+        episodes.append(BenchEpisode(name=str(len(episodes)), frames=np.zeros((s + n, 4, 4, 3),
+                                                                               np.uint8),
+                                     switch_frame=s, num_generate=n, prompt="",
+                                     history_match=match))
+        values = np.asarray(ep_psnr, dtype=float)
+        frames.append({t: {"psnr": values, "ssim": values, "lpips": values}
+                       for t in ("vs_gt", "vs_history")})
+    row = RowScores("full", frames)
+    result = ConsistencyResult(episodes, {"full": row}, {}, [np.asarray(w) for w in within], 0, {})
+    return row, result
+
+
+def test_revisit_summary_pools_beyond_window_frames_by_gap_range():
+    row, result = _fake_result(
+        gaps=[[20, 10, 120, 500, 501], [24, 97, -1]],
+        psnr_db=[[20.0, 50.0, 30.0, 10.0, 5.0], [30.0, 20.0, 40.0]],
+        within=[[False, True, False, False, False], [False, False, False]])
+    summary = revisit_summary(row, result)
+    # gap <= 24 beyond the window: 20 dB (MSE 0.01) and 30 dB (0.001), pooled over both episodes;
+    # the within-window frame (gap 10) and the unseen one are left out.
+    assert summary["gap_1_24"]["frames"] == 2 and summary["gap_1_24"]["episodes"] == 2
+    assert summary["gap_1_24"]["psnr"] == pytest.approx(-10 * np.log10(0.0055))
+    # 97..500 inclusive: gaps 120, 500 and 97 (not 501)
+    assert summary["gap_97_500"]["frames"] == 3
+    assert summary["gap_97_500"]["psnr"] == pytest.approx(-10 * np.log10((1e-3 + 0.1 + 0.01) / 3))

@@ -281,7 +281,9 @@ def _consistency(args: argparse.Namespace) -> int:
     for name, row in {**summary["policies"], **summary["references"]}.items():
         gt, hist = row["vs_gt"], row["vs_history"]
         print(f"{name:>12}: vs GT PSNR {_db(gt['psnr'])} (beyond {_db(gt['beyond']['psnr'])}),"
-              f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])})")
+              f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])});"
+              f" beyond-window revisits vs GT: gap 1-24 {_db(row['revisits']['gap_1_24']['psnr'])},"
+              f" gap 97-500 {_db(row['revisits']['gap_97_500']['psnr'])}")
     print(f"wrote {Path(args.out) / 'summary.json'} ({config.mode}, {len(episodes)} episodes,"
           f" {metadata['seconds']} s)")
     return 0
