@@ -260,7 +260,8 @@ def _consistency(args: argparse.Namespace) -> int:
                                     episode_frames=args.episode_frames)
         count = args.episodes if args.episodes is not None else NUM_TEST_EPISODES
         episodes = world_episodes(world, split=args.split, count=count, seed_base=args.seed_base,
-                                  frames_after=args.frames_after)
+                                  frames_after=args.frames_after,
+                                  teacher_forced=args.teacher_forced)
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
     result = run_consistency(model, preset, episodes, encode, config, progress=not args.no_progress,
