@@ -15,8 +15,12 @@ import torch
 from mag.bench.consistency import (
     PSNR_CAP_DB,
     BenchEpisode,
+    ConsistencyResult,
+    RowScores,
     bench_world,
     episode_summary,
+    gap_bin_labels,
+    revisit_summary,
     score_pairs,
     video_episodes,
     within_window,
@@ -25,7 +29,7 @@ from mag.bench.consistency import (
 from mag.checkpoint import TrainingState, save_checkpoint
 from mag.cli import build_parser, main
 from mag.config import get_preset
-from mag.errors import InputError
+from mag.errors import ConfigError, InputError
 from mag.io.video import write_mp4
 from mag.models import WanDiT
 from mag.registry import export_model
@@ -351,3 +355,112 @@ def test_every_flag_the_benchmark_doc_lists_for_consistency_exists_in_the_comman
     flags = {s for a in bench._actions for s in a.option_strings}
     assert {"--memory-model", "--memory-weights", "--dtype"} <= named
     assert named <= flags, named - flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop episodes and long gaps
+
+
+def test_gap_bins_reach_500_and_bin_long_gaps():
+    assert gap_bin_labels() == ["1-6", "7-12", "13-18", "19-24", "25-36", "37-48", "49-72",
+                                "73-96", "97-150", "151-200", "201-300", "301-400", "401-500",
+                                ">500"]
+    ep = BenchEpisode(name="0", frames=np.zeros((606, 4, 4, 3), np.uint8), switch_frame=600,
+                      num_generate=6, prompt="", history_match=np.array([600 - 96, 600 - 97 + 1,
+                                                                         401, 100, 99, -1]))
+    scores = {t: {m: np.full(6, 30.0) for m in ("psnr", "ssim", "lpips")}
+              for t in ("vs_gt", "vs_history")}
+    by_gap = episode_summary(scores, ep, np.zeros(6, bool))["vs_gt"]["by_gap"]
+    # gaps 96, 97, 201, 503, 505 (and one unseen frame)
+    assert {label: by_gap[label]["frames"] for label in by_gap if by_gap[label]["frames"]} == {
+        "73-96": 1, "97-150": 1, "201-300": 1, ">500": 2}
+
+
+def _fake_result(gaps: list[list[int]], psnr_db: list[list[float]],
+                 within: list[list[bool]]) -> tuple[RowScores, ConsistencyResult]:
+    """A result with one row whose frames have these gaps, PSNRs vs GT and within flags."""
+    episodes, frames = [], []
+    for ep_gaps, ep_psnr in zip(gaps, psnr_db, strict=True):
+        n, s = len(ep_gaps), 600
+        match = np.array([s + i - g if g > 0 else -1 for i, g in enumerate(ep_gaps)])
+        episodes.append(BenchEpisode(name=str(len(episodes)), frames=np.zeros((s + n, 4, 4, 3),
+                                                                               np.uint8),
+                                     switch_frame=s, num_generate=n, prompt="",
+                                     history_match=match))
+        values = np.asarray(ep_psnr, dtype=float)
+        frames.append({t: {"psnr": values, "ssim": values, "lpips": values}
+                       for t in ("vs_gt", "vs_history")})
+    row = RowScores("full", frames)
+    result = ConsistencyResult(episodes, {"full": row}, {}, [np.asarray(w) for w in within], 0, {})
+    return row, result
+
+
+def test_revisit_summary_pools_beyond_window_frames_by_gap_range():
+    row, result = _fake_result(
+        gaps=[[20, 10, 120, 500, 501], [24, 97, -1]],
+        psnr_db=[[20.0, 50.0, 30.0, 10.0, 5.0], [30.0, 20.0, 40.0]],
+        within=[[False, True, False, False, False], [False, False, False]])
+    summary = revisit_summary(row, result)
+    # gap <= 24 beyond the window: 20 dB (MSE 0.01) and 30 dB (0.001), pooled over both episodes;
+    # the within-window frame (gap 10) and the unseen one are left out.
+    assert summary["gap_1_24"]["frames"] == 2 and summary["gap_1_24"]["episodes"] == 2
+    assert summary["gap_1_24"]["psnr"] == pytest.approx(-10 * np.log10(0.0055))
+    # 97..500 inclusive: gaps 120, 500 and 97 (not 501)
+    assert summary["gap_97_500"]["frames"] == 3
+    assert summary["gap_97_500"]["psnr"] == pytest.approx(-10 * np.log10((1e-3 + 0.1 + 0.01) / 3))
+
+
+def test_loop_episodes_give_every_generated_frame_a_gap_in_both_modes(preset):
+    world, source = bench_world(preset, name="loop-600")
+    assert source == "--world loop-600" and world.trajectory == "loop" and world.frame_width == 16
+    free = world_episodes(world, count=2)
+    forced = world_episodes(world, count=2, teacher_forced=True)
+    for ar, tf in zip(free, forced, strict=True):
+        s, block = ar.switch_frame, 3
+        assert s == tf.switch_frame == 558 and ar.num_generate == 42
+        assert (ar.history_match >= 0).all() and (tf.history_match >= 0).all()
+        assert (ar.history_match < s).all()
+        assert (tf.history_match < ar.frame_indices // block * block).all()
+        # Both match exact revisits: the matched frame is the ground truth.
+        for match in (ar.history_match, tf.history_match):
+            assert np.array_equal(ar.frames[ar.frame_indices], ar.frames[match])
+        # Short gaps in B near the switch, long ones on the return to A.
+        for gaps in (ar.gaps, tf.gaps):
+            assert ((gaps > 12) & (gaps <= 24)).sum() >= 6
+            assert ((gaps >= 97) & (gaps <= 500)).sum() >= 15
+        # They differ where B's last sweep comes back over views generated since the switch: the
+        # true frames are closer than the history.
+        differ = ar.history_match != tf.history_match
+        assert differ.sum() >= 10 and (ar.gaps[differ] > tf.gaps[differ]).all()
+        assert tf.gaps[:26].max() == 24 and ar.gaps[:26].max() > 24
+    # Backtracks never repeat a view after the switch: both modes match the same history frames.
+    backtrack, _ = bench_world(preset, training_world=TRAIN_WORLD)
+    for ar, tf in zip(world_episodes(backtrack, count=3),
+                      world_episodes(backtrack, count=3, teacher_forced=True), strict=True):
+        assert np.array_equal(ar.history_match, tf.history_match)
+    with pytest.raises(ConfigError, match="--excursion-scale scales backtrack"):
+        bench_world(preset, name="loop-600", excursion_scale=2.0)
+
+
+def test_cli_loop_run_reports_short_and_long_gap_revisits(tmp_path, checkpoint, capsys):
+    out = tmp_path / "loop"
+    assert _run("--model", str(checkpoint), "--world", "loop-600", "--episodes", "2",
+                "--policies", "full,window", "--no-lpips", "--sampler", "euler", "--steps", "1",
+                "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["revisit_gap_ranges"] == {"gap_1_24": [1, 24], "gap_97_500": [97, 500]}
+    assert summary["gap_bins"][-1] == ">500"
+    for name in ("full", "window"):
+        revisits = summary["policies"][name]["revisits"]
+        assert revisits["gap_1_24"]["frames"] > 0 and revisits["gap_97_500"]["frames"] >= 30
+        assert revisits["gap_97_500"]["psnr"] < 60  # an untrained model does not recall
+    oracle = summary["references"]["oracle-copy"]["revisits"]["gap_97_500"]
+    assert oracle["psnr"] == PSNR_CAP_DB and oracle["episodes"] == 2
+    long_bins = [label for label in summary["gap_bins"][8:]
+                 if summary["policies"]["full"]["vs_gt"]["by_gap"][label]["frames"]]
+    assert len(long_bins) >= 2
+    assert (out / "psnr_vs_gap.png").stat().st_size > 0
+    assert "| full | " in (out / "summary.md").read_text().split("Beyond-window revisits")[1]
+    assert "gap 97-500" in capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["world"]["config"]["trajectory"] == "loop"

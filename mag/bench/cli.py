@@ -260,7 +260,8 @@ def _consistency(args: argparse.Namespace) -> int:
                                     episode_frames=args.episode_frames)
         count = args.episodes if args.episodes is not None else NUM_TEST_EPISODES
         episodes = world_episodes(world, split=args.split, count=count, seed_base=args.seed_base,
-                                  frames_after=args.frames_after)
+                                  frames_after=args.frames_after,
+                                  teacher_forced=args.teacher_forced)
         world_info = {"source": source, "split": args.split, "seed_base": args.seed_base,
                       "excursion_scale": args.excursion_scale, "config": dataclasses.asdict(world)}
     result = run_consistency(model, preset, episodes, encode, config, progress=not args.no_progress,
@@ -281,7 +282,9 @@ def _consistency(args: argparse.Namespace) -> int:
     for name, row in {**summary["policies"], **summary["references"]}.items():
         gt, hist = row["vs_gt"], row["vs_history"]
         print(f"{name:>12}: vs GT PSNR {_db(gt['psnr'])} (beyond {_db(gt['beyond']['psnr'])}),"
-              f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])})")
+              f" vs history PSNR {_db(hist['psnr'])} (beyond {_db(hist['beyond']['psnr'])});"
+              f" beyond-window revisits vs GT: gap 1-24 {_db(row['revisits']['gap_1_24']['psnr'])},"
+              f" gap 97-500 {_db(row['revisits']['gap_97_500']['psnr'])}")
     print(f"wrote {Path(args.out) / 'summary.json'} ({config.mode}, {len(episodes)} episodes,"
           f" {metadata['seconds']} s)")
     return 0

@@ -16,6 +16,7 @@ from mag.world.episodes import (
     sample_clip,
     theme_prompts,
 )
+from mag.world.loop import LoopLayout, loop_switch_frame, loop_trajectory
 from mag.world.panorama import (
     DEFAULT_WORLD,
     THEMES,
@@ -39,8 +40,9 @@ from mag.world.trajectory import (
 __all__ = [
     "DEFAULT_WORLD", "NUM_TEST_EPISODES", "SAME_VIEW_TOLERANCE_PX", "SPLIT_SEEDS", "THEMES",
     "WORLD_PRESETS",
-    "Clip", "Episode", "Theme", "Trajectory", "WorldConfig", "backtracking_trajectory",
-    "camera_track", "episode_seed",
-    "get_world_config", "last_seen", "last_seen_all", "make_clip", "make_episode", "make_panorama",
+    "Clip", "Episode", "LoopLayout", "Theme", "Trajectory", "WorldConfig",
+    "backtracking_trajectory", "camera_track", "episode_seed",
+    "get_world_config", "last_seen", "last_seen_all", "loop_switch_frame", "loop_trajectory",
+    "make_clip", "make_episode", "make_panorama",
     "make_prompt", "render_frames", "sample_clip", "switch_frame_for", "theme_prompts",
 ]

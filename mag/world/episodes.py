@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mag.errors import ConfigError, InputError
+from mag.world.loop import LoopLayout, loop_switch_frame, loop_trajectory
 from mag.world.panorama import (
     DEFAULT_WORLD,
     THEMES,
@@ -24,7 +25,6 @@ from mag.world.panorama import (
     render_frames,
 )
 from mag.world.trajectory import (
-    Trajectory,
     backtracking_trajectory,
     last_seen_all,
     switch_frame_for,
@@ -58,6 +58,7 @@ class Clip:
         seed: the world seed everything was drawn from.
         turn_frame: first frame moving back towards the start (-1 if the clip ends before).
         panorama: uint8 ``[H, W_pano, 3]``, the ground-truth world.
+        loop: where the phases of a loop trajectory fall (None for backtracks).
     """
 
     frames: np.ndarray
@@ -68,6 +69,7 @@ class Clip:
     seed: int
     turn_frame: int
     panorama: np.ndarray
+    loop: LoopLayout | None = None
 
     @property
     def num_frames(self) -> int:
@@ -80,12 +82,12 @@ class Clip:
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Episode(Clip):
-    """A benchmark episode: a backtracking clip with a split, an index and a switch time.
+    """A benchmark episode: a backtracking or loop clip with a split, an index and a switch time.
 
     Attributes:
         split: ``train``, ``val`` or ``test``. index: position in the split. switch_frame: frames
         ``[0, switch_frame)`` are history; a multiple of the block size, at least
-            one block after ``turn_frame``.
+            one block after ``turn_frame`` (loops: one sweep of B before B is left).
     """
 
     split: str
@@ -130,29 +132,40 @@ def _prompt_text(words: list[str], theme: Theme) -> str:
 
 
 def make_clip(seed: int, num_frames: int, config: WorldConfig = DEFAULT_WORLD) -> Clip:
-    """Render the backtracking clip of world ``seed``: ``num_frames`` frames of ``config`` size."""
+    """Render the clip of world ``seed``: ``num_frames`` frames of ``config`` size, on the path
+    ``config.trajectory`` names."""
     theme_seq, pano_seq, traj_seq = np.random.SeedSequence(int(seed)).spawn(3)
     theme_rng = np.random.default_rng(theme_seq)
     theme = THEMES[config.theme_names[int(theme_rng.integers(len(config.theme_names)))]]
     prompt = make_prompt(theme_rng, theme)
     panorama = make_panorama(pano_seq, theme, config)
-    path: Trajectory = backtracking_trajectory(np.random.default_rng(traj_seq), num_frames, config)
+    traj_rng = np.random.default_rng(traj_seq)
+    loop: LoopLayout | None = None
+    if config.trajectory == "loop":
+        path, loop = loop_trajectory(traj_rng, num_frames, config)
+    else:
+        path = backtracking_trajectory(traj_rng, num_frames, config)
     frames = render_frames(panorama, path.offsets, frame_width=config.frame_width,
                            frame_height=config.frame_height)
     return Clip(frames=frames, offsets=path.offsets, velocities=path.velocities, prompt=prompt,
-                theme=theme.name, seed=int(seed), turn_frame=path.turn_frame, panorama=panorama)
+                theme=theme.name, seed=int(seed), turn_frame=path.turn_frame, panorama=panorama,
+                loop=loop)
 
 
 def make_episode(split: str, index: int, *, seed_base: int | None = None,
                  config: WorldConfig = DEFAULT_WORLD) -> Episode:
     """Episode ``index`` of ``split``: ``config.episode_frames`` frames with a switch time.
 
-    Reproducible from ``(split, index)``, or from ``(seed_base, index)`` when a base is given. A
-    longer ``episode_frames`` only extends the return leg: the first frames stay the same.
+    Reproducible from ``(split, index)``, or from ``(seed_base, index)`` when a base is given. For
+    backtracks a longer ``episode_frames`` only extends the return leg: the first frames stay the
+    same; a loop's return moves with the episode's end (:mod:`mag.world.loop`).
     """
     seed = episode_seed(split, index, seed_base)
     clip = make_clip(seed, config.episode_frames, config)
-    switch = switch_frame_for(clip.turn_frame, config.block_frames)
+    if clip.loop is not None:
+        switch = loop_switch_frame(clip.loop, config.block_frames)
+    else:
+        switch = switch_frame_for(clip.turn_frame, config.block_frames)
     if switch >= config.episode_frames:
         raise ConfigError(f"episode {split}/{index}: switch frame {switch} is past the end"
                           f" ({config.episode_frames} frames); raise episode_frames")

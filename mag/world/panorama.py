@@ -20,12 +20,10 @@ from typing import Any, Literal
 import numpy as np
 
 from mag.errors import ConfigError, InputError
+from mag.world.themes import THEMES, Theme
 
-__all__ = ["DEFAULT_WORLD", "THEMES", "Theme", "WORLD_PRESETS", "WorldConfig", "get_world_config",
-           "make_panorama", "render_frames"]
-
-RGB = tuple[int, int, int]
-StripeStyle = Literal["none", "vertical", "horizontal"]
+__all__ = ["DEFAULT_WORLD", "THEMES", "TRAJECTORIES", "Theme", "WORLD_PRESETS", "WorldConfig",
+           "get_world_config", "make_panorama", "render_frames"]
 
 # Background: a slow horizontal brightness wave of 1..this many whole periods around the cylinder
 # (so no seam), and a horizon whose height wobbles by this share of the panorama height.
@@ -37,107 +35,12 @@ STRIPE_PATCHES_RANGE = (1, 2)
 STRIPE_PATCH_WIDTH_FRACTION = (0.12, 0.25)
 STRIPE_PERIODS_PX = (4, 6, 8)
 SHAPE_KINDS = ("rectangle", "ellipse", "triangle")
-
-
-@dataclass(frozen=True)
-class Theme:
-    """Look of one kind of panorama; the prompt describes the theme, never the layout.
-
-    Attributes:
-        name: short name, also the key in :data:`THEMES`.
-        scene: prompt fragment naming the scene (``"desert at dusk with dunes and cacti"``).
-        adjectives: words the prompt draws one or two of, per seed.
-        sky_top / sky_bottom: background gradient colours, top row to bottom row.
-        ground: colour below the horizon.
-        ground_fraction: share of the height under the horizon (0 = no ground band).
-        palette: colours the flat shapes are painted in.
-        shape_weights: relative frequency of rectangles, ellipses and triangles.
-        stripes: stripe patches drawn vertically, horizontally, or none.
-        stripe_color: colour of the stripes.
-        texture_levels: standard deviation (uint8 levels) of the per-pixel luminance noise.
-    """
-
-    name: str
-    scene: str
-    adjectives: tuple[str, ...]
-    sky_top: RGB
-    sky_bottom: RGB
-    ground: RGB
-    ground_fraction: float
-    palette: tuple[RGB, ...]
-    shape_weights: tuple[float, float, float]
-    stripes: StripeStyle
-    stripe_color: RGB
-    texture_levels: float
-
-
-THEMES: dict[str, Theme] = {
-    theme.name: theme
-    for theme in (
-        Theme(
-            name="desert at dusk",
-            scene="desert at dusk with dunes, rocks and cacti",
-            adjectives=("quiet", "warm", "dusty", "endless", "golden"),
-            sky_top=(70, 40, 110), sky_bottom=(240, 140, 80), ground=(200, 150, 90),
-            ground_fraction=0.3,
-            palette=((110, 150, 70), (150, 90, 60), (230, 190, 120), (90, 60, 50), (250, 220, 160)),
-            shape_weights=(0.3, 0.3, 0.4), stripes="horizontal", stripe_color=(180, 120, 70),
-            texture_levels=5.0,
-        ),
-        Theme(
-            name="underwater reef",
-            scene="underwater coral reef with fish and sea plants",
-            adjectives=("calm", "deep", "sunlit", "colourful", "tropical"),
-            sky_top=(20, 90, 150), sky_bottom=(10, 40, 90), ground=(200, 180, 130),
-            ground_fraction=0.2,
-            palette=((250, 110, 90), (250, 200, 60), (120, 220, 200), (200, 90, 180), (250, 250,
-                                                                                       240)),
-            shape_weights=(0.15, 0.6, 0.25), stripes="vertical", stripe_color=(60, 160, 120),
-            texture_levels=6.0,
-        ),
-        Theme(
-            name="neon city",
-            scene="neon city street at night with glowing signs and towers",
-            adjectives=("rainy", "busy", "futuristic", "electric", "late-night"),
-            sky_top=(10, 10, 30), sky_bottom=(40, 20, 70), ground=(30, 30, 40),
-            ground_fraction=0.15,
-            palette=((255, 40, 180), (40, 240, 255), (250, 240, 60), (120, 60, 255), (60, 255,
-                                                                                      120)),
-            shape_weights=(0.7, 0.15, 0.15), stripes="vertical", stripe_color=(90, 90, 120),
-            texture_levels=4.0,
-        ),
-        Theme(
-            name="snowy forest",
-            scene="snowy forest with pine trees and frozen hills",
-            adjectives=("silent", "frosty", "misty", "wintry", "peaceful"),
-            sky_top=(160, 190, 220), sky_bottom=(230, 235, 245), ground=(245, 248, 252),
-            ground_fraction=0.3,
-            palette=((30, 80, 50), (60, 110, 70), (120, 80, 50), (180, 200, 220), (90, 100, 120)),
-            shape_weights=(0.15, 0.25, 0.6), stripes="none", stripe_color=(200, 210, 225),
-            texture_levels=3.0,
-        ),
-        Theme(
-            name="autumn park",
-            scene="autumn park with trees, benches and fallen leaves",
-            adjectives=("crisp", "sunny", "golden", "breezy", "cosy"),
-            sky_top=(110, 160, 220), sky_bottom=(200, 220, 235), ground=(120, 140, 60),
-            ground_fraction=0.3,
-            palette=((220, 90, 30), (240, 180, 40), (160, 40, 30), (110, 70, 40), (90, 130, 50)),
-            shape_weights=(0.25, 0.5, 0.25), stripes="horizontal", stripe_color=(140, 100, 60),
-            texture_levels=6.0,
-        ),
-        Theme(
-            name="lava cave",
-            scene="lava cave with glowing rivers and dark rock",
-            adjectives=("smouldering", "gloomy", "fiery", "ancient", "volcanic"),
-            sky_top=(25, 15, 15), sky_bottom=(70, 30, 20), ground=(230, 90, 20),
-            ground_fraction=0.2,
-            palette=((255, 140, 20), (255, 220, 80), (60, 40, 40), (120, 50, 40), (200, 40, 20)),
-            shape_weights=(0.35, 0.3, 0.35), stripes="vertical", stripe_color=(90, 40, 30),
-            texture_levels=7.0,
-        ),
-    )
-}
+# Camera paths: the benchmark's pan-away-and-back (and its multi-leg training variant), or a loop
+# from a region A to a disjoint region B half a panorama away and back (mag.world.loop).
+TrajectoryKind = Literal["backtrack", "loop"]
+TRAJECTORIES: tuple[TrajectoryKind, ...] = ("backtrack", "loop")
+# Full sweeps across region B a loop makes before it leaves B: one for the history, one generated.
+LOOP_MIN_B_SWEEPS = 2
 
 
 @dataclass(frozen=True)
@@ -173,6 +76,10 @@ class WorldConfig:
             leg revisiting what the previous one showed, so training clips hold far more revisits.
         episode_frames: length of a benchmark episode. block_frames: frames per generation block;
         the switch time is a multiple of it.
+        trajectory: ``"backtrack"`` (the above) or ``"loop"``: look around region A, pan to region B
+            half a panorama away (no column in common), sweep B, pan back to A (mag.world.loop).
+        dwell_frames_range: loops only: inclusive range of the frames between the last look at A
+            before leaving and the first one back (the gap of the first frame back in A).
     """
 
     pano_height: int = 32
@@ -194,6 +101,8 @@ class WorldConfig:
     legs_range: tuple[int, int] = (2, 2)
     episode_frames: int = 96
     block_frames: int = 3
+    trajectory: TrajectoryKind = "backtrack"
+    dwell_frames_range: tuple[int, int] = (96, 96)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -209,6 +118,18 @@ class WorldConfig:
         lo, hi = self.speed_range_px
         q = self.speed_quantum_px
         return tuple(range(q * math.ceil(lo / q), int(math.floor(hi)) + 1, q))
+
+    def loop_steps(self, speed: int) -> tuple[int, int]:
+        """Loop regions at ``speed`` px/frame, in steps of ``speed`` px: ``(span, offset)``.
+
+        Region A is camera steps ``[0, span]``, region B ``[offset, offset + span]``, about half a
+        panorama away; the columns either region shows are disjoint around the cylinder. ``span`` is
+        below 1 when the camera is too wide for two such regions.
+        """
+        half = self.pano_width // 2
+        offset = -(-half // speed)  # ceil: B starts at least half a panorama after A
+        room = min(half, self.pano_width - offset * speed) - self.frame_width
+        return room // speed, offset
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
@@ -248,6 +169,12 @@ class WorldConfig:
                 "theme"
                 f" palette ({smallest_palette} colours)"
             )
+        if self.trajectory not in TRAJECTORIES:
+            raise ConfigError(f"WorldConfig.trajectory must be one of {', '.join(TRAJECTORIES)},"
+                              f" got {self.trajectory!r}")
+        if self.trajectory == "loop":
+            self._validate_loop()
+            return
         # The camera must come back to where it started, and a switch block must fit after the turn.
         needed = (
             2 * self.excursion_frames_range[1] + self.pause_frames_range[1] + 2 * self.block_frames
@@ -258,6 +185,29 @@ class WorldConfig:
                 "excursion"
                 f" and its return need 2*excursion + pause + 2*block = {needed} frames"
             )
+
+    def _validate_loop(self) -> None:
+        """Both regions fit at every speed, B is swept twice, and A is looked at before leaving."""
+        _check_range(self, "dwell_frames_range", 1)
+        if not self.integer_motion:
+            raise ConfigError("WorldConfig.trajectory='loop' needs integer_motion=True (exact "
+                              "revisits)")
+        for speed in self.speed_choices_px:
+            span, offset = self.loop_steps(speed)
+            if span < 1:
+                raise ConfigError(f"a loop at {speed} px/frame needs two disjoint regions: panorama"
+                                  f" width {self.pano_width} must exceed 2 x (frame width"
+                                  f" {self.frame_width} + {speed} px)")
+            shortest = 2 * (offset - span) + 2 * LOOP_MIN_B_SWEEPS * span
+            if self.dwell_frames_range[0] < shortest:
+                raise ConfigError(f"WorldConfig.dwell_frames_range={self.dwell_frames_range} is too"
+                                  f" short at {speed} px/frame: the pans and two sweeps of B take"
+                                  f" {shortest} frames")
+            needed = self.dwell_frames_range[1] + 4 * span + 1
+            if self.episode_frames < needed:
+                raise ConfigError(f"WorldConfig.episode_frames={self.episode_frames} is too short"
+                                  f" for a loop at {speed} px/frame: a sweep of A, the longest"
+                                  f" dwell and the return need {needed} frames")
 
     def replace(self, **changes: Any) -> WorldConfig:
         """A validated copy with some fields changed (lists become tuples)."""
@@ -295,6 +245,13 @@ WORLD_PRESETS: dict[str, WorldConfig] = {
         texture_scale=0.0, speed_range_px=(4, 4), speed_quantum_px=4, excursion_frames_range=(12,
                                                                                               36),
         pause_frames_range=(0, 6),
+    ),
+    # The tiny recipes' look (128 px panorama, 4 px/frame) on A -> B -> A loops: 600-frame episodes
+    # whose returns to A come 97..500 frames after A was last seen (with 16 px frames).
+    "loop-600": WorldConfig(
+        pano_height=16, pano_width=128, frame_height=16, frame_width=16, shape_size_range=(4, 12),
+        stripes=False, texture_scale=0.3, speed_range_px=(4, 4), speed_quantum_px=4,
+        trajectory="loop", dwell_frames_range=(103, 476), episode_frames=600,
     ),
 }
 

@@ -2,8 +2,8 @@
 table.
 
 An episode is a history (fed clean into the cache) followed by frames to generate; every generated
-frame knows the history frame that last showed the same view (``history_match``) and how long ago
-(``gap``).
+frame knows the frame that last showed the same view (``history_match``) and how long ago (``gap``):
+among the history frames, or under ``--teacher-forced`` among every true frame the cache holds.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ class BenchEpisode:
         frames: uint8 ``[T, H, W, 3]`` ground truth, ``T >= switch_frame + num_generate``.
         switch_frame: frames ``[0, switch_frame)`` are history (a multiple of the block size).
         num_generate: generated frames after the switch (whole blocks). prompt: text prompt of the
-        stream. history_match: int64 ``[num_generate]``: history frame showing the same view, -1
-        where none. camera_px: float32 ``[T]`` unwrapped horizontal camera track (px, relative to
-        frame 0), or None
-            when unknown (real videos). Camera-anchored models (``dit.camera_rope``) need it.
+        stream. history_match: int64 ``[num_generate]``: the latest frame showing the same view
+        that the model was given as ground truth (a history frame; teacher-forced world episodes:
+        any frame before the generated frame's block), -1 where none. camera_px: float32 ``[T]``
+        unwrapped horizontal camera track (px, relative to frame 0), or None when unknown (real
+        videos). Camera-anchored models (``dit.camera_rope``) need it.
     """
 
     name: str
@@ -63,7 +64,7 @@ class BenchEpisode:
 
     @property
     def gaps(self) -> np.ndarray:
-        """Frames since each generated frame's view was last seen in the history (-1: never)."""
+        """Frames since each generated frame's view was last given as ground truth (-1: never)."""
         return np.where(self.history_match >= 0, self.frame_indices - self.history_match, -1)
 
 
@@ -88,7 +89,9 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
     take the preset's video size (panorama as high as the frame unless the world says otherwise, as
     in training), trajectories are the benchmark's 2-leg backtracks, excursions are scaled by
     ``excursion_scale``, and episodes are long enough for the return leg and ``frames_after``.
-    ``episode_frames`` fixes the episode length instead (it must still fit the return leg).
+    ``episode_frames`` fixes the episode length instead (it must still fit the return leg). A loop
+    world (``trajectory = "loop"``) keeps its own layout: only ``episode_frames`` applies, and it
+    moves the return (anchored at the episode end).
     """
     if not excursion_scale > 0:
         raise ConfigError(f"excursion scale must be > 0, got {excursion_scale}")
@@ -99,6 +102,12 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
         overrides = training_world
         source = "checkpoint recipe.data.world"
     world = preset_world(preset, overrides, name or "default")
+    if world.trajectory == "loop":
+        if excursion_scale != 1.0:
+            raise ConfigError("--excursion-scale scales backtrack excursions; a loop world draws"
+                              " its dwell from dwell_frames_range")
+        return (world if episode_frames is None else world.replace(episode_frames=episode_frames),
+                source)
     low, high = world.excursion_frames_range
     excursion = (max(1, round(low * excursion_scale)), max(1, round(high * excursion_scale)))
     pause = world.pause_frames_range[1]
@@ -116,9 +125,14 @@ def bench_world(preset: Preset, *, name: str | None = None, training_world: dict
 
 
 def world_episodes(world: WorldConfig, *, split: str = "test", count: int,
-                   seed_base: int | None = None,
-                   frames_after: int | None = None, start: int = 0) -> list[BenchEpisode]:
-    """Panorama-world episodes ``start .. start+count-1`` of ``split`` as benchmark cases."""
+                   seed_base: int | None = None, frames_after: int | None = None, start: int = 0,
+                   teacher_forced: bool = False) -> list[BenchEpisode]:
+    """Panorama-world episodes ``start .. start+count-1`` of ``split`` as benchmark cases.
+
+    ``history_match`` looks for a generated frame's view among the history frames; with
+    ``teacher_forced``, among every frame before the frame's block (the true blocks before it are in
+    the cache too). On backtracks, which never repeat a view after the switch, both give the same.
+    """
     if count <= 0:
         raise ConfigError(f"the benchmark needs at least one episode, got {count}")
     available = len(SPLIT_SEEDS[split]) - start if seed_base is None else count
@@ -146,7 +160,8 @@ def world_episodes(world: WorldConfig, *, split: str = "test", count: int,
         period = world.pano_width
         matches = []
         for i in range(s, s + n):
-            seen, _ = last_seen(np.concatenate([ep.offsets[:s], ep.offsets[i:i + 1]]), s,
+            given = (i // block) * block if teacher_forced else s  # frames the model got as truth
+            seen, _ = last_seen(np.concatenate([ep.offsets[:given], ep.offsets[i:i + 1]]), given,
                                 period=period)
             matches.append(seen)
         out.append(BenchEpisode(name=str(index), frames=ep.frames[:s + n], switch_frame=s,

@@ -30,19 +30,21 @@ def plot_psnr_vs_gap(summary: dict[str, Any], path: str | Path) -> Path:
     """PSNR vs gap bin (frames since the view was last seen in the history), vs GT and vs history.
 
     One line per policy (solid) and for ``repeat-last`` (dashed); bins without frames are gaps in
-    the line.
+    the line, and bins no row has a frame in are left off the axis (backtracks stop near 96).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = summary["gap_bins"]
-    x = np.arange(len(labels))
-    fig, axes = plt.subplots(1, 2, figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI, sharey=True)
     rows = [(name, row, "-") for name, row in summary["policies"].items()]
     rows += [(name, row, REFERENCE_STYLE) for name, row in summary["references"].items()
              if name not in GAP_PLOT_SKIP]
+    labels = [label for label in summary["gap_bins"]
+              if any(row[target]["by_gap"][label]["frames"] for _, row, _ in rows
+                     for target in ("vs_gt", "vs_history"))] or summary["gap_bins"]
+    x = np.arange(len(labels))
+    fig, axes = plt.subplots(1, 2, figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI, sharey=True)
     for ax, target, title in zip(axes, ("vs_gt", "vs_history"), ("vs ground truth", "vs history"),
                                  strict=True):
         for name, row, style in rows:

@@ -10,6 +10,7 @@ from mag.bench.consistency.plots import plot_psnr_vs_gap, write_revisit_strip
 from mag.bench.consistency.scores import (
     METRICS,
     PSNR_CAP_DB,
+    REVISIT_GAP_RANGES,
     ConsistencyConfig,
     ConsistencyResult,
     config_record,
@@ -56,7 +57,21 @@ def markdown_summary(summary: dict[str, Any]) -> str:
                 cells += [_fmt(entry[category][m], _TABLE_DIGITS[m]) for m in METRICS]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry['beyond']['episodes']} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + revisit_table(rows))
+
+
+def revisit_table(rows: dict[str, Any]) -> list[str]:
+    """Markdown lines: per row, PSNR vs GT of the mean MSE over the beyond-window revisits of each
+    gap range (all episodes pooled) and how many frames that is."""
+    ranges = [(key, f"gap {low}-{high}") for key, (low, high) in REVISIT_GAP_RANGES.items()]
+    lines = ["## Beyond-window revisits by gap (PSNR vs GT of the mean MSE, episodes pooled)", "",
+             "| row | " + " | ".join(f"PSNR {title} | frames" for _, title in ranges) + " |",
+             "|---|" + "---|---|" * len(ranges)]
+    for name, row in rows.items():
+        cells = [f"{_fmt(row['revisits'][key]['psnr'], _TABLE_DIGITS['psnr'])} |"
+                 f" {row['revisits'][key]['frames']}" for key, _ in ranges]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -81,6 +96,7 @@ def write_results(out_dir: str | Path, result: ConsistencyResult, config: Consis
                    "frames_per_block": preset.cache.frames_per_block},
         "psnr_cap_db": PSNR_CAP_DB,
         "gap_bins": gap_bin_labels(),
+        "revisit_gap_ranges": {key: list(bounds) for key, bounds in REVISIT_GAP_RANGES.items()},
         "policies": {},
         "references": {},
     }

@@ -28,7 +28,11 @@ REFERENCE_ROWS: tuple[str, ...] = ("repeat-last", "oracle-copy")
 # PSNR of identical frames (MSE 0) would be +inf; it counts as this many dB in every mean.
 PSNR_CAP_DB = 100.0
 # Gap bins (frames since the view was last seen in the history): (lo, hi], the last one open-ended.
-GAP_BIN_EDGES: tuple[int, ...] = (0, 6, 12, 18, 24, 36, 48, 72, 96)
+# Past 96 they follow loop episodes (mag.world.loop), whose returns come up to 500 frames later.
+GAP_BIN_EDGES: tuple[int, ...] = (0, 6, 12, 18, 24, 36, 48, 72, 96, 150, 200, 300, 400, 500)
+# The coarse summary long-memory acceptance reads: beyond-window revisits vs GT with a gap in each
+# inclusive range (short: a sliding window just lost the view; long: far past the training horizon).
+REVISIT_GAP_RANGES: dict[str, tuple[int, int]] = {"gap_1_24": (1, 24), "gap_97_500": (97, 500)}
 # Episodes streamed together at most (memory bound; the tiny model fits far more).
 DEFAULT_BATCH_EPISODES = 32
 
@@ -151,7 +155,7 @@ def score_episode(pred: np.ndarray, episode: BenchEpisode, *, with_lpips: bool,
 
 
 def gap_bin_labels() -> list[str]:
-    """Labels of the gap bins: ``"1-6"``, ``"7-12"``, ..., ``">96"``."""
+    """Labels of the gap bins: ``"1-6"``, ``"7-12"``, ..., ``"401-500"``, ``">500"``."""
     edges = GAP_BIN_EDGES
     return [f"{lo + 1}-{hi}" for lo, hi in zip(edges[:-1], edges[1:],
                                                strict=True)] + [f">{edges[-1]}"]
@@ -220,6 +224,26 @@ def _mean_over_episodes(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def revisit_summary(row: RowScores, result: ConsistencyResult) -> dict[str, dict[str, Any]]:
+    """Per :data:`REVISIT_GAP_RANGES` range: PSNR vs GT of the mean MSE over every beyond-window
+    revisit of the run with a gap in it (all episodes' frames pooled), ``frames`` and ``episodes``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, (low, high) in REVISIT_GAP_RANGES.items():
+        chosen = []
+        for scores, ep, within in zip(row.frames, result.episodes, result.within, strict=True):
+            psnr_db = scores["vs_gt"]["psnr"]
+            gaps = ep.gaps
+            mask = ((ep.history_match >= 0) & ~within & (gaps >= low) & (gaps <= high)
+                    & ~np.isnan(psnr_db))
+            chosen.append(psnr_db[mask])
+        pooled = np.concatenate(chosen)
+        out[key] = {"psnr": psnr_of_mean_mse(pooled, np.ones(pooled.size, dtype=bool)),
+                    "frames": int(pooled.size),
+                    "episodes": sum(1 for values in chosen if values.size)}
+    return out
+
+
 def summarize_row(row: RowScores, result: ConsistencyResult) -> tuple[dict[str, Any], list[dict[str,
                                                                                                 Any]]]:
     """``(summary over episodes, per-episode summaries)`` of one row (the contract's JSON shape)."""
@@ -236,6 +260,7 @@ def summarize_row(row: RowScores, result: ConsistencyResult) -> tuple[dict[str, 
         entry["by_gap"] = {label: _mean_over_episodes([e["by_gap"][label] for e in entries])
                            for label in gap_bin_labels()}
         summary[target] = entry
+    summary["revisits"] = revisit_summary(row, result)
     return summary, per_episode
 
 
