@@ -226,10 +226,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model: str | None, memor
     shown = memory_model if memory_model is not None else memory_when_none
     parser.add_argument("--memory-model", default=memory_model, required=memory_required,
                         help="stage-1 memory model (shipped name, model file or training "
-                             "checkpoint) that"
-                             " writes"
-                             " the cache under the mag and bounded policies; same preset as the "
-                             "generator"
+                             "checkpoint) that writes the cache under the mag, bounded, official "
+                             "and archive policies; same preset as the generator"
                              + (f" (default {shown})" if shown else ""))
 
 

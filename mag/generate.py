@@ -302,9 +302,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="frame width (default: the preset's, "
                                                            "832)")
     p.add_argument("--policy", default=None,
-                   help="cache policy: full, window, downsample, mag, bounded, official (default: "
-                        "the"
-                        f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
+                   help="cache policy: full, window, downsample, mag, bounded, official, archive "
+                        f"(default: the preset's: {DEFAULT_POLICY} for tiny, official for "
+                        "wan-1.3b)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--velocity", type=float, default=None,
                    help=f"constant camera velocity, px/frame (default {DEFAULT_VELOCITY_PX:g})")

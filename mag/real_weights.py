@@ -47,7 +47,8 @@ def add_real_weights_arguments(parser: argparse.ArgumentParser, *, memory: bool 
     group.add_argument("--weights", default=None, help=f"generator weights: {FORMATS}")
     if memory:
         group.add_argument("--memory-weights", default=None,
-                           help="MAG memory model weights (mag, bounded and official policies): "
+                           help="MAG memory model weights (mag, bounded, official and archive "
+                                     "policies): "
                                 f"{FORMATS}")
     if not any("--dtype" in action.option_strings for action in parser._actions):
         add_dtype_argument(group)

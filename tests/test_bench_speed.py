@@ -27,7 +27,7 @@ from mag.models import count_parameters
 from mag.models.compile import CompiledModules, compile_model
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_POLICIES = "full,window,downsample,mag,bounded"
+ALL_POLICIES = "full,window,downsample,mag,bounded,archive"
 # 9 video frames = 9 latent frames of the pixel codec = 3 blocks.
 TINY_FRAMES = 9
 POLICY_KEYS = {"fps", "latency_ms_p50", "latency_ms_p95", "peak_rss_bytes", "peak_method",
@@ -70,6 +70,9 @@ def test_replayed_kv_bytes_equal_the_streamed_cache(report):
     for name, row in report["policies"].items():
         at_stream = dict(row["kv_bytes"])[row["video_frames"]]
         assert at_stream == row["kv_bytes_streamed"], name
+    # 3 blocks never fill the archive policy's ring: its host tier is still empty.
+    archive = report["policies"]["archive"]
+    assert archive["archive_frames"] == archive["archive_bytes"] == archive["archive_disk_bytes"] == 0
 
 
 def test_mag_keeps_a_third_of_full_plus_sinks_and_bounded_stays_in_budget(report):

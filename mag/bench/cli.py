@@ -87,9 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_consistency_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mag bench consistency``."""
     parser.add_argument("--policies", default="full,window,downsample",
-                        help="comma-separated cache policies (full, window, downsample; mag and "
-                             "bounded with"
-                             " --memory-model)")
+                        help="comma-separated cache policies (full, window, downsample; mag, "
+                             "bounded, official and archive with --memory-model)")
     parser.add_argument("--split", default="test", help="world split (train, val, test)")
     parser.add_argument("--episodes", type=int, default=None, help="number of episodes (default: "
                                                                    "all 176)")

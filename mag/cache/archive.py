@@ -175,21 +175,25 @@ class ArchiveCache(KVCache):
     def _scores(self) -> np.ndarray:
         """``[B, archived]`` how well each archived frame suits the block (higher is better)."""
         archive = self.archive
-        cameras = archive.cameras
-        if self._block_camera is not None and all(c is not None for c in cameras):
-            seen = np.stack(cameras, axis=1)  # type: ignore[arg-type]  # [B, N]
+        seen = archive.cameras.view().T  # [B, N]
+        if self._block_camera is not None and not np.isnan(seen).any():
             distance = np.abs(seen[:, :, None] - self._block_camera[:, None, :])  # [B, N, F]
             return np.clip(self.view_width - distance, 0, None).max(axis=2)
-        if any(d is None for d in archive.descriptors):
+        if archive.descriptors.count != len(archive):
             raise InputError("the archive holds frames with a camera and the block has none: give"
                              " width_offsets for every block of a stream, or for none")
-        newest = self._descriptor(self._newest_ring_slot())  # [B, D]
-        stored = np.stack(archive.descriptors, axis=1)  # type: ignore[arg-type]  # [B, N, D]
+        stored = archive.descriptors.view()  # [N, B, D]
         # Centred cosine: what every frame shares (biases, the prompt) says nothing about views.
-        centre = stored.mean(axis=1, keepdims=True)
-        stored, newest = stored - centre, newest - centre[:, 0]
-        norms = np.linalg.norm(stored, axis=2) * np.linalg.norm(newest, axis=1)[:, None]
-        return np.einsum("bnd,bd->bn", stored, newest) / np.maximum(norms, np.finfo(float).tiny)
+        # (s - c).(q - c) and |s - c| from s.q, s.c and |s|^2: one pass over the archive.
+        centre = stored.mean(axis=0)  # [B, D]
+        query = self._descriptor(self._newest_ring_slot()) - centre  # [B, D]
+        dots = np.einsum("nbd,bkd->nbk", stored, np.stack([query, centre], axis=1))
+        along, shared = dots[..., 0], dots[..., 1]  # s.q, s.c: [N, B]
+        squared = np.einsum("nbd,nbd->nb", stored, stored)
+        centred_sq = np.maximum(squared - 2 * shared + (centre * centre).sum(1), 0)
+        cosine_top = along - (centre * query).sum(1)
+        norms = np.sqrt(centred_sq) * np.linalg.norm(query, axis=1)
+        return (cosine_top / np.maximum(norms, np.finfo(np.float32).tiny)).T
 
     def _retrieve(self) -> None:
         """Copy the top-k archived frames into the retrieval slots (frames already there stay)."""
@@ -224,11 +228,11 @@ class ArchiveCache(KVCache):
         return max(ring, key=lambda s: self.slot_frames[0, s])
 
     def _descriptor(self, slot: int) -> np.ndarray:
-        """``[B, layers * heads * head_dim]`` mean value of a slot's frame (values carry no RoPE, so
-        frames stored at different positions compare by content; syncs)."""
+        """``[B, layers * head_dim]`` value of a slot's frame averaged over tokens and heads (values
+        carry no RoPE, so frames stored at different positions compare by content; syncs)."""
         span = slice(slot * self.tokens_per_frame, (slot + 1) * self.tokens_per_frame)
-        mean = self.v[:, :, :, span].float().mean(dim=3)  # [L, B, H, D]
-        return mean.permute(1, 0, 2, 3).flatten(1).cpu().double().numpy()
+        mean = self.v[:, :, :, span].float().mean(dim=(2, 3))  # [L, B, D]
+        return mean.transpose(0, 1).flatten(1).cpu().numpy()
 
     # -- write ---------------------------------------------------------------------------------
 

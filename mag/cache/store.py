@@ -62,8 +62,8 @@ class FrameArchive:
         self._spilled = 0  # chunks [0, _spilled) live on disk
         self.stored_positions: list[int] = []
         self.frame_indices: list[int] = []
-        self.cameras: list[np.ndarray | None] = []  # [B] float per frame
-        self.descriptors: list[np.ndarray | None] = []  # [B, D] per frame without a camera
+        self.cameras = _Rows()  # [N, B] camera of each frame (NaN: none)
+        self.descriptors = _Rows()  # [N, B, D] content descriptor (frames without a camera)
         self._copied: list[torch.cuda.Event] = []  # per frame: its async host copy is done
         if self._finalizer is not None:
             self._finalizer()
@@ -108,8 +108,9 @@ class FrameArchive:
             self._copied.append(event)
         self.stored_positions.append(stored_position)
         self.frame_indices.append(frame_index)
-        self.cameras.append(camera)
-        self.descriptors.append(descriptor)
+        self.cameras.append(np.full(self.frame_shape[1], np.nan) if camera is None else camera)
+        if descriptor is not None:
+            self.descriptors.append(descriptor)
         return index
 
     def _spill_full_chunks(self) -> None:
@@ -149,6 +150,26 @@ class FrameArchive:
             return store[row, :, :, sample]
         raw = torch.from_numpy(np.array(store[row]))
         return raw.view(self.dtype).view(KV_PAIR, *self.frame_shape)[:, :, sample]
+
+
+class _Rows:
+    """Rows appended one at a time into a doubling array, read as one contiguous ``[n, ...]``
+    view (per-block retrieval scores every archived frame without re-stacking them)."""
+
+    def __init__(self) -> None:
+        self._data: np.ndarray | None = None
+        self.count = 0
+
+    def append(self, row: np.ndarray) -> None:
+        if self._data is None:
+            self._data = np.empty((1, *row.shape), dtype=row.dtype)
+        elif self.count == len(self._data):
+            self._data = np.concatenate([self._data, np.empty_like(self._data)])
+        self._data[self.count] = row
+        self.count += 1
+
+    def view(self) -> np.ndarray:
+        return np.empty(0) if self._data is None else self._data[:self.count]
 
 
 __all__ = ["CHUNK_FRAMES", "FrameArchive"]

@@ -50,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--policy", default=None,
-                   help="cache policy: full, window, downsample, mag, bounded, official (default: "
-                        "the"
-                        f" preset's: {DEFAULT_POLICY} for tiny, official for wan-1.3b)")
+                   help="cache policy: full, window, downsample, mag, bounded, official, archive "
+                        f"(default: the preset's: {DEFAULT_POLICY} for tiny, official for "
+                        "wan-1.3b)")
     p.add_argument("--prompt", default=None, help="first prompt (default: a test-split world "
                                                   "prompt)")
     p.add_argument("--max-frames", type=int, default=None,

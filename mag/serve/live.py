@@ -40,7 +40,7 @@ DEFAULT_POLICY = "mag"
 START_VELOCITY_PX = 4.0
 # Policies whose cache (and per-block cost) stays bounded, so a stream may run to the RoPE table's
 # end.
-RING_POLICIES = ("window", "bounded", "official")
+RING_POLICIES = ("window", "bounded", "official", "archive")
 # Stream length of the policies whose cache grows (full, downsample, mag): measured for
 # tiny-causal-long under mag on the shared 2-core CPU, the rate falls from ~50 FPS (empty cache) to
 # ~29 FPS at 480 frames and below 20 FPS past ~600.

@@ -29,7 +29,7 @@ from mag.bench.speed.setup import (
     latent_frames_for,
     video_frames_for,
 )
-from mag.cache import KVCache
+from mag.cache import ArchiveCache, KVCache
 from mag.errors import ConfigError, InputError
 from mag.models.compile import CompiledModules, compile_failure, compile_model, compile_scope
 from mag.pipelines import (
@@ -212,6 +212,9 @@ def run_policy(name: str, models: SpeedModels, codec: Any | None, config: SpeedC
         "kv_bytes_per_frame": cache.bytes_per_frame,
         "latency_ms_blocks": [s * MS_PER_S for s in seconds],
     }
+    if isinstance(cache, ArchiveCache):  # the host tier: one compressed frame per block
+        row.update(archive_frames=len(cache.archive), archive_bytes=cache.archive.nbytes,
+                   archive_disk_bytes=cache.archive.disk_bytes)
     if profile_blocks:
         row["profile"] = profile_stream(gen, context, profile_blocks, codec=codec, generator=noise)
     return row, cache
