@@ -29,7 +29,7 @@ from mag.text import PromptEmbeddingCache, prompt_cache
 from mag.text.umt5 import UMT5_MODE
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_compile_argument",
-           "add_memory_cache_arguments", "add_model_arguments", "check_velocity",
+           "add_memory_cache_arguments", "cache_overrides", "add_model_arguments", "check_velocity",
            "config_from_args",
            "empty_context", "load_memory_for", "load_models", "machine_info", "model_record",
            "recipe_data", "sampler_config", "set_threads", "synchronize", "text_cache"]
@@ -38,18 +38,29 @@ __all__ = ["DEFAULTS", "DEFAULT_TEXT_MODE", "DemoConfig", "LoadedModels", "add_c
 DEFAULT_TEXT_MODE = "pooled"
 
 
+# The compressed policies' cache geometry a benchmark may change without retraining: CacheConfig
+# field -> what the flag sets (the flag is --field-with-dashes).
+CACHE_FLAGS: dict[str, str] = {
+    "memory_slots": "compressed frames the bounded policy's ring keeps",
+    "memory_sink_frames": "first frames the downsample / mag / bounded / archive policies keep "
+                          "uncompressed",
+    "archive_ring_slots": "newest compressed frames the archive policy keeps on the GPU",
+    "archive_retrieval_slots": "archived frames the archive policy retrieves per block",
+}
+
+
 def add_memory_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--memory-slots`` and ``--memory-sink-frames``: the compressed policies' cache geometry,
-    which a benchmark may change without retraining (``args.memory_slots``,
-    ``args.memory_sink_frames``; None: the preset's)."""
-    parser.add_argument("--memory-slots", type=int, default=None,
-                        help="compressed frames the bounded policy's ring keeps (default: the "
-                             "preset's"
-                             " cache.memory_slots)")
-    parser.add_argument("--memory-sink-frames", type=int, default=None,
-                        help="first frames the downsample / mag / bounded policies keep "
-                             "uncompressed"
-                             " (default: the preset's cache.memory_sink_frames)")
+    """One flag per :data:`CACHE_FLAGS` field (default None: the preset's value);
+    :func:`cache_overrides` collects them."""
+    for field, meaning in CACHE_FLAGS.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None,
+                            help=f"{meaning} (default: the preset's cache.{field})")
+
+
+def cache_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The ``CacheConfig`` fields the :func:`add_memory_cache_arguments` flags set."""
+    return {field: getattr(args, field) for field in CACHE_FLAGS
+            if getattr(args, field) is not None}
 
 
 def recipe_data(meta: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from mag.app import (
     add_memory_cache_arguments,
     add_model_flags,
+    cache_overrides,
     empty_context,
     load_memory_for,
     machine_info,
@@ -217,12 +218,9 @@ def _consistency(args: argparse.Namespace) -> int:
     else:
         model, preset, model_meta = _load(args)
         model = model.to(dtype_from_args(args))
-    cache_overrides = {name: value for name, value in (("memory_slots", args.memory_slots),
-                                                        ("memory_sink_frames",
-                                                         args.memory_sink_frames))
-                       if value is not None}
-    if cache_overrides:
-        cache = dataclasses.replace(preset.cache, **cache_overrides)
+    overrides = cache_overrides(args)
+    if overrides:
+        cache = dataclasses.replace(preset.cache, **overrides)
         preset = dataclasses.replace(preset, cache=cache).validate()
     memory_model = empty_context = None
     memory_meta: dict[str, Any] | None = None

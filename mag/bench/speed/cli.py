@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mag.app import add_memory_cache_arguments, add_model_flags, machine_info
+from mag.app import add_memory_cache_arguments, add_model_flags, cache_overrides, machine_info
 from mag.bench.speed.measure import run_speed
 from mag.bench.speed.report import peak_bytes
 from mag.bench.speed.setup import (
@@ -129,8 +129,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
                           device=args.device, dtype=dtype, seed=args.seed, steps=args.steps,
                           height=args.height, width=args.width,
                           rope_max_positions=args.rope_max_positions,
-                          memory_sink_frames=args.memory_sink_frames,
-                          memory_slots=args.memory_slots)
+                          cache=cache_overrides(args))
     metadata = {
         "benchmark": "speed",
         "command": shlex.join(["mag", *sys.argv[1:]]),

@@ -6,6 +6,7 @@ Wan-size random models are built on the meta device and materialised on the targ
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,12 +109,12 @@ class SpeedConfig:
 
 def speed_preset(base: str | Preset, *, steps: int | None = None, height: int | None = None,
                  width: int | None = None, rope_max_positions: int | None = None,
-                 memory_sink_frames: int | None = None, memory_slots: int | None = None) -> Preset:
+                 cache: Mapping[str, int] | None = None) -> Preset:
     """Preset ``base`` (a registry name, or a loaded model's preset) with the benchmark's overrides.
 
     ``steps=k`` spaces the few-step list evenly from 1000 down (k=4 gives Self-Forcing's 1000, 750,
-    500, 250), before the preset's shift. A loaded model's preset keeps its own overrides (video
-    size, camera RoPE) under the ones given here.
+    500, 250), before the preset's shift. ``cache``: ``CacheConfig`` fields to override. A loaded
+    model's preset keeps its own overrides (video size, camera RoPE) under the ones given here.
     """
     overrides: dict[str, Any] = {}
     if steps is not None:
@@ -123,8 +124,7 @@ def speed_preset(base: str | Preset, *, steps: int | None = None, height: int | 
             round(TIMESTEP_SCALE * (steps - i) / steps) for i in range(steps))
     for key, value in (("video.height", height), ("video.width", width),
                        ("dit.rope_max_positions", rope_max_positions),
-                       ("cache.memory_sink_frames", memory_sink_frames),
-                       ("cache.memory_slots", memory_slots)):
+                       *((f"cache.{field}", value) for field, value in (cache or {}).items())):
         if value is not None:
             overrides[key] = value
     if isinstance(base, str):
@@ -193,8 +193,8 @@ def random_model(preset: Preset, device: torch.device | str, dtype: torch.dtype,
 def build_models(preset_name: str | None, *, model: str | None, memory_model: str | None,
                  policies: tuple[str, ...], device: str, dtype: torch.dtype, seed: int,
                  steps: int | None = None, height: int | None = None, width: int | None = None,
-                 rope_max_positions: int | None = None, memory_sink_frames: int | None = None,
-                 memory_slots: int | None = None, wan_dir: str | None = None) -> SpeedModels:
+                 rope_max_positions: int | None = None, cache: Mapping[str, int] | None = None,
+                 wan_dir: str | None = None) -> SpeedModels:
     """Load ``--model`` / ``--memory-model`` or build random models of ``preset_name``.
 
     A memory policy with no ``--memory-model`` gets a random memory model of the generator's config
@@ -204,8 +204,7 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
     source: dict[str, Any] = {"generator": "random weights", "memory_model": None}
     if model is None:
         preset = speed_preset(preset_name or "tiny", steps=steps, height=height, width=width,
-                              rope_max_positions=rope_max_positions,
-                              memory_sink_frames=memory_sink_frames, memory_slots=memory_slots)
+                              rope_max_positions=rope_max_positions, cache=cache)
         _check_device(preset, device)
         generator = random_model(preset, device, dtype, seed)
     else:
@@ -219,8 +218,7 @@ def build_models(preset_name: str | None, *, model: str | None, memory_model: st
             raise ConfigError(f"--preset {preset_name} does not match the model's preset "
                               f"{preset.name!r};"
                               " drop --preset (the model defines it)")
-        preset = speed_preset(preset, steps=steps, height=height, width=width,
-                              memory_sink_frames=memory_sink_frames, memory_slots=memory_slots)
+        preset = speed_preset(preset, steps=steps, height=height, width=width, cache=cache)
         generator = generator.to(dtype).requires_grad_(False)
         source["generator"] = {"model": model, "name": meta.get("name"), "stage": meta.get("stage")}
     memory = None
