@@ -204,7 +204,6 @@ class ArchiveCache(KVCache):
         # Best score first, newest first among equals.
         order = np.lexsort((-recency, -scores), axis=1)[:, :count]
         first_slot = policy.sink_frames + policy.ring_slots
-        tokens = self.tokens_per_frame
         for b in range(self.batch_size):
             wanted = set(order[b].tolist())
             current = self.retrieved[b, :count]
@@ -212,16 +211,13 @@ class ArchiveCache(KVCache):
             free = [j for j in range(count) if current[j] not in keep]
             for j, index in zip(free, sorted(wanted - keep), strict=True):
                 kv = self.archive.frame(index, b).to(self.k.device, non_blocking=True)
-                span = slice((first_slot + j) * tokens, (first_slot + j + 1) * tokens)
+                span = self._span(first_slot + j)
                 self.k[:, b, :, span] = kv[0]
                 self.v[:, b, :, span] = kv[1]
                 self.retrieved[b, j] = index
                 self.slot_frames[b, first_slot + j] = self.archive.frame_indices[index]
                 self.slot_stored[b, first_slot + j] = self.archive.stored_positions[index]
-        for j in range(count):
-            self._valid[first_slot + j] = True
-        self.valid_slots = tuple(i for i, ok in enumerate(self._valid) if ok)
-        self._read_index = self._make_read_index()
+        self._mark_valid(range(first_slot, first_slot + count))
 
     def _newest_ring_slot(self) -> int:
         ring = range(self._policy.sink_frames, self._policy.sink_frames + self._policy.ring_slots)
@@ -230,8 +226,7 @@ class ArchiveCache(KVCache):
     def _descriptor(self, slot: int) -> np.ndarray:
         """``[B, layers * head_dim]`` value of a slot's frame averaged over tokens and heads (values
         carry no RoPE, so frames stored at different positions compare by content; syncs)."""
-        span = slice(slot * self.tokens_per_frame, (slot + 1) * self.tokens_per_frame)
-        mean = self.v[:, :, :, span].float().mean(dim=(2, 3))  # [L, B, D]
+        mean = self.v[:, :, :, self._span(slot)].float().mean(dim=(2, 3))  # [L, B, D]
         return mean.transpose(0, 1).flatten(1).cpu().numpy()
 
     # -- write ---------------------------------------------------------------------------------
@@ -247,8 +242,12 @@ class ArchiveCache(KVCache):
                 self._archive_slot(slot)
         return pending
 
+    def _span(self, slot: int) -> slice:
+        """The tokens of ``slot`` in the K/V storage."""
+        return slice(slot * self.tokens_per_frame, (slot + 1) * self.tokens_per_frame)
+
     def _archive_slot(self, slot: int) -> None:
-        span = slice(slot * self.tokens_per_frame, (slot + 1) * self.tokens_per_frame)
+        span = self._span(slot)
         camera = self._slot_camera.get(slot)
         self.archive.append(self.k[:, :, :, span], self.v[:, :, :, span],
                             stored_position=int(self.slot_stored[0, slot]),

@@ -232,11 +232,15 @@ class KVCache:
         self.slot_positions.index_copy_(0, pending.dest_slots,
                                         frame_positions.to(self.slot_positions.device)
                                         [pending.kept_frames])
-        for slot in plan.slots:
-            self._valid[slot] = True
-        self.valid_slots = tuple(i for i, ok in enumerate(self._valid) if ok)
+        self._mark_valid(plan.slots)
         self.frames_seen += pending.num_block_frames
         self.frames_retained += len(plan.frames)
+
+    def _mark_valid(self, slots: Sequence[int]) -> None:
+        """Mark ``slots`` valid and rebuild the read order (host ints; a non-blocking copy)."""
+        for slot in slots:
+            self._valid[slot] = True
+        self.valid_slots = tuple(i for i, ok in enumerate(self._valid) if ok)
         self._read_index = self._make_read_index()
 
     def _make_read_index(self) -> Tensor | None:

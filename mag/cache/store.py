@@ -8,6 +8,7 @@ its stream frame index, its camera (or None) and a key descriptor for retrieval 
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import weakref
@@ -17,13 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mag.cache.kv import KV_TENSORS
 from mag.errors import ConfigError
 from mag.io.files import atomic_path
 
 # Frames per host chunk: the unit of spilling to disk.
 CHUNK_FRAMES = 64
-# K and V of a frame are stored together.
-KV_PAIR = 2
 
 
 class FrameArchive:
@@ -50,8 +50,7 @@ class FrameArchive:
         self.host_bytes = host_bytes
         self.chunk_frames = chunk_frames
         self.spill_parent = None if spill_dir is None else Path(spill_dir)
-        self.frame_bytes = KV_PAIR * int(np.prod(frame_shape)) * torch.empty((), dtype=dtype
-                                                                             ).element_size()
+        self.frame_bytes = KV_TENSORS * math.prod(frame_shape) * dtype.itemsize
         self._spill_dir: Path | None = None
         self._finalizer: weakref.finalize | None = None
         self.clear()
@@ -96,7 +95,7 @@ class FrameArchive:
         index = len(self)
         chunk, row = divmod(index, self.chunk_frames)
         if chunk == len(self._chunks):
-            self._chunks.append(torch.empty((self.chunk_frames, KV_PAIR, *self.frame_shape),
+            self._chunks.append(torch.empty((self.chunk_frames, KV_TENSORS, *self.frame_shape),
                                             dtype=self.dtype, pin_memory=self.pin))
             self._spill_full_chunks()
         store = self._chunks[chunk]
@@ -149,7 +148,7 @@ class FrameArchive:
                 self._copied[index].synchronize()
             return store[row, :, :, sample]
         raw = torch.from_numpy(np.array(store[row]))
-        return raw.view(self.dtype).view(KV_PAIR, *self.frame_shape)[:, :, sample]
+        return raw.view(self.dtype).view(KV_TENSORS, *self.frame_shape)[:, :, sample]
 
 
 class _Rows:
