@@ -36,7 +36,7 @@ STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
 GENERATOR_STAGES = ("teacher", "causal", "dmd", "mag-generator")
 # Stage of a training checkpoint without "stage" metadata, from its recipe's objective kind.
 STAGE_OF_OBJECTIVE = {"teacher_fm": "teacher", "causal_fm": "causal", "ode": "causal", "dmd": "dmd",
-                      "memory": "memory"}
+                      "memory": "memory", "horizon": "causal"}
 
 
 @dataclass(frozen=True)

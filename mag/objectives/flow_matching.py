@@ -51,7 +51,8 @@ def apply_cfg_dropout(context: Tensor, empty_context: Tensor, drop: Tensor) -> T
     return torch.where(drop[:, None, None], empty_context.expand_as(context), context)
 
 
-def _target(scheduler: FlowMatchScheduler, x0: Tensor, noise: Tensor) -> Tensor:
+def flow_matching_target(scheduler: FlowMatchScheduler, x0: Tensor, noise: Tensor) -> Tensor:
+    """What the model regresses: the clean ``x0`` or the velocity ``noise - x0``."""
     return x0 if scheduler.prediction == "x0" else scheduler.velocity_target(x0, noise)
 
 
@@ -67,7 +68,7 @@ def teacher_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSched
     _check_draws(x0, noise)
     x_t = scheduler.add_noise(x0, noise, timestep)
     out = model(x_t, timestep, context, width_offsets=width_offsets)
-    per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
+    per_element = (out.float() - flow_matching_target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
 
 
@@ -90,7 +91,7 @@ def causal_flow_matching_loss(model: torch.nn.Module, scheduler: FlowMatchSchedu
     x_t = scheduler.add_noise(x0, noise, t_frame)
     mask = teacher_forcing_mask(num_frames, frames_per_block, device=x0.device)
     out = clean_noisy_forward(model, x0, x_t, t_frame, context, mask, width_offsets=width_offsets)
-    per_element = (out.float() - _target(scheduler, x0, noise).float()) ** 2
+    per_element = (out.float() - flow_matching_target(scheduler, x0, noise).float()) ** 2
     return LossOutput(per_element.mean(), per_element.detach())
 
 

@@ -111,12 +111,12 @@ def load_dcp(path: str | Path, networks: dict[str, Trained], ema: dict[str, Tens
 
 
 def check_memory_record(stored: Any, current: dict[str, str]) -> None:
-    """Refuse a DMD resume whose ``mag`` rollouts would use other memory-model weights than the
-    run's."""
+    """Refuse a resume whose caches (``mag`` rollouts, ``horizon`` streams) would be written by
+    other memory-model weights than the run's."""
     if isinstance(stored,
                   dict) and current and stored.get("weights_sha256") != current["weights_sha256"]:
-        raise CheckpointError(f"dmd.memory_model {current['source']!r} has other weights than the "
-                              "memory"
+        raise CheckpointError(f"memory model {current['source']!r} has other weights than the"
+                              " memory"
                               f" model this run started with ({stored.get('source')!r}); resume "
                               "with the same"
                               " memory model file, or start a new run")

@@ -111,6 +111,8 @@ def networks_of(recipe: Recipe) -> tuple[Network, ...]:
         nets += [Network("critic", trainable=True), Network("teacher", trainable=False)]
         if recipe.dmd.rollout_policy == "mag":
             nets.append(Network("memory", trainable=False))
+    if recipe.objective.kind == "horizon":
+        nets.append(Network("memory", trainable=False))
     return tuple(nets)
 
 

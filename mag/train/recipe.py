@@ -23,6 +23,7 @@ from mag.train.recipe_sections import (
     SELF_FORCING_DMD_BETAS,
     CheckpointFormat,
     DMDConfig,
+    HorizonConfig,
     MixedPrecision,
     ParallelConfig,
     RolloutPolicy,
@@ -30,7 +31,8 @@ from mag.train.recipe_sections import (
 
 # The whole recipe, the sections of mag.train.recipe_sections included.
 __all__ = ["CAUSAL_OBJECTIVES", "CHECKPOINT_FORMATS", "CheckpointFormat", "DATA_SOURCES",
-           "DMDConfig", "DataConfig", "InitConfig", "LoopConfig", "MIXED_PRECISIONS",
+           "DMDConfig", "DataConfig", "HorizonConfig", "InitConfig", "LoopConfig",
+           "MIXED_PRECISIONS",
            "MixedPrecision", "OBJECTIVES", "ODEConfig", "ObjectiveConfig", "ObjectiveKind",
            "OptimConfig", "ParallelConfig", "RESUMABLE_CHANGES", "ROLLOUT_POLICIES", "Recipe",
            "RolloutPolicy", "SELF_FORCING_DMD_BETAS", "check_field_types", "load_recipe",
@@ -39,11 +41,11 @@ __all__ = ["CAUSAL_OBJECTIVES", "CHECKPOINT_FORMATS", "CheckpointFormat", "DATA_
 
 DATA_SOURCES: tuple[str, ...] = ("world", "prompts", "shards")
 
-ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory"]
-OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory")
+ObjectiveKind = Literal["teacher_fm", "causal_fm", "ode", "dmd", "memory", "horizon"]
+OBJECTIVES: tuple[str, ...] = ("teacher_fm", "causal_fm", "ode", "dmd", "memory", "horizon")
 # Objectives whose student is the block-causal generator (``teacher_fm`` trains the bidirectional
 # teacher, ``memory`` the stage-1 memory model).
-CAUSAL_OBJECTIVES: tuple[str, ...] = ("causal_fm", "ode", "dmd")
+CAUSAL_OBJECTIVES: tuple[str, ...] = ("causal_fm", "ode", "dmd", "horizon")
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,10 @@ class ObjectiveConfig:
             block-causal flow matching on ``[clean ; noisy]`` sequences, CausVid-style init),
             ``ode`` (the causal student regresses the teacher's ODE endpoint from its trajectory,
             Self-Forcing's init; needs ``ode.pairs``), ``dmd`` (Self-Forcing DMD with a critic;
-            needs ``dmd.teacher``) or ``memory`` (the stage-1 memory model: reconstruct whole blocks
-            from their compressed last frames, always with the empty prompt; ``init.model`` should
-            be the generator).
+            needs ``dmd.teacher``), ``horizon`` (flow matching on long leave-and-return clips
+            that read the two-tier memory, ``[horizon]``) or ``memory`` (the stage-1 memory model:
+            reconstruct whole blocks from their compressed last frames, always with the empty
+            prompt; ``init.model`` should be the generator).
         cfg_dropout: probability of replacing the prompt with the empty prompt (enables CFG and
             teaches the model to draw from history alone); flow-matching kinds only (``memory``
             always reads the empty prompt and ignores it).
@@ -210,6 +213,7 @@ class Recipe:
     init: InitConfig = field(default_factory=InitConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    horizon: HorizonConfig = field(default_factory=HorizonConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
@@ -240,6 +244,8 @@ class Recipe:
         elif self.data.source == "prompts":
             raise ConfigError(f"data.source = 'prompts' gives prompts only: objective.kind ="
                               f" {self.objective.kind!r} trains on clips; use 'world' or 'shards'")
+        if self.objective.kind == "horizon":
+            self.horizon.validate(preset, self.data.clip_frames)
         if (
             self.objective.kind == "memory"
             and self.data.clip_frames > preset.dit.rope_max_positions
@@ -256,7 +262,7 @@ class Recipe:
 
 # Recipe sections that are typed dataclasses (every field has a default, whose type the value must
 # have).
-_SECTIONS = ("objective", "optim", "loop", "data", "init", "ode", "dmd")
+_SECTIONS = ("objective", "optim", "loop", "data", "init", "ode", "dmd", "horizon")
 
 
 def check_field_types(cfg: Any, section: str) -> None:

@@ -1,4 +1,5 @@
-"""The DMD and parallelism sections of a training recipe (``[dmd]``, ``[parallel]``).
+"""The DMD, horizon and parallelism sections of a training recipe (``[dmd]``, ``[horizon]``,
+``[parallel]``).
 
 Typed frozen dataclasses, validated on construction by :mod:`mag.train.recipe`, which re-exports
 them. ``[parallel]`` is the only section a run may change on resume besides cadence fields.
@@ -149,6 +150,41 @@ class DMDConfig:
                               "block size"
                               f" {frames_per_block} up to the rollout's {frames} frames, got"
                               f" {self.grad_last_frames}")
+
+
+@dataclass(frozen=True)
+class HorizonConfig:
+    """Memory past the training horizon (``objective.kind = "horizon"``): flow matching on blocks
+    that read the two-tier memory (policy ``archive``) of long leave-and-return clips.
+
+    Attributes:
+        memory_model: the frozen stage-1 memory model that writes the cache (a ``memory`` model
+            file, checkpoint or registry name; its ``dit`` config must equal the recipe's).
+        return_blocks: the clip's last blocks scored every step (a loop clip's return: views
+            last seen about a dwell earlier).
+        other_blocks: blocks scored besides, drawn among the blocks after the sinks and before
+            the return (one draw per micro-batch).
+    """
+
+    memory_model: str = ""
+    return_blocks: int = 2
+    other_blocks: int = 2
+
+    def validate(self, preset: Preset, clip_frames: int) -> None:
+        if not self.memory_model:
+            raise ConfigError("objective.kind = 'horizon' needs horizon.memory_model (the stage-1 "
+                              "memory model file or registry name, e.g. tiny-memory)")
+        if self.return_blocks < 0 or self.other_blocks < 0 or not (self.return_blocks
+                                                                   + self.other_blocks):
+            raise ConfigError("horizon.return_blocks and horizon.other_blocks must be >= 0 and "
+                              f"not both 0, got {self.return_blocks}, {self.other_blocks}")
+        fpb = preset.cache.frames_per_block
+        first = -(-preset.cache.memory_sink_frames // fpb)  # blocks holding the sinks
+        if first + self.other_blocks + self.return_blocks > clip_frames // fpb:
+            raise ConfigError(f"data.clip_frames={clip_frames} holds {clip_frames // fpb} blocks: "
+                              f"too few for {first} sink block(s), horizon.other_blocks="
+                              f"{self.other_blocks} and horizon.return_blocks="
+                              f"{self.return_blocks}")
 
 
 MixedPrecision = Literal["fp32", "bf16"]

@@ -72,6 +72,7 @@ from mag.train.steps import (
     MEMORY_MODEL_METADATA,
     DMDStep,
     FlowMatchingStep,
+    HorizonStep,
     MemoryStep,
     ODEStep,
     SampleDraws,
@@ -200,7 +201,10 @@ class Trainer:
                                     if kind == "dmd" else None)
         self.runner: SupervisedStep | DMDStep = (
             self.dmd if self.dmd is not None else ODEStep(ctx) if kind == "ode"
-            else MemoryStep(ctx) if kind == "memory" else FlowMatchingStep(ctx))
+            else MemoryStep(ctx) if kind == "memory" else HorizonStep(ctx) if kind == "horizon"
+            else FlowMatchingStep(ctx))
+        # The frozen memory model the run's caches are written with (mag rollouts, horizon).
+        self.memory_record: dict[str, str] = getattr(self.runner, "memory_record", {})
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -220,8 +224,7 @@ class Trainer:
         shards."""
         if isinstance(state, Path):
             metadata = load_dcp(state, self._trained(), self.ema.state_dict())
-            if self.dmd is not None:
-                check_memory_record(metadata.get(MEMORY_MODEL_METADATA), self.dmd.memory_record)
+            check_memory_record(metadata.get(MEMORY_MODEL_METADATA), self.memory_record)
             self.step = int(metadata["step"])
             self.train_seconds = float(metadata.get("train_seconds", 0.0))
             return
@@ -240,6 +243,7 @@ class Trainer:
                 self.optimizer.load_state_dict(state.optimizer)
         if self.dmd is not None:
             self.dmd.load_state(state.extra, state.metadata)
+        check_memory_record(state.metadata.get(MEMORY_MODEL_METADATA), self.memory_record)
         restore_rng(state.rng)
         self.step = state.step
         self.train_seconds = float(state.metadata.get("train_seconds", 0.0))
@@ -253,10 +257,8 @@ class Trainer:
         (:mod:`mag.train.dcp`).
         """
         if self.recipe.parallel.checkpoint == "dcp":
-            memory = self.dmd.memory_record if self.dmd is not None else {}
-            metadata = {**self._metadata(), **({MEMORY_MODEL_METADATA: memory} if memory else {})}
             path = save_dcp(self.ckpt_dir, self.step, self._trained(), self.ema.state_dict(),
-                            metadata, self.dist, self.recipe.loop.keep_last)
+                            self._metadata(), self.dist, self.recipe.loop.keep_last)
             return path if self.is_main else None
         if is_sharded(self.model):
             model = full_model_state(self.model)
@@ -285,7 +287,8 @@ class Trainer:
         return {"recipe": self.recipe.to_dict(), "preset": self.preset.to_dict(),
                 "commit": git_commit(),
                 "kind": "training", "train_seconds": self.train_seconds, "device": str(self.device),
-                "threads": torch.get_num_threads(), "world_size": self.dist.world_size}
+                "threads": torch.get_num_threads(), "world_size": self.dist.world_size,
+                **({MEMORY_MODEL_METADATA: self.memory_record} if self.memory_record else {})}
 
     # ------------------------------------------------------------------ one step
     def _lr_scale(self, step: int) -> float:

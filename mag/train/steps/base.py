@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from mag.config import Preset, config_differences
 from mag.data.shards import LatentBatch
-from mag.errors import CheckpointError, InputError
+from mag.errors import CheckpointError, ConfigError, InputError
+from mag.memory import load_memory_model, memory_model_mismatch
 from mag.models import WanDiT
+from mag.registry import model_stage
 from mag.schedulers import FlowMatchScheduler
 from mag.text import PromptEmbeddingCache
 from mag.train.data import ClipBatch, ClipSource, WorldClipSource
@@ -37,6 +39,7 @@ ROLE_HISTORY = 3           # DMD history rollout's draws
 ROLE_SHARED_GENERATOR = 4  # index 0: exit step and history choice of a generator micro-batch
 ROLE_SHARED_CRITIC = 5     # index 0: exit step of a critic micro-batch
 ROLE_SHARED_MEMORY = 6     # index 0: first RoPE position of a memory micro-batch
+ROLE_SHARED_HORIZON = 7    # index 0: the other scored blocks of a horizon micro-batch
 
 
 def sample_generator(seed: int, step: int, micro: int, index: int) -> torch.Generator:
@@ -135,3 +138,23 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_frozen_memory_model(source: str, ctx: StepContext, field: str) -> tuple[WanDiT,
+                                                                                 dict[str, str]]:
+    """The stage-1 memory model a run's caches are written by (eval, no gradient) and its checkpoint
+    record (source, name, stage, weights digest).
+
+    :func:`mag.memory.load_memory_model` refuses generator files (CheckpointError); a memory model
+    of another network than the recipe's is a ConfigError naming ``field``.
+    """
+    memory, memory_preset, meta = load_memory_model(source, ctx.device)
+    mismatch = memory_model_mismatch(ctx.preset, memory_preset, fields=("dit",))
+    if mismatch is not None:
+        raise ConfigError(f"{field} {source!r} is a different network from the generator: its"
+                          f" {mismatch} differs from the recipe's; train the memory model from"
+                          " this generator (objective.kind = 'memory')")
+    memory.requires_grad_(False)
+    record = {"source": str(source), "name": str(meta.get("name", "")),
+              "stage": str(model_stage(meta)), "weights_sha256": weights_digest(memory)}
+    return memory, record

@@ -16,11 +16,7 @@ from torch import Tensor, nn
 
 from mag.cache import CachePolicy
 from mag.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
-from mag.errors import CheckpointError, ConfigError
-from mag.memory import (
-    load_memory_model,
-    memory_model_mismatch,
-)
+from mag.errors import CheckpointError
 from mag.models import WanDiT
 from mag.objectives.dmd import (
     DMDUpdateSchedule,
@@ -40,7 +36,7 @@ from mag.pipelines.rollout import (
     draw_rollout_noise,
     self_forcing_rollout,
 )
-from mag.registry import GENERATOR_STAGES, model_stage
+from mag.registry import GENERATOR_STAGES
 from mag.schedulers import FlowMatchScheduler
 from mag.train.distributed import DistributedContext
 from mag.train.ema import EMA
@@ -61,7 +57,7 @@ from mag.train.steps.base import (
     Parallelize,
     StepContext,
     draw_generator,
-    weights_digest,
+    load_frozen_memory_model,
 )
 
 # Checkpoint keys of the DMD step's own state (inside the checkpoint's ``extra.`` section).
@@ -161,27 +157,10 @@ class DMDStep:
 
     def _load_memory_model(self) -> tuple[WanDiT | None, dict[str, str]]:
         """The frozen memory model of a ``mag`` rollout and its checkpoint record (None, {}
-        otherwise).
-
-        :func:`mag.memory.load_memory_model` refuses generator files (CheckpointError); a memory
-        model of another network than the generator is a ConfigError.
-        """
+        otherwise)."""
         if self.dmd.rollout_policy != "mag":
             return None, {}
-
-        source, preset = self.dmd.memory_model, self.ctx.preset
-        memory, memory_preset, meta = load_memory_model(source, self.ctx.device)
-        mismatch = memory_model_mismatch(preset, memory_preset, fields=("dit",))
-        if mismatch is not None:
-            raise ConfigError(f"dmd.memory_model {source!r} is a different network from the "
-                              "generator: its"
-                              f" {mismatch} differs from the recipe's; train the memory model "
-                              "from this"
-                              " generator (objective.kind = 'memory')")
-        memory.requires_grad_(False)
-        record = {"source": str(source), "name": str(meta.get("name", "")),
-                  "stage": str(model_stage(meta)), "weights_sha256": weights_digest(memory)}
-        return memory, record
+        return load_frozen_memory_model(self.dmd.memory_model, self.ctx, "dmd.memory_model")
 
     def _check(self, model: WanDiT, field: str, source: str) -> WanDiT:
         cfg, dit = model.cfg, self.ctx.preset.dit
