@@ -1,6 +1,7 @@
 """``mag demo``: one held-out backtracking episode, generated under MAG's compressed memory and
 under a sliding window from the same switch point and the same noise, side by side with the ground
-truth.
+truth; ``--long``: an A -> B -> A loop episode whose return comes hundreds of frames later, under
+the two-tier memory (``archive``) and the window.
 
 The episode's history is fed into each policy's cache, then the rest is generated through the
 consistency benchmark's own streaming loop; revisit PSNR compares generated frames with the history
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mag.app import (
+    DEFAULTS,
     DemoConfig,
     LoadedModels,
     add_model_arguments,
@@ -54,7 +56,11 @@ __all__ = ["DEMO_POLICIES", "compose_panels", "run_demo"]
 
 # The two policies compared side by side, in panel order after the ground truth.
 DEMO_POLICIES: tuple[str, ...] = ("mag", "window")
-POLICY_LABELS = {"mag": "MAG", "window": "window"}
+# ``--long``: the loop world, its policies and the models trained for it (when not given).
+LONG_WORLD = "loop-600"
+LONG_POLICIES: tuple[str, ...] = ("archive", "window")
+LONG_MODEL, LONG_MEMORY_MODEL = "tiny-horizon", "tiny-horizon-memory"
+POLICY_LABELS = {"mag": "MAG", "archive": "MAG archive", "window": "window"}
 GROUND_TRUTH_LABEL = "ground truth"
 # Nearest-neighbour upscale of the 16x16 frames in the video (128x128 panels) and in the strip.
 VIDEO_SCALE = 8
@@ -132,29 +138,34 @@ class DemoResult:
     """What one demo run produced: generated frames per policy and their scores."""
 
     episode: BenchEpisode
-    frames: dict[str, np.ndarray]  # policy -> uint8 [num_generate, H, W, 3]
+    frames: dict[str, np.ndarray]  # policy -> uint8 [num_generate, H, W, 3], in panel order
     summaries: dict[str, dict[str, Any]]  # policy -> consistency episode_summary
     within: np.ndarray  # bool [num_generate]: history match within the window's attention
 
 
 def run_demo(loaded: LoadedModels, config: DemoConfig, *, episode_index: int = DEFAULT_EPISODE,
-             seed: int = DEFAULT_SEED, split: str = "test", progress: bool = True) -> DemoResult:
-    """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` with the same noise;
-    score it."""
+             seed: int = DEFAULT_SEED, split: str = "test", progress: bool = True,
+             long: bool = False) -> DemoResult:
+    """Generate test episode ``episode_index`` under :data:`DEMO_POLICIES` (``long``: episode of
+    :data:`LONG_WORLD` under :data:`LONG_POLICIES`) with the same noise; score it."""
     import torch
     from tqdm.auto import tqdm
 
     if episode_index < 0:
         raise ConfigError(f"--episode must be >= 0, got {episode_index}")
     preset, model = loaded.preset, loaded.model
-    policies = build_policies(DEMO_POLICIES, preset, memory_model=loaded.memory,
-                              empty_context=loaded.empty_context)
-    # Episodes as long as the generator's training clips: longer ones are out of its distribution.
-    try:
-        world, _ = bench_world(preset, training_world=loaded.training_world(),
-                               episode_frames=loaded.clip_frames())
-    except ConfigError:  # training clips shorter than a return trip: the world's own episode length
-        world, _ = bench_world(preset, training_world=loaded.training_world())
+    policies = build_policies(LONG_POLICIES if long else DEMO_POLICIES, preset,
+                              memory_model=loaded.memory, empty_context=loaded.empty_context)
+    if long:
+        world, _ = bench_world(preset, name=LONG_WORLD)
+    else:
+        # Episodes as long as the generator's training clips: longer ones are out of its
+        # distribution.
+        try:
+            world, _ = bench_world(preset, training_world=loaded.training_world(),
+                                   episode_frames=loaded.clip_frames())
+        except ConfigError:  # clips shorter than a return trip: the world's own episode length
+            world, _ = bench_world(preset, training_world=loaded.training_world())
     episode = world_episodes(world, split=split, count=1, start=episode_index)[0]
     context = loaded.encode([episode.prompt])
     codec = get_codec_for(preset.video)
@@ -203,8 +214,8 @@ def write_demo_video(path: Path, result: DemoResult) -> Path:
     ep = result.episode
     s = ep.switch_frame
     truth = ep.frames[:s + ep.num_generate]
-    panels = [truth] + [np.concatenate([truth[:s], result.frames[name]]) for name in DEMO_POLICIES]
-    labels = [GROUND_TRUTH_LABEL] + [POLICY_LABELS[name] for name in DEMO_POLICIES]
+    panels = [truth] + [np.concatenate([truth[:s], result.frames[name]]) for name in result.frames]
+    labels = [GROUND_TRUTH_LABEL] + [POLICY_LABELS[name] for name in result.frames]
     statuses, highlight = _frame_statuses(result)
     video = compose_panels(panels, labels, statuses, highlight)
     return write_mp4(path, video, DEMO_FPS, scale=1)
@@ -234,7 +245,7 @@ def write_revisit_strip(path: Path, result: DemoResult) -> Path:
     rows = [ep.frames[ep.history_match[columns]], ep.frames[ep.frame_indices[columns]]]
     labels = [f"history: the same view, seen before frame {ep.switch_frame}",
               f"ground truth, frames {first}-{last}"]
-    for name in DEMO_POLICIES:
+    for name in result.frames:
         rows.append(result.frames[name][columns])
         labels.append(f"{POLICY_LABELS[name]}: beyond-window revisit PSNR "
                       f"{_db(revisit_psnr(result, name))}")
@@ -259,7 +270,7 @@ def demo_record(result: DemoResult, config: DemoConfig, loaded: LoadedModels, se
     ep = result.episode
     revisited = ep.history_match >= 0
     policies = {}
-    for name in DEMO_POLICIES:
+    for name in result.frames:
         summary = result.summaries[name]
         policies[name] = {
             "revisit_psnr_db": {category: revisit_psnr(result, name, category)
@@ -304,20 +315,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"test-split episode index (default {DEFAULT_EPISODE})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="noise seed (the same for both "
                                                                   "policies)")
+    p.add_argument("--long", action="store_true",
+                   help=f"a long return instead: a held-out {LONG_WORLD} episode (A -> B -> A, back"
+                        " to A a few hundred frames later) under the two-tier memory (archive) and"
+                        f" the window; the default models become {LONG_MODEL} and"
+                        f" {LONG_MEMORY_MODEL}")
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_demo)
+    # None: the defaults of the chosen demo (the short one's are in the --model help).
+    p.set_defaults(func=_cmd_demo, model=None, memory_model=None)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     set_threads(args.threads)
+    model, memory = (LONG_MODEL, LONG_MEMORY_MODEL) if args.long else (DEFAULTS.model,
+                                                                       DEFAULTS.memory_model)
+    args.model, args.memory_model = args.model or model, args.memory_model or memory
     config = config_from_args(args)
     sampler_config(config)
     out = check_output_dir(args.out)
     loaded = load_models(config, device=args.device, dtype=dtype_from_args(args))
     result = run_demo(loaded, config, episode_index=args.episode, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, long=args.long)
     write_demo_video(out / "demo.mp4", result)
     write_revisit_strip(out / "revisit.png", result)
     record = demo_record(result, config, loaded, time.time() - started, args.seed, args.device)
@@ -325,9 +345,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ep = result.episode
     print(f"test episode {ep.name}: {ep.switch_frame} history frames, {ep.num_generate} generated,"
           f" {len(record['episode']['beyond_window_frames'])} revisit a view beyond the window")
-    for name in DEMO_POLICIES:
+    for name in result.frames:
         psnr = record["policies"][name]["revisit_psnr_db"]
-        print(f"{POLICY_LABELS[name]:>7}: revisit PSNR {_db(psnr['beyond'])} beyond the window,"
+        print(f"{POLICY_LABELS[name]:>11}: revisit PSNR {_db(psnr['beyond'])} beyond the window,"
               f" {_db(psnr['all'])} over all revisits")
     print(f"wrote {out / 'demo.mp4'}, {out / 'revisit.png'}, {out / 'demo.json'} "
           f"({record['seconds']} s)")

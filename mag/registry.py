@@ -10,6 +10,7 @@ model file or a training checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ STAGES = ("teacher", "causal", "dmd", "memory", "mag-generator")
 # Stages whose model can sit in a generator slot (stream, benchmark); "memory" only writes
 # compressed K/V.
 GENERATOR_STAGES = ("teacher", "causal", "dmd", "mag-generator")
+# Shipped names that stand for another shipped file: alias -> (target, why).
+SHIPPED_ALIASES = {
+    "tiny-horizon-memory": ("tiny-memory", "tiny-horizon was trained reading tiny-memory's cache;"
+                                           " the memory model was not retrained"),
+}
 # Stage of a training checkpoint without "stage" metadata, from its recipe's objective kind.
 STAGE_OF_OBJECTIVE = {"teacher_fm": "teacher", "causal_fm": "causal", "ode": "causal", "dmd": "dmd",
                       "memory": "memory", "horizon": "causal"}
@@ -55,6 +61,8 @@ class ModelInfo:
     train_device: str  # device of the last sitting, e.g. "cuda x2 threads"
     recipe: str
     commit: str
+    alias_of: str = ""  # the shipped model this name stands for ("" for a file of its own)
+    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -141,8 +149,12 @@ def shipped_models() -> dict[str, ModelInfo]:
     """Models that ship with the package, by name."""
     if not SHIPPED_DIR.is_dir():
         return {}
-    infos = [model_info(p) for p in sorted(SHIPPED_DIR.glob("*.safetensors"))]
-    return {info.name: info for info in infos}
+    infos = {info.name: info for info in map(model_info,
+                                               sorted(SHIPPED_DIR.glob("*.safetensors")))}
+    for alias, (target, why) in SHIPPED_ALIASES.items():
+        if target in infos:
+            infos[alias] = dataclasses.replace(infos[target], name=alias, alias_of=target, note=why)
+    return infos
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -271,7 +283,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for info in infos.values():
         print(f"{info.name:<20}{info.stage:<15}{info.preset:<8}{info.params:>11,}"
               f"{info.size_bytes / 1e6:>7.1f}M{info.train_steps:>7}{info.train_minutes:>11}"
-              f"  {info.train_device}")
+              f"  {info.train_device}" + (f" (= {info.alias_of}: {info.note})"
+                                          if info.alias_of else ""))
     return 0
 
 

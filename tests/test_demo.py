@@ -18,6 +18,9 @@ from mag.cli import main
 from mag.demo import (
     DEMO_POLICIES,
     LABEL_BAND_PX,
+    LONG_MEMORY_MODEL,
+    LONG_MODEL,
+    LONG_POLICIES,
     PANEL_GAP_PX,
     STATUS_BAND_PX,
     compose_panels,
@@ -53,6 +56,27 @@ def test_defaults_name_shipped_models():
     shipped = shipped_models()
     assert DEFAULTS.model in shipped and shipped[DEFAULTS.model].stage != "memory"
     assert shipped[DEFAULTS.memory_model].stage == "memory"
+
+
+def test_long_demo_defaults_name_shipped_models():
+    shipped = shipped_models()
+    assert LONG_MODEL in shipped and shipped[LONG_MODEL].stage == "causal"
+    assert shipped[LONG_MEMORY_MODEL].stage == "memory"
+
+
+def test_long_demo_returns_hundreds_of_frames_later(models, tmp_path, capsys):
+    assert _cli(models, tmp_path / "out", "--long") == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert list(record["policies"]) == list(LONG_POLICIES)
+    assert "MAG archive: revisit PSNR" in printed
+    episode = record["episode"]
+    assert episode["total_frames"] == 600
+    # The return to A: views last seen before the dwell in B, far beyond the window.
+    beyond = episode["beyond_window_frames"]
+    assert len(beyond) > 0 and beyond[-1] == episode["total_frames"] - 1
+    video = read_mp4(tmp_path / "out" / "demo.mp4")
+    assert video.shape[0] == episode["total_frames"]
 
 
 def test_demo_writes_video_strip_and_json(models, tmp_path, capsys):
