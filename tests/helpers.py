@@ -108,6 +108,15 @@ def trained_model_file(root: Path, kind: str, name: str, stage: str,
                         root / f"{name}.safetensors", name=name, stage=stage)
 
 
+def memory_model_file(root: Path, generator: Path, steps: int = 2) -> Path:
+    """A camera-anchored memory-model file after ``steps`` memory steps from ``generator``'s
+    weights."""
+    data = recipe_dict("memory", steps=steps, overrides=CAMERA, init={"model": str(generator)})
+    Trainer(recipe_from_dict(data), root / "run", progress=False).run()
+    return export_model(latest_checkpoint(root / "run" / "checkpoints"),
+                        root / "memory.safetensors", name="memory", stage="memory")
+
+
 def dmd_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Everything a DMD run carries: generator, EMA, critic and both AdamW states (cloned)."""
     state = {f"gen.{k}": v for k, v in trainer.model.state_dict().items()}

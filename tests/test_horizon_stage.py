@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAMERA, TINY_OVERRIDES, random_dit, recipe_dict, trained_model_file
+from helpers import (
+    CAMERA,
+    TINY_OVERRIDES,
+    memory_model_file,
+    random_dit,
+    recipe_dict,
+    trained_model_file,
+)
 
 from mag.cache import ArchiveCache
 from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.errors import CheckpointError, ConfigError
 from mag.objectives.flow_matching import flow_matching_target
 from mag.pipelines import StreamingGenerator, policy_from_name, writer_for
-from mag.registry import export_model
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
 from mag.train.steps import MEMORY_MODEL_METADATA, HorizonStep
 from mag.train.trainer import Trainer
@@ -42,11 +48,7 @@ def generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def memory(generator: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("memory")
-    data = recipe_dict("memory", overrides=CAMERA, init={"model": str(generator)})
-    Trainer(recipe_from_dict(data), root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"),
-                        root / "memory.safetensors", name="memory", stage="memory")
+    return memory_model_file(tmp_path_factory.mktemp("memory"), generator)
 
 
 def _recipe(memory: Path | str, steps: int = 2, cfg_dropout: float = 0.1,
@@ -206,10 +208,7 @@ def test_resume_is_bitwise_and_the_memory_model_is_checked(memory, generator, tm
     memory_copy.write_bytes(memory.read_bytes())
     moved = _recipe(memory_copy, steps=6)
     Trainer(moved, tmp_path / "c", progress=False).run(max_steps=1)
-    retrained = tmp_path / "retrained"
-    data = recipe_dict("memory", steps=3, overrides=CAMERA, init={"model": str(generator)})
-    Trainer(recipe_from_dict(data), retrained, progress=False).run()
-    export_model(latest_checkpoint(retrained / "checkpoints"), memory_copy, name="memory",
-                 stage="memory")
+    retrained = memory_model_file(tmp_path / "retrained", generator, steps=3)
+    memory_copy.write_bytes(retrained.read_bytes())
     with pytest.raises(CheckpointError, match="other weights than the memory model"):
         Trainer(moved, tmp_path / "c", resume=True, progress=False)

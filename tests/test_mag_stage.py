@@ -20,6 +20,7 @@ from helpers import (
     CAMERA,
     TINY_OVERRIDES,
     assert_dmd_resume_is_bitwise,
+    memory_model_file,
     random_dit,
     recipe_dict,
     trained_model_file,
@@ -30,7 +31,6 @@ from safetensors.torch import save_file
 from mag.cache import DownsamplePolicy, FullPolicy, MagPolicy
 from mag.checkpoint import latest_checkpoint, load_checkpoint
 from mag.errors import CheckpointError, ConfigError
-from mag.registry import export_model
 from mag.train.recipe import Recipe, load_recipe, recipe_from_dict
 from mag.train.steps import MEMORY_MODEL_METADATA, ROLE_GENERATOR
 from mag.train.trainer import Trainer
@@ -58,11 +58,7 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def memory(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A camera-anchored memory-model file (2 memory steps, initialised from the teacher's
     weights)."""
-    root = tmp_path_factory.mktemp("memory")
-    data = recipe_dict("memory", overrides=CAMERA, init={"model": str(teacher)})
-    Trainer(recipe_from_dict(data), root / "run", progress=False).run()
-    return export_model(latest_checkpoint(root / "run" / "checkpoints"),
-                        root / "memory.safetensors", name="memory", stage="memory")
+    return memory_model_file(tmp_path_factory.mktemp("memory"), teacher)
 
 
 def _mag(teacher: Path, memory: Path | None, **changes) -> Recipe:
