@@ -9,6 +9,7 @@ import torch
 from helpers import random_dit
 
 from mag.cache import ArchiveCache, ArchivePolicy, MagPolicy, retained_frames
+from mag.cache.archive import coverage_order
 from mag.cache.rotary import temporal_shift_tables
 from mag.cache.store import FrameArchive
 from mag.config import get_preset
@@ -209,3 +210,18 @@ def test_archive_is_a_memory_policy_by_name():
     assert policy.capacity_frames(10_000, F) == (preset.cache.memory_sink_frames
                                                  + preset.cache.archive_ring_slots
                                                  + preset.cache.archive_retrieval_slots)
+
+
+def test_retrieval_covers_the_view_before_repeating_it():
+    # A block looking at patches 0..11 (cameras 0, 2, 4; views 8 wide). The archive saw that place
+    # on three sweeps at camera 0 (newest) and once at camera 4 (oldest), and once far away.
+    cameras = np.array([4.0, 0.0, 0.0, 0.0, 40.0])
+    block = np.array([0.0, 2.0, 4.0])
+    scores = np.clip(8 - np.abs(cameras[:, None] - block[None, :]), 0, None).max(axis=1)
+    top_k = np.lexsort((-np.arange(5), -scores))[:2]
+    assert sorted(cameras[top_k].tolist()) == [0.0, 0.0]  # overlap alone: one view twice
+    chosen = coverage_order(cameras, block, 8, scores, 2)
+    # The whole view: equal gains go to the newest sweep of camera 0, then camera 4 adds 8..11.
+    assert chosen.tolist() == [3, 0]
+    # With the view covered, the remaining slots go by overlap, newest first; the far frame last.
+    assert coverage_order(cameras, block, 8, scores, 5).tolist()[-1] == 4

@@ -3,7 +3,8 @@ re-assigned per block.
 
 GPU slots: the uncompressed sinks, a ring of ``ring_slots`` compressed frames, and
 ``retrieval_slots`` into which each block copies the archived frames (evicted from the ring) that
-best overlap its camera's field of view (without a camera: the most similar content). A block
+cover most of its camera's field of view, greedily, then overlap it most (without a camera: the most
+similar content). A block
 reads them at re-assigned temporal positions: sinks, retrieved frames (oldest first, one block
 apart), ring, current block, the block at ``min(frame, reference_frames)``; so no distance the
 model reads exceeds ``reference_frames + block``, however long the stream. Keys stay as written;
@@ -196,16 +197,18 @@ class ArchiveCache(KVCache):
         return (cosine_top / np.maximum(norms, np.finfo(np.float32).tiny)).T
 
     def _retrieve(self) -> None:
-        """Copy the top-k archived frames into the retrieval slots (frames already there stay)."""
+        """Copy the chosen archived frames into the retrieval slots (frames already there stay)."""
         policy = self._policy
         count = min(policy.retrieval_slots, len(self.archive))
         scores = self._scores()
-        recency = np.arange(scores.shape[1])[None, :].repeat(scores.shape[0], 0)
-        # Best score first, newest first among equals.
-        order = np.lexsort((-recency, -scores), axis=1)[:, :count]
+        seen = self.archive.cameras.view().T  # [B, N]
+        by_view = self._block_camera is not None and not np.isnan(seen).any()
         first_slot = policy.sink_frames + policy.ring_slots
         for b in range(self.batch_size):
-            wanted = set(order[b].tolist())
+            chosen = (coverage_order(seen[b], self._block_camera[b], self.view_width, scores[b],
+                                     count) if by_view
+                      else np.lexsort((-np.arange(scores.shape[1]), -scores[b]))[:count])
+            wanted = set(chosen.tolist())
             current = self.retrieved[b, :count]
             keep = {int(i) for i in current if i in wanted}
             free = [j for j in range(count) if current[j] not in keep]
@@ -279,6 +282,34 @@ class ArchiveCache(KVCache):
         return rotate_pairs(k, cos, sin), v
 
 
+def coverage_order(cameras: np.ndarray, block: np.ndarray, view_width: int, scores: np.ndarray,
+                   count: int) -> np.ndarray:
+    """``count`` archived frames for a block, greedily: each pick shows the most columns of the
+    block's view (``block: [F]`` cameras, in patches) that no earlier pick shows; once nothing is
+    left to show, the highest ``scores``. Ties go to the higher score, then the newer frame.
+
+    Frames that saw the same place on different sweeps are near duplicates: top-k by overlap alone
+    can fill every slot with one view while part of the block's view goes unseen.
+    """
+    low = np.floor(block.min())
+    columns = low + np.arange(int(np.ceil(block.max()) - low) + view_width) + 0.5  # [C] centres
+    inside = (columns[None, :] >= block[:, None]) & (columns[None, :] < block[:, None] + view_width)
+    needed = inside.any(axis=0)  # [C] columns the block shows
+    shows = ((columns[None, :] >= cameras[:, None])
+             & (columns[None, :] < cameras[:, None] + view_width) & needed)  # [N, C]
+    newest = np.arange(len(cameras))
+    chosen: list[int] = []
+    covered = np.zeros_like(needed)
+    for _ in range(count):
+        gain = (shows & ~covered).sum(axis=1).astype(np.float64)
+        gain[chosen] = -1
+        order = np.lexsort((-newest, -scores, -gain))
+        pick = int(order[0])
+        chosen.append(pick)
+        covered |= shows[pick]
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def new_cache(cfg: DiTConfig, policy: CachePolicy, *, tokens_per_frame: int, view_width: int,
               horizon_frames: int, frames_per_block: int, batch_size: int = 1,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
@@ -293,4 +324,4 @@ def new_cache(cfg: DiTConfig, policy: CachePolicy, *, tokens_per_frame: int, vie
                              batch_size=batch_size, dtype=dtype, device=device)
 
 
-__all__ = ["ArchiveCache", "ArchivePolicy", "new_cache"]
+__all__ = ["ArchiveCache", "ArchivePolicy", "coverage_order", "new_cache"]
