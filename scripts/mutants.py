@@ -246,12 +246,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("archive-shift-sign", "shifts = self.assigned_positions() - self.slot_stored",
            "shifts = -self.assigned_positions() + 2 * self.slot_stored", ARCHIVE, "return",
            "stored keys are rotated away from their re-assigned positions"),
-    Mutant("archive-retrieval-ignores-view", "return np.clip(self.view_width - distance, 0, None)",
-           "return np.clip(distance - self.view_width, 0, None)", ARCHIVE, "return",
-           "retrieval prefers frames that do not show the block's view"),
+    Mutant("archive-retrieval-ignores-view", "order = np.lexsort((-newest, -scores, -gain))",
+           "order = np.lexsort((-newest, -scores, gain))", ARCHIVE, "return",
+           "retrieval prefers the frames that show least of the block's view"),
     Mutant("archive-sinks-keep-true-distance",
            "assigned[:, sink_columns] = oldest[:, None] - (first - frames[:, sink_columns])",
            "pass", ARCHIVE, "return", "sinks stay at their true (out-of-training) distance"),
+    Mutant("archive-coverage-ignores-covered", "gain = (shows & ~covered).sum(axis=1)",
+           "gain = shows.sum(axis=1)", ARCHIVE, "covers",
+           "retrieval counts columns earlier picks already show (top-k by overlap again)"),
     # -- checkpoint and resume
     # -----------------------------------------------------------------------
     Mutant("resume-rng-not-restored", 'torch.set_rng_state(states["torch_cpu"])', "pass", TRAIN,
