@@ -63,7 +63,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", required=True,
                         help="comma-separated generators (shipped names, model files or "
                              "checkpoints), e.g."
-                             " tiny-teacher,tiny-ode-init,tiny-dmd")
+                             " tiny-teacher,tiny-dmd,tiny-causal-long")
     parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out world "
                                                                                 "split")
     parser.add_argument("--clips", type=int, default=DEFAULT_CLIPS,
@@ -107,7 +107,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
                           f" {args.clips}")
     specs = [m.strip() for m in args.models.split(",") if m.strip()]
     if not specs:
-        raise ConfigError("--models is empty; give e.g. tiny-teacher,tiny-ode-init,tiny-dmd")
+        raise ConfigError("--models is empty; give e.g. tiny-teacher,tiny-dmd,tiny-causal-long")
     overrides = sampler_overrides(args.sampler_for)
     unknown = sorted(set(overrides) - set(specs))
     if unknown:
