@@ -31,6 +31,7 @@ MEMORY = "tests/test_memory.py"
 RECON = "tests/test_memory_recon.py"
 DIT = "tests/test_dit.py"
 DMD = "tests/test_dmd.py"
+DMD_CAUSAL = "tests/test_dmd_causal_score.py"
 METRICS = "tests/test_metrics.py"
 WEIGHTS = "tests/test_weights.py"
 TRAIN = "tests/test_train.py"
@@ -255,6 +256,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("archive-coverage-ignores-covered", "gain = (shows & ~covered).sum(axis=1)",
            "gain = shows.sum(axis=1)", ARCHIVE, "covers",
            "retrieval counts columns earlier picks already show (top-k by overlap again)"),
+    Mutant("dmd-causal-score-sees-future",
+           "mask = teacher_forcing_mask(clean.shape[1], frames_per_block, device=clean.device)",
+           "mask = torch.ones(2 * clean.shape[1], 2 * clean.shape[1], dtype=torch.bool)",
+           DMD_CAUSAL, "causal", "a causal teacher's score reads the window's later clean blocks"),
     # -- checkpoint and resume
     # -----------------------------------------------------------------------
     Mutant("resume-rng-not-restored", 'torch.set_rng_state(states["torch_cpu"])', "pass", TRAIN,

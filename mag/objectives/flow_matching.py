@@ -4,11 +4,13 @@ Both regress the preset's parameterisation target (velocity ``eps - x0`` or the 
 shifted uniform noise levels. The causal objective (CausVid-style initialisation) runs one parallel
 pass over ``[clean ; noisy]``: clean frames attend block-causally to clean frames (they play the KV
 cache), and noisy block ``i`` sees the clean blocks before it plus itself -- exactly what block
-``i`` sees when it is denoised while streaming with a full cache.
+``i`` sees when it is denoised while streaming with a full cache. The same pass scores windows for
+DMD with such a model as teacher (:func:`teacher_forced_x0_score`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +115,31 @@ def clean_noisy_forward(model: torch.nn.Module, x0: Tensor, x_t: Tensor, t_frame
     offsets = None if width_offsets is None else width_offsets.repeat(1, 2)
     return model(sequence, timesteps, context, frame_positions=positions, frame_mask=frame_mask,
                  width_offsets=offsets)[:, num_frames:]
+
+
+def teacher_forced_x0_score(model: torch.nn.Module, scheduler: FlowMatchScheduler, clean: Tensor,
+                            frames_per_block: int,
+                            width_offsets: Tensor | None = None,
+                            ) -> Callable[[Tensor, Tensor, Any], Tensor]:
+    """A DMD score ``(x_t, t, context) -> x0`` of a block-causal model trained with teacher
+    forcing (``causal_fm``): each noisy block of a window is scored given the clean blocks before
+    it.
+
+    ``clean: [B, Fw, C, H, W]`` is the window the noisy input was made from (detached here); one
+    parallel pass over ``[clean ; noisy]`` under :func:`teacher_forcing_mask`, the sequence such a
+    model was trained on. The blocks' conditional scores make up the score of the window's
+    autoregressive law, so DMD matches the student's conditionals to the teacher's. ``t: [B]``.
+    """
+    clean = clean.detach()
+    mask = teacher_forcing_mask(clean.shape[1], frames_per_block, device=clean.device)
+
+    def predict(x_t: Tensor, t: Tensor, context: Any) -> Tensor:
+        t_frame = t[:, None].expand(clean.shape[:2])
+        out = clean_noisy_forward(model, clean, x_t, t_frame, context, mask,
+                                  width_offsets=width_offsets)
+        return scheduler.to_x0(out, x_t, t)
+
+    return predict
 
 
 def _check_draws(x0: Tensor, noise: Tensor) -> None:

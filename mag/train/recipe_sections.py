@@ -27,6 +27,10 @@ SELF_FORCING_DMD_BETAS = (0.0, 0.999)
 # compressed cache, and the same frames written by the generator (MAG's "w/o stage 1" ablation).
 RolloutPolicy = Literal["full", "mag", "downsample"]
 ROLLOUT_POLICIES: tuple[str, ...] = ("full", "mag", "downsample")
+# How teacher and critic score a window: one bidirectional pass (Self-Forcing's teacher), or block
+# by block given the window's clean blocks before (a teacher-forced causal model).
+ScoreMode = Literal["bidirectional", "teacher_forced"]
+SCORE_MODES: tuple[str, ...] = ("bidirectional", "teacher_forced")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class DMDConfig:
         name;
             its ``dit`` config must equal the recipe's). Required by, and only allowed with,
             ``mag``.
+        score_mode: ``bidirectional`` (teacher and critic score a window in one full-attention
+            pass: Self-Forcing's bidirectional teacher) or ``teacher_forced`` (each block scored
+            given the window's clean blocks before it, and the critic trained so: a block-causal
+            teacher such as ``tiny-causal-long``).
         grad_last_frames: 0: every block's exit step carries gradient; ``n > 0``: only blocks
         starting in
             the last ``n`` frames do (Self-Forcing-style detaching of earlier chunks, which bounds
@@ -82,6 +90,7 @@ class DMDConfig:
     rollout_policy: RolloutPolicy = "full"
     memory_model: str = ""
     grad_last_frames: int = 0
+    score_mode: ScoreMode = "bidirectional"
 
     def step_config(self, preset: Preset) -> DMDStepConfig:
         """The objective-level config (timestep clamp from the preset's scheduler); validates it."""
@@ -125,6 +134,9 @@ class DMDConfig:
             raise ConfigError(f"dmd.history_lambda > 0 needs a rollout of >= 2 teacher windows; "
                               f"{frames} frames hold {windows} of "
                               f"dmd.teacher_frames={self.teacher_frames}")
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"dmd.score_mode must be one of {', '.join(SCORE_MODES)}, got"
+                              f" {self.score_mode!r}")
         self._validate_memory(frames, fpb)
 
     def _validate_memory(self, frames: int, frames_per_block: int) -> None:

@@ -27,7 +27,9 @@ from mag.objectives.dmd import (
     score_windows,
 )
 from mag.objectives.flow_matching import (
+    causal_flow_matching_loss,
     teacher_flow_matching_loss,
+    teacher_forced_x0_score,
 )
 from mag.pipelines import policy_from_name, writer_for
 from mag.pipelines.rollout import (
@@ -283,14 +285,22 @@ class DMDStep:
         losses, g_abs = [], []
         for window, window_offsets, t_w, noise_w in zip(windows, offsets, t, noise, strict=True):
             out = dmd_generator_loss(
-                window, _x0_score(self.teacher, self.ctx.scheduler, window_offsets),
-                _x0_score(self.critic, self.ctx.scheduler, window_offsets), self.ctx.scheduler, t_w,
+                window, self._x0_score(self.teacher, window, window_offsets),
+                self._x0_score(self.critic, window, window_offsets), self.ctx.scheduler, t_w,
                 noise_w,
                 context=clips.context, uncond_context=clips.uncond,
                 guidance_scale=self.config.guidance_scale)
             losses.append(out.loss)
             g_abs.append(out.gradient.abs().mean())
         return torch.stack(losses).mean(), torch.stack(g_abs).mean()
+
+    def _x0_score(self, model: nn.Module, window: Tensor,
+                  offsets: Tensor | None) -> Callable[[Tensor, Tensor, Any], Tensor]:
+        """``model``'s DMD score on ``window`` under ``dmd.score_mode``."""
+        if self.dmd.score_mode == "teacher_forced":
+            return teacher_forced_x0_score(model, self.ctx.scheduler, window,
+                                           self.frames_per_block, _for(model, offsets))
+        return _x0_score(model, self.ctx.scheduler, offsets)
 
     def _generator_loss(self, step: int, micro: int, indices: range) -> tuple[Tensor, Tensor]:
         """``(1-λ) L_DMD + λ L_history`` (or one of them, by λ's mode) on one micro-batch, and mean
@@ -342,10 +352,18 @@ class DMDStep:
                                                    self.num_windows)
         x = self._rollout(clips, exit_step, noise_draws, grad=False)
         windows, offsets = self._windows(x.detach(), clips.width_offsets)
-        losses = [teacher_flow_matching_loss(self.critic, self.ctx.scheduler, window, clips.context,
-                                             noise_w, t_w, _for(self.critic, window_offsets)).loss
-                  for window, window_offsets, t_w, noise_w in zip(windows, offsets, t, noise,
-                                                                  strict=True)]
+        scheduler, fpb = self.ctx.scheduler, self.frames_per_block
+        losses = []
+        for window, window_offsets, t_w, noise_w in zip(windows, offsets, t, noise, strict=True):
+            camera = _for(self.critic, window_offsets)
+            if self.dmd.score_mode == "teacher_forced":  # one level for every block of the window
+                levels = t_w[:, None].expand(window.shape[0], window.shape[1] // fpb)
+                out = causal_flow_matching_loss(self.critic, scheduler, window, clips.context, fpb,
+                                                noise_w, levels, camera)
+            else:
+                out = teacher_flow_matching_loss(self.critic, scheduler, window, clips.context,
+                                                 noise_w, t_w, camera)
+            losses.append(out.loss)
         return torch.stack(losses).mean()
 
     # -------------------------------------------------------------------------- checkpoint
